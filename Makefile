@@ -1,0 +1,66 @@
+# QuoteWatch developer commands. `make test` is what CI (.ci/run) runs on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 9092
+
+.DEFAULT_GOAL := help
+.PHONY: help setup system-deps browser-deps test test-unit lint format bench faults broker-up broker-down demo clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (QuoteWatch needs Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install quotewatch (editable) with the dev extras
+
+system-deps:  ## check java 17+ and mvn (the local Kafka broker needs them)
+	@command -v java >/dev/null || { echo "error: java not found: install a JDK 17+ (apt install openjdk-17-jre-headless)"; exit 1; }
+	@command -v mvn >/dev/null || { echo "error: mvn not found: install Maven (apt install maven)"; exit 1; }
+
+browser-deps:  ## Debian chromium + chromium-driver for the browser tests (apt, when missing)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing chromium and chromium-driver with apt"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+test: setup system-deps browser-deps  ## the whole suite; starts a local Kafka (and MLflow) unless KAFKA_BOOTSTRAP_SERVERS is given
+	$(BIN)/python -m pytest -p no:dash $(PYTEST_ARGS)
+
+test-unit: setup  ## the unit tier only (no broker)
+	$(BIN)/python -m pytest -p no:dash tests/unit $(PYTEST_ARGS)
+
+lint: setup  ## ruff + mypy (disallow_untyped_defs)
+	$(BIN)/ruff check services tests
+	$(BIN)/ruff format --check services tests
+	@mkdir -p .build/mypy && ln -sfn ../../services .build/mypy/quotewatch
+	MYPYPATH=.build/mypy $(BIN)/mypy -p quotewatch
+	MYPYPATH=.build/mypy $(BIN)/mypy tests
+
+format: setup  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix services tests
+	$(BIN)/ruff format services tests
+
+bench: setup system-deps browser-deps  ## benchmarks side by side in one run -> docs/benchmarks.md
+	$(BIN)/python -m tests.benchmarks $(BENCH_ARGS)
+
+faults: setup system-deps  ## the whole fault suite (a subset runs in make test)
+	QUOTEWATCH_FAULTS=full $(BIN)/python -m pytest -p no:dash -m faults $(PYTEST_ARGS)
+
+broker-up: setup system-deps  ## start the local Kafka broker on 127.0.0.1:$(PORT) and create the topics
+	$(BIN)/quotewatch broker start --port $(PORT)
+	KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$(PORT) $(BIN)/quotewatch topics create
+
+broker-down: setup  ## stop the local Kafka broker
+	$(BIN)/quotewatch broker stop
+
+clean:  ## remove the venv and build artefacts (not the broker's data)
+	rm -rf $(VENV) .build build *.egg-info .mypy_cache .ruff_cache

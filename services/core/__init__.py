@@ -1,0 +1,1 @@
+"""The shared core: contracts (schemas, topics, config) and the plumbing every service uses."""

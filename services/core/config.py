@@ -1,0 +1,302 @@
+"""Typed, frozen settings: one object per service, built from environment variables.
+
+Every field's docstring names its environment variable (the field name in upper case) and its
+default. Unknown keys are rejected when settings are built from keyword arguments or from the
+TOML file named by ``QUOTEWATCH_CONFIG_FILE`` (tables ``[common]`` and ``[<service>]``);
+unrelated environment variables are ignored. Secrets are :class:`~pydantic.SecretStr` and print
+masked. ``quotewatch config show SERVICE`` prints the effective settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from quotewatch.core.errors import ConfigError
+
+CONFIG_FILE_ENV = "QUOTEWATCH_CONFIG_FILE"
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads ``[common]`` and ``[<service>]`` of the TOML file named by QUOTEWATCH_CONFIG_FILE."""
+
+    def __init__(self, settings_cls: type[BaseSettings], service: str) -> None:
+        super().__init__(settings_cls)
+        self._service = service
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is overridden; pydantic-settings never calls this here
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get(CONFIG_FILE_ENV)
+        if not path:
+            return {}
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{CONFIG_FILE_ENV}={path}: cannot read the file: {exc}") from exc
+        merged: dict[str, Any] = {}
+        for table in ("common", self._service):
+            section = data.get(table, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{CONFIG_FILE_ENV}={path}: [{table}] must be a table")
+            merged.update({key.lower(): value for key, value in section.items()})
+        return merged
+
+
+class CommonSettings(BaseSettings):
+    """Settings every QuoteWatch process shares."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        case_sensitive=False,
+        env_ignore_empty=True,
+        use_attribute_docstrings=True,
+    )
+    service_name: ClassVar[str] = "common"
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    """KAFKA_BOOTSTRAP_SERVERS (default 127.0.0.1:9092): the Kafka-compatible brokers."""
+    topic_prefix: str = Field(default="qw", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    """TOPIC_PREFIX (default qw): namespace of every topic, so a replay or a test can use its own."""
+    symbols: Annotated[tuple[str, ...], NoDecode] = ("BTC-USD",)
+    """SYMBOLS (default BTC-USD): comma-separated product ids."""
+    instance_id: str = Field(default="0", pattern=r"^[A-Za-z0-9_\-]+$")
+    """INSTANCE_ID (default 0): tells replicas of a service apart; part of its transactional id."""
+    exchange: str = "coinbase"
+    """EXCHANGE (default coinbase): exchange name stamped on every record."""
+    tick_ms: int = Field(default=100, gt=0)
+    """TICK_MS (default 100): the event-time grid step of features and labels, in ms."""
+    delta_ms: int = Field(default=500, gt=0)
+    """DELTA_MS (default 500): the label horizon, a multiple of TICK_MS."""
+    model_uri: str = "models:/quotewatch@champion"
+    """MODEL_URI (default models:/quotewatch@champion): the model inference serves."""
+    mlflow_tracking_uri: str | None = None
+    """MLFLOW_TRACKING_URI (default unset): the MLflow tracking and registry server."""
+    lake_uri: str = "data/lake"
+    """LAKE_URI (default data/lake): root of the Parquet lake, a local path or s3://bucket/prefix."""
+    schema_registry_url: str | None = None
+    """SCHEMA_REGISTRY_URL (default unset): when set, records use the Confluent wire format and schemas are registered
+    under <topic>-value.
+    """
+    schema_registry_basic_auth_user_info: SecretStr | None = None
+    """SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO (default unset): user:password for the schema registry."""
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """KAFKA_SECURITY_PROTOCOL (default PLAINTEXT): librdkafka security.protocol."""
+    kafka_sasl_mechanism: str | None = None
+    """KAFKA_SASL_MECHANISM (default unset): librdkafka sasl.mechanism, e.g. SCRAM-SHA-512."""
+    kafka_sasl_username: str | None = None
+    """KAFKA_SASL_USERNAME (default unset): librdkafka sasl.username."""
+    kafka_sasl_password: SecretStr | None = None
+    """KAFKA_SASL_PASSWORD (default unset): librdkafka sasl.password."""
+    kafka_ssl_ca_location: str | None = None
+    """KAFKA_SSL_CA_LOCATION (default unset): librdkafka ssl.ca.location."""
+    kafka_ssl_certificate_location: str | None = None
+    """KAFKA_SSL_CERTIFICATE_LOCATION (default unset): librdkafka ssl.certificate.location."""
+    kafka_ssl_key_location: str | None = None
+    """KAFKA_SSL_KEY_LOCATION (default unset): librdkafka ssl.key.location."""
+    kafka_ssl_key_password: SecretStr | None = None
+    """KAFKA_SSL_KEY_PASSWORD (default unset): librdkafka ssl.key.password."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """LOG_LEVEL (default INFO)."""
+    log_format: Literal["text", "json"] = "text"
+    """LOG_FORMAT (default text): text for people, json for log shippers."""
+    metrics_host: str = "127.0.0.1"
+    """METRICS_HOST (default 127.0.0.1): bind address of the /metrics and /health endpoint."""
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """METRICS_PORT (default per service; 0 disables): port of the /metrics and /health endpoint."""
+    health_stall_seconds: float = Field(default=30.0, gt=0)
+    """HEALTH_STALL_SECONDS (default 30): /health turns unhealthy when processing has not advanced for this long while
+    input is waiting.
+    """
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _split_symbols(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list | tuple):
+            symbols = tuple(str(part).strip().upper() for part in value if str(part).strip())
+            if not symbols:
+                raise ValueError("SYMBOLS must name at least one product")
+            return symbols
+        return value
+
+    @model_validator(mode="after")
+    def _delta_is_a_multiple_of_tick(self) -> CommonSettings:
+        if self.delta_ms % self.tick_ms != 0:
+            raise ValueError(
+                f"DELTA_MS={self.delta_ms} is not a multiple of TICK_MS={self.tick_ms}: "
+                "labels compare two grid ticks, so the horizon must fall on the grid"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: keyword arguments > environment > QUOTEWATCH_CONFIG_FILE.
+        return (init_settings, env_settings, _TomlFileSource(settings_cls, cls.service_name))
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain JSON-able values, secrets masked."""
+        return self.model_dump(mode="json")
+
+
+class IngestSettings(CommonSettings):
+    """``quotewatch run ingest``: Coinbase WebSocket -> qw.md.raw + qw.md.events."""
+
+    service_name: ClassVar[str] = "ingest"
+    metrics_port: int = Field(default=9101, ge=0, le=65535)
+    """METRICS_PORT (default 9101 for ingest)."""
+    feed: Literal["coinbase-advanced", "coinbase-exchange"] = "coinbase-advanced"
+    """FEED (default coinbase-advanced): which Coinbase protocol to speak."""
+    coinbase_ws_url: str | None = None
+    """COINBASE_WS_URL (default: the feed's public endpoint): WebSocket URL to connect to."""
+    coinbase_api_key: SecretStr | None = None
+    """COINBASE_API_KEY (default unset): Exchange API key; with secret and passphrase, subscribes to the authenticated
+    level2 channel.
+    """
+    coinbase_api_secret: SecretStr | None = None
+    """COINBASE_API_SECRET (default unset): base64 Exchange API secret."""
+    coinbase_api_passphrase: SecretStr | None = None
+    """COINBASE_API_PASSPHRASE (default unset): Exchange API passphrase."""
+    ingest_source: Literal["websocket", "topic"] = "websocket"
+    """INGEST_SOURCE (default websocket): websocket reads the feed; topic re-normalises <prefix>.md.raw (replays)."""
+    ws_max_frame_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    """WS_MAX_FRAME_BYTES (default 64 MiB): largest frame accepted (a BTC-USD snapshot is several MB)."""
+    ingest_queue_max: int = Field(default=50_000, gt=0)
+    """INGEST_QUEUE_MAX (default 50000): frames buffered between the socket reader and the broker writer; when full the
+    ingest records a gap and resyncs.
+    """
+    heartbeat_timeout_seconds: float = Field(default=5.0, gt=0)
+    """HEARTBEAT_TIMEOUT_SECONDS (default 5): silence longer than this is a dead connection."""
+    subscribe_timeout_seconds: float = Field(default=5.0, gt=0)
+    """SUBSCRIBE_TIMEOUT_SECONDS (default 5): connect + subscribe must finish within this."""
+    backoff_initial_seconds: float = Field(default=0.5, gt=0)
+    """BACKOFF_INITIAL_SECONDS (default 0.5): first reconnect delay cap (full jitter)."""
+    backoff_max_seconds: float = Field(default=30.0, gt=0)
+    """BACKOFF_MAX_SECONDS (default 30): largest reconnect delay cap."""
+    backoff_reset_seconds: float = Field(default=60.0, gt=0)
+    """BACKOFF_RESET_SECONDS (default 60): a connection stable this long resets the backoff."""
+    clock_events: bool = True
+    """CLOCK_EVENTS (default true): write a clock event every TICK_MS of wall time so tick grids advance in quiet
+    markets.
+    """
+
+
+class BookSettings(CommonSettings):
+    """``quotewatch run book``: qw.md.events -> qw.book.top3 + qw.features (exactly-once)."""
+
+    service_name: ClassVar[str] = "book"
+    metrics_port: int = Field(default=9102, ge=0, le=65535)
+    """METRICS_PORT (default 9102 for book)."""
+
+
+class LabelerSettings(CommonSettings):
+    """``quotewatch run labeler``: qw.book.top3 -> qw.labels (exactly-once)."""
+
+    service_name: ClassVar[str] = "labeler"
+    metrics_port: int = Field(default=9103, ge=0, le=65535)
+    """METRICS_PORT (default 9103 for labeler)."""
+
+
+class InferenceSettings(CommonSettings):
+    """``quotewatch run inference``: qw.features (+ qw.labels) -> qw.predictions + qw.snapshot."""
+
+    service_name: ClassVar[str] = "inference"
+    metrics_port: int = Field(default=9104, ge=0, le=65535)
+    """METRICS_PORT (default 9104 for inference)."""
+    challenger_uri: str = "models:/quotewatch@challenger"
+    """CHALLENGER_URI (default models:/quotewatch@challenger): scored in shadow when the alias exists."""
+    model_poll_seconds: float = Field(default=5.0, gt=0)
+    """MODEL_POLL_SECONDS (default 5): how often the model alias is checked."""
+    webhook_host: str = "127.0.0.1"
+    """WEBHOOK_HOST (default 127.0.0.1): bind address of the MLflow webhook receiver."""
+    webhook_port: int = Field(default=0, ge=0, le=65535)
+    """WEBHOOK_PORT (default 0 = disabled): port of the MLflow webhook receiver."""
+    mlflow_webhook_secret: SecretStr | None = None
+    """MLFLOW_WEBHOOK_SECRET (default unset): HMAC secret of the MLflow registry webhook."""
+
+
+class LakeSinkSettings(CommonSettings):
+    """``quotewatch run lake-sink``: every topic -> Parquet datasets under LAKE_URI."""
+
+    service_name: ClassVar[str] = "lake_sink"
+    metrics_port: int = Field(default=9105, ge=0, le=65535)
+    """METRICS_PORT (default 9105 for lake-sink)."""
+    lake_flush_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    """LAKE_FLUSH_BYTES (default 64 MiB): flush a partition's buffer to a file at this size."""
+    lake_flush_seconds: float = Field(default=60.0, gt=0)
+    """LAKE_FLUSH_SECONDS (default 60): flush a partition's buffer at this age."""
+
+
+class TrainerSettings(CommonSettings):
+    """``quotewatch train``: lake -> models in the MLflow registry."""
+
+    service_name: ClassVar[str] = "trainer"
+    model_name: str = "quotewatch"
+    """MODEL_NAME (default quotewatch): registered model name."""
+
+
+class DashboardSettings(CommonSettings):
+    """``quotewatch run dashboard``: qw.snapshot -> a Dash app."""
+
+    service_name: ClassVar[str] = "dashboard"
+    dash_host: str = "127.0.0.1"
+    """DASH_HOST (default 127.0.0.1): bind address of the dashboard."""
+    dash_port: int = Field(default=8050, ge=0, le=65535)
+    """DASH_PORT (default 8050)."""
+    dash_poll_ms: int = Field(default=300, gt=0)
+    """DASH_POLL_MS (default 300): browser polling interval."""
+    dash_stale_ms: int = Field(default=2000, gt=0)
+    """DASH_STALE_MS (default 2000): show the stale indicator when no snapshot arrived for this long."""
+
+
+SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {
+    cls.service_name: cls
+    for cls in (
+        CommonSettings,
+        IngestSettings,
+        BookSettings,
+        LabelerSettings,
+        InferenceSettings,
+        LakeSinkSettings,
+        TrainerSettings,
+        DashboardSettings,
+    )
+}
+
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build ``cls`` from the environment (and overrides); raise :class:`ConfigError` on a bad value.
+
+    The error message names each offending setting by its environment variable.
+    """
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]).upper() or cls.__name__
+            problems.append(f"{where}: {error['msg']}")
+        raise ConfigError(f"invalid {cls.service_name} settings: " + "; ".join(problems)) from exc

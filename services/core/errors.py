@@ -1,0 +1,53 @@
+"""The error types of QuoteWatch.
+
+Three kinds of error are handled differently (see CONVENTIONS.md):
+
+- fatal (:class:`FatalError`, :class:`ConfigError`): re-raised, the process exits non-zero;
+- retriable (:class:`RetriableError`): backed off with jitter and retried;
+- poison record (:class:`PoisonRecordError` and the serde errors): dead-lettered with its
+  coordinates, and the service carries on.
+
+Third-party errors are wrapped at the boundary with ``raise OurError(...) from exc``.
+"""
+
+from __future__ import annotations
+
+
+class QuoteWatchError(Exception):
+    """Base class of every error QuoteWatch raises on purpose."""
+
+
+class FatalError(QuoteWatchError):
+    """The process cannot go on (bad configuration, fenced producer, lost broker for good)."""
+
+
+class ConfigError(FatalError):
+    """The configuration is invalid; the message says which setting and why."""
+
+
+class RetriableError(QuoteWatchError):
+    """A transient failure: back off and try again."""
+
+
+class PoisonRecordError(QuoteWatchError):
+    """One input record cannot be processed; it goes to the dead-letter topic, the rest carry on."""
+
+
+class SerdeError(PoisonRecordError):
+    """Bytes could not be encoded or decoded with the Avro contracts."""
+
+
+class DecodeError(SerdeError):
+    """The bytes are not a valid record of a known schema (garbage, truncated, wrong framing)."""
+
+
+class UnknownSchemaError(SerdeError):
+    """The writer schema named by the bytes (fingerprint or registry id) is not known here."""
+
+
+class EncodeError(SerdeError):
+    """A record does not match the schema it is being written with."""
+
+
+class BrokerError(QuoteWatchError):
+    """The local broker could not be installed, started, reached or stopped."""

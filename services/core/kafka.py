@@ -1,0 +1,337 @@
+"""Kafka client helpers every service uses.
+
+- :func:`producer_config` / :func:`make_producer`: idempotent producers (acks=all, compression),
+  optionally transactional.
+- :func:`consumer_config` / :func:`make_consumer`: manual offset handling, read_committed.
+- :func:`ensure_topics` / :func:`describe_topics`: the catalog applied to a broker.
+- :func:`dead_letter`: a poison record as a ``qw.dlq`` record with its coordinates.
+- :class:`ShutdownSignal`: SIGTERM/SIGINT -> finish the record, flush, commit, close.
+- :class:`DeliveryTracker`: delivery failures of a non-transactional producer are never silent.
+
+The consume-transform-produce loop with exactly-once semantics is
+:class:`quotewatch.core.processor.TransactionalProcessor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+)
+
+from quotewatch.core.clock import Clock
+from quotewatch.core.config import CommonSettings
+from quotewatch.core.errors import BrokerError, FatalError
+from quotewatch.core.topics import CATALOG, LARGE_MESSAGE_BYTES, TopicSpec
+
+logger = logging.getLogger(__name__)
+
+
+def client_config(settings: CommonSettings) -> dict[str, Any]:
+    """Bootstrap servers and the librdkafka security passthrough (secrets unwrapped here only)."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "security.protocol": settings.kafka_security_protocol,
+    }
+    optional = {
+        "sasl.mechanism": settings.kafka_sasl_mechanism,
+        "sasl.username": settings.kafka_sasl_username,
+        "sasl.password": settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
+        "ssl.ca.location": settings.kafka_ssl_ca_location,
+        "ssl.certificate.location": settings.kafka_ssl_certificate_location,
+        "ssl.key.location": settings.kafka_ssl_key_location,
+        "ssl.key.password": (
+            settings.kafka_ssl_key_password.get_secret_value() if settings.kafka_ssl_key_password else None
+        ),
+    }
+    conf.update({key: value for key, value in optional.items() if value is not None})
+    return conf
+
+
+def producer_config(
+    settings: CommonSettings, client_id: str, transactional_id: str | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """An idempotent producer: acks=all and enable.idempotence, so retries never duplicate or reorder."""
+    conf = client_config(settings)
+    conf.update(
+        {
+            "client.id": client_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": "lz4",
+            "linger.ms": 1,
+            "message.max.bytes": LARGE_MESSAGE_BYTES + 1024 * 1024,
+            "queue.buffering.max.kbytes": 256 * 1024,
+        }
+    )
+    if transactional_id is not None:
+        conf["transactional.id"] = transactional_id
+        conf["transaction.timeout.ms"] = 60_000
+    conf.update(overrides)
+    return conf
+
+
+def make_producer(
+    settings: CommonSettings, client_id: str, transactional_id: str | None = None, **overrides: Any
+) -> Producer:
+    """Build a producer (see :func:`producer_config`)."""
+    return Producer(producer_config(settings, client_id, transactional_id, **overrides))
+
+
+def consumer_config(settings: CommonSettings, group_id: str, client_id: str, **overrides: Any) -> dict[str, Any]:
+    """A consumer that never commits on its own and reads only committed transactional data."""
+    conf = client_config(settings)
+    conf.update(
+        {
+            "group.id": group_id,
+            "client.id": client_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 10,
+            "fetch.max.bytes": 2 * LARGE_MESSAGE_BYTES,
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 1_000,
+        }
+    )
+    conf.update(overrides)
+    return conf
+
+
+def make_consumer(settings: CommonSettings, group_id: str, client_id: str, **overrides: Any) -> Consumer:
+    """Build a consumer (see :func:`consumer_config`)."""
+    return Consumer(consumer_config(settings, group_id, client_id, **overrides))
+
+
+def make_admin(settings: CommonSettings) -> AdminClient:
+    return AdminClient(client_config(settings))
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    name: str
+    partitions: int
+    cleanup_policy: str
+
+
+def ensure_topics(
+    admin: AdminClient, prefix: str, specs: Iterable[TopicSpec] | None = None, timeout: float = 30.0
+) -> list[str]:
+    """Create the catalog's topics in namespace ``prefix`` and apply their configs. Idempotent.
+
+    Existing topics get their catalog configs set again (incremental alter); a partition count
+    that differs from the catalog is reported, never changed (it would move keys between
+    partitions).
+
+    Returns:
+        The names of the topics created by this call.
+
+    Raises:
+        BrokerError: the broker refused a creation or a config change.
+    """
+    specs = list(specs if specs is not None else CATALOG.values())
+    try:
+        existing = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise BrokerError(f"cannot list topics: {exc}") from exc
+    to_create = [spec for spec in specs if spec.name(prefix) not in existing]
+    created: list[str] = []
+    if to_create:
+        futures = admin.create_topics(
+            [NewTopic(spec.name(prefix), num_partitions=spec.partitions, config=spec.configs()) for spec in to_create],
+            operation_timeout=timeout,
+            request_timeout=timeout,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+                created.append(name)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise BrokerError(f"cannot create topic {name}: {exc}") from exc
+    for spec in specs:
+        name = spec.name(prefix)
+        if name in existing:
+            actual = len(existing[name].partitions)
+            if actual != spec.partitions:
+                logger.warning(
+                    "topic has a different partition count than the catalog",
+                    extra={"topic": name, "partitions": actual, "catalog_partitions": spec.partitions},
+                )
+    resources = [
+        ConfigResource(
+            ConfigResource.Type.TOPIC,
+            spec.name(prefix),
+            incremental_configs=[
+                ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
+                for key, value in spec.configs().items()
+            ],
+        )
+        for spec in specs
+        if spec.name(prefix) in existing
+    ]
+    if resources:
+        for resource, future in admin.incremental_alter_configs(resources, request_timeout=timeout).items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                raise BrokerError(f"cannot apply configs to {resource.name}: {exc}") from exc
+    return created
+
+
+def describe_topics(admin: AdminClient, names: Iterable[str] | None = None, timeout: float = 30.0) -> list[TopicInfo]:
+    """Name, partition count and cleanup policy of ``names`` (default: every non-internal topic)."""
+    try:
+        metadata = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise BrokerError(f"cannot list topics: {exc}") from exc
+    wanted = sorted(names if names is not None else (t for t in metadata if not t.startswith("__")))
+    wanted = [name for name in wanted if name in metadata]
+    policies: dict[str, str] = {}
+    if wanted:
+        resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in wanted]
+        for resource, future in admin.describe_configs(resources, request_timeout=timeout).items():
+            try:
+                entries = future.result()
+                policies[resource.name] = str(entries["cleanup.policy"].value)
+            except (KafkaException, KeyError) as exc:
+                policies[resource.name] = f"unknown ({exc})"
+    return [TopicInfo(name, len(metadata[name].partitions), policies.get(name, "?")) for name in wanted]
+
+
+def dead_letter(
+    *,
+    service: str,
+    clock: Clock,
+    error: BaseException,
+    source_topic: str,
+    source_partition: int = -1,
+    source_offset: int = -1,
+    source_value: bytes = b"",
+    source_key: bytes | None = None,
+    source_timestamp_ns: int | None = None,
+    source_ref: str = "",
+    exchange: str | None = None,
+    symbol: str | None = None,
+) -> dict[str, Any]:
+    """A ``DeadLetter`` record: the original bytes, their coordinates and why they were rejected."""
+    reason = str(error) or type(error).__name__
+    now = clock.now_ns()
+    return {
+        "ts_event": source_timestamp_ns if source_timestamp_ns is not None else now,
+        "ts_init": now,
+        "exchange": exchange,
+        "symbol": symbol,
+        "service": service,
+        "source_topic": source_topic,
+        "source_partition": source_partition,
+        "source_offset": source_offset,
+        "source_ref": source_ref,
+        "source_key": source_key,
+        "source_value": source_value,
+        "error_type": type(error).__name__,
+        "reason": reason[:4000],
+    }
+
+
+def dead_letter_for_message(service: str, clock: Clock, message: Message, error: BaseException) -> dict[str, Any]:
+    """A ``DeadLetter`` record for a consumed Kafka message."""
+    _, timestamp_ms = message.timestamp()
+    return dead_letter(
+        service=service,
+        clock=clock,
+        error=error,
+        source_topic=message.topic() or "",
+        source_partition=_or_minus_one(message.partition()),
+        source_offset=_or_minus_one(message.offset()),
+        source_value=message.value() or b"",
+        source_key=message.key(),
+        source_timestamp_ns=timestamp_ms * 1_000_000 if timestamp_ms and timestamp_ms > 0 else None,
+    )
+
+
+class ShutdownSignal:
+    """SIGTERM/SIGINT set an event the processing loop checks between records.
+
+    Who calls this: the service entry point, once, from the main thread. The loop then finishes
+    the record (or batch) in hand, flushes, commits and closes.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def install(self) -> ShutdownSignal:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        logger.info("shutdown requested", extra={"signal": signal.Signals(signum).name})
+        self._event.set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+
+class DeliveryTracker:
+    """Delivery callback for non-transactional producers: failures are counted and re-raised.
+
+    A failed delivery after the idempotent producer's own retries means data would be lost, so
+    :meth:`raise_if_failed` (called by the service loop before committing input offsets) raises
+    :class:`FatalError` instead of carrying on.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.delivered = 0
+        self.failures: list[str] = []
+
+    def __call__(self, error: KafkaError | None, message: Message) -> None:
+        with self._lock:
+            if error is None:
+                self.delivered += 1
+            else:
+                self.failures.append(f"{message.topic()}: {error}")
+
+    def raise_if_failed(self) -> None:
+        with self._lock:
+            if self.failures:
+                raise FatalError(f"{len(self.failures)} records were not delivered: {self.failures[:3]}")
+
+
+def flush_or_fail(producer: Producer, timeout: float = 30.0) -> None:
+    """Flush ``producer``; raise :class:`FatalError` if records are still queued after ``timeout``."""
+    remaining = producer.flush(timeout)
+    if remaining:
+        raise FatalError(f"{remaining} records still undelivered after {timeout}s flush")
+
+
+def encode_key(key: str | bytes | None) -> bytes | None:
+    """Record keys are UTF-8 strings."""
+    if key is None or isinstance(key, bytes):
+        return key
+    return key.encode()
+
+
+def _or_minus_one(value: int | None) -> int:
+    return -1 if value is None else value

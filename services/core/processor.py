@@ -1,0 +1,424 @@
+"""The consume-transform-produce loop every stream service runs.
+
+A service supplies a :class:`StreamTask` (pure processing: input record in, output records out)
+and the :class:`StreamProcessor` does the rest: decoding, dead letters, offsets, transactions,
+recovery of the task's state after a restart, graceful shutdown, lag and liveness.
+
+**Exactly-once** (``exactly_once=True``, the default): each consumed batch is one Kafka
+transaction holding its outputs, its dead letters and its input offsets, so a crash at any point
+neither duplicates nor loses an output for read_committed readers.
+
+**State recovery.** A task's in-memory state (an order book, a label window) is lost in a crash,
+but it is a pure function of the input. With every commit the processor stores, in the offset
+metadata, the task's :meth:`StreamTask.restart_offset`: the earliest input offset from which
+re-processing rebuilds the current state. After a restart or rebalance it seeks there and
+re-processes up to the committed offset with outputs discarded (``InRecord.replaying``), then
+carries on live. Outputs are therefore identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from quotewatch.core.clock import Clock
+from quotewatch.core.config import CommonSettings
+from quotewatch.core.errors import FatalError, SerdeError
+from quotewatch.core.health import Liveness
+from quotewatch.core.kafka import (
+    DeliveryTracker,
+    ShutdownSignal,
+    dead_letter_for_message,
+    encode_key,
+    flush_or_fail,
+    make_consumer,
+    make_producer,
+)
+from quotewatch.core.metrics import (
+    CONSUMER_LAG,
+    DEAD_LETTERS,
+    PROCESSING_SECONDS,
+    RECORDS_IN,
+    RECORDS_OUT,
+    TRANSACTIONS,
+)
+from quotewatch.core.serde import AvroSerde
+from quotewatch.core.topics import TopicNames
+
+logger = logging.getLogger(__name__)
+
+TopicPartitionKey = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class InRecord:
+    """A decoded input record with its coordinates."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: dict[str, Any]
+    timestamp_ms: int
+    replaying: bool = False
+    """True while state is being rebuilt from already-committed input (outputs are discarded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """A record to produce: the topic's catalog schema encodes ``value``."""
+
+    topic: str
+    key: str
+    value: Mapping[str, Any]
+
+
+class StreamTask(Protocol):
+    """The processing logic of a stream service. Who calls it: :class:`StreamProcessor`, from one thread."""
+
+    def process(self, record: InRecord) -> Iterable[OutRecord]:
+        """Process one record (called in offset order per partition) and return its outputs.
+
+        Raising any exception dead-letters the record; the loop carries on with the next one.
+        """
+        ...
+
+    def restart_offset(self, topic: str, partition: int) -> int | None:
+        """The earliest offset of ``topic[partition]`` from which re-processing rebuilds the current
+        state, or None when the state needs nothing before the next offset. Called at each commit."""
+        ...
+
+    def reset(self, topic: str, partition: int) -> None:
+        """Forget all state derived from ``topic[partition]`` (revoked, or about to be replayed)."""
+        ...
+
+
+class StreamProcessor:
+    """Runs a :class:`StreamTask` over input topics until shutdown is requested.
+
+    Args:
+        exactly_once: one transaction per batch (outputs + dead letters + offsets). When False,
+            outputs are flushed before offsets are committed: at-least-once.
+        group_id: consumer group (default ``<prefix>.<service>``).
+        transactional_id: default ``<prefix>.<service>.<instance_id>``, stable across restarts so
+            a restarted instance fences its zombie predecessor.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: CommonSettings,
+        service: str,
+        task: StreamTask,
+        input_topics: Sequence[str],
+        serde: AvroSerde,
+        clock: Clock,
+        shutdown: ShutdownSignal,
+        liveness: Liveness,
+        exactly_once: bool = True,
+        batch_size: int = 500,
+        poll_timeout: float = 0.05,
+        group_id: str | None = None,
+        transactional_id: str | None = None,
+        consumer_overrides: Mapping[str, Any] | None = None,
+        producer_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._service = service
+        self._task = task
+        self._inputs = list(input_topics)
+        self._serde = serde
+        self._clock = clock
+        self._shutdown = shutdown
+        self._liveness = liveness
+        self._exactly_once = exactly_once
+        self._batch_size = batch_size
+        self._poll_timeout = poll_timeout
+        self._dlq_topic = TopicNames(settings.topic_prefix).dlq
+        self._group_id = group_id or f"{settings.topic_prefix}.{service}"
+        self._transactional_id = transactional_id or f"{settings.topic_prefix}.{service}.{settings.instance_id}"
+        self._consumer_overrides = dict(consumer_overrides or {})
+        self._producer_overrides = dict(producer_overrides or {})
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._delivery = DeliveryTracker()
+        self._assigned: set[TopicPartitionKey] = set()
+        self._replay_until: dict[TopicPartitionKey, int] = {}
+        self._positions: dict[TopicPartitionKey, int] = {}
+        self._last_lag_check_ns = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Consume, process and produce until shutdown; then finish the batch, commit and close.
+
+        Raises:
+            FatalError: the producer was fenced or the broker returned a non-retriable error.
+        """
+        client_id = f"{self._service}-{self._settings.instance_id}"
+        self._consumer = make_consumer(self._settings, self._group_id, client_id, **self._consumer_overrides)
+        if self._exactly_once:
+            self._producer = make_producer(
+                self._settings, client_id, self._transactional_id, **self._producer_overrides
+            )
+            self._producer.init_transactions(60)
+        else:
+            self._producer = make_producer(
+                self._settings, client_id, on_delivery=self._delivery, **self._producer_overrides
+            )
+        self._consumer.subscribe(
+            self._inputs, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
+        reason = "shutdown requested"
+        try:
+            while not self._shutdown.requested:
+                messages = self._consumer.consume(self._batch_size, self._poll_timeout)
+                self._liveness.beat()
+                if messages:
+                    self._process_batch(messages)
+                self._update_lag()
+        except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._liveness.stopped(reason)
+            self._close()
+
+    def _close(self) -> None:
+        if self._producer is not None:
+            try:
+                # Whatever is still queued belongs to a committed transaction (or, at-least-once,
+                # to a batch whose offsets are not yet committed): deliver it before leaving.
+                flush_or_fail(self._producer, 30)
+            except FatalError:
+                logger.exception("producer did not flush on shutdown", extra={"service": self._service})
+        if self._consumer is not None:
+            # close() leaves the group so the partitions are reassigned promptly.
+            self._consumer.close()
+
+    # -- rebalance and recovery ------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        committed = consumer.committed(partitions, timeout=30)
+        for tp in committed:
+            key = (tp.topic, tp.partition)
+            self._task.reset(*key)
+            self._replay_until.pop(key, None)
+            restart = _restart_from_metadata(tp.metadata)
+            if tp.offset >= 0 and restart is not None and 0 <= restart < tp.offset:
+                self._replay_until[key] = tp.offset
+                logger.info(
+                    "rebuilding state from already-committed input",
+                    extra={"topic": tp.topic, "partition": tp.partition, "from": restart, "until": tp.offset},
+                )
+                tp.offset = restart
+            self._assigned.add(key)
+        consumer.assign(committed)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._task.reset(*key)
+            self._assigned.discard(key)
+            self._replay_until.pop(key, None)
+            self._positions.pop(key, None)
+        consumer.unassign()
+
+    def _rewind(self) -> None:
+        """After an aborted transaction: drop the task's state and resume from the last commit."""
+        assert self._consumer is not None
+        partitions = [TopicPartition(topic, partition) for topic, partition in sorted(self._assigned)]
+        if not partitions:
+            return
+        committed = self._consumer.committed(partitions, timeout=30)
+        for tp in committed:
+            key = (tp.topic, tp.partition)
+            self._task.reset(*key)
+            self._replay_until.pop(key, None)
+            restart = _restart_from_metadata(tp.metadata)
+            offset = tp.offset
+            if offset >= 0 and restart is not None and 0 <= restart < offset:
+                self._replay_until[key] = offset
+                offset = restart
+            if offset < 0:
+                low, _ = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)
+                offset = low
+            self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+
+    # -- processing -------------------------------------------------------------------------
+
+    def _process_batch(self, messages: list[Message]) -> None:
+        assert self._producer is not None
+        assert self._consumer is not None
+        started = time.perf_counter()
+        if self._exactly_once:
+            # Exactly-once: everything produced from here to commit_transaction() (outputs, dead
+            # letters, input offsets) becomes visible atomically, or not at all.
+            self._producer.begin_transaction()
+        next_offsets: dict[TopicPartitionKey, int] = {}
+        processed = 0
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if error.fatal():
+                    raise FatalError(f"consumer error: {error}")
+                logger.warning("consumer error", extra={"error": str(error)})
+                continue
+            topic, partition, offset = message.topic() or "", message.partition() or 0, message.offset() or 0
+            key = (topic, partition)
+            replaying = offset < self._replay_until.get(key, -1)
+            RECORDS_IN.labels(self._service, topic).inc()
+            self._handle(message, topic, partition, offset, replaying)
+            next_offsets[key] = offset + 1
+            processed += 1
+            if key in self._replay_until and offset + 1 >= self._replay_until[key]:
+                del self._replay_until[key]
+                logger.info("state rebuilt; processing live", extra={"topic": topic, "partition": partition})
+        if not next_offsets:
+            if self._exactly_once:
+                self._producer.abort_transaction()
+            return
+        offsets = [
+            TopicPartition(topic, partition, offset, metadata=self._metadata(topic, partition))
+            for (topic, partition), offset in next_offsets.items()
+        ]
+        if self._exactly_once:
+            self._commit_transaction(offsets)
+        else:
+            # At-least-once: offsets are committed only after every output of the batch is delivered.
+            flush_or_fail(self._producer)
+            self._delivery.raise_if_failed()
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        self._positions.update(next_offsets)
+        self._liveness.progressed(
+            processed,
+            {f"{topic}[{partition}]": offset for (topic, partition), offset in next_offsets.items()},
+        )
+        PROCESSING_SECONDS.labels(self._service).observe(time.perf_counter() - started)
+
+    def _handle(self, message: Message, topic: str, partition: int, offset: int, replaying: bool) -> None:
+        assert self._producer is not None
+        try:
+            value = self._serde.decode(message.value() or b"", topic)
+            key_bytes = message.key()
+            record = InRecord(
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                key=key_bytes.decode("utf-8", "replace") if key_bytes is not None else None,
+                value=value,
+                timestamp_ms=message.timestamp()[1],
+                replaying=replaying,
+            )
+            outputs = [
+                (out.topic, encode_key(out.key), self._serde.encode(out.topic, out.value))
+                for out in self._task.process(record)
+            ]
+        except SerdeError as exc:
+            self._dead_letter(message, exc, replaying, log_traceback=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - a service never dies on one bad record
+            self._dead_letter(message, exc, replaying, log_traceback=True)
+            return
+        if replaying:
+            return
+        for out_topic, out_key, out_value in outputs:
+            self._produce(out_topic, out_key, out_value)
+
+    def _dead_letter(self, message: Message, error: Exception, replaying: bool, log_traceback: bool) -> None:
+        coordinates = {"topic": message.topic(), "partition": message.partition(), "offset": message.offset()}
+        if replaying:
+            logger.debug("skipping a dead letter already written", extra=coordinates)
+            return
+        logger.warning(
+            "dead-lettering a record: %s",
+            error,
+            exc_info=log_traceback,
+            extra={**coordinates, "service": self._service},
+        )
+        record = dead_letter_for_message(self._service, self._clock, message, error)
+        self._produce(self._dlq_topic, encode_key(message.topic()), self._serde.encode(self._dlq_topic, record))
+        DEAD_LETTERS.labels(self._service, message.topic() or "", type(error).__name__).inc()
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
+        assert self._producer is not None
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key)
+                break
+            except BufferError:
+                # The local queue is full: serve delivery reports until there is room (bounded wait).
+                self._producer.poll(0.1)
+        self._producer.poll(0)
+        RECORDS_OUT.labels(self._service, topic).inc()
+
+    def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
+        assert self._producer is not None
+        assert self._consumer is not None
+        try:
+            self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 60)
+            self._commit_with_retries()
+            TRANSACTIONS.labels(self._service, "committed").inc()
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.txn_requires_abort():
+                logger.warning("transaction aborted; rewinding to the last commit", extra={"error": str(error)})
+                self._producer.abort_transaction(60)
+                TRANSACTIONS.labels(self._service, "aborted").inc()
+                self._rewind()
+                return
+            raise FatalError(f"transaction failed: {error}") from exc
+
+    def _commit_with_retries(self) -> None:
+        assert self._producer is not None
+        for attempt in range(5):
+            try:
+                # Exactly-once: outputs, dead letters and input offsets become visible together.
+                self._producer.commit_transaction(60)
+                return
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or attempt == 4:
+                    raise
+                logger.warning("retrying transaction commit", extra={"error": str(exc.args[0])})
+
+    def _metadata(self, topic: str, partition: int) -> str:
+        return json.dumps({"restart": self._task.restart_offset(topic, partition)})
+
+    def _update_lag(self) -> None:
+        now = self._clock.monotonic_ns()
+        if now - self._last_lag_check_ns < 1_000_000_000 or self._consumer is None:
+            return
+        self._last_lag_check_ns = now
+        total = 0
+        for topic, partition in list(self._assigned):
+            try:
+                _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            except KafkaException:
+                continue
+            position = self._positions.get((topic, partition))
+            if high < 0 or position is None:
+                continue
+            # With transactional input the last offset is a commit marker, never delivered to us:
+            # a gap of one record past our position is "caught up", not lag.
+            lag = max(0, high - position - 1)
+            CONSUMER_LAG.labels(self._service, topic, str(partition)).set(lag)
+            total += lag
+        self._liveness.set_lag(total)
+
+
+def _restart_from_metadata(metadata: str | None) -> int | None:
+    if not metadata:
+        return None
+    try:
+        restart = json.loads(metadata).get("restart")
+    except (ValueError, AttributeError):
+        return None
+    return int(restart) if isinstance(restart, int) else None

@@ -1,0 +1,239 @@
+"""Avro serde with two framings behind one interface, recognised by their first bytes.
+
+- **Avro single-object encoding** (the default): ``C3 01`` + the 8-byte little-endian
+  CRC-64-AVRO fingerprint of the writer schema's canonical form + the Avro binary body. It needs
+  no service and makes replays independent of any registry.
+- **Confluent wire format** (when ``SCHEMA_REGISTRY_URL`` is set): magic byte ``0`` + 4-byte
+  big-endian schema id + body. Schemas are registered under the ``<topic>-value`` subject, so
+  Redpanda Console decodes the topics.
+
+Decoding finds the writer schema (by fingerprint or registry id) and resolves it to the reader's
+current schema (schema evolution). Unknown schemas and undecodable bytes raise typed errors
+(:class:`~quotewatch.core.errors.UnknownSchemaError`, :class:`~quotewatch.core.errors.DecodeError`),
+which consumers turn into dead letters.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import fastavro
+
+from quotewatch.core.errors import DecodeError, EncodeError, UnknownSchemaError
+from quotewatch.core.schemas import SchemaStore, SchemaVersion, _version_of, default_store, full_name
+from quotewatch.core.topics import split_topic
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+CONFLUENT_MAGIC = 0
+_SINGLE_OBJECT_HEADER = len(SINGLE_OBJECT_MAGIC) + 8
+_CONFLUENT_HEADER = 5
+
+Record = dict[str, Any]
+
+
+class RegistryClient(Protocol):
+    """The part of confluent-kafka's ``SchemaRegistryClient`` (or its mock) the serde uses."""
+
+    def register_schema(self, subject_name: str, schema: Any, normalize_schemas: bool = False) -> int: ...
+
+    def get_schema(self, schema_id: int, subject_name: str | None = None, fmt: str | None = None) -> Any: ...
+
+
+def registry_client(url: str, basic_auth_user_info: str | None = None) -> RegistryClient:
+    """A schema registry client for ``url``; ``mock://...`` gives confluent-kafka's in-memory mock."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    conf: dict[str, Any] = {"url": url}
+    if basic_auth_user_info:
+        conf["basic.auth.user.info"] = basic_auth_user_info
+    client: RegistryClient = SchemaRegistryClient.new_client(conf)
+    return client
+
+
+class AvroSerde:
+    """Encodes and decodes the records of catalog topics. Thread-safe; build one per process.
+
+    Args:
+        store: the schema store (default: the installed schemas).
+        registry: when given, :meth:`encode` writes the Confluent wire format; decoding accepts
+            both framings either way (Confluent framing needs a registry to decode).
+    """
+
+    def __init__(self, store: SchemaStore | None = None, registry: RegistryClient | None = None) -> None:
+        self._store = store or default_store()
+        self._registry = registry
+        self._lock = threading.Lock()
+        self._registered: dict[tuple[str, int], int] = {}
+        self._by_registry_id: dict[int, SchemaVersion] = {}
+
+    @property
+    def store(self) -> SchemaStore:
+        return self._store
+
+    @property
+    def framing(self) -> str:
+        """``confluent`` when a registry is configured, else ``single-object``."""
+        return "confluent" if self._registry is not None else "single-object"
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def encode(self, topic: str, record: Mapping[str, Any]) -> bytes:
+        """Encode ``record`` with the value schema of ``topic`` (any prefix).
+
+        Raises:
+            KeyError: ``topic`` is not a catalog topic.
+            EncodeError: the record does not match the schema.
+        """
+        _, spec = split_topic(topic)
+        return self.encode_with(self._store.current(spec.value_schema), record, subject=f"{topic}-value")
+
+    def encode_with(self, schema: SchemaVersion, record: Mapping[str, Any], subject: str | None = None) -> bytes:
+        """Encode ``record`` with an explicit schema version (tests write old versions this way)."""
+        out = io.BytesIO()
+        if self._registry is not None and subject is not None:
+            out.write(struct.pack(">bI", CONFLUENT_MAGIC, self._registry_id(subject, schema)))
+        else:
+            out.write(SINGLE_OBJECT_MAGIC)
+            out.write(schema.fingerprint_le)
+        hinted = _union_hints(schema)
+        if hinted:
+            # Name the branch of ["null", Record] unions so fastavro does not validate the whole
+            # record against each branch first (that doubled the cost of a large snapshot).
+            record = {
+                **record,
+                **{field: (name, record[field]) for field, name in hinted if isinstance(record.get(field), dict)},
+            }
+        try:
+            fastavro.schemaless_writer(out, schema.schema, record)
+        except Exception as exc:
+            raise EncodeError(f"record does not match {schema.name} v{schema.version}: {exc!r}") from exc
+        return out.getvalue()
+
+    def _registry_id(self, subject: str, schema: SchemaVersion) -> int:
+        key = (subject, schema.fingerprint)
+        schema_id = self._registered.get(key)
+        if schema_id is None:
+            from confluent_kafka.schema_registry import Schema
+
+            assert self._registry is not None
+            with self._lock:
+                schema_id = self._registry.register_schema(subject, Schema(schema.expanded_json, "AVRO"))
+                self._registered[key] = schema_id
+                self._by_registry_id[schema_id] = schema
+        return schema_id
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def decode(self, data: bytes, topic: str | None = None) -> Record:
+        """Decode ``data`` written in either framing, resolved to the current reader schema.
+
+        The reader schema is the current value schema of ``topic`` when given, else the current
+        schema of the writer's name.
+
+        Raises:
+            DecodeError: not a record in a known framing, or the body does not decode.
+            UnknownSchemaError: the writer schema is not known here.
+        """
+        writer, offset = self.writer_of(data)
+        reader = self._reader_for(writer, topic)
+        buffer = io.BytesIO(data)
+        buffer.seek(offset)
+        try:
+            decoded = fastavro.schemaless_reader(buffer, writer.schema, None if reader is writer else reader.schema)
+        except Exception as exc:
+            raise DecodeError(f"cannot decode {writer.name} v{writer.version} body: {exc!r}") from exc
+        if buffer.tell() != len(data):
+            raise DecodeError(f"{len(data) - buffer.tell()} trailing bytes after a {writer.name} record")
+        if not isinstance(decoded, dict):
+            raise DecodeError(f"{writer.name} is not a record schema")
+        return decoded
+
+    def writer_of(self, data: bytes) -> tuple[SchemaVersion, int]:
+        """The writer schema of ``data`` and where its body starts.
+
+        Raises:
+            DecodeError: ``data`` starts with neither framing's magic bytes.
+            UnknownSchemaError: the fingerprint or registry id is not known.
+        """
+        if data[:2] == SINGLE_OBJECT_MAGIC and len(data) >= _SINGLE_OBJECT_HEADER:
+            fingerprint = int.from_bytes(data[2:_SINGLE_OBJECT_HEADER], "little")
+            writer = self._store.by_fingerprint(fingerprint)
+            if writer is None:
+                raise UnknownSchemaError(f"unknown writer schema fingerprint {fingerprint:016x}")
+            return writer, _SINGLE_OBJECT_HEADER
+        if data[:1] == bytes([CONFLUENT_MAGIC]) and len(data) >= _CONFLUENT_HEADER:
+            (schema_id,) = struct.unpack(">I", data[1:_CONFLUENT_HEADER])
+            return self._schema_for_registry_id(schema_id), _CONFLUENT_HEADER
+        raise DecodeError(f"not an Avro record in a known framing (first bytes {data[:4].hex() or 'empty'})")
+
+    def _schema_for_registry_id(self, schema_id: int) -> SchemaVersion:
+        known = self._by_registry_id.get(schema_id)
+        if known is not None:
+            return known
+        if self._registry is None:
+            raise UnknownSchemaError(f"Confluent-framed record (schema id {schema_id}) but no SCHEMA_REGISTRY_URL")
+        try:
+            registered = self._registry.get_schema(schema_id)
+        except Exception as exc:
+            raise UnknownSchemaError(f"schema id {schema_id} not found in the registry: {exc!r}") from exc
+        expanded = json.loads(registered.schema_str)
+        version = _version_of(full_name(expanded), 0, expanded)
+        known_version = self._store.by_fingerprint(version.fingerprint)
+        resolved = known_version or version
+        with self._lock:
+            self._by_registry_id[schema_id] = resolved
+        return resolved
+
+    def _reader_for(self, writer: SchemaVersion, topic: str | None) -> SchemaVersion:
+        name = writer.name
+        if topic is not None:
+            try:
+                name = split_topic(topic)[1].value_schema
+            except KeyError:
+                name = writer.name
+        try:
+            reader = self._store.current(name)
+        except KeyError:
+            return writer
+        return writer if reader.fingerprint == writer.fingerprint else reader
+
+
+_UNION_HINTS: dict[int, tuple[tuple[str, str], ...]] = {}
+
+
+def _union_hints(schema: SchemaVersion) -> tuple[tuple[str, str], ...]:
+    """Top-level fields typed ``["null", <record>]`` and the record's full name, cached per schema."""
+    hints = _UNION_HINTS.get(schema.fingerprint)
+    if hints is None:
+        found = []
+        for field in schema.schema.get("fields", []):
+            branches = field["type"] if isinstance(field["type"], list) else []
+            records = [b for b in branches if isinstance(b, dict) and b.get("type") == "record"]
+            named = [
+                b
+                for b in branches
+                if isinstance(b, str)
+                and b not in ("null", "string", "long", "int", "double", "float", "boolean", "bytes")
+            ]
+            if len(branches) == 2 and "null" in branches and len(records) + len(named) == 1:
+                target = records[0]["name"] if records else named[0]
+                if records or _is_record(schema.schema, target):
+                    found.append((field["name"], target))
+        hints = _UNION_HINTS[schema.fingerprint] = tuple(found)
+    return hints
+
+
+def _is_record(root: dict[str, Any], name: str) -> bool:
+    named = root.get("__named_schemas", {})
+    return isinstance(named.get(name), dict) and named[name].get("type") == "record"
+
+
+def serde_from_settings(schema_registry_url: str | None, basic_auth_user_info: str | None = None) -> AvroSerde:
+    """The serde a service uses: Confluent framing when a registry URL is configured."""
+    registry = registry_client(schema_registry_url, basic_auth_user_info) if schema_registry_url else None
+    return AvroSerde(registry=registry)

@@ -1,0 +1,1 @@
+"""The feed_server service."""

@@ -1,0 +1,1 @@
+"""The lake_sink service."""

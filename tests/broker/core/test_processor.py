@@ -1,0 +1,171 @@
+"""The stream processor on a real broker: dead letters, exactly-once outputs, state recovery."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from confluent_kafka import Producer
+
+from quotewatch.core.clock import SystemClock
+from quotewatch.core.config import CommonSettings
+from quotewatch.core.health import Liveness
+from quotewatch.core.kafka import ShutdownSignal
+from quotewatch.core.processor import InRecord, OutRecord, StreamProcessor
+from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde
+from quotewatch.core.topics import TopicNames
+from tests.helpers import read_topic, wait_for
+
+
+def top(symbol: str, t: int, bid: int) -> dict[str, Any]:
+    return {
+        "ts_event": t,
+        "ts_init": t,
+        "exchange": "coinbase",
+        "symbol": symbol,
+        "tick_ms": 100,
+        "epoch": 1,
+        "bids": [{"price_e8": bid, "size_e8": 1}],
+        "asks": [{"price_e8": bid + 1, "size_e8": 1}],
+    }
+
+
+class RunningSumTask:
+    """Emits, per input tick, a label whose ``label`` field is the running count of ticks of the symbol.
+
+    State (the counts) is rebuilt on restart by replaying from the first offset of each partition.
+    """
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+        self.counts: dict[str, int] = {}
+        self.first_offset: dict[tuple[str, int], int] = {}
+        self.partition_of: dict[str, tuple[str, int]] = {}
+
+    def process(self, record: InRecord) -> Iterable[OutRecord]:
+        value = record.value
+        if value["symbol"] == "POISON":
+            raise ValueError("a record the task cannot handle")
+        key = (record.topic, record.partition)
+        self.first_offset.setdefault(key, record.offset)
+        self.partition_of[value["symbol"]] = key
+        self.counts[value["symbol"]] = self.counts.get(value["symbol"], 0) + 1
+        yield OutRecord(
+            self.output,
+            value["symbol"],
+            {
+                "ts_event": value["ts_event"],
+                "ts_init": value["ts_init"],
+                "exchange": "coinbase",
+                "symbol": value["symbol"],
+                "t_event": value["ts_event"],
+                "delta_ms": 0,
+                "epoch": 1,
+                "label": self.counts[value["symbol"]],
+                "best_bid_e8": 0,
+                "best_ask_e8": 0,
+                "future_best_bid_e8": 0,
+                "future_best_ask_e8": 0,
+            },
+        )
+
+    def restart_offset(self, topic: str, partition: int) -> int | None:
+        return self.first_offset.get((topic, partition))
+
+    def reset(self, topic: str, partition: int) -> None:
+        for symbol, key in list(self.partition_of.items()):
+            if key == (topic, partition):
+                self.counts.pop(symbol, None)
+                del self.partition_of[symbol]
+        self.first_offset.pop((topic, partition), None)
+
+
+@contextmanager
+def running(settings: CommonSettings, task: RunningSumTask, group: str) -> Iterator[StreamProcessor]:
+    shutdown = ShutdownSignal()
+    processor = StreamProcessor(
+        settings=settings,
+        service="test",
+        task=task,
+        input_topics=[TopicNames(settings.topic_prefix).book_top3],
+        serde=AvroSerde(),
+        clock=SystemClock(),
+        shutdown=shutdown,
+        liveness=Liveness("test", SystemClock(), 30),
+        group_id=group,
+        batch_size=50,
+    )
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            processor.run()
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield processor
+    finally:
+        shutdown.set()
+        thread.join(60)
+        assert not thread.is_alive(), "processor did not stop"
+        assert not errors, errors
+
+
+def produce(settings: CommonSettings, values: list[bytes | dict[str, Any]], key: bytes = b"BTC-USD") -> None:
+    topic = TopicNames(settings.topic_prefix).book_top3
+    serde = AvroSerde()
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    for value in values:
+        data = value if isinstance(value, bytes) else serde.encode(topic, value)
+        producer.produce(topic, key=key, value=data, partition=0)
+    assert producer.flush(10) == 0
+
+
+def test_poison_records_go_to_the_dlq_with_coordinates_and_the_loop_keeps_going(
+    topics: CommonSettings, group_id: str
+) -> None:
+    names = TopicNames(topics.topic_prefix)
+    unknown_fingerprint = SINGLE_OBJECT_MAGIC + (0xDEADBEEF).to_bytes(8, "little") + b"\x00"
+    produce(
+        topics,
+        [
+            top("BTC-USD", 1, 10),
+            b"not avro at all",
+            unknown_fingerprint,
+            top("POISON", 2, 10),
+            top("BTC-USD", 3, 11),
+        ],
+    )
+    with running(topics, RunningSumTask(names.labels), group_id):
+        labels = wait_for(lambda: (r := read_topic(topics, names.labels)) and len(r) >= 2 and r, message="two labels")
+    assert [label["label"] for label in labels] == [1, 2]
+    dead = read_topic(topics, names.dlq, expected=3)
+    assert [(d["source_topic"], d["source_partition"], d["source_offset"]) for d in dead] == [
+        (names.book_top3, 0, 1),
+        (names.book_top3, 0, 2),
+        (names.book_top3, 0, 3),
+    ]
+    assert [d["error_type"] for d in dead] == ["DecodeError", "UnknownSchemaError", "ValueError"]
+    assert "deadbeef" in dead[1]["reason"]
+    assert dead[0]["source_value"] == b"not avro at all"
+    assert all(d["service"] == "test" for d in dead)
+
+
+def test_outputs_are_exactly_once_across_restarts_and_state_is_rebuilt(topics: CommonSettings, group_id: str) -> None:
+    names = TopicNames(topics.topic_prefix)
+    produce(topics, [top("BTC-USD", t, 100 + t) for t in range(40)])
+    with running(topics, RunningSumTask(names.labels), group_id):
+        wait_for(lambda: len(read_topic(topics, names.labels)) >= 40, message="first 40 labels")
+    # A fresh task instance has no state; the processor must rebuild it from committed input.
+    produce(topics, [top("BTC-USD", t, 100 + t) for t in range(40, 70)])
+    with running(topics, RunningSumTask(names.labels), group_id):
+        labels = wait_for(lambda: (r := read_topic(topics, names.labels)) and len(r) >= 70 and r, message="70 labels")
+    assert [label["label"] for label in labels] == list(range(1, 71))
+    assert [label["t_event"] for label in labels] == list(range(70))
+    uncommitted = read_topic(topics, names.labels, isolation="read_uncommitted")
+    assert len(uncommitted) == 70, "no aborted or duplicate output even for read_uncommitted readers"

@@ -1,0 +1,106 @@
+"""Small test utilities shared by the tiers: waiting on conditions and reading topics."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, TopicPartition
+
+from quotewatch.core.config import CommonSettings
+from quotewatch.core.kafka import consumer_config, make_admin
+from quotewatch.core.serde import AvroSerde
+
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T | bool | None],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> T:
+    """Poll ``condition`` until it returns a truthy value; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def read_topic(
+    settings: CommonSettings,
+    topic: str,
+    *,
+    expected: int | None = None,
+    timeout: float = 30.0,
+    isolation: str = "read_committed",
+    decode: bool = True,
+) -> list[dict[str, Any]]:
+    """Every record of ``topic`` from the beginning, decoded, with ``_partition``/``_offset``/``_key``.
+
+    Reads until the committed end of every partition (or until ``expected`` records arrived).
+    """
+    serde = AvroSerde()
+    consumer = Consumer(
+        consumer_config(settings, f"read-{uuid.uuid4().hex[:8]}", "test-reader", **{"isolation.level": isolation})
+    )
+    records: list[dict[str, Any]] = []
+    try:
+        metadata = make_admin(settings).list_topics(topic, timeout=10).topics[topic]
+        partitions = sorted(metadata.partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        deadline = time.monotonic() + timeout
+        idle_since = time.monotonic()
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is None:
+                if expected is None and _caught_up(consumer, topic, partitions) and time.monotonic() - idle_since > 0.5:
+                    break
+                if expected is not None and len(records) >= expected:
+                    break
+                continue
+            if message.error():
+                continue
+            idle_since = time.monotonic()
+            value: dict[str, Any] = serde.decode(message.value() or b"", topic) if decode else {"_raw": message.value()}
+            value["_partition"], value["_offset"] = message.partition(), message.offset()
+            key = message.key()
+            value["_key"] = key.decode() if key else None
+            records.append(value)
+            if expected is not None and len(records) >= expected:
+                break
+    finally:
+        consumer.close()
+    return records
+
+
+def _caught_up(consumer: Consumer, topic: str, partitions: list[int]) -> bool:
+    for partition in partitions:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5)
+        position = consumer.position([TopicPartition(topic, partition)])[0].offset
+        if high > 0 and (position < 0 or position < high - 1):
+            return False
+    return True
+
+
+def shared_data_dir() -> Path:
+    """``../shared/data/coinbase`` next to the repository (or ``QUOTEWATCH_SHARED_DIR``/data/coinbase).
+
+    The recorded captures are never copied into the repository; a missing directory fails the
+    test with a clear message instead of skipping it.
+    """
+    root = Path(os.environ.get("QUOTEWATCH_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
+    path = root / "data" / "coinbase"
+    if not path.is_dir():
+        raise AssertionError(
+            f"recorded captures not found at {path}: clone next to ../shared or set QUOTEWATCH_SHARED_DIR"
+        )
+    return path
