@@ -267,6 +267,12 @@ class DashboardSettings(CommonSettings):
     """DASH_POLL_MS (default 300): browser polling interval."""
     dash_stale_ms: int = Field(default=2000, gt=0)
     """DASH_STALE_MS (default 2000): show the stale indicator when no snapshot arrived for this long."""
+    dash_history_seconds: float = Field(default=300.0, gt=0)
+    """DASH_HISTORY_SECONDS (default 300): event-time window of the p_change and mid sparklines."""
+    dash_threads: int = Field(default=8, gt=0)
+    """DASH_THREADS (default 8): request threads of the production WSGI server (waitress)."""
+    dash_debug: bool = False
+    """DASH_DEBUG (default false): Dash's development server with the reloader and dev tools instead of waitress."""
 
 
 SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {
