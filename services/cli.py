@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 # group path -> {command name: "module:attribute"}; each attribute is a click.Command.
 LAZY_COMMANDS: dict[str, dict[str, str]] = {
     "": {},
-    "run": {},
+    "run": {
+        "dashboard": "quotewatch.dashboard.main:command",
+    },
     "feed": {},
     "lake": {},
 }
