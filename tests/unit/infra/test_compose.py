@@ -1,0 +1,315 @@
+"""docker-compose.yml, checked statically (there is no Docker engine on the CI machine).
+
+Docker Compose itself parses and normalises the file (``docker-compose config``); these tests then
+hold it to the code: every QuoteWatch container runs a CLI command that exists with those options,
+its environment is exactly settings its service accepts (with values that validate), images are
+pinned, host ports do not collide and bind to loopback, topics come from the catalog, and the
+services find each other where the file says they are.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from quotewatch.cli import main as cli_main
+from quotewatch.core.config import SERVICE_SETTINGS, CommonSettings, load_settings
+from tests.unit.infra.conftest import COMPOSE_FILE, REPO
+
+QUOTEWATCH_IMAGE = "quotewatch"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+# What `docker compose up` starts without a profile, and what each profile adds.
+DEFAULT_SERVICES = {
+    "redpanda",
+    "redpanda-config",
+    "topics-init",
+    "console",
+    "mlflow",
+    "ingest",
+    "book",
+    "labeler",
+    "inference",
+    "lake-sink",
+    "dashboard",
+    "prometheus",
+    "grafana",
+}
+PROFILE_SERVICES = {"sim": {"feed-server"}, "train": {"trainer"}, "minio": {"minio", "minio-init"}}
+# The long-running stream services and their METRICS_PORT defaults (services/core/config.py).
+STREAM_SERVICES = {"ingest": 9101, "book": 9102, "labeler": 9103, "inference": 9104, "lake-sink": 9105}
+# Variables a container may carry that are not QuoteWatch settings, and why.
+THIRD_PARTY_ENV = {
+    # Read by the S3 filesystem of the lake when LAKE_URI is s3://… (profile minio).
+    "lake-sink": {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"},
+    "trainer": {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"},
+}
+
+
+def quotewatch_services(model: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in model["services"].items()
+        if service["image"].split(":")[0] == QUOTEWATCH_IMAGE
+    }
+
+
+def resolve_cli(args: list[str]) -> tuple[list[str], click.Command]:
+    """Walk ``quotewatch ARGS`` through the click groups (lazy commands included) to the leaf
+    command and parse its options and arguments exactly as the CLI would, without running it.
+
+    Raises AssertionError naming the first word the CLI does not know.
+    """
+    command: click.Command = cli_main
+    path = ["quotewatch"]
+    rest = list(args)
+    parent: click.Context | None = None
+    while isinstance(command, click.Group):
+        ctx = click.Context(command, info_name=path[-1], parent=parent)
+        assert rest, f"`{' '.join(path)}` is a group: the compose command names no sub-command"
+        try:
+            sub = command.get_command(ctx, rest[0])
+        except ImportError as exc:
+            raise AssertionError(f"`{' '.join([*path, rest[0]])}`: its module does not import: {exc}") from exc
+        if sub is None:
+            known = ", ".join(command.list_commands(ctx)) or "nothing yet"
+            raise AssertionError(f"`{' '.join([*path, rest[0]])}` is not a command; `{' '.join(path)}` has: {known}")
+        parent, command = ctx, sub
+        path.append(rest.pop(0))
+    try:
+        command.make_context(path[-1], rest, parent=parent)
+    except click.UsageError as exc:
+        raise AssertionError(f"`{' '.join([*path, *rest])}`: {exc.format_message()}") from exc
+    return path[1:], command
+
+
+def settings_class(command_path: list[str]) -> type[CommonSettings]:
+    """The settings class a container's command builds its configuration from."""
+    match command_path:
+        case ["run", service]:
+            return SERVICE_SETTINGS[service.replace("-", "_")]
+        case ["train"]:
+            return SERVICE_SETTINGS["trainer"]
+        case ["topics", _]:
+            return CommonSettings
+        case ["feed", _]:
+            # The feed server has its own settings class once it defines one; else the common ones.
+            return SERVICE_SETTINGS.get("feed_server", CommonSettings)
+    raise AssertionError(f"no settings class is known for `quotewatch {' '.join(command_path)}`")
+
+
+def env_names(cls: type[CommonSettings]) -> set[str]:
+    return {name.upper() for name in cls.model_fields}
+
+
+# -- the file parses and has the services the issue lists ---------------------------------------
+
+
+def test_compose_file_parses_as_yaml_and_compose_validates_it(run_compose: Any) -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert raw["name"] == "quotewatch"
+    result = run_compose("--profile", "*", "config", "--quiet")
+    assert result.returncode == 0, result.stderr
+
+
+def test_default_services_and_profiles(default_model: dict[str, Any], resolve_compose: Any) -> None:
+    assert set(default_model["services"]) == DEFAULT_SERVICES
+    for profile, extra in PROFILE_SERVICES.items():
+        assert set(resolve_compose(profile)["services"]) == DEFAULT_SERVICES | extra, profile
+
+
+def test_a_broken_file_is_rejected_by_the_validator(run_compose: Any, tmp_path: Any) -> None:
+    # The validation step above can fail: an unknown key in a service is an error.
+    broken = tmp_path / "broken.yml"
+    broken.write_text("services:\n  a:\n    image: busybox:1.36\n    imagee: typo\n")
+    result = run_compose("-f", str(broken), "config", "--quiet")
+    assert result.returncode != 0
+    assert "imagee" in result.stderr
+
+
+# -- commands and environment -------------------------------------------------------------------
+
+
+def test_every_quotewatch_command_exists_in_the_cli(full_model: dict[str, Any]) -> None:
+    services = quotewatch_services(full_model)
+    assert set(services) >= set(STREAM_SERVICES) | {"dashboard", "topics-init", "feed-server", "trainer"}
+    missing = []
+    for name, service in sorted(services.items()):
+        assert service["entrypoint"] is None, f"{name}: the image's entry point is the quotewatch CLI"
+        try:
+            resolve_cli(list(service["command"]))
+        except AssertionError as exc:
+            missing.append(f"{name}: {exc}")
+    assert not missing, "compose commands the CLI does not have:\n" + "\n".join(missing)
+
+
+def test_every_environment_variable_is_a_setting_of_its_service(
+    full_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    problems = []
+    for name, service in sorted(quotewatch_services(full_model).items()):
+        try:
+            command_path, _ = resolve_cli(list(service["command"]))
+        except AssertionError:
+            continue  # reported by test_every_quotewatch_command_exists_in_the_cli
+        cls = settings_class(command_path)
+        environment: dict[str, str] = {key: str(value) for key, value in (service.get("environment") or {}).items()}
+        unknown = set(environment) - env_names(cls) - THIRD_PARTY_ENV.get(name, set())
+        if unknown:
+            problems.append(f"{name} ({cls.__name__}) does not accept {sorted(unknown)}")
+            continue
+        # The values must validate too: build the settings from exactly this environment.
+        for variable in env_names(cls) | {"QUOTEWATCH_CONFIG_FILE"}:
+            monkeypatch.delenv(variable, raising=False)
+        for key, value in environment.items():
+            monkeypatch.setenv(key, value)
+        try:
+            load_settings(cls)
+        except Exception as exc:  # noqa: BLE001 - report every container, not only the first
+            problems.append(f"{name}: {exc}")
+    assert not problems, "\n".join(problems)
+
+
+def test_stream_services_expose_metrics_on_their_default_port(
+    full_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, port in STREAM_SERVICES.items():
+        environment = full_model["services"][name]["environment"]
+        assert int(environment["METRICS_PORT"]) == port, name
+        assert environment["METRICS_HOST"] == "0.0.0.0", f"{name}: Prometheus scrapes from another container"
+        monkeypatch.delenv("METRICS_PORT", raising=False)
+        assert SERVICE_SETTINGS[name.replace("-", "_")]().metrics_port == port, f"{name}: config default moved"
+
+
+def test_services_share_one_broker_registry_and_mlflow(full_model: dict[str, Any]) -> None:
+    redpanda = " ".join(full_model["services"]["redpanda"]["command"])
+    internal_kafka = re.search(r"--advertise-kafka-addr=internal://([\w.-]+:\d+)", redpanda)
+    internal_registry = re.search(r"--schema-registry-addr=internal://0\.0\.0\.0:(\d+)", redpanda)
+    assert internal_kafka
+    assert internal_registry
+    registry_url = f"http://redpanda:{internal_registry.group(1)}"
+    console = yaml.safe_load((REPO / "infra/redpanda/console-config.yaml").read_text())
+    assert console["schemaRegistry"] == {"enabled": True, "urls": [registry_url]}
+    assert console["kafka"]["brokers"] == [internal_kafka.group(1)]
+    for name, service in quotewatch_services(full_model).items():
+        if name == "feed-server":
+            continue  # a WebSocket server: no broker
+        environment = service["environment"]
+        assert environment["KAFKA_BOOTSTRAP_SERVERS"] == internal_kafka.group(1), name
+        assert environment["SCHEMA_REGISTRY_URL"] == registry_url, f"{name}: Console could not decode its topics"
+        assert environment["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", name
+
+
+def test_feed_defaults_to_live_coinbase_and_sim_profile_serves_it_locally(resolve_compose: Any) -> None:
+    live = resolve_compose()["services"]["ingest"]["environment"]
+    assert live["FEED"] == "coinbase-advanced"
+    # Empty is ignored by the settings (env_ignore_empty): the feed's public Coinbase endpoint.
+    assert live["COINBASE_WS_URL"] == ""
+    sim = resolve_compose("sim", env={"COINBASE_WS_URL": "ws://feed-server:8765"})["services"]
+    assert sim["ingest"]["environment"]["COINBASE_WS_URL"] == "ws://feed-server:8765"
+    command = sim["feed-server"]["command"]
+    assert "--synthetic" in command
+    assert command[command.index("--port") + 1] == "8765"
+    assert sim["ingest"]["depends_on"]["feed-server"]["required"] is False
+    assert "COINBASE_WS_URL=ws://feed-server:8765 docker compose --profile sim up" in COMPOSE_FILE.read_text()
+
+
+# -- topics ---------------------------------------------------------------------------------------
+
+
+def test_topics_are_created_from_the_catalog_never_auto_created(full_model: dict[str, Any]) -> None:
+    services = full_model["services"]
+    assert services["redpanda-config"]["command"][:5] == [
+        "cluster",
+        "config",
+        "set",
+        "auto_create_topics_enabled",
+        "false",
+    ]
+    assert services["topics-init"]["command"] == ["topics", "create"]
+    assert services["topics-init"]["depends_on"]["redpanda-config"]["condition"] == "service_completed_successfully"
+    for name in (*STREAM_SERVICES, "dashboard"):
+        condition = services[name]["depends_on"]["topics-init"]["condition"]
+        assert condition == "service_completed_successfully", name
+
+
+# -- images, ports, volumes -----------------------------------------------------------------------
+
+
+def test_every_image_is_pinned_by_an_explicit_version(full_model: dict[str, Any]) -> None:
+    for name, service in full_model["services"].items():
+        image = service["image"]
+        repository, _, tag = image.rpartition(":")
+        assert repository, f"{name}: {image} has no tag"
+        assert "/" not in tag, f"{name}: {image} has no tag"
+        assert tag != "latest", f"{name}: {image} is not pinned"
+        assert re.search(r"\d", tag), f"{name}: {image} is not pinned to a version"
+    version = PYPROJECT["project"]["version"]
+    for name, service in quotewatch_services(full_model).items():
+        assert service["image"] == f"{QUOTEWATCH_IMAGE}:{version}", f"{name}: image tag is the package version"
+        assert service["build"]["dockerfile"] == "infra/Dockerfile"
+    mlflow_pin = next(dep for dep in PYPROJECT["project"]["dependencies"] if dep.startswith("mlflow=="))
+    assert full_model["services"]["mlflow"]["image"] == f"ghcr.io/mlflow/mlflow:v{mlflow_pin.split('==')[1]}"
+
+
+def test_each_external_image_says_where_its_tag_came_from() -> None:
+    lines = COMPOSE_FILE.read_text().splitlines()
+    for number, line in enumerate(lines):
+        match = re.match(r"\s+image: (\S+)$", line)
+        if not match or match.group(1).startswith(QUOTEWATCH_IMAGE + ":"):
+            continue
+        above = "\n".join(lines[max(0, number - 4) : number])
+        assert "#" in above, f"line {number + 1}: say in a comment where the tag of {match.group(1)} came from"
+
+
+def test_host_ports_do_not_collide_and_bind_to_loopback(full_model: dict[str, Any], resolve_compose: Any) -> None:
+    published: dict[int, str] = {}
+    for name, service in full_model["services"].items():
+        for port in service.get("ports", []):
+            host_port = int(port["published"])
+            assert host_port not in published, f"host port {host_port}: {published.get(host_port)} and {name}"
+            published[host_port] = name
+            assert port["host_ip"] == "127.0.0.1", f"{name}: {host_port} must bind to 127.0.0.1 unless configured"
+    assert published[8050] == "dashboard"
+    assert {19092, 18081, 5000, 8080, 9090, 3000} <= set(published)
+    exposed = resolve_compose("*", env={"QW_BIND_ADDRESS": "0.0.0.0"})
+    assert {p["host_ip"] for s in exposed["services"].values() for p in s.get("ports", [])} == {"0.0.0.0"}
+
+
+def test_mlflow_server_is_reachable_from_containers_and_can_deliver_webhooks(full_model: dict[str, Any]) -> None:
+    mlflow = full_model["services"]["mlflow"]
+    options = dict(arg.split("=", 1) for arg in mlflow["command"] if arg.startswith("--") and "=" in arg)
+    assert "mlflow" in options["--allowed-hosts"].split(",")
+    assert "mlflow:*" in options["--allowed-hosts"].split(",")
+    # Webhooks need a SQL backend; the database and the artifacts live on named volumes.
+    assert options["--backend-store-uri"].startswith("sqlite:////mlflow/db/")
+    mounts = {mount["target"]: mount for mount in mlflow["volumes"]}
+    assert mounts["/mlflow/db"]["type"] == "volume"
+    assert mounts[options["--artifacts-destination"]]["type"] == "volume"
+    assert mlflow["environment"]["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"] == "http,https"
+    assert mlflow["environment"]["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] == "true"
+    inference = full_model["services"]["inference"]
+    assert inference["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    assert inference["environment"]["WEBHOOK_HOST"] == "0.0.0.0"
+    assert int(inference["environment"]["WEBHOOK_PORT"]) > 0
+
+
+def test_lake_is_a_volume_shared_by_the_sink_and_the_trainer(full_model: dict[str, Any]) -> None:
+    for name in ("lake-sink", "trainer"):
+        service = full_model["services"][name]
+        lake = service["environment"]["LAKE_URI"]
+        assert any(mount["source"] == "lake" and mount["target"] == lake for mount in service["volumes"]), name
+    assert full_model["services"]["minio"]["profiles"] == ["minio"]
+    assert "mc mb --ignore-existing lake/quotewatch-lake" in full_model["services"]["minio-init"]["command"][0]
+
+
+def test_dashboard_listens_on_8050_in_the_container(full_model: dict[str, Any]) -> None:
+    dashboard = full_model["services"]["dashboard"]
+    assert dashboard["environment"]["DASH_HOST"] == "0.0.0.0"
+    assert [(p["published"], p["target"]) for p in dashboard["ports"]] == [("8050", 8050)]
