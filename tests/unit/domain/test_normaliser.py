@@ -1,0 +1,292 @@
+"""The normaliser's rules: gaps, status, clock, rejects; and fuzzing with garbage."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quotewatch.core.serde import AvroSerde
+from quotewatch.domain.normaliser import Normaliser, control_text, parse_control_text
+
+T0 = 1_786_309_548_000_000_000
+SYMBOLS = ["BTC-USD", "ETH-USD"]
+
+
+class Log:
+    """Builds RawFrame records of one feed with increasing ts_init."""
+
+    def __init__(self, feed: str = "coinbase-advanced", connection: str = "c1") -> None:
+        self.feed = feed
+        self.connection = connection
+        self.ts = T0
+        self.index = 0
+        self.sequence = 0
+
+    def record(self, kind: str, text: str, ts_event: int | None = None, frame_index: int = -1) -> dict[str, Any]:
+        self.ts += 1_000_000
+        return {
+            "ts_event": self.ts if ts_event is None else ts_event,
+            "ts_init": self.ts,
+            "exchange": "coinbase",
+            "feed": self.feed,
+            "symbols": SYMBOLS,
+            "connection_id": self.connection,
+            "frame_index": frame_index,
+            "kind": kind,
+            "text": text,
+        }
+
+    def connected(self, connection: str, state: str = "CONNECTING") -> dict[str, Any]:
+        self.connection = connection
+        self.index = 0
+        self.sequence = 0
+        return self.record("CONNECTED", control_text(state, "test"))
+
+    def frame(self, message: dict[str, Any] | str) -> dict[str, Any]:
+        text = message if isinstance(message, str) else json.dumps(message)
+        record = self.record("FRAME", text, frame_index=self.index)
+        record["ts_event"] = record["ts_init"]
+        self.index += 1
+        return record
+
+    def advanced(self, channel: str, events: list[Any], *, sequence: int | None = None) -> dict[str, Any]:
+        if sequence is None:
+            sequence = self.sequence
+        self.sequence = sequence + 1
+        return self.frame(
+            {"channel": channel, "timestamp": "2026-08-09T21:05:48.5Z", "sequence_num": sequence, "events": events}
+        )
+
+    def l2(self, kind: str, symbol: str, *updates: tuple[str, str, str], sequence: int | None = None) -> dict[str, Any]:
+        return self.advanced(
+            "l2_data",
+            [
+                {
+                    "type": kind,
+                    "product_id": symbol,
+                    "updates": [
+                        {"side": s, "event_time": "2026-08-09T21:05:48.25Z", "price_level": p, "new_quantity": q}
+                        for s, p, q in updates
+                    ],
+                }
+            ],
+            sequence=sequence,
+        )
+
+
+def _kinds(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(e["symbol"], e["kind"]) for e in events]
+
+
+def test_connected_emits_status_and_gap_for_every_symbol() -> None:
+    log = Log()
+    out = Normaliser().process(log.connected("c1"))
+    assert _kinds(out.events) == [
+        ("BTC-USD", "STATUS"),
+        ("ETH-USD", "STATUS"),
+        ("BTC-USD", "GAP"),
+        ("ETH-USD", "GAP"),
+    ]
+    assert out.events[0]["status"] == {"state": "CONNECTING", "detail": "test"}
+    assert out.events[2]["gap"]["reason"] == "RECONNECT"
+    assert all(e["ts_init"] == log.ts and e["connection_id"] == "c1" for e in out.events)
+
+
+def test_snapshot_syncs_and_subscribes_and_updates_follow() -> None:
+    log = Log()
+    normaliser = Normaliser()
+    normaliser.process(log.connected("c1"))
+    out = normaliser.process(log.l2("snapshot", "BTC-USD", ("bid", "10", "1"), ("offer", "11", "2")))
+    assert _kinds(out.events) == [("BTC-USD", "STATUS"), ("BTC-USD", "SNAPSHOT")]
+    assert out.events[0]["status"]["state"] == "SUBSCRIBED"
+    assert out.events[1]["source_sequence"] == 0
+    assert normaliser.synced == {"BTC-USD"}
+    out = normaliser.process(log.l2("update", "BTC-USD", ("bid", "10", "0")))
+    assert _kinds(out.events) == [("BTC-USD", "UPDATE")]
+    assert out.events[0]["update"]["changes"] == [{"side": "BID", "price_e8": 1_000_000_000, "size_e8": 0}]
+    assert out.resync is None
+
+
+def test_sequence_jump_is_a_gap_for_synced_symbols_and_a_resync() -> None:
+    log = Log()
+    normaliser = Normaliser()
+    normaliser.process(log.connected("c1"))
+    normaliser.process(log.l2("snapshot", "BTC-USD", ("bid", "10", "1")))
+    out = normaliser.process(log.l2("update", "BTC-USD", ("bid", "10", "2"), sequence=5))
+    assert _kinds(out.events) == [("BTC-USD", "GAP"), ("BTC-USD", "UPDATE")]
+    gap = out.events[0]["gap"]
+    assert (gap["reason"], gap["expected_sequence"], gap["received_sequence"]) == ("SEQUENCE_JUMP", 1, 5)
+    assert "jumped from 0 to 5" in (out.resync or "")
+    assert normaliser.synced == set()
+    # The next consecutive frame carries on without another gap.
+    assert _kinds(normaliser.process(log.l2("update", "BTC-USD", ("bid", "10", "3"))).events) == [("BTC-USD", "UPDATE")]
+
+
+def test_clock_records_become_one_clock_event_per_symbol_at_the_estimate() -> None:
+    log = Log()
+    normaliser = Normaliser()
+    out = normaliser.process(log.record("CLOCK", "tick", ts_event=T0 - 5))
+    assert _kinds(out.events) == [("BTC-USD", "CLOCK"), ("ETH-USD", "CLOCK")]
+    assert {e["ts_event"] for e in out.events} == {T0 - 5}
+
+
+def test_overflow_and_disconnect_gap_only_synced_symbols_and_disconnect_reports_the_next_state() -> None:
+    log = Log()
+    normaliser = Normaliser()
+    normaliser.process(log.connected("c1"))
+    normaliser.process(log.l2("snapshot", "ETH-USD", ("bid", "10", "1")))
+    out = normaliser.process(log.record("OVERFLOW", "queue full (50000 frames)"))
+    assert _kinds(out.events) == [("ETH-USD", "GAP")]
+    assert out.events[0]["gap"]["reason"] == "BUFFER_OVERFLOW"
+    assert out.resync is not None
+    out = normaliser.process(log.record("DISCONNECTED", control_text("RECONNECTING", "resync after overflow")))
+    assert _kinds(out.events) == [("BTC-USD", "STATUS"), ("ETH-USD", "STATUS")]  # nothing left synced to gap
+    assert out.events[0]["status"] == {"state": "RECONNECTING", "detail": "resync after overflow"}
+
+
+def test_heartbeats_fan_out_to_the_connection_symbols() -> None:
+    log = Log()
+    normaliser = Normaliser()
+    normaliser.process(log.connected("c1"))
+    out = normaliser.process(log.advanced("heartbeats", [{"current_time": "x", "heartbeat_counter": 1}]))
+    assert _kinds(out.events) == [("BTC-USD", "HEARTBEAT"), ("ETH-USD", "HEARTBEAT")]
+
+
+def test_malformed_book_frame_is_a_reject_a_gap_and_a_resync_on_the_exchange_feed() -> None:
+    log = Log(feed="coinbase-exchange")
+    normaliser = Normaliser()
+    normaliser.process(log.connected("c1"))
+    normaliser.process(log.frame({"type": "snapshot", "product_id": "BTC-USD", "bids": [["1", "1"]], "asks": []}))
+    out = normaliser.process(log.frame('{"type":"l2update","product_id":"BTC-USD","chan'))
+    assert [(r.error_type, r.source_ref) for r in out.rejects] == [("MalformedFrame", "c1:1")]
+    assert _kinds(out.events) == [("BTC-USD", "GAP")]
+    assert out.events[0]["gap"]["reason"] == "PARSE_ERROR"
+    assert out.resync is not None
+
+
+def test_unknown_message_is_a_reject_without_a_gap() -> None:
+    log = Log(feed="coinbase-exchange")
+    normaliser = Normaliser()
+    normaliser.process(log.connected("c1"))
+    normaliser.process(log.frame({"type": "snapshot", "product_id": "BTC-USD", "bids": [], "asks": []}))
+    out = normaliser.process(log.frame({"type": "rfq_match", "product_id": "BTC-USD"}))
+    assert [r.error_type for r in out.rejects] == ["UnknownMessage"]
+    assert out.events == []
+    assert out.resync is None
+    assert normaliser.synced == {"BTC-USD"}
+
+
+def test_state_is_reset_at_connected_so_a_replay_can_start_there() -> None:
+    log = Log()
+    records = [log.connected("c1"), log.l2("snapshot", "BTC-USD", ("bid", "1", "1")), log.l2("update", "BTC-USD")]
+    records += [log.connected("c2"), log.l2("snapshot", "BTC-USD", ("bid", "1", "1")), log.l2("update", "BTC-USD")]
+    full, _ = Normaliser().process_all(records)
+    tail, _ = Normaliser().process_all(records[3:])
+    assert full[-len(tail) :] == tail
+
+
+def test_control_text_round_trip_and_foreign_text() -> None:
+    assert parse_control_text(control_text("BACKOFF", "connect refused", attempt=3), "X") == (
+        "BACKOFF",
+        "connect refused",
+    )
+    assert parse_control_text("not json", "RECONNECTING") == ("RECONNECTING", "not json")
+    assert parse_control_text('{"state":"WEIRD"}', "CONNECTING") == ("CONNECTING", '{"state":"WEIRD"}')
+
+
+# -- fuzzing -------------------------------------------------------------------------------------
+
+_json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+_json = st.recursive(
+    _json_scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+_keys = st.sampled_from(
+    [
+        "type",
+        "channel",
+        "product_id",
+        "changes",
+        "bids",
+        "asks",
+        "time",
+        "timestamp",
+        "sequence_num",
+        "events",
+        "updates",
+        "side",
+        "price_level",
+        "new_quantity",
+        "event_time",
+        "trades",
+        "price",
+        "size",
+        "trade_id",
+    ]
+)
+_values = (
+    st.sampled_from(
+        [
+            "l2_data",
+            "l2update",
+            "snapshot",
+            "update",
+            "match",
+            "heartbeat",
+            "heartbeats",
+            "market_trades",
+            "bid",
+            "offer",
+            "buy",
+            "sell",
+            "BUY",
+            "BTC-USD",
+            "2026-08-09T21:05:48.5Z",
+            "1.5",
+            "-1",
+            "0",
+            "subscriptions",
+        ]
+    )
+    | _json
+)
+_shaped = st.recursive(
+    _values,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_keys, children, max_size=6),
+    max_leaves=30,
+)
+
+
+@given(
+    feed=st.sampled_from(["coinbase-advanced", "coinbase-exchange"]),
+    texts=st.lists(st.text(max_size=60) | _json.map(json.dumps) | _shaped.map(json.dumps), min_size=1, max_size=8),
+)
+def test_garbage_frames_never_raise_and_are_rejected_or_understood(feed: str, texts: list[str]) -> None:
+    log = Log(feed=feed)
+    normaliser = Normaliser()
+    serde = AvroSerde()
+    normaliser.process(log.connected("c1"))
+    for text in texts:
+        out = normaliser.process(log.frame(text))
+        for event in out.events:
+            serde.encode("qw.md.events", event)  # whatever comes out is a valid MarketEvent
+        for reject in out.rejects:
+            assert reject.reason
+            assert reject.error_type
+            assert reject.raw["text"] == text
+
+
+@given(
+    record=st.dictionaries(
+        st.sampled_from(["kind", "text", "symbols", "ts_init", "ts_event", "connection_id", "feed"]), _json
+    )
+)
+def test_garbage_raw_records_never_raise(record: dict[str, Any]) -> None:
+    out = Normaliser().process(record)
+    assert all(reject.reason and reject.raw is record for reject in out.rejects)
+    if record.get("kind") not in ("FRAME", "CLOCK", "CONNECTED", "DISCONNECTED", "OVERFLOW"):
+        assert [r.error_type for r in out.rejects] == ["InvalidRawRecord"]
