@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 LAZY_COMMANDS: dict[str, dict[str, str]] = {
     "": {},
     "run": {
+        "book": "quotewatch.book.main:command",
         "dashboard": "quotewatch.dashboard.main:command",
+        "labeler": "quotewatch.labeler.main:command",
     },
     "feed": {},
     "lake": {},
