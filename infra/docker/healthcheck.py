@@ -1,9 +1,10 @@
 """Container healthcheck of a QuoteWatch service: exit 0 when ``/health`` answers 200.
 
 Docker runs this (``HEALTHCHECK`` in infra/Dockerfile) every interval inside the container. It reads
-the same METRICS_PORT the service binds (``quotewatch.core.health``); a service whose processing
-stalled answers 503 and the container turns unhealthy. A container without a metrics endpoint
-(METRICS_PORT=0, e.g. the dashboard or a one-shot job) is healthy while its process runs.
+the same METRICS_PORT the service binds (``quotewatch.core.health``), or for the dashboard (no
+METRICS_PORT) its own ``/health`` on DASH_PORT; a service whose processing stalled answers 503 and
+the container turns unhealthy. A container with neither (a one-shot job) is healthy while its
+process runs.
 Standard library only: it must not import the service's dependencies.
 """
 
@@ -16,7 +17,7 @@ import urllib.request
 
 
 def main() -> int:
-    port = int(os.environ.get("METRICS_PORT") or "0")
+    port = int(os.environ.get("METRICS_PORT") or "0") or int(os.environ.get("DASH_PORT") or "0")
     if port == 0:
         return 0
     url = f"http://127.0.0.1:{port}/health"

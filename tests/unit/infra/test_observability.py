@@ -74,6 +74,8 @@ def test_prometheus_scrapes_every_service_on_its_metrics_port(full_model: dict[s
         assert host in full_model["services"]
         assert int(port) == SERVICE_SETTINGS[service.replace("-", "_")].model_fields["metrics_port"].default
         assert int(port) == int(full_model["services"][service]["environment"]["METRICS_PORT"])
+    # The dashboard has no METRICS_PORT: it serves /metrics next to the app on DASH_PORT.
+    assert targets["dashboard"] == f"dashboard:{full_model['services']['dashboard']['environment']['DASH_PORT']}"
     prometheus = full_model["services"]["prometheus"]
     assert any(mount["target"] == "/etc/prometheus/prometheus.yml" for mount in prometheus["volumes"])
 
@@ -156,10 +158,10 @@ def test_the_metric_check_rejects_a_misspelt_metric() -> None:
 # -- the container healthcheck (infra/docker/healthcheck.py) ------------------------------------------
 
 
-def run_healthcheck(port: int) -> subprocess.CompletedProcess[str]:
+def run_healthcheck(port: int, variable: str = "METRICS_PORT") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(REPO / "infra/docker/healthcheck.py")],
-        env={"METRICS_PORT": str(port)},
+        env={variable: str(port)},
         capture_output=True,
         text=True,
         check=False,
@@ -197,4 +199,5 @@ def test_healthcheck_fails_when_nothing_listens() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     assert run_healthcheck(port).returncode == 1
+    assert run_healthcheck(port, "DASH_PORT").returncode == 1, "the dashboard's /health on DASH_PORT"
     assert run_healthcheck(0).returncode == 0, "no metrics endpoint configured: the process is the health"
