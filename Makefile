@@ -62,5 +62,8 @@ broker-up: setup system-deps  ## start the local Kafka broker on 127.0.0.1:$(POR
 broker-down: setup  ## stop the local Kafka broker
 	$(BIN)/quotewatch broker stop
 
+demo: setup system-deps  ## the whole system locally until Ctrl-C; dashboard on http://127.0.0.1:8050
+	$(BIN)/quotewatch demo $(DEMO_ARGS)
+
 clean:  ## remove the venv and build artefacts (not the broker's data)
 	rm -rf $(VENV) .build build *.egg-info .mypy_cache .ruff_cache

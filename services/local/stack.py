@@ -1,0 +1,743 @@
+"""The whole QuoteWatch system on one machine, without Docker: ``quotewatch demo`` (``make demo``).
+
+:class:`LocalStack` starts, on 127.0.0.1 and in this order, waiting for each to be ready:
+
+1. the local Apache Kafka broker (:class:`~quotewatch.local.kafka.LocalKafka`, in ``RUN_DIR/kafka``),
+   unless an existing broker is given, and the topic catalog (``quotewatch topics create``);
+2. the MLflow tracking + registry server (SQL backend so registry webhooks work, artifacts
+   proxied by the server, both under ``RUN_DIR/mlflow``);
+3. the feed: the local Coinbase-protocol feed server (synthetic book by default, or replaying a
+   ``--capture FILE``), or live Coinbase (``--feed live``, when the network allows);
+4. ingest, book, labeler, inference, lake sink (lake under ``RUN_DIR/lake``) and the dashboard
+   (http://127.0.0.1:8050), together;
+
+then supervises them: a child that exits is restarted with exponential backoff, and a first model
+is **bootstrapped**: while the registry has no ``champion``, ``quotewatch train`` runs every
+``bootstrap_interval`` seconds on the lake the running stack is filling, until a trained model has
+been registered and promoted; inference's alias polling then serves it, so within a few minutes
+the dashboard shows live p_change from a registered champion.
+
+One log file per process in ``RUN_DIR/logs/<name>.log`` (the broker's in ``RUN_DIR/kafka``);
+``RUN_DIR/stack.json`` lists every PID, port and URL while the stack runs. Ctrl-C (SIGINT) or
+SIGTERM stops everything in reverse order and leaves no process behind: every child runs in its
+own process group (its own session), is sent SIGTERM as a group, is waited for together with
+every descendant it spawned (MLflow's server workers), and is killed when it does not exit in
+time. Each child also asks the kernel for SIGTERM should the supervisor itself die
+(``PR_SET_PDEATHSIG``).
+
+Why not a supervisor library. The candidates in the package index were weighed: honcho runs a
+Procfile but neither restarts a crashed process nor orders start-up by readiness (it stops
+everything when one process exits); circus restarts and kills process groups but brings its own
+ZeroMQ arbiter daemon and ini configuration, and a readiness-ordered start-up or a conditional
+one-shot mid-run (the model bootstrap) would be plugins around it; supervisord restarts and
+kills as groups too, but is a separate daemon with an XML-RPC control plane whose own lifetime
+Ctrl-C would then have to manage, with start-up ordered by priority only, not readiness. What
+the demo needs — readiness-ordered start, restart with backoff, a bootstrap step that depends on
+the registry's state, and a Ctrl-C that provably leaves nothing behind — is a small loop over
+:mod:`subprocess` with :mod:`psutil` (already a dependency) for the process trees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+import click
+import psutil
+
+from quotewatch.core.errors import FatalError
+from quotewatch.core.kafka import ShutdownSignal
+from quotewatch.local.kafka import LocalKafka, port_is_free
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+MODEL_NAME = "quotewatch"
+CHAMPION = "champion"
+# The stream services with a /metrics + /health endpoint, in start order, and their default ports.
+STREAM_SERVICES: Mapping[str, int] = {
+    "ingest": 9101,
+    "book": 9102,
+    "labeler": 9103,
+    "inference": 9104,
+    "lake-sink": 9105,
+}
+FeedMode = Literal["synthetic", "capture", "live"]
+
+
+class StackError(FatalError):
+    """The local stack could not start (a port is taken, a process did not become ready)."""
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Where the stack keeps its state, which feed it reads and the ports it binds on 127.0.0.1."""
+
+    run_dir: Path
+    feed: FeedMode = "synthetic"
+    capture: Path | None = None
+    """The recorded capture the feed server replays (feed="capture")."""
+    symbols: tuple[str, ...] = ("BTC-USD", "ETH-USD")
+    topic_prefix: str = "qw"
+    bootstrap_servers: str | None = None
+    """An existing broker to use instead of starting the local one."""
+    kafka_port: int = 9092
+    mlflow_port: int = 5000
+    feed_port: int = 8765
+    dash_port: int = 8050
+    metrics_ports: Mapping[str, int] = field(default_factory=lambda: dict(STREAM_SERVICES))
+    lake_flush_seconds: float = 10.0
+    """Lake sink flush age: short, so the bootstrap trainer sees data within seconds."""
+    bootstrap_interval: float = 20.0
+    """Seconds between training attempts while no champion exists."""
+    ready_timeout: float = 120.0
+    stop_timeout: float = 20.0
+    restart_backoff_max: float = 30.0
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.bootstrap_servers or f"{HOST}:{self.kafka_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{HOST}:{self.dash_port}"
+
+    @property
+    def feed_url(self) -> str:
+        return f"ws://{HOST}:{self.feed_port}"
+
+    def host_ports(self) -> dict[str, int]:
+        """Every port the stack binds on 127.0.0.1, by owner."""
+        ports = {"mlflow": self.mlflow_port, "dashboard": self.dash_port}
+        ports.update({f"{name} metrics": port for name, port in self.metrics_ports.items()})
+        if self.bootstrap_servers is None:
+            ports["kafka"] = self.kafka_port
+        if self.feed != "live":
+            ports["feed-server"] = self.feed_port
+        return ports
+
+
+# -- one supervised child -------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child before exec
+    """Ask Linux to SIGTERM this child when the supervisor dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+@dataclass
+class ProcessSpec:
+    """A child process of the stack and how to tell it is ready."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables set on top of the supervisor's environment."""
+    ready: Callable[[], bool] | None = None
+    """Polled after start until true (None: ready once started)."""
+    restart: bool = True
+    """Restart when it exits (long-running services); one-shot jobs are not restarted."""
+
+
+class ManagedProcess:
+    """One child: started in its own session with its log file, stopped with its whole tree."""
+
+    def __init__(self, spec: ProcessSpec, log_dir: Path, cwd: Path) -> None:
+        self.spec = spec
+        self.log_path = log_dir / f"{spec.name}.log"
+        self._cwd = cwd
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self.restarts = 0
+        self.started_at = 0.0
+        self.next_restart_at: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen is not None else None
+
+    def start(self) -> None:
+        """Start the child (appending to its log file)."""
+        env = dict(os.environ)
+        env.update(self.spec.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        self._log = self.log_path.open("ab")
+        header = f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(self.spec.argv)}\n"
+        self._log.write(header.encode())
+        self._log.flush()
+        self._popen = subprocess.Popen(
+            self.spec.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self._cwd,
+            env=env,
+            start_new_session=True,  # its own process group: Ctrl-C reaches only the supervisor
+            preexec_fn=_die_with_parent,  # forked from the main thread only
+        )
+        self.started_at = time.monotonic()
+        self.next_restart_at = None
+        logger.info("started %s (pid %d), log %s", self.spec.name, self._popen.pid, self.log_path)
+
+    def poll(self) -> int | None:
+        """The exit code once the child exited, else None."""
+        return None if self._popen is None else self._popen.poll()
+
+    def is_running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def log_tail(self, lines: int = 12) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM the child's process group and every descendant; kill what outlives ``timeout``."""
+        if self._popen is None:
+            return
+        if self._popen.poll() is None:
+            terminate_tree(self._popen.pid, timeout)
+        self._popen.wait()  # reap the direct child
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _process_tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def terminate_tree(pid: int, timeout: float) -> None:
+    """Stop process ``pid`` (a session leader), its process group and every descendant.
+
+    SIGTERM first (services flush, commit and close on it), SIGKILL for whatever is still alive
+    after ``timeout``; returns once every one of them is gone.
+    """
+    tree = _process_tree(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    for process in tree[1:]:  # descendants that left the group (setsid) get it too
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    if alive:
+        logger.warning("killing processes that ignored SIGTERM: %s", [p.pid for p in alive])
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                continue
+        psutil.wait_procs(alive, timeout=10)
+
+
+# -- readiness probes ------------------------------------------------------------------------------
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when ``url`` answers HTTP 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http on 127.0.0.1
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def _health_probe(url: str) -> Callable[[], bool]:
+    """A readiness probe: ``url`` answers 200 (a service's /health: its loop is running)."""
+    return lambda: http_ok(url)
+
+
+def tcp_open(port: int, host: str = HOST) -> bool:
+    """True when something accepts connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def champion_version(mlflow_url: str, model_name: str = MODEL_NAME) -> str | None:
+    """The registry version behind ``models:/<model_name>@champion``, or None while there is none."""
+    query = urllib.parse.urlencode({"name": model_name, "alias": CHAMPION})
+    url = f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?{query}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - http on 127.0.0.1
+            payload = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code in (400, 404):  # RESOURCE_DOES_NOT_EXIST: no such model or alias yet
+            return None
+        raise
+    except (OSError, urllib.error.URLError):
+        return None
+    version = payload.get("model_version", {}).get("version")
+    return str(version) if version is not None else None
+
+
+# -- the stack ---------------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    """``quotewatch ARGS`` run by this interpreter (no PATH lookup)."""
+    return [sys.executable, "-m", "quotewatch.cli", *args]
+
+
+class LocalStack:
+    """Start, supervise and stop every QuoteWatch process on 127.0.0.1 (see the module docstring)."""
+
+    def __init__(self, config: StackConfig, shutdown: ShutdownSignal | None = None) -> None:
+        self.config = config
+        self.shutdown = shutdown or ShutdownSignal()
+        self.run_dir = config.run_dir.expanduser().resolve()
+        self.log_dir = self.run_dir / "logs"
+        self.lake_dir = self.run_dir / "lake"
+        self.kafka: LocalKafka | None = None
+        self.processes: dict[str, ManagedProcess] = {}
+        self.champion: str | None = None
+        self._trainer: ManagedProcess | None = None
+        self._next_training_at = 0.0
+        self._training_attempts = 0
+
+    # -- what runs --------------------------------------------------------------------------
+
+    def common_env(self) -> dict[str, str]:
+        """The settings every service shares (CommonSettings), pointed at this stack."""
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": self.config.kafka_bootstrap,
+            "TOPIC_PREFIX": self.config.topic_prefix,
+            "SYMBOLS": ",".join(self.config.symbols),
+            "MLFLOW_TRACKING_URI": self.config.mlflow_url,
+            "LAKE_URI": str(self.lake_dir),
+            "METRICS_HOST": HOST,
+        }
+
+    def mlflow_spec(self) -> ProcessSpec:
+        mlflow_dir = self.run_dir / "mlflow"
+        (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+        return ProcessSpec(
+            name="mlflow",
+            argv=[
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                f"--host={HOST}",
+                f"--port={self.config.mlflow_port}",
+                "--workers=1",
+                f"--backend-store-uri=sqlite:///{mlflow_dir / 'mlflow.db'}",
+                "--serve-artifacts",
+                f"--artifacts-destination={mlflow_dir / 'artifacts'}",
+            ],
+            # Inference receives registry webhooks over plain http on 127.0.0.1.
+            env={"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"},
+            ready=_health_probe(f"{self.config.mlflow_url}/health"),
+        )
+
+    def feed_spec(self) -> ProcessSpec | None:
+        config = self.config
+        if config.feed == "live":
+            return None
+        source = ["--synthetic"] if config.feed == "synthetic" else ["--capture", str(config.capture)]
+        return ProcessSpec(
+            name="feed-server",
+            argv=_cli("feed", "serve", *source, "--host", HOST, "--port", str(config.feed_port)),
+            env={"SYMBOLS": ",".join(config.symbols)},
+            ready=lambda: tcp_open(config.feed_port),
+        )
+
+    def service_specs(self) -> list[ProcessSpec]:
+        """ingest, book, labeler, inference, lake sink and dashboard with their environments."""
+        config = self.config
+        specs = []
+        for name in STREAM_SERVICES:
+            port = config.metrics_ports[name]
+            env = {**self.common_env(), "METRICS_PORT": str(port)}
+            if name == "ingest" and config.feed != "live":
+                env["COINBASE_WS_URL"] = config.feed_url
+            if name == "lake-sink":
+                env["LAKE_FLUSH_SECONDS"] = str(config.lake_flush_seconds)
+            specs.append(
+                ProcessSpec(
+                    name=name,
+                    argv=_cli("run", name),
+                    env=env,
+                    ready=_health_probe(f"http://{HOST}:{port}/health"),
+                )
+            )
+        specs.append(
+            ProcessSpec(
+                name="dashboard",
+                argv=_cli("run", "dashboard"),
+                env={**self.common_env(), "DASH_HOST": HOST, "DASH_PORT": str(config.dash_port), "METRICS_PORT": "0"},
+                ready=_health_probe(f"{config.dashboard_url}/health"),
+            )
+        )
+        return specs
+
+    def trainer_spec(self) -> ProcessSpec:
+        """The bootstrap training job: lake -> registered model, promoted to champion."""
+        return ProcessSpec(name="trainer", argv=_cli("train", "--promote"), env=self.common_env(), restart=False)
+
+    def all_specs(self) -> list[ProcessSpec]:
+        """Every process the stack may run, in start order (for checks and the status file)."""
+        specs = [ProcessSpec("topics", _cli("topics", "create"), self.common_env(), restart=False), self.mlflow_spec()]
+        feed = self.feed_spec()
+        if feed is not None:
+            specs.append(feed)
+        return [*specs, *self.service_specs(), self.trainer_spec()]
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start everything, supervise until SIGINT/SIGTERM, stop everything; the exit code."""
+        try:
+            self.start()
+            if not self.shutdown.requested:
+                self.supervise()
+            return 0
+        finally:
+            self.stop()
+
+    def check_ports(self) -> None:
+        """Fail with one clear line when a port the stack needs is taken."""
+        taken = {owner: port for owner, port in self.config.host_ports().items() if not port_is_free(port)}
+        if taken:
+            listing = ", ".join(f"{owner} {port}" for owner, port in sorted(taken.items()))
+            raise StackError(f"ports already in use on {HOST}: {listing} (stop what listens there or pick other ports)")
+        clash = len(set(self.config.host_ports().values())) != len(self.config.host_ports())
+        if clash:
+            raise StackError(f"two parts of the stack were given the same port: {self.config.host_ports()}")
+
+    def start(self) -> None:
+        """Start every part in order, each ready before the next; raise StackError if one is not."""
+        self.check_ports()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.lake_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.bootstrap_servers is None:
+            logger.info("starting the local Kafka broker on %s:%d", HOST, self.config.kafka_port)
+            self.kafka = LocalKafka(self.run_dir / "kafka")
+            self.kafka.start(port=self.config.kafka_port)
+        self._write_status()
+        self._run_once(ProcessSpec("topics", _cli("topics", "create"), self.common_env(), restart=False))
+        self._start_and_wait([self.mlflow_spec()])
+        feed = self.feed_spec()
+        if feed is not None:
+            self._start_and_wait([feed])
+        self._start_and_wait(self.service_specs())
+        self.champion = champion_version(self.config.mlflow_url)
+        self._write_status()
+        logger.info(
+            "QuoteWatch is running: dashboard %s, MLflow %s, logs %s (Ctrl-C stops everything)",
+            self.config.dashboard_url,
+            self.config.mlflow_url,
+            self.log_dir,
+        )
+
+    def _start_and_wait(self, specs: Sequence[ProcessSpec]) -> None:
+        for spec in specs:
+            process = ManagedProcess(spec, self.log_dir, self.run_dir)
+            self.processes[spec.name] = process
+            process.start()
+        self._write_status()
+        deadline = time.monotonic() + self.config.ready_timeout
+        waiting = [self.processes[spec.name] for spec in specs]
+        while waiting:
+            if self.shutdown.requested:
+                return
+            for process in list(waiting):
+                code = process.poll()
+                if code is not None:
+                    raise StackError(
+                        f"{process.spec.name} exited with {code} while starting; "
+                        f"{process.log_path}:\n{process.log_tail()}"
+                    )
+                if process.spec.ready is None or process.spec.ready():
+                    logger.info("%s is ready", process.spec.name)
+                    waiting.remove(process)
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(p.spec.name for p in waiting)
+                raise StackError(
+                    f"not ready within {self.config.ready_timeout:.0f}s: {names}; "
+                    f"{waiting[0].log_path}:\n{waiting[0].log_tail()}"
+                )
+            self.shutdown.wait(0.2)
+
+    def _run_once(self, spec: ProcessSpec) -> None:
+        """Run a one-shot job to completion; raise StackError if it fails."""
+        process = ManagedProcess(spec, self.log_dir, self.run_dir)
+        self.processes[spec.name] = process
+        process.start()
+        while process.poll() is None:
+            if self.shutdown.wait(0.2):
+                return
+        code = process.poll()
+        process.stop(self.config.stop_timeout)
+        del self.processes[spec.name]
+        if code != 0:
+            raise StackError(f"{spec.name} failed with exit code {code}; {process.log_path}:\n{process.log_tail()}")
+
+    def supervise(self) -> None:
+        """Until shutdown: restart children that exit, and bootstrap a champion while there is none.
+
+        Who calls this: :meth:`run`, from the main thread, after :meth:`start`.
+        """
+        while not self.shutdown.wait(0.5):
+            now = time.monotonic()
+            for process in self.processes.values():
+                self._restart_if_exited(process, now)
+            self._bootstrap_model(now)
+
+    def _restart_if_exited(self, process: ManagedProcess, now: float) -> None:
+        code = process.poll()
+        if code is None or not process.spec.restart:
+            return
+        if process.next_restart_at is None:
+            stable = now - process.started_at > 60
+            if stable:
+                process.restarts = 0  # it ran fine for a while: start the backoff afresh
+            delay = min(self.config.restart_backoff_max, 2.0**process.restarts)
+            process.next_restart_at = now + delay
+            logger.error(
+                "%s exited with %s; restarting in %.0fs (restart %d); last log lines:\n%s",
+                process.spec.name,
+                code,
+                delay,
+                process.restarts + 1,
+                process.log_tail(),
+            )
+        elif now >= process.next_restart_at:
+            process.stop(self.config.stop_timeout)  # reap it and anything it left behind
+            process.restarts += 1
+            process.start()
+            self._write_status()
+
+    def _bootstrap_model(self, now: float) -> None:
+        """Train and promote a first model once the lake has data; stop once a champion exists."""
+        if self.champion is not None:
+            return
+        trainer = self._trainer
+        if trainer is not None:
+            code = trainer.poll()
+            if code is None:
+                return
+            trainer.stop(self.config.stop_timeout)
+            self._trainer = None
+            self.processes.pop("trainer", None)
+            self.champion = champion_version(self.config.mlflow_url)
+            if self.champion is not None:
+                logger.info("bootstrap: %s@%s is version %s; inference serves it", MODEL_NAME, CHAMPION, self.champion)
+                self._write_status()
+                return
+            logger.info(
+                "bootstrap: training attempt %d ended with exit code %s and no champion yet "
+                "(too little labelled data in the lake?); retrying in %.0fs",
+                self._training_attempts,
+                code,
+                self.config.bootstrap_interval,
+            )
+            self._next_training_at = now + self.config.bootstrap_interval
+            return
+        if now < self._next_training_at:
+            return
+        self.champion = champion_version(self.config.mlflow_url)
+        if self.champion is not None:
+            self._write_status()
+            return
+        if self._next_training_at == 0.0:  # first look: give the lake one flush interval of data
+            self._next_training_at = now + self.config.bootstrap_interval
+            return
+        self._training_attempts += 1
+        self._trainer = ManagedProcess(self.trainer_spec(), self.log_dir, self.run_dir)
+        self.processes["trainer"] = self._trainer
+        self._trainer.start()
+
+    def stop(self) -> None:
+        """Stop every child (reverse start order), then the broker; waits for all of them.
+
+        Who calls this: :meth:`run` on the way out, whatever happened (Ctrl-C, a failed start).
+        """
+        for name, process in reversed(list(self.processes.items())):
+            if process.is_running():
+                logger.info("stopping %s (pid %s)", name, process.pid)
+            process.stop(self.config.stop_timeout)
+        self.processes.clear()
+        if self.kafka is not None:
+            logger.info("stopping the local Kafka broker")
+            self.kafka.stop()
+            self.kafka = None
+        status = self.run_dir / "stack.json"
+        status.unlink(missing_ok=True)
+        logger.info("QuoteWatch stack stopped")
+
+    def _kafka_pid(self) -> int | None:
+        state = self.kafka.status() if self.kafka is not None else None
+        return state.pid if state is not None else None
+
+    def pids(self) -> Iterator[int]:
+        """The PIDs of the running children and the broker."""
+        for process in self.processes.values():
+            if process.pid is not None and process.is_running():
+                yield process.pid
+        kafka_pid = self._kafka_pid()
+        if kafka_pid is not None:
+            yield kafka_pid
+
+    def _write_status(self) -> None:
+        """``RUN_DIR/stack.json``: PIDs, ports, URLs and log files of the running stack."""
+        status = {
+            "supervisor_pid": os.getpid(),
+            "kafka": self.config.kafka_bootstrap,
+            "kafka_pid": self._kafka_pid(),
+            "topic_prefix": self.config.topic_prefix,
+            "mlflow": self.config.mlflow_url,
+            "dashboard": self.config.dashboard_url,
+            "lake": str(self.lake_dir.resolve()),
+            "champion_version": self.champion,
+            "processes": {
+                name: {"pid": process.pid, "log": str(process.log_path), "restarts": process.restarts}
+                for name, process in self.processes.items()
+            },
+        }
+        path = self.run_dir / "stack.json"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(status, indent=2) + "\n")
+        temporary.replace(path)
+
+
+# -- `quotewatch demo` ------------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports nothing listens on right now (held open together while choosing)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((HOST, 0))
+            sockets.append(sock)
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@click.command("demo")
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("data/demo"),
+    show_default=True,
+    help="State of this stack: broker data, MLflow store, lake, logs/, stack.json.",
+)
+@click.option(
+    "--feed",
+    "feed",
+    type=click.Choice(["synthetic", "capture", "live"]),
+    default=None,
+    help="synthetic book from the local feed server (default), a --capture replay, or live Coinbase.",
+)
+@click.option(
+    "--capture",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="A recorded capture for the local feed server to replay (implies --feed capture).",
+)
+@click.option("--symbols", default="BTC-USD,ETH-USD", show_default=True, help="Comma-separated products.")
+@click.option("--topic-prefix", default="qw", show_default=True, help="Topic namespace.")
+@click.option(
+    "--bootstrap-servers",
+    default=None,
+    help="Use this running Kafka-compatible broker instead of starting the local one.",
+)
+@click.option("--kafka-port", type=int, default=9092, show_default=True)
+@click.option("--mlflow-port", type=int, default=5000, show_default=True)
+@click.option("--feed-port", type=int, default=8765, show_default=True)
+@click.option("--dash-port", type=int, default=8050, show_default=True)
+@click.option(
+    "--metrics-port-base",
+    type=int,
+    default=9101,
+    show_default=True,
+    help="/metrics + /health of ingest, book, labeler, inference, lake-sink on BASE..BASE+4.",
+)
+@click.option(
+    "--free-ports", "pick_free_ports", is_flag=True, help="Pick free ports for everything instead (printed at start)."
+)
+@click.option(
+    "--bootstrap-interval",
+    type=float,
+    default=20.0,
+    show_default=True,
+    help="Seconds between attempts to train a first champion while there is none.",
+)
+def command(
+    run_dir: Path,
+    feed: str | None,
+    capture: Path | None,
+    symbols: str,
+    topic_prefix: str,
+    bootstrap_servers: str | None,
+    kafka_port: int,
+    mlflow_port: int,
+    feed_port: int,
+    dash_port: int,
+    metrics_port_base: int,
+    pick_free_ports: bool,
+    bootstrap_interval: float,
+) -> None:
+    """The whole system on 127.0.0.1 without Docker, until Ctrl-C: Kafka, MLflow, the feed, every
+    service and the dashboard (http://127.0.0.1:8050); a first model is trained and promoted once
+    the lake has data. Logs: RUN_DIR/logs/<process>.log.
+    """
+    mode: FeedMode = "capture" if capture is not None else (feed or "synthetic")  # type: ignore[assignment]
+    if mode == "capture" and capture is None:
+        raise click.BadParameter("--feed capture needs --capture FILE", param_hint="--capture")
+    metrics_ports = {name: metrics_port_base + index for index, name in enumerate(STREAM_SERVICES)}
+    if pick_free_ports:
+        kafka_port, mlflow_port, feed_port, dash_port, *rest = free_ports(4 + len(STREAM_SERVICES))
+        metrics_ports = dict(zip(STREAM_SERVICES, rest, strict=True))
+    config = StackConfig(
+        run_dir=run_dir,
+        feed=mode,
+        capture=capture,
+        symbols=tuple(part.strip().upper() for part in symbols.split(",") if part.strip()),
+        topic_prefix=topic_prefix,
+        bootstrap_servers=bootstrap_servers,
+        kafka_port=kafka_port,
+        mlflow_port=mlflow_port,
+        feed_port=feed_port,
+        dash_port=dash_port,
+        metrics_ports=metrics_ports,
+        bootstrap_interval=bootstrap_interval,
+    )
+    shutdown = ShutdownSignal().install()
+    click.echo(f"QuoteWatch demo: dashboard {config.dashboard_url}, MLflow {config.mlflow_url}, state {run_dir}")
+    sys.exit(LocalStack(config, shutdown).run())
