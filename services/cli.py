@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 
 # group path -> {command name: "module:attribute"}; each attribute is a click.Command.
 LAZY_COMMANDS: dict[str, dict[str, str]] = {
-    "": {},
+    "": {
+        "mlflow": "quotewatch.local.mlflow:command",
+    },
     "run": {
         "book": "quotewatch.book.main:command",
         "dashboard": "quotewatch.dashboard.main:command",
