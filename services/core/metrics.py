@@ -58,4 +58,13 @@ MODEL_RELOADS = Counter(
     "Model reload attempts by outcome (success, failure).",
     ["service", "outcome"],
 )
+LAKE_ROWS_WRITTEN = Counter(
+    "quotewatch_lake_rows_written_total", "Rows written to Parquet lake files, per topic.", ["service", "topic"]
+)
+LAKE_FILES_WRITTEN = Counter(
+    "quotewatch_lake_files_written_total", "Parquet lake files published, per topic.", ["service", "topic"]
+)
+LAKE_BYTES_WRITTEN = Counter(
+    "quotewatch_lake_bytes_written_total", "Bytes of Parquet lake files published, per topic.", ["service", "topic"]
+)
 BUILD_INFO = Info("quotewatch_build", "QuoteWatch version and service.")
