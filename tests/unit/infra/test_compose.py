@@ -14,12 +14,11 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-import click
 import pytest
 import yaml
 
-from quotewatch.cli import main as cli_main
 from quotewatch.core.config import SERVICE_SETTINGS, CommonSettings, load_settings
+from tests.unit.infra.cli_resolve import resolve_cli
 from tests.unit.infra.conftest import COMPOSE_FILE, REPO
 
 QUOTEWATCH_IMAGE = "quotewatch"
@@ -58,35 +57,6 @@ def quotewatch_services(model: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         for name, service in model["services"].items()
         if service["image"].split(":")[0] == QUOTEWATCH_IMAGE
     }
-
-
-def resolve_cli(args: list[str]) -> tuple[list[str], click.Command]:
-    """Walk ``quotewatch ARGS`` through the click groups (lazy commands included) to the leaf
-    command and parse its options and arguments exactly as the CLI would, without running it.
-
-    Raises AssertionError naming the first word the CLI does not know.
-    """
-    command: click.Command = cli_main
-    path = ["quotewatch"]
-    rest = list(args)
-    parent: click.Context | None = None
-    while isinstance(command, click.Group):
-        ctx = click.Context(command, info_name=path[-1], parent=parent)
-        assert rest, f"`{' '.join(path)}` is a group: the compose command names no sub-command"
-        try:
-            sub = command.get_command(ctx, rest[0])
-        except ImportError as exc:
-            raise AssertionError(f"`{' '.join([*path, rest[0]])}`: its module does not import: {exc}") from exc
-        if sub is None:
-            known = ", ".join(command.list_commands(ctx)) or "nothing yet"
-            raise AssertionError(f"`{' '.join([*path, rest[0]])}` is not a command; `{' '.join(path)}` has: {known}")
-        parent, command = ctx, sub
-        path.append(rest.pop(0))
-    try:
-        command.make_context(path[-1], rest, parent=parent)
-    except click.UsageError as exc:
-        raise AssertionError(f"`{' '.join([*path, *rest])}`: {exc.format_message()}") from exc
-    return path[1:], command
 
 
 def settings_class(command_path: list[str]) -> type[CommonSettings]:

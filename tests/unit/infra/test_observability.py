@@ -38,7 +38,7 @@ def exported_series() -> dict[str, set[str]]:
     for value in vars(metrics).values():
         if not isinstance(value, MetricWrapperBase):
             continue
-        name, kind = value._name, value._type  # the metric's family name and type
+        name, kind = value._name, str(value._type)  # the metric's family name and type
         labels = set(value._labelnames)
         suffixes = {
             "counter": ("_total", "_created"),
