@@ -1,0 +1,283 @@
+"""The Dash app: layout, callbacks and the ``/health`` + ``/metrics`` routes.
+
+:func:`create_app` builds the app and starts nothing; the live state (store + consumer thread)
+is built per process on the first request (:class:`~quotewatch.dashboard.runtime.LazyRuntime`).
+The browser polls with ``dcc.Interval`` every DASH_POLL_MS; each poll runs two callbacks in
+parallel requests: the KPI cards / ladder / status (small, always sent) and the sparklines (only
+rebuilt when a new point arrived). The callbacks fetch from the store and call the pure
+functions of :mod:`quotewatch.dashboard.view`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dash import Dash, Input, Output, State, dcc, html
+from flask import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from quotewatch.core.config import DashboardSettings
+from quotewatch.core.topics import TopicNames
+from quotewatch.dashboard.runtime import DashboardRuntime, LazyRuntime
+from quotewatch.dashboard.view import KPI_OUTPUTS, render_kpis, selector_update, sparkline_update
+
+STYLE = """
+body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0;
+       background: #f4f6f8; color: #1f2933; }
+.header { display: flex; align-items: center; gap: 16px; padding: 12px 20px; background: #1f2933; color: #fff; }
+.header h1 { font-size: 18px; margin: 0; font-weight: 600; }
+.header .spacer { flex: 1; }
+.header .time { font-size: 13px; color: #cbd2d9; }
+.selector { width: 180px; color: #1f2933; }
+.badge { display: inline-block; padding: 3px 10px; border-radius: 10px; font-size: 12px; font-weight: 700;
+         letter-spacing: .04em; }
+.badge.live, .badge.ok { background: #2f9e44; color: #fff; }
+.badge.stale, .badge.bad { background: #c92a2a; color: #fff; }
+.badge.waiting, .badge.unknown { background: #868e96; color: #fff; }
+.badge.warn { background: #f08c00; color: #fff; }
+.stale-indicator { background: #c92a2a; color: #fff; padding: 8px 20px; font-weight: 600; }
+.empty-state { margin: 80px auto; max-width: 560px; text-align: center; color: #52606d; font-size: 18px;
+               padding: 40px; border: 2px dashed #cbd2d9; border-radius: 12px; background: #fff; }
+.main { padding: 16px 20px; }
+.main.stale .cards, .main.stale .charts, .main.stale .ladder { opacity: .45; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 12px; }
+.card { background: #fff; border-radius: 10px; padding: 10px 14px; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
+.card .label { font-size: 11px; text-transform: uppercase; letter-spacing: .06em; color: #7b8794; }
+.card .value { font-size: 22px; font-weight: 600; margin-top: 4px; font-variant-numeric: tabular-nums; }
+.card .sub { font-size: 12px; color: #7b8794; margin-top: 2px; min-height: 14px; }
+#card-p-change .label, #card-p-change .sub { color: inherit; opacity: .85; }
+.role { font-size: 12px; font-weight: 700; }
+.role.champion { color: #2f9e44; } .role.challenger { color: #1971c2; } .role.fallback { color: #f08c00; }
+.lower { display: grid; grid-template-columns: 2fr 1fr; gap: 12px; margin-top: 12px; }
+.charts .card { padding: 4px 8px; margin-bottom: 12px; }
+.ladder table { width: 100%; border-collapse: collapse; font-variant-numeric: tabular-nums; }
+.ladder th { font-size: 11px; text-transform: uppercase; color: #7b8794; text-align: right; padding: 4px 8px; }
+.ladder td { text-align: right; padding: 6px 8px; border-top: 1px solid #eef0f3; }
+.ladder td.bid.price { color: #2f9e44; font-weight: 600; } .ladder td.ask.price { color: #c92a2a; font-weight: 600; }
+.footer { padding: 8px 20px; font-size: 12px; color: #7b8794; }
+"""
+
+INDEX_STRING = (
+    """<!DOCTYPE html>
+<html>
+  <head>
+    {%metas%}
+    <title>{%title%}</title>
+    {%favicon%}
+    {%css%}
+    <style>"""
+    + STYLE
+    + """</style>
+  </head>
+  <body>
+    {%app_entry%}
+    <footer>{%config%}{%scripts%}{%renderer%}</footer>
+  </body>
+</html>"""
+)
+
+
+def _card(label: str, value_id: str, sub_id: str | None = None, card_id: str | None = None) -> html.Div:
+    children: list[Any] = [html.Div(label, className="label"), html.Div("—", id=value_id, className="value")]
+    if sub_id is not None:
+        children.append(html.Div("", id=sub_id, className="sub"))
+    return html.Div(children, className="card", id=card_id or f"card-{value_id.removeprefix('kpi-')}")
+
+
+def layout(settings: DashboardSettings) -> html.Div:
+    """The page: header with the selector and status, the empty state, KPI cards, sparklines, ladder."""
+    return html.Div(
+        [
+            dcc.Interval(id="poll", interval=settings.dash_poll_ms, n_intervals=0),
+            dcc.Store(id="spark-rendered"),
+            html.Div(
+                [
+                    html.H1("QuoteWatch"),
+                    html.Div(
+                        dcc.Dropdown(id="symbol-select", options=[], clearable=False, searchable=False),
+                        id="selector-wrap",
+                        className="selector",
+                        style={"display": "none"},
+                    ),
+                    html.Span("WAITING", id="status-badge", className="badge waiting"),
+                    html.Div(className="spacer"),
+                    html.Span("", id="snapshot-time", className="time"),
+                ],
+                className="header",
+            ),
+            html.Div("", id="stale-indicator", className="stale-indicator", style={"display": "none"}),
+            html.Div(
+                f"Waiting for the first snapshot on {TopicNames(settings.topic_prefix).snapshot}…",
+                id="empty-state",
+                className="empty-state",
+            ),
+            html.Div(
+                [
+                    html.Div(
+                        [
+                            _card("Best bid", "kpi-best-bid"),
+                            _card("Best ask", "kpi-best-ask"),
+                            _card("Spread", "kpi-spread", "kpi-spread-bps"),
+                            _card("p_change", "kpi-p-change", "kpi-challenger", card_id="card-p-change"),
+                            _card("Model", "kpi-model", "kpi-model-role"),
+                            _card("Live AUC", "kpi-auc", "kpi-n-labels"),
+                            _card("Brier", "kpi-brier"),
+                            _card("Balanced accuracy", "kpi-balanced-accuracy"),
+                            _card("Updates", "kpi-updates"),
+                            html.Div(
+                                [
+                                    html.Div("Feed", className="label"),
+                                    html.Div(
+                                        html.Span("—", id="kpi-feed-state", className="badge unknown"),
+                                        className="value",
+                                    ),
+                                ],
+                                className="card",
+                                id="card-feed-state",
+                            ),
+                            _card("Consumer lag", "kpi-consumer-lag"),
+                        ],
+                        className="cards",
+                    ),
+                    html.Div(
+                        [
+                            html.Div(
+                                [
+                                    html.Div(
+                                        dcc.Graph(
+                                            id="spark-p-change", config={"displayModeBar": False, "staticPlot": True}
+                                        ),
+                                        className="card",
+                                    ),
+                                    html.Div(
+                                        dcc.Graph(id="spark-mid", config={"displayModeBar": False, "staticPlot": True}),
+                                        className="card",
+                                    ),
+                                ],
+                                className="charts",
+                            ),
+                            html.Div(
+                                html.Div(
+                                    [
+                                        html.Div("Top of book", className="label"),
+                                        html.Table(
+                                            [
+                                                html.Thead(
+                                                    html.Tr(
+                                                        [
+                                                            html.Th("bid size"),
+                                                            html.Th("bid"),
+                                                            html.Th("ask"),
+                                                            html.Th("ask size"),
+                                                        ]
+                                                    )
+                                                ),
+                                                html.Tbody([], id="ladder-body"),
+                                            ]
+                                        ),
+                                    ],
+                                    className="card",
+                                ),
+                                className="ladder",
+                            ),
+                        ],
+                        className="lower",
+                    ),
+                ],
+                id="main-panel",
+                className="main",
+                style={"display": "none"},
+            ),
+            html.Div("", id="footer-status", className="footer"),
+        ]
+    )
+
+
+@dataclass
+class DashboardApp:
+    """The Dash app and the per-process runtime its callbacks read."""
+
+    app: Dash
+    runtime: LazyRuntime
+    settings: DashboardSettings
+
+    @property
+    def server(self) -> Any:
+        """The Flask (WSGI) application."""
+        return self.app.server
+
+
+def create_app(
+    settings: DashboardSettings,
+    *,
+    runtime_factory: Callable[[], DashboardRuntime] | None = None,
+) -> DashboardApp:
+    """Build the Dash app for ``settings``. Starts nothing: state is built on the first request.
+
+    Args:
+        runtime_factory: builds this process's runtime (default: from ``settings``); the entry
+            point passes one wired to its service context's liveness.
+    """
+    runtime = LazyRuntime(runtime_factory or (lambda: DashboardRuntime.build(settings)))
+    stale_after_ns = settings.dash_stale_ms * 1_000_000
+    app = Dash(
+        __name__,
+        title="QuoteWatch",
+        update_title="",  # keep the tab title still while callbacks run
+        serve_locally=True,
+        include_assets_files=False,
+    )
+    app.index_string = INDEX_STRING
+    app.layout = layout(settings)
+
+    @app.callback(
+        Output("symbol-select", "options"),
+        Output("symbol-select", "value"),
+        Output("selector-wrap", "style"),
+        Input("poll", "n_intervals"),
+        State("symbol-select", "value"),
+        State("symbol-select", "options"),
+    )
+    def update_selector(_: int, value: str | None, options: list[Any] | None) -> tuple[Any, Any, Any]:
+        return selector_update(runtime.get().store.symbols(), value, options, settings.symbols)
+
+    @app.callback(
+        [Output(component, prop) for component, prop in KPI_OUTPUTS],
+        Input("poll", "n_intervals"),
+        Input("symbol-select", "value"),
+    )
+    def update_kpis(_: int, symbol: str | None) -> list[Any]:
+        state = runtime.get()
+        values = render_kpis(state.store.latest(symbol), state.feed(), stale_after_ns)
+        return [values[key] for key in KPI_OUTPUTS]
+
+    @app.callback(
+        Output("spark-p-change", "figure"),
+        Output("spark-mid", "figure"),
+        Output("spark-rendered", "data"),
+        Input("poll", "n_intervals"),
+        Input("symbol-select", "value"),
+        State("spark-rendered", "data"),
+    )
+    def update_sparklines(_: int, symbol: str | None, rendered: Any) -> tuple[Any, Any, Any]:
+        return sparkline_update(runtime.get().store.history(symbol), symbol, rendered)
+
+    server = app.server
+
+    @server.route("/health")
+    def health() -> Response:
+        """Is this process's snapshot consumer advancing? 200 when healthy, 503 when not."""
+        status = runtime.get().health()
+        body = json.dumps({"healthy": status.healthy, "reason": status.reason, **status.detail})
+        return Response(body, status=200 if status.healthy else 503, mimetype="application/json")
+
+    @server.route("/metrics")
+    def metrics() -> Response:
+        """Prometheus metrics of this process."""
+        runtime.get()
+        return Response(generate_latest(), status=200, mimetype=CONTENT_TYPE_LATEST)
+
+    return DashboardApp(app, runtime, settings)

@@ -1,0 +1,110 @@
+"""Browser tier: the dashboard in headless Debian Chromium through dash[testing] (``dash_duo``).
+
+Chromium here must run headless, without the sandbox and the GPU, and without its background
+network traffic (component updates, sync, first-run fetches), or it stalls on a closed network.
+``pytest_setup_options`` is the dash testing plugin's hook for the WebDriver options; it is
+optional so that a run with the plugin disabled (``-p no:dash``) still loads this file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+from selenium.webdriver.chrome.options import Options
+
+from quotewatch.core.config import DashboardSettings
+from quotewatch.core.kafka import make_producer
+from quotewatch.core.serde import AvroSerde
+from quotewatch.core.topics import TopicNames
+from quotewatch.dashboard.app import DashboardApp, create_app
+from tests.unit.dashboard.factories import produce_snapshots
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1440,1000",
+)
+
+
+def chromium_binary() -> str:
+    """The Chromium executable: DASH_TEST_CHROMEPATH, else ``chromium`` on PATH (``make browser-deps``)."""
+    path = os.environ.get("DASH_TEST_CHROMEPATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        raise RuntimeError("chromium not found: run `make browser-deps` (apt install chromium chromium-driver)")
+    if not shutil.which("chromedriver"):
+        raise RuntimeError("chromedriver not found: run `make browser-deps` (apt install chromium-driver)")
+    return path
+
+
+def chromium_options() -> Options:
+    """WebDriver options of headless Debian Chromium on a machine with a closed network."""
+    options = Options()
+    options.binary_location = chromium_binary()
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    return options
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_setup_options() -> Options:
+    """Called by the dash testing plugin when it builds ``dash_duo`` / ``dash_br``."""
+    return chromium_options()
+
+
+@pytest.fixture
+def dashboard_settings(make_settings: Callable[..., Any], topics: Any) -> DashboardSettings:
+    """Dashboard settings on the session broker, in this test's topic namespace (topics created)."""
+    settings: DashboardSettings = make_settings(DashboardSettings, symbols=("BTC-USD", "ETH-USD"))
+    return settings
+
+
+@pytest.fixture
+def snapshot_topic(dashboard_settings: DashboardSettings) -> str:
+    return TopicNames(dashboard_settings.topic_prefix).snapshot
+
+
+@pytest.fixture
+def publish(dashboard_settings: DashboardSettings, snapshot_topic: str) -> Iterator[Callable[..., None]]:
+    """Produce Snapshot records to this test's snapshot topic with a real idempotent producer.
+
+    ``publish(record, ...)`` returns once the broker acknowledged every record.
+    """
+    producer: Producer = make_producer(dashboard_settings, "test-snapshot-producer")
+    serde = AvroSerde()
+
+    def send(*records: dict[str, Any]) -> None:
+        produce_snapshots(producer, serde, snapshot_topic, records)
+
+    yield send
+    producer.flush(10)
+
+
+@pytest.fixture
+def dashboard(dashboard_settings: DashboardSettings) -> Iterator[DashboardApp]:
+    """The dashboard app of this test; its consumer thread is stopped at teardown."""
+    app = create_app(dashboard_settings)
+    try:
+        yield app
+    finally:
+        app.runtime.stop()
+
+
+@pytest.fixture
+def artifacts_dir(tmp_path: Path) -> Path:
+    """Where screenshots go: QUOTEWATCH_ARTIFACTS_DIR when set (CI keeps it), else the test's tmp_path."""
+    root = os.environ.get("QUOTEWATCH_ARTIFACTS_DIR")
+    path = Path(root) / "browser" if root else tmp_path
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,293 @@
+"""The dashboard in headless Chromium against the real broker: snapshots in, values on the page.
+
+Each test produces Snapshot records with a real producer to its own ``<prefix>.snapshot`` topic
+and waits (WebDriverWait, no sleeps) for what the page must show.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from quotewatch.core.config import DashboardSettings
+from quotewatch.core.kafka import make_producer
+from quotewatch.core.serde import AvroSerde
+from quotewatch.dashboard.app import DashboardApp
+from quotewatch.local.kafka import free_port
+from tests.helpers import wait_for
+from tests.unit.dashboard.factories import T0_NS, history, level, make_snapshot, produce_snapshots
+
+# Page load (first render, Chromium cold start) gets more time than a live update, which must
+# show within a poll interval or two (300 ms each); the margin is for a loaded 2-core CI machine.
+PAGE_TIMEOUT = 15
+UPDATE_TIMEOUT = 5
+
+
+def displayed(dash_duo: Any, selector: str) -> bool:
+    elements = dash_duo.driver.find_elements("css selector", selector)
+    return bool(elements) and elements[0].is_displayed()
+
+
+def text_of(dash_duo: Any, selector: str) -> str:
+    return str(dash_duo.find_element(selector).text)
+
+
+def wait_until_rendered(dash_duo: Any) -> None:
+    """Wait for the first full render: both graphs drawn (Plotly's first load blocks the page ~1-2 s)."""
+    for graph in ("#spark-p-change", "#spark-mid"):
+        dash_duo.wait_for_element(f"{graph} .main-svg", timeout=PAGE_TIMEOUT)
+
+
+def no_browser_errors(dash_duo: Any) -> None:
+    errors = [entry for entry in dash_duo.get_logs() if "favicon" not in entry.get("message", "")]
+    assert errors == [], f"browser console errors: {errors}"
+
+
+def test_empty_state_then_live_values_ladder_sparklines_and_screenshot(
+    dash_duo: Any,
+    dashboard: DashboardApp,
+    publish: Callable[..., None],
+    artifacts_dir: Path,
+) -> None:
+    dash_duo.start_server(dashboard.app)
+    dash_duo.wait_for_contains_text("#empty-state", "Waiting for the first snapshot", timeout=PAGE_TIMEOUT)
+    wait_until_rendered(dash_duo)
+    assert text_of(dash_duo, "#status-badge") == "WAITING"
+    assert not displayed(dash_duo, "#main-panel")
+
+    # Thirty seconds of event-time history, then the snapshot under test with distinctive values.
+    records = history("BTC-USD", 300)
+    last = make_snapshot(
+        "BTC-USD",
+        ts_event=T0_NS + 300 * 100_000_000,
+        bids=[level("67234.51", "0.5"), level("67234.5", "1.25"), level("67233.00000000", "2")],
+        asks=[level("67234.52", "0.75"), level("67235", "3"), level("67236.1", "0.01")],
+        p_change=0.734,
+        challenger_p_change=0.61,
+        live_metrics=[
+            {
+                "model_name": "lr-top3",
+                "model_version": "7",
+                "model_role": "CHAMPION",
+                "n_labels": 1234,
+                "auc": 0.6512,
+                "brier": 0.1842,
+                "balanced_accuracy": 0.6021,
+                "base_rate": 0.31,
+            }
+        ],
+        feed_state="SUBSCRIBED",
+        updates_per_second=9.87,
+        consumer_lag=3,
+    )
+    produced = time.monotonic()
+    publish(*records, last)
+    dash_duo.wait_for_text_to_equal("#kpi-p-change", "0.734", timeout=UPDATE_TIMEOUT)
+    shown_after = time.monotonic() - produced
+
+    expected = {
+        "#status-badge": "LIVE",
+        "#kpi-best-bid": "67,234.51",
+        "#kpi-best-ask": "67,234.52",
+        "#kpi-spread": "0.01",
+        "#kpi-spread-bps": "0.0015 bps",
+        "#kpi-challenger": "challenger 0.610",
+        "#kpi-model": "lr-top3 v7",
+        "#kpi-model-role": "CHAMPION",
+        "#kpi-auc": "0.651",
+        "#kpi-brier": "0.184",
+        "#kpi-balanced-accuracy": "0.602",
+        "#kpi-n-labels": "1,234 labels",
+        "#kpi-updates": "9.9/s",
+        "#kpi-feed-state": "SUBSCRIBED",
+        "#kpi-consumer-lag": "3",
+    }
+    assert {selector: text_of(dash_duo, selector) for selector in expected} == expected
+    assert not displayed(dash_duo, "#empty-state")
+    assert not displayed(dash_duo, "#stale-indicator")
+    assert "rgb(" in (dash_duo.find_element("#card-p-change").get_attribute("style") or "")
+    # Read in one script: the rows are re-rendered every poll, element handles would go stale.
+    rows = dash_duo.driver.execute_script(
+        "return Array.from(document.querySelectorAll('#ladder-body tr'))"
+        ".map(row => Array.from(row.cells).map(cell => cell.textContent))"
+    )
+    assert rows == [
+        ["0.5", "67,234.51", "67,234.52", "0.75"],
+        ["1.25", "67,234.50", "67,235.00", "3"],
+        ["2", "67,233.00", "67,236.10", "0.01"],
+    ]
+    assert "301 snapshots read" in text_of(dash_duo, "#footer-status")
+    # Both sparklines drew a line through the history (301 points each).
+    for graph in ("#spark-p-change", "#spark-mid"):
+        dash_duo.wait_for_element(f"{graph} .scatterlayer .trace path.js-line", timeout=UPDATE_TIMEOUT)
+
+    screenshot = artifacts_dir / "dashboard-populated.png"
+    assert dash_duo.driver.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 20_000
+    print(f"value visible {shown_after * 1000:.0f} ms after the produce call; screenshot {screenshot}")
+    no_browser_errors(dash_duo)
+
+
+def test_stale_indicator_after_the_feed_stops_and_recovery(
+    dash_duo: Any,
+    dashboard: DashboardApp,
+    dashboard_settings: DashboardSettings,
+    publish: Callable[..., None],
+) -> None:
+    dash_duo.start_server(dashboard.app)
+    dash_duo.wait_for_contains_text("#empty-state", "Waiting for the first snapshot", timeout=PAGE_TIMEOUT)
+    wait_until_rendered(dash_duo)
+
+    produced = time.monotonic()
+    publish(make_snapshot("BTC-USD", p_change=0.123))
+    dash_duo.wait_for_text_to_equal("#kpi-p-change", "0.123", timeout=UPDATE_TIMEOUT)
+    assert text_of(dash_duo, "#status-badge") == "LIVE"
+    assert not displayed(dash_duo, "#stale-indicator")
+
+    # Nothing else is produced: once DASH_STALE_MS has passed, the page says so.
+    dash_duo.wait_for_contains_text(
+        "#stale-indicator", "STALE", timeout=dashboard_settings.dash_stale_ms / 1000 + UPDATE_TIMEOUT
+    )
+    stale_after = time.monotonic() - produced
+    assert stale_after >= dashboard_settings.dash_stale_ms / 1000
+    assert text_of(dash_duo, "#status-badge") == "STALE"
+    assert "no snapshot for BTC-USD" in text_of(dash_duo, "#stale-indicator")
+    assert "stale" in (dash_duo.find_element("#main-panel").get_attribute("class") or "")
+    assert text_of(dash_duo, "#kpi-p-change") == "0.123"  # the last values stay visible, dimmed
+
+    publish(make_snapshot("BTC-USD", ts_event=T0_NS + 10**9, p_change=0.456))
+    dash_duo.wait_for_text_to_equal("#kpi-p-change", "0.456", timeout=UPDATE_TIMEOUT)
+    wait_for(lambda: not displayed(dash_duo, "#stale-indicator"), timeout=UPDATE_TIMEOUT, message="stale cleared")
+    assert text_of(dash_duo, "#status-badge") == "LIVE"
+    no_browser_errors(dash_duo)
+
+
+def test_two_symbols_selector_switches(
+    dash_duo: Any,
+    dashboard: DashboardApp,
+    publish: Callable[..., None],
+) -> None:
+    publish(
+        make_snapshot("BTC-USD", bids=[level("67234.51", "1")], asks=[level("67234.52", "1")], p_change=0.111),
+        make_snapshot(
+            "ETH-USD",
+            bids=[level("3456.78", "2")],
+            asks=[level("3456.79", "4")],
+            p_change=0.222,
+            model=None,
+        ),
+    )
+    dash_duo.start_server(dashboard.app)
+    # The first configured symbol is selected by default; the selector shows with two symbols.
+    dash_duo.wait_for_text_to_equal("#kpi-best-bid", "67,234.51", timeout=PAGE_TIMEOUT)
+    wait_for(lambda: displayed(dash_duo, "#selector-wrap"), timeout=UPDATE_TIMEOUT, message="selector shown")
+
+    dash_duo.select_dcc_dropdown("#symbol-select", "ETH-USD")
+    dash_duo.wait_for_text_to_equal("#kpi-best-bid", "3,456.78", timeout=UPDATE_TIMEOUT)
+    assert text_of(dash_duo, "#kpi-p-change") == "0.222"
+    assert text_of(dash_duo, "#kpi-model") == "no model yet"
+    assert text_of(dash_duo, "#kpi-n-labels") == "no labels yet"
+    assert "ETH-USD" in text_of(dash_duo, "#snapshot-time")
+
+    # The choice survives the polls: a new ETH-USD snapshot updates the ETH-USD page.
+    publish(make_snapshot("ETH-USD", ts_event=T0_NS + 10**9, bids=[level("3457", "2")], asks=[level("3457.01", "1")]))
+    dash_duo.wait_for_text_to_equal("#kpi-best-bid", "3,457.00", timeout=UPDATE_TIMEOUT)
+
+    dash_duo.select_dcc_dropdown("#symbol-select", "BTC-USD")
+    dash_duo.wait_for_text_to_equal("#kpi-best-bid", "67,234.51", timeout=UPDATE_TIMEOUT)
+    assert text_of(dash_duo, "#kpi-p-change") == "0.111"
+    no_browser_errors(dash_duo)
+
+
+@pytest.fixture
+def start_dashboard_process(
+    dashboard_settings: DashboardSettings, tmp_path: Path
+) -> Iterator[Callable[[], tuple[str, subprocess.Popen[bytes]]]]:
+    """Starts ``quotewatch run dashboard`` (waitress) as a real process on a free port: () -> (url, process)."""
+    started: list[subprocess.Popen[bytes]] = []
+    log = (tmp_path / "dashboard.log").open("wb")
+
+    def start() -> tuple[str, subprocess.Popen[bytes]]:
+        port = free_port()
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": dashboard_settings.kafka_bootstrap_servers,
+            "TOPIC_PREFIX": dashboard_settings.topic_prefix,
+            "DASH_HOST": "127.0.0.1",
+            "DASH_PORT": str(port),
+            "DASH_DEBUG": "false",
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "quotewatch.cli", "run", "dashboard"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        started.append(process)
+        return f"http://127.0.0.1:{port}", process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(5)
+        log.close()
+
+
+def _health(url: str) -> requests.Response | None:
+    try:
+        return requests.get(f"{url}/health", timeout=2)
+    except requests.RequestException:
+        return None
+
+
+def test_production_server_shows_the_compacted_backlog_as_stale_then_live(
+    dash_br: Any,
+    dashboard_settings: DashboardSettings,
+    snapshot_topic: str,
+    publish: Callable[..., None],
+    start_dashboard_process: Callable[[], tuple[str, subprocess.Popen[bytes]]],
+) -> None:
+    # Written a minute ago, before the dashboard started: read from the beginning, shown stale.
+    produce_snapshots(
+        make_producer(dashboard_settings, "test-backlog-producer"),
+        AvroSerde(),
+        snapshot_topic,
+        [make_snapshot("BTC-USD", p_change=0.321)],
+        timestamp_ms=time.time_ns() // 1_000_000 - 60_000,
+    )
+    url, process = start_dashboard_process()
+    health = wait_for(lambda: _health(url), timeout=PAGE_TIMEOUT, message="dashboard process answers /health")
+    assert health.headers["Server"] == "quotewatch-dashboard"  # waitress, not the development server
+
+    dash_br.server_url = url
+    dash_br.wait_for_text_to_equal("#kpi-p-change", "0.321", timeout=PAGE_TIMEOUT)
+    dash_br.wait_for_contains_text("#stale-indicator", "STALE", timeout=UPDATE_TIMEOUT)
+
+    publish(make_snapshot("BTC-USD", ts_event=T0_NS + 10**9, p_change=0.654))
+    dash_br.wait_for_text_to_equal("#kpi-p-change", "0.654", timeout=UPDATE_TIMEOUT)
+    dash_br.wait_for_text_to_equal("#status-badge", "LIVE", timeout=UPDATE_TIMEOUT)
+
+    response = requests.get(f"{url}/health", timeout=5)
+    body = response.json()
+    assert response.status_code == 200, body
+    assert body["healthy"] is True
+    assert body["snapshots_read"] == 2
+    assert body["positions"] == {f"{snapshot_topic}[0]": 2}
+    assert body["symbols"] == ["BTC-USD"]
+    assert "quotewatch_records_in_total" in requests.get(f"{url}/metrics", timeout=5).text
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
