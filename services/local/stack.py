@@ -4,8 +4,9 @@
 
 1. the local Apache Kafka broker (:class:`~quotewatch.local.kafka.LocalKafka`, in ``RUN_DIR/kafka``),
    unless an existing broker is given, and the topic catalog (``quotewatch topics create``);
-2. the MLflow tracking + registry server (SQL backend so registry webhooks work, artifacts
-   proxied by the server, both under ``RUN_DIR/mlflow``);
+2. the MLflow tracking + registry server, run as :class:`~quotewatch.local.mlflow.LocalMlflow`
+   runs it (SQL backend so registry webhooks work, artifacts served by the server, both under
+   ``RUN_DIR/mlflow``) but as a supervised child of the stack;
 3. the feed: the local Coinbase-protocol feed server (synthetic book by default, or replaying a
    ``--capture FILE``), or live Coinbase (``--feed live``, when the network allows);
 4. ingest, book, labeler, inference, lake sink (lake under ``RUN_DIR/lake``) and the dashboard
@@ -63,6 +64,7 @@ import psutil
 from quotewatch.core.errors import FatalError
 from quotewatch.core.kafka import ShutdownSignal
 from quotewatch.local.kafka import LocalKafka, port_is_free
+from quotewatch.local.mlflow import LocalMlflow
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +155,9 @@ class ProcessSpec:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    """Variables set on top of the supervisor's environment."""
+    """Variables set on top of the supervisor's environment (or the whole environment)."""
+    inherit_env: bool = True
+    """False: ``env`` is the child's entire environment."""
     ready: Callable[[], bool] | None = None
     """Polled after start until true (None: ready once started)."""
     restart: bool = True
@@ -179,7 +183,7 @@ class ManagedProcess:
 
     def start(self) -> None:
         """Start the child (appending to its log file)."""
-        env = dict(os.environ)
+        env = dict(os.environ) if self.spec.inherit_env else {}
         env.update(self.spec.env)
         env["PYTHONUNBUFFERED"] = "1"
         self._log = self.log_path.open("ab")
@@ -340,24 +344,16 @@ class LocalStack:
         }
 
     def mlflow_spec(self) -> ProcessSpec:
-        mlflow_dir = self.run_dir / "mlflow"
-        (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+        """The MLflow server as :class:`~quotewatch.local.mlflow.LocalMlflow` runs it (SQLite backend,
+        served artifacts, persistent webhook key, one worker), but as a supervised child here.
+        """
+        mlflow = LocalMlflow(self.run_dir / "mlflow")
+        mlflow.artifacts.mkdir(parents=True, exist_ok=True)
         return ProcessSpec(
             name="mlflow",
-            argv=[
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                f"--host={HOST}",
-                f"--port={self.config.mlflow_port}",
-                "--workers=1",
-                f"--backend-store-uri=sqlite:///{mlflow_dir / 'mlflow.db'}",
-                "--serve-artifacts",
-                f"--artifacts-destination={mlflow_dir / 'artifacts'}",
-            ],
-            # Inference receives registry webhooks over plain http on 127.0.0.1.
-            env={"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"},
+            argv=mlflow.command(HOST, self.config.mlflow_port),
+            env=mlflow.environment(),
+            inherit_env=False,
             ready=_health_probe(f"{self.config.mlflow_url}/health"),
         )
 
