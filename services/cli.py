@@ -28,9 +28,12 @@ LAZY_COMMANDS: dict[str, dict[str, str]] = {
     "run": {
         "book": "quotewatch.book.main:command",
         "dashboard": "quotewatch.dashboard.main:command",
+        "ingest": "quotewatch.ingest.main:command",
         "labeler": "quotewatch.labeler.main:command",
     },
-    "feed": {},
+    "feed": {
+        "serve": "quotewatch.feed_server.main:command",
+    },
     "lake": {},
 }
 
