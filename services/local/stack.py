@@ -613,6 +613,7 @@ class LocalStack:
             "kafka": self.config.kafka_bootstrap,
             "kafka_pid": self._kafka_pid(),
             "topic_prefix": self.config.topic_prefix,
+            "ports": self.config.host_ports(),
             "mlflow": self.config.mlflow_url,
             "dashboard": self.config.dashboard_url,
             "lake": str(self.lake_dir.resolve()),
