@@ -364,8 +364,17 @@ class LocalStack:
         source = ["--synthetic"] if config.feed == "synthetic" else ["--capture", str(config.capture)]
         return ProcessSpec(
             name="feed-server",
-            argv=_cli("feed", "serve", *source, "--host", HOST, "--port", str(config.feed_port)),
-            env={"SYMBOLS": ",".join(config.symbols)},
+            argv=_cli(
+                "feed",
+                "serve",
+                *source,
+                "--host",
+                HOST,
+                "--port",
+                str(config.feed_port),
+                "--symbols",
+                ",".join(config.symbols),
+            ),
             ready=lambda: tcp_open(config.feed_port),
         )
 

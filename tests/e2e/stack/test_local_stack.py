@@ -160,13 +160,12 @@ def test_demo_runs_the_whole_system_and_stops_cleanly(demo: DemoRun) -> None:
     # Lake files for every dataset.
     lake = Path(status["lake"])
     for suffix in LAKE_TOPICS:
-        files = wait_for(
-            lambda suffix=suffix: sorted((lake / f"{topics.prefix}.{suffix}").rglob("*.parquet")),
-            timeout=60,
-            interval=1,
-            message=f"lake files of {suffix}",
-        )
-        assert files
+        dataset = lake / f"{topics.prefix}.{suffix}"
+
+        def lake_files(dataset: Path = dataset) -> list[Path]:
+            return list(dataset.rglob("*.parquet"))
+
+        wait_for(lake_files, timeout=60, message=f"lake files in {dataset}")
 
     # The dashboard shows a live p_change from the champion, in a real browser.
     from selenium import webdriver
