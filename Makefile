@@ -33,10 +33,10 @@ browser-deps:  ## Debian chromium + chromium-driver for the browser tests (apt, 
 	fi
 
 test: setup system-deps browser-deps  ## the whole suite; starts a local Kafka (and MLflow) unless KAFKA_BOOTSTRAP_SERVERS is given
-	$(BIN)/python -m pytest -p no:dash $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: setup  ## the unit tier only (no broker)
-	$(BIN)/python -m pytest -p no:dash tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: setup  ## ruff + mypy (disallow_untyped_defs)
 	$(BIN)/ruff check services tests
@@ -53,7 +53,7 @@ bench: setup system-deps browser-deps  ## benchmarks side by side in one run -> 
 	$(BIN)/python -m tests.benchmarks $(BENCH_ARGS)
 
 faults: setup system-deps  ## the whole fault suite (a subset runs in make test)
-	QUOTEWATCH_FAULTS=full $(BIN)/python -m pytest -p no:dash -m faults $(PYTEST_ARGS)
+	QUOTEWATCH_FAULTS=full $(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 
 broker-up: setup system-deps  ## start the local Kafka broker on 127.0.0.1:$(PORT) and create the topics
 	$(BIN)/quotewatch broker start --port $(PORT)
