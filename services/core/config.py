@@ -233,6 +233,18 @@ class InferenceSettings(CommonSettings):
     """WEBHOOK_PORT (default 0 = disabled): port of the MLflow webhook receiver."""
     mlflow_webhook_secret: SecretStr | None = None
     """MLFLOW_WEBHOOK_SECRET (default unset): HMAC secret of the MLflow registry webhook."""
+    webhook_url: str | None = None
+    """WEBHOOK_URL (default http://WEBHOOK_HOST:<port>/mlflow-webhook): the URL the MLflow server calls; with
+    WEBHOOK_PORT set, inference registers it on the server as a webhook on model_version_alias.created.
+    """
+    live_metrics_window: int = Field(default=1000, gt=0)
+    """LIVE_METRICS_WINDOW (default 1000): joined labels per model the rolling live metrics cover."""
+    join_buffer_max: int = Field(default=100_000, gt=0)
+    """JOIN_BUFFER_MAX (default 100000): predictions (and early labels) waiting for their match; the oldest is
+    dropped (and counted) beyond it.
+    """
+    snapshot_interval_ms: int = Field(default=0, ge=0)
+    """SNAPSHOT_INTERVAL_MS (default 0 = every tick): least event time between two snapshots of a symbol."""
 
 
 class LakeSinkSettings(CommonSettings):
@@ -253,6 +265,36 @@ class TrainerSettings(CommonSettings):
     service_name: ClassVar[str] = "trainer"
     model_name: str = "quotewatch"
     """MODEL_NAME (default quotewatch): registered model name."""
+    experiment_name: str = "quotewatch"
+    """EXPERIMENT_NAME (default quotewatch): MLflow experiment of the training runs."""
+    test_fraction: float = Field(default=0.25, gt=0, lt=1)
+    """TEST_FRACTION (default 0.25): the last fraction of the time range is the test window."""
+    split_gap_ms: int | None = Field(default=None, gt=0)
+    """SPLIT_GAP_MS (default DELTA_MS, never less): time between the training and the test window."""
+    baseline_window_ms: int = Field(default=10_000, gt=0)
+    """BASELINE_WINDOW_MS (default 10000): window of the rolling change frequency baseline."""
+    min_train_rows: int = Field(default=200, gt=0)
+    """MIN_TRAIN_ROWS (default 200): refuse to train on fewer labelled vectors."""
+    min_test_rows: int = Field(default=50, gt=0)
+    """MIN_TEST_ROWS (default 50): refuse to judge on fewer test rows."""
+    lr_c: float = Field(default=1.0, gt=0)
+    """LR_C (default 1.0): inverse L2 regularisation strength of the logistic regression."""
+    xgb_max_depth: int = Field(default=4, gt=0)
+    """XGB_MAX_DEPTH (default 4): depth of the XGBoost trees."""
+    xgb_n_estimators: int = Field(default=200, gt=0)
+    """XGB_N_ESTIMATORS (default 200): XGBoost boosting rounds."""
+    xgb_learning_rate: float = Field(default=0.1, gt=0)
+    """XGB_LEARNING_RATE (default 0.1): XGBoost shrinkage."""
+    xgb_threads: int = Field(default=2, gt=0)
+    """XGB_THREADS (default 2): XGBoost training threads."""
+    gate_min_auc: float = Field(default=0.5, ge=0, le=1)
+    """GATE_MIN_AUC (default 0.5): a candidate's test AUC must reach this to be promoted."""
+    gate_min_auc_lift: float = 0.0
+    """GATE_MIN_AUC_LIFT (default 0): …and exceed the best naive baseline's test AUC by this."""
+    gate_max_brier_ratio: float = Field(default=1.0, gt=0)
+    """GATE_MAX_BRIER_RATIO (default 1): …and its test Brier must be below this x the base-rate baseline's."""
+    gate_metric: Literal["auc", "brier", "log_loss"] = "auc"
+    """GATE_METRIC (default auc): the metric that picks the candidate and on which it must beat the champion."""
 
 
 class DashboardSettings(CommonSettings):
