@@ -8,6 +8,8 @@ from typing import Any
 MS = 1_000_000
 T0 = 1_700_000_000_000 * MS  # a grid-aligned event time (ns)
 E8 = 100_000_000
+BOOK_LEVELS = ([(100 * E8, 1 * E8), (99 * E8, 2 * E8), (98 * E8, 3 * E8)], [(101 * E8, 4 * E8), (102 * E8, 5 * E8)])
+"""(bids, asks) of a small book for snapshot(ts, *BOOK_LEVELS)."""
 
 
 def event(kind: str, ts: int, symbol: str = "BTC-USD", ts_init: int | None = None, **body: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quotewatch.core.config import CommonSettings
-from quotewatch.domain.book_pipeline import BookPipeline, MarketEventError
+from quotewatch.domain.book_pipeline import BookPipeline
 from quotewatch.domain.labels import Labeler, LabelInputError, SymbolLabeler, check_horizon
 from tests.unit.book.market_events import MS, T0, synthetic_feed
 
@@ -127,10 +127,7 @@ def _book_tops(seed: int) -> list[dict[str, Any]]:
     pipeline = BookPipeline(100)
     tops = []
     for position, record in enumerate(synthetic_feed(seed, count=600)):
-        try:
-            tops.extend(output.book_top for output in pipeline.process(record, position))
-        except MarketEventError:
-            pass
+        tops.extend(output.book_top for output in pipeline.process(record, position))
     return tops
 
 
