@@ -217,3 +217,12 @@ def test_ctrl_c_stops_the_supervisor_and_every_process_it_started(tmp_path: Path
     leftovers = [pid for pid in {*tree, *family} if alive(pid)]
     assert not leftovers, f"still running after Ctrl-C: {leftovers}"
     assert not (tmp_path / "stack.json").exists()
+
+
+def test_the_demo_command_and_its_options_exist(tmp_path: Path) -> None:
+    path, _ = resolve_cli(
+        ["demo", "--run-dir", str(tmp_path), "--free-ports", "--feed", "live", "--symbols", "BTC-USD"]
+    )
+    assert path == ["demo"]
+    with pytest.raises(AssertionError, match="No such option"):
+        resolve_cli(["demo", "--no-such-option"])
