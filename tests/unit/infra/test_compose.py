@@ -9,15 +9,20 @@ services find each other where the file says they are.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 import yaml
+from cryptography.fernet import Fernet
 
 from quotewatch.core.config import SERVICE_SETTINGS, CommonSettings, load_settings
+from quotewatch.local.mlflow import SERVER_ENVIRONMENT
 from tests.unit.infra.cli_resolve import resolve_cli
 from tests.unit.infra.conftest import COMPOSE_FILE, REPO
 
@@ -265,8 +270,14 @@ def test_mlflow_server_is_reachable_from_containers_and_can_deliver_webhooks(ful
     mounts = {mount["target"]: mount for mount in mlflow["volumes"]}
     assert mounts["/mlflow/db"]["type"] == "volume"
     assert mounts[options["--artifacts-destination"]]["type"] == "volume"
+    # The same server environment as the local MLflow server of `make demo` and the tests.
+    assert SERVER_ENVIRONMENT.items() <= mlflow["environment"].items()
     assert mlflow["environment"]["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"] == "http,https"
     assert mlflow["environment"]["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] == "true"
+    # The webhook-secret key survives restarts: the entry point keeps it on the database volume.
+    assert mlflow["entrypoint"] == ["/bin/sh", "/opt/quotewatch/mlflow-entrypoint.sh"]
+    assert mounts["/opt/quotewatch/mlflow-entrypoint.sh"]["source"] == str(REPO / "infra/docker/mlflow-entrypoint.sh")
+    assert "/mlflow/db/webhook-secret.key" in (REPO / "infra/docker/mlflow-entrypoint.sh").read_text()
     inference = full_model["services"]["inference"]
     assert inference["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert inference["environment"]["WEBHOOK_HOST"] == "0.0.0.0"
@@ -286,3 +297,18 @@ def test_dashboard_listens_on_8050_in_the_container(full_model: dict[str, Any]) 
     dashboard = full_model["services"]["dashboard"]
     assert dashboard["environment"]["DASH_HOST"] == "0.0.0.0"
     assert [(p["published"], p["target"]) for p in dashboard["ports"]] == [("8050", 8050)]
+
+
+def test_mlflow_entrypoint_keeps_one_webhook_key_across_restarts(tmp_path: Any) -> None:
+    key_file = tmp_path / "webhook-secret.key"
+    env = {
+        "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+        "MLFLOW_WEBHOOK_KEY_FILE": str(key_file),
+    }
+    script = str(REPO / "infra/docker/mlflow-entrypoint.sh")
+    command = ["/bin/sh", script, "sh", "-c", 'printf %s "$MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"']
+    first = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    second = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    assert first == second == key_file.read_text().strip()
+    Fernet(first.encode())  # a valid Fernet key, as MLflow needs
+    assert key_file.stat().st_mode & 0o077 == 0, "the key file is private"
