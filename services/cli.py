@@ -25,10 +25,12 @@ LAZY_COMMANDS: dict[str, dict[str, str]] = {
     "": {
         "demo": "quotewatch.local.stack:command",
         "mlflow": "quotewatch.local.mlflow:command",
+        "train": "quotewatch.trainer.main:command",
     },
     "run": {
         "book": "quotewatch.book.main:command",
         "dashboard": "quotewatch.dashboard.main:command",
+        "inference": "quotewatch.inference.main:command",
         "ingest": "quotewatch.ingest.main:command",
         "labeler": "quotewatch.labeler.main:command",
     },
