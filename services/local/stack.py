@@ -18,7 +18,7 @@ is **bootstrapped**: while the registry has no ``champion``, ``quotewatch train`
 been registered and promoted; inference's alias polling then serves it, so within a few minutes
 the dashboard shows live p_change from a registered champion.
 
-One log file per process in ``RUN_DIR/logs/<name>.log`` (the broker's in ``RUN_DIR/kafka``);
+One log file per process in ``RUN_DIR/logs/<name>.log`` (``kafka.log`` links to the broker's own);
 ``RUN_DIR/stack.json`` lists every PID, port and URL while the stack runs. Ctrl-C (SIGINT) or
 SIGTERM stops everything in reverse order and leaves no process behind: every child runs in its
 own process group (its own session), is sent SIGTERM as a group, is waited for together with
@@ -449,6 +449,9 @@ class LocalStack:
         if self.config.bootstrap_servers is None:
             logger.info("starting the local Kafka broker on %s:%d", HOST, self.config.kafka_port)
             self.kafka = LocalKafka(self.run_dir / "kafka")
+            link = self.log_dir / "kafka.log"  # the broker writes its own log; list it with the others
+            if not link.is_symlink():
+                link.symlink_to(self.kafka.log_file)
             self.kafka.start(port=self.config.kafka_port)
         self._write_status()
         self._run_once(ProcessSpec("topics", _cli("topics", "create"), self.common_env(), restart=False))
