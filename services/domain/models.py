@@ -1,0 +1,188 @@
+"""The model side of QuoteWatch as pure code: feature matrices, scoring, sanity checks, the fallback.
+
+No I/O, no clock, no Kafka, no MLflow: the trainer, inference and the backtest all score with
+:func:`positive_probability` on a matrix from :func:`feature_matrix`, so a model version gives
+the same p for the same feature record everywhere.
+
+The feature spec (names and order of ``FeatureVector.values``, and its id) is owned by
+:mod:`quotewatch.domain.features`; a trained model records the spec id and names it was trained
+on, and inference refuses a model whose spec is not the one on the feature stream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from quotewatch.domain import features
+
+FALLBACK_MODEL_NAME = "fallback-online-logistic"
+"""model_name of predictions from the built-in fallback (role FALLBACK)."""
+
+
+class FeatureSpecMismatchError(ValueError):
+    """Feature vectors do not match the spec a model (or a batch) expects."""
+
+
+def feature_names_for(feature_spec_id: str, n_features: int) -> tuple[str, ...]:
+    """The names of the features of spec ``feature_spec_id``.
+
+    The names of :mod:`quotewatch.domain.features` when it is the current spec; otherwise the
+    positions ``x0, x1, …`` (a spec this build does not know, e.g. from an older feature service).
+    """
+    if feature_spec_id == features.FEATURE_SPEC_ID and len(features.FEATURE_NAMES) == n_features:
+        return features.FEATURE_NAMES
+    return tuple(f"x{i}" for i in range(n_features))
+
+
+def feature_matrix(records: Sequence[Mapping[str, Any]], feature_spec_id: str | None = None) -> NDArray[np.float64]:
+    """The (n, k) float64 matrix of the ``values`` of ``FeatureVector`` records.
+
+    Raises:
+        FeatureSpecMismatchError: a record has another spec id than ``feature_spec_id`` (default: the
+            first record's), or the vectors differ in length.
+    """
+    if not records:
+        return np.empty((0, 0), dtype=np.float64)
+    expected = feature_spec_id if feature_spec_id is not None else str(records[0]["feature_spec_id"])
+    width = len(records[0]["values"])
+    for index, record in enumerate(records):
+        if record["feature_spec_id"] != expected:
+            raise FeatureSpecMismatchError(
+                f"record {index} has feature spec {record['feature_spec_id']!r}, expected {expected!r}"
+            )
+        if len(record["values"]) != width:
+            raise FeatureSpecMismatchError(f"record {index} has {len(record['values'])} values, expected {width}")
+    return np.asarray([record["values"] for record in records], dtype=np.float64)
+
+
+def positive_probability(model: Any, features: NDArray[np.float64]) -> NDArray[np.float64]:
+    """P(y = 1) for each row of ``features`` from a fitted binary classifier.
+
+    Supports scikit-learn estimators and pipelines (``predict_proba``) and XGBoost's sklearn
+    API (scored through the booster's ``inplace_predict``, which gives the same probabilities
+    as ``predict_proba`` without building a DMatrix per call).
+    """
+    matrix = np.asarray(features, dtype=np.float64)
+    if matrix.ndim != 2:
+        raise ValueError(f"features must be a 2-d matrix, got shape {matrix.shape}")
+    booster_of = getattr(model, "get_booster", None)
+    if booster_of is not None:
+        predicted = np.asarray(booster_of().inplace_predict(matrix), dtype=np.float64)
+        return predicted.reshape(matrix.shape[0])
+    probabilities = np.asarray(model.predict_proba(matrix), dtype=np.float64)
+    return probabilities[:, 1]
+
+
+def probability_problems(p: NDArray[np.float64], rows: int) -> list[str]:
+    """Why ``p`` is not a valid output for ``rows`` inputs (empty list when it is)."""
+    problems = []
+    if p.shape != (rows,):
+        problems.append(f"expected {rows} probabilities, got shape {p.shape}")
+        return problems
+    finite = np.isfinite(p)
+    if not finite.all():
+        problems.append(f"{int((~finite).sum())} of {rows} outputs are not finite (NaN or inf)")
+    elif p.min() < 0 or p.max() > 1:
+        problems.append(f"outputs outside [0, 1]: min {p.min():.6g}, max {p.max():.6g}")
+    return problems
+
+
+def canned_batch(n_features: int, recent: Iterable[Sequence[float]] = (), size: int = 32) -> NDArray[np.float64]:
+    """A warm-up batch: the recent real feature vectors (up to ``size``), padded with fixed rows.
+
+    The fixed rows (zeros, ones, minus ones, and a ramp) exercise a model even before any
+    feature vector was seen; real vectors check it on the live distribution.
+    """
+    rows = [list(map(float, vector)) for vector in recent if len(vector) == n_features][-size:]
+    fixed = [
+        [0.0] * n_features,
+        [1.0] * n_features,
+        [-1.0] * n_features,
+        [float(i) / max(1, n_features) for i in range(n_features)],
+    ]
+    rows.extend(fixed)
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), n_features)
+
+
+def warm_up_problems(
+    model: Any,
+    *,
+    model_feature_spec_id: str | None,
+    model_feature_names: Sequence[str],
+    stream_feature_spec_id: str | None,
+    batch: NDArray[np.float64],
+) -> list[str]:
+    """Why a freshly loaded model must not serve (empty list when it may).
+
+    Checks: the model names a feature spec; it is the spec on the feature stream (when one has
+    been seen or is known); the batch has the model's number of features; scoring the batch
+    works and gives finite probabilities in [0, 1].
+    """
+    problems = []
+    if not model_feature_spec_id:
+        problems.append("the model does not record the feature spec it was trained on")
+    elif stream_feature_spec_id is not None and model_feature_spec_id != stream_feature_spec_id:
+        problems.append(
+            f"feature spec mismatch: model trained on {model_feature_spec_id!r}, "
+            f"the feature stream carries {stream_feature_spec_id!r}"
+        )
+    if batch.shape[1] != len(model_feature_names):
+        problems.append(f"model expects {len(model_feature_names)} features, the stream has {batch.shape[1]}")
+    if problems:
+        return problems
+    try:
+        p = positive_probability(model, batch)
+    except Exception as exc:  # noqa: BLE001 - any scoring failure disqualifies the model
+        return [f"scoring the warm-up batch failed: {type(exc).__name__}: {exc}"]
+    return probability_problems(p, batch.shape[0])
+
+
+class OnlineFallback:
+    """The model served before any is registered: an online logistic regression (river).
+
+    It learns from delayed labels (:meth:`learn`) the feature vectors it scored, and predicts
+    the base rate (Laplace-smoothed) until it has seen both classes. Its ``version`` is
+    ``online-<n>`` with n the number of labels learnt, so a prediction names the exact state that
+    produced it: labels learnt in the same order give the same model.
+    """
+
+    def __init__(self, learning_rate: float = 0.01) -> None:
+        from river import linear_model, optim, preprocessing
+
+        self._model = preprocessing.StandardScaler() | linear_model.LogisticRegression(
+            optimizer=optim.SGD(learning_rate)
+        )
+        self._learned = 0
+        self._positives = 0
+
+    @property
+    def version(self) -> str:
+        return f"online-{self._learned}"
+
+    @property
+    def learned(self) -> int:
+        return self._learned
+
+    def predict(self, values: Sequence[float]) -> float:
+        """P(y = 1) for one feature vector: finite and in [0, 1] by construction."""
+        if self._positives == 0 or self._positives == self._learned:
+            return (self._positives + 1) / (self._learned + 2)
+        p = float(self._model.predict_proba_one(_as_dict(values)).get(True, 0.0))
+        if not math.isfinite(p):
+            return (self._positives + 1) / (self._learned + 2)
+        return min(1.0, max(0.0, p))
+
+    def learn(self, values: Sequence[float], label: int) -> None:
+        """Learn one (x(t), y(t)) pair; non-finite feature values are skipped as missing."""
+        self._model.learn_one(_as_dict(values), bool(label))
+        self._learned += 1
+        self._positives += int(bool(label))
+
+
+def _as_dict(values: Sequence[float]) -> dict[int, float]:
+    return {i: float(v) for i, v in enumerate(values) if math.isfinite(v)}
