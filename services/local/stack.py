@@ -102,6 +102,8 @@ class StackConfig:
     mlflow_port: int = 5000
     feed_port: int = 8765
     dash_port: int = 8050
+    webhook_port: int = 8091
+    """Inference's MLflow webhook receiver: an alias move reloads the model at once."""
     metrics_ports: Mapping[str, int] = field(default_factory=lambda: dict(STREAM_SERVICES))
     lake_flush_seconds: float = 10.0
     """Lake sink flush age: short, so the bootstrap trainer sees data within seconds."""
@@ -129,7 +131,7 @@ class StackConfig:
 
     def host_ports(self) -> dict[str, int]:
         """Every port the stack binds on 127.0.0.1, by owner."""
-        ports = {"mlflow": self.mlflow_port, "dashboard": self.dash_port}
+        ports = {"mlflow": self.mlflow_port, "dashboard": self.dash_port, "inference webhook": self.webhook_port}
         ports.update({f"{name} metrics": port for name, port in self.metrics_ports.items()})
         if self.bootstrap_servers is None:
             ports["kafka"] = self.kafka_port
@@ -389,6 +391,8 @@ class LocalStack:
                 env["COINBASE_WS_URL"] = config.feed_url
             if name == "lake-sink":
                 env["LAKE_FLUSH_SECONDS"] = str(config.lake_flush_seconds)
+            if name == "inference":
+                env["WEBHOOK_PORT"] = str(config.webhook_port)  # registered on MLflow by inference
             specs.append(
                 ProcessSpec(
                     name=name,
@@ -690,6 +694,7 @@ def free_ports(count: int) -> list[int]:
 @click.option("--mlflow-port", type=int, default=5000, show_default=True)
 @click.option("--feed-port", type=int, default=8765, show_default=True)
 @click.option("--dash-port", type=int, default=8050, show_default=True)
+@click.option("--webhook-port", type=int, default=8091, show_default=True, help="Inference's MLflow webhook receiver.")
 @click.option(
     "--metrics-port-base",
     type=int,
@@ -718,6 +723,7 @@ def command(
     mlflow_port: int,
     feed_port: int,
     dash_port: int,
+    webhook_port: int,
     metrics_port_base: int,
     pick_free_ports: bool,
     bootstrap_interval: float,
@@ -731,7 +737,7 @@ def command(
         raise click.BadParameter("--feed capture needs --capture FILE", param_hint="--capture")
     metrics_ports = {name: metrics_port_base + index for index, name in enumerate(STREAM_SERVICES)}
     if pick_free_ports:
-        kafka_port, mlflow_port, feed_port, dash_port, *rest = free_ports(4 + len(STREAM_SERVICES))
+        kafka_port, mlflow_port, feed_port, dash_port, webhook_port, *rest = free_ports(5 + len(STREAM_SERVICES))
         metrics_ports = dict(zip(STREAM_SERVICES, rest, strict=True))
     config = StackConfig(
         run_dir=run_dir,
@@ -744,6 +750,7 @@ def command(
         mlflow_port=mlflow_port,
         feed_port=feed_port,
         dash_port=dash_port,
+        webhook_port=webhook_port,
         metrics_ports=metrics_ports,
         bootstrap_interval=bootstrap_interval,
     )

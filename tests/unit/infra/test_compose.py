@@ -281,7 +281,9 @@ def test_mlflow_server_is_reachable_from_containers_and_can_deliver_webhooks(ful
     inference = full_model["services"]["inference"]
     assert inference["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert inference["environment"]["WEBHOOK_HOST"] == "0.0.0.0"
-    assert int(inference["environment"]["WEBHOOK_PORT"]) > 0
+    port = int(inference["environment"]["WEBHOOK_PORT"])
+    assert port > 0
+    assert inference["environment"]["WEBHOOK_URL"].startswith(f"http://inference:{port}/"), "reachable from mlflow"
 
 
 def test_lake_is_a_volume_shared_by_the_sink_and_the_trainer(full_model: dict[str, Any]) -> None:
