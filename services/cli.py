@@ -33,11 +33,14 @@ LAZY_COMMANDS: dict[str, dict[str, str]] = {
         "inference": "quotewatch.inference.main:command",
         "ingest": "quotewatch.ingest.main:command",
         "labeler": "quotewatch.labeler.main:command",
+        "lake-sink": "quotewatch.lake_sink.main:command",
     },
     "feed": {
         "serve": "quotewatch.feed_server.main:command",
     },
-    "lake": {},
+    "lake": {
+        "info": "quotewatch.lake_sink.main:info_command",
+    },
 }
 
 
