@@ -2,10 +2,10 @@
 
 :func:`create_app` builds the app and starts nothing; the live state (store + consumer thread)
 is built per process on the first request (:class:`~quotewatch.dashboard.runtime.LazyRuntime`).
-The browser polls with ``dcc.Interval`` every DASH_POLL_MS; each poll runs two callbacks in
-parallel requests: the KPI cards / ladder / status (small, always sent) and the sparklines (only
-rebuilt when a new point arrived). The callbacks fetch from the store and call the pure
-functions of :mod:`quotewatch.dashboard.view`.
+The browser polls with ``dcc.Interval`` every DASH_POLL_MS: the selector and the KPI cards /
+ladder / status callbacks run in parallel requests. The sparklines have their own, slower
+interval (:data:`SPARKLINE_REFRESH_MS`) and are only rebuilt when a new point arrived. The
+callbacks fetch from the store and call the pure functions of :mod:`quotewatch.dashboard.view`.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-se
 .footer { padding: 8px 20px; font-size: 12px; color: #7b8794; }
 """
 
+# Sparklines cover minutes; redrawing them at every poll costs the browser's main thread tens of
+# milliseconds per Plotly render, which delays the KPI values behind them. Once a second is enough.
+SPARKLINE_REFRESH_MS = 1000
+
 INDEX_STRING = (
     """<!DOCTYPE html>
 <html>
@@ -92,6 +96,7 @@ def layout(settings: DashboardSettings) -> html.Div:
     return html.Div(
         [
             dcc.Interval(id="poll", interval=settings.dash_poll_ms, n_intervals=0),
+            dcc.Interval(id="spark-poll", interval=max(settings.dash_poll_ms, SPARKLINE_REFRESH_MS), n_intervals=0),
             dcc.Store(id="spark-rendered"),
             html.Div(
                 [
@@ -258,7 +263,7 @@ def create_app(
         Output("spark-p-change", "figure"),
         Output("spark-mid", "figure"),
         Output("spark-rendered", "data"),
-        Input("poll", "n_intervals"),
+        Input("spark-poll", "n_intervals"),
         Input("symbol-select", "value"),
         State("spark-rendered", "data"),
     )

@@ -1,15 +1,13 @@
 """Browser tier: the dashboard in headless Debian Chromium through dash[testing] (``dash_duo``).
 
-Chromium here must run headless, without the sandbox and the GPU, and without its background
-network traffic (component updates, sync, first-run fetches), or it stalls on a closed network.
-``pytest_setup_options`` is the dash testing plugin's hook for the WebDriver options; it is
-optional so that a run with the plugin disabled (``-p no:dash``) still loads this file.
+Chromium's flags are in :mod:`tests.browser.chromium`. ``pytest_setup_options`` is the dash
+testing plugin's hook for the WebDriver options; it is optional so that a run with the plugin
+disabled (``-p no:dash``) still loads this file.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,38 +21,8 @@ from quotewatch.core.kafka import make_producer
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.dashboard.app import DashboardApp, create_app
+from tests.browser.chromium import chromium_options
 from tests.unit.dashboard.factories import produce_snapshots
-
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1440,1000",
-)
-
-
-def chromium_binary() -> str:
-    """The Chromium executable: DASH_TEST_CHROMEPATH, else ``chromium`` on PATH (``make browser-deps``)."""
-    path = os.environ.get("DASH_TEST_CHROMEPATH") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        raise RuntimeError("chromium not found: run `make browser-deps` (apt install chromium chromium-driver)")
-    if not shutil.which("chromedriver"):
-        raise RuntimeError("chromedriver not found: run `make browser-deps` (apt install chromium-driver)")
-    return path
-
-
-def chromium_options() -> Options:
-    """WebDriver options of headless Debian Chromium on a machine with a closed network."""
-    options = Options()
-    options.binary_location = chromium_binary()
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    return options
 
 
 @pytest.hookimpl(optionalhook=True)
