@@ -315,6 +315,10 @@ class DashboardSettings(CommonSettings):
     """DASH_THREADS (default 8): request threads of the production WSGI server (waitress)."""
     dash_debug: bool = False
     """DASH_DEBUG (default false): Dash's development server with the reloader and dev tools instead of waitress."""
+    dash_push: bool = False
+    """DASH_PUSH (default false): push KPI updates through Dash's WebSocket callbacks (FastAPI backend, uvicorn)
+    instead of polling every DASH_POLL_MS.
+    """
 
 
 SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {
