@@ -15,8 +15,10 @@ known at t (a label for t' is known at t' + Δ):
 - ``changed in the last Δ``: did the quote change between t − Δ and t? That is exactly the label
   of t − Δ (known at t). As a probability: the training frequency of y = 1 after a change /
   after no change (the base rate where t − Δ has no label, e.g. at the start of a sync epoch);
-- ``rolling change frequency``: the mean of the labels of t' in [t − Δ − W, t − Δ] of the same
-  symbol (W = ``window_ms``, default 10 s); the base rate where none is known yet.
+- ``rolling change frequency``: the frequency of y = 1 among the labels of t' in [t − Δ − W, t − Δ]
+  of the same symbol (W = ``window_ms``, default 10 s), shrunk towards the training base rate by
+  one pseudo-observation, ``(k + base rate) / (n + 1)``, so it is never exactly 0 or 1 (which a
+  log loss punishes without bound); the base rate where no label is known yet.
 """
 
 from __future__ import annotations
@@ -181,14 +183,15 @@ def previous_label(symbols: ArrayLike, t_event: ArrayLike, y: ArrayLike, delta_m
     return result
 
 
-def rolling_frequency(
+def rolling_counts(
     symbols: ArrayLike, t_event: ArrayLike, y: ArrayLike, delta_ms: int, window_ms: int
-) -> NDArray[np.float64]:
-    """For each row (symbol, t): the mean label of t' in [t − Δ − W, t − Δ], NaN where none is known."""
+) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """For each row (symbol, t): (sum, count) of the labels of t' in [t − Δ − W, t − Δ] of the symbol."""
     sym = np.asarray(symbols).astype(str)
     t = np.asarray(t_event, dtype=np.int64)
     labels = np.asarray(y, dtype=np.float64)
-    result = np.full(t.shape, np.nan)
+    sums = np.zeros(t.shape, dtype=np.float64)
+    counts = np.zeros(t.shape, dtype=np.int64)
     delta_ns, window_ns = int(delta_ms) * NS_PER_MS, int(window_ms) * NS_PER_MS
     for symbol in np.unique(sym):
         rows = np.flatnonzero(sym == symbol)
@@ -197,11 +200,9 @@ def rolling_frequency(
         cumulative = np.concatenate(([0.0], np.cumsum(labels[order])))
         high = np.searchsorted(times, times - delta_ns, side="right")
         low = np.searchsorted(times, times - delta_ns - window_ns, side="left")
-        count = high - low
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = (cumulative[high] - cumulative[low]) / count
-        result[order] = np.where(count > 0, mean, np.nan)
-    return result
+        sums[order] = cumulative[high] - cumulative[low]
+        counts[order] = high - low
+    return sums, counts
 
 
 def fit_baselines(
@@ -241,9 +242,9 @@ def baseline_probabilities(
     changed = np.where(
         np.isnan(previous), fit.base_rate, np.where(previous == 1, fit.p_after_change, fit.p_after_no_change)
     )
-    rolling = rolling_frequency(symbols, t, y, fit.delta_ms, fit.window_ms)
+    sums, counts = rolling_counts(symbols, t, y, fit.delta_ms, fit.window_ms)
     return {
         BASELINE_BASE_RATE: np.full(t.shape, fit.base_rate),
         BASELINE_CHANGED_LAST_DELTA: changed,
-        BASELINE_ROLLING_FREQUENCY: np.where(np.isnan(rolling), fit.base_rate, rolling),
+        BASELINE_ROLLING_FREQUENCY: (sums + fit.base_rate) / (counts + 1),
     }

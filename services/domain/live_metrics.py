@@ -121,10 +121,10 @@ class LiveMetricsTracker:
             self._sequence += 1
             window = self._models.get(model)
             if window is None:
-                window = self._models[model] = _ModelWindow(self._window, self._threshold)
-                if len(self._models) > self._max_models:
+                if len(self._models) >= self._max_models:
                     stalest = min(self._models, key=lambda k: self._models[k].last_update)
                     del self._models[stalest]
+                window = self._models[model] = _ModelWindow(self._window, self._threshold)
             window.update(label, p, self._sequence)
             self.joined += 1
         self._summary = None
