@@ -12,20 +12,28 @@ import duckdb
 import pandas as pd
 import polars as pl
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from prometheus_client import REGISTRY
 
 from quotewatch.core import lake
 from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import LakeSinkSettings
 from quotewatch.core.health import Liveness
-from quotewatch.core.kafka import ShutdownSignal, consumer_config
+from quotewatch.core.kafka import ShutdownSignal
 from quotewatch.core.lake import LakeLocation, publish_file
 from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.lake_sink.sink import LakeSink
 from tests.helpers import read_topic, wait_for
-from tests.unit.lake_sink.factories import ProducedRecord, capture_records, produce_records
+from tests.unit.lake_sink.factories import (
+    ProducedRecord,
+    assert_lake_holds_exactly,
+    capture_records,
+    committed_offsets,
+    lake_offsets,
+    produce_records,
+    rows_in_lake,
+)
 
 LAKE_SUFFIXES = ("md.raw", "md.events", "book.top3", "features", "labels", "predictions")
 
@@ -76,43 +84,6 @@ def running_sink(
             assert not errors, errors
 
 
-def lake_offsets(root: Path, topic: str) -> list[tuple[int, int]]:
-    """(partition, offset) of every row of every file, duplicates included (no deduplication)."""
-    table = lake.open_dataset(str(root), topic).to_table(columns=["_partition", "_offset"])
-    return sorted(zip(table["_partition"].to_pylist(), table["_offset"].to_pylist(), strict=True))
-
-
-def rows_in_lake(root: Path, topics: list[str]) -> int:
-    return sum(len(lake_offsets(root, topic)) for topic in topics)
-
-
-def committed_offsets(settings: LakeSinkSettings, topic: str, partitions: int, group: str | None = None) -> list[int]:
-    consumer = Consumer(consumer_config(settings, group or f"{settings.topic_prefix}.lake-sink", "committed-check"))
-    try:
-        found = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return [tp.offset for tp in found]
-    finally:
-        consumer.close()
-
-
-def assert_lake_holds_exactly(root: Path, produced: list[ProducedRecord]) -> None:
-    """Each produced record is in the lake exactly once (across all files), with identical content."""
-    serde = AvroSerde()
-    by_topic: dict[str, list[ProducedRecord]] = {}
-    for record in produced:
-        by_topic.setdefault(record.topic, []).append(record)
-    for topic, records in by_topic.items():
-        expected = sorted((r.partition, r.offset) for r in records)
-        assert lake_offsets(root, topic) == expected, f"{topic}: offsets lost or written twice"
-        rows = {(row["_partition"], row["_offset"]): row for row in lake.read_table(str(root), topic).to_pylist()}
-        for record in records:
-            row = rows[(record.partition, record.offset)]
-            decoded = serde.decode(record.value, topic)
-            # repr() so that NaN feature values compare equal to themselves.
-            assert repr({key: row[key] for key in decoded}) == repr(decoded), (topic, record.partition, record.offset)
-            assert (row["_topic"], row["_key"]) == (topic, record.key)
-
-
 @pytest.fixture
 def sink_settings(topics: Any, make_settings: Callable[..., Any], tmp_path: Path) -> LakeSinkSettings:
     settings: LakeSinkSettings = make_settings(
@@ -132,7 +103,7 @@ def test_every_offset_lands_exactly_once_with_identical_content(sink_settings: L
         "quotewatch_lake_rows_written_total", {"service": "lake-sink", "topic": names.features}
     )
     with running_sink(sink_settings, liveness=liveness):
-        wait_for(lambda: rows_in_lake(root, topics) >= len(produced), timeout=90, message="every record in the lake")
+        wait_for(lambda: rows_in_lake(root, topics) >= len(produced), timeout=90, interval=0.3, message="every record")
     assert_lake_holds_exactly(root, produced)
     assert {r.topic for r in produced} == set(topics)
     # Committed offsets: after the last record of each partition (a transaction marker may follow it).
@@ -151,17 +122,19 @@ def test_every_offset_lands_exactly_once_with_identical_content(sink_settings: L
     # The datasets open directly in DuckDB, pandas and polars.
     features = lake.dataset_uri(sink_settings.lake_uri, names.features)
     count = sum(1 for r in produced if r.topic == names.features)
-    found = duckdb.sql(f"select count(*) from read_parquet('{features}/**/*.parquet', hive_partitioning=1)")
+    found = duckdb.execute(f"select count(*) from read_parquet('{features}/**/*.parquet', hive_partitioning=1)")
     assert found.fetchall() == [(count,)]
     assert len(pd.read_parquet(features)) == count
     assert (
         pl.scan_parquet(f"{features}/**/*.parquet", hive_partitioning=True).select(pl.len()).collect().item() == count
     )
     raw = lake.dataset_uri(sink_settings.lake_uri, names.md_raw)
-    feeds = duckdb.sql(f"select distinct feed from read_parquet('{raw}/**/*.parquet', hive_partitioning=1) order by 1")
+    feeds = duckdb.execute(
+        f"select distinct feed from read_parquet('{raw}/**/*.parquet', hive_partitioning=1) order by 1"
+    )
     assert feeds.fetchall() == [("coinbase-advanced",), ("coinbase-exchange",)]
     events = lake.dataset_uri(sink_settings.lake_uri, names.md_events)
-    hours = duckdb.sql(
+    hours = duckdb.execute(
         f"select distinct symbol, date, hour from read_parquet('{events}/**/*.parquet', hive_partitioning=1)"
     ).fetchall()
     expected_dirs = {lake.partition_dir(names.md_events, value) for _, value in records["md.events"]}
@@ -287,8 +260,9 @@ def test_a_crash_in_the_middle_of_a_chunk_is_repaired_under_the_same_file_names(
     assert set(chunk.files) <= set(files_of(root, names.features))
     (info,) = [i for i in lake.lake_info(str(root)) if i.topic == names.features]
     assert info.healthy, lake.format_lake_info([info])
-    chunks = sorted({lake.parse_file_name(Path(p).name) for p in files_of(root, names.features)})
-    assert [(c.first_offset, c.last_offset) for c in chunks if c is not None][-2:] == [
+    parsed = [lake.parse_file_name(Path(p).name) for p in files_of(root, names.features)]
+    chunks = sorted({c for c in parsed if c is not None})
+    assert [(c.first_offset, c.last_offset) for c in chunks][-2:] == [
         (committed, chunk.last_offset),
         (chunk.last_offset + 1, produced[-1].offset),
     ], "the rewritten chunk, then one chunk for the rest"

@@ -287,7 +287,7 @@ def test_the_files_open_directly_in_duckdb_pandas_and_polars(tmp_path: Path) -> 
     rows = [feature_row("BTC-USD", T0 - 1, 0), feature_row("ETH-USD", T0, 1), feature_row("BTC/USD", T0, 2)]
     write_rows(tmp_path, rows, 0, 2)
     dataset = lake.dataset_uri(str(tmp_path), "qw.features")
-    found = duckdb.sql(
+    found = duckdb.execute(
         f"select symbol, hour, _offset, bids[1].price_e8 as bid from read_parquet('{dataset}/**/*.parquet', "
         "hive_partitioning=1) order by _offset"
     ).fetchall()

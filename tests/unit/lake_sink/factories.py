@@ -19,11 +19,14 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from quotewatch.core import lake
 from quotewatch.core.config import CommonSettings
+from quotewatch.core.kafka import consumer_config
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.book_pipeline import BookPipeline
@@ -208,3 +211,43 @@ def _as_produced(messages: list[Message]) -> list[ProducedRecord]:
         )
         for m in messages
     ]
+
+
+# -- checking the lake -----------------------------------------------------------------------------
+
+
+def lake_offsets(root: Path | str, topic: str) -> list[tuple[int, int]]:
+    """(partition, offset) of every row of every file, duplicates included (no deduplication)."""
+    table = lake.open_dataset(str(root), topic).to_table(columns=["_partition", "_offset"])
+    return sorted(zip(table["_partition"].to_pylist(), table["_offset"].to_pylist(), strict=True))
+
+
+def rows_in_lake(root: Path | str, topics: list[str]) -> int:
+    return sum(len(lake_offsets(root, topic)) for topic in topics)
+
+
+def committed_offsets(settings: CommonSettings, topic: str, partitions: int, group: str | None = None) -> list[int]:
+    consumer = Consumer(consumer_config(settings, group or f"{settings.topic_prefix}.lake-sink", "committed-check"))
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return [tp.offset for tp in found]
+    finally:
+        consumer.close()
+
+
+def assert_lake_holds_exactly(root: Path | str, produced: list[ProducedRecord]) -> None:
+    """Each produced record is in the lake exactly once (across all files), with identical content."""
+    serde = AvroSerde()
+    by_topic: dict[str, list[ProducedRecord]] = {}
+    for record in produced:
+        by_topic.setdefault(record.topic, []).append(record)
+    for topic, records in by_topic.items():
+        expected = sorted((r.partition, r.offset) for r in records)
+        assert lake_offsets(root, topic) == expected, f"{topic}: offsets lost or written twice"
+        rows = {(row["_partition"], row["_offset"]): row for row in lake.read_table(str(root), topic).to_pylist()}
+        for record in records:
+            row = rows[(record.partition, record.offset)]
+            decoded = serde.decode(record.value, topic)
+            # repr() so that NaN feature values compare equal to themselves.
+            assert repr({key: row[key] for key in decoded}) == repr(decoded), (topic, record.partition, record.offset)
+            assert (row["_topic"], row["_key"]) == (topic, record.key)
