@@ -6,7 +6,8 @@ one record at a time from one thread, over ``<prefix>.features`` and ``<prefix>.
 For each ``FeatureVector`` x(t) it emits, in the same transaction:
 
 - one ``Prediction`` from the champion (role CHAMPION), or from the built-in fallback (role
-  FALLBACK) when no champion is loaded or the champion's feature spec is not the record's;
+  FALLBACK) when no champion is loaded, the champion's feature spec is not the record's, or the
+  champion gives no finite probability in [0, 1] for this vector (counted and logged);
 - one more from the challenger (role CHALLENGER) when a challenger is loaded (shadow scoring:
   it never replaces the served p);
 - one ``Snapshot`` of the symbol (every tick, or every SNAPSHOT_INTERVAL_MS of event time).
@@ -178,15 +179,21 @@ class InferenceTask:
                     extra={"role": role, "count": self.spec_mismatches},
                 )
             return None
-        p = float(model.predict(x)[0])
+        try:
+            p = float(model.predict(x)[0])
+        except Exception as exc:  # noqa: BLE001 - a model failing on one vector must not dead-letter it
+            p = math.nan
+            reason: object = f"{type(exc).__name__}: {exc}"
+        else:
+            reason = p
         if not math.isfinite(p) or p < 0.0 or p > 1.0:
             self.invalid_outputs += 1
             if self.invalid_outputs == 1 or self.invalid_outputs % 10_000 == 0:
                 logger.warning(
-                    "%s v%s gave an invalid probability %r; not served",
+                    "%s v%s gave no valid probability (%s); the fallback scores this vector",
                     model.name,
                     model.version,
-                    p,
+                    reason,
                     extra={"role": role, "count": self.invalid_outputs},
                 )
             return None

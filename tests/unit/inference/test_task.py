@@ -1,0 +1,210 @@
+"""The inference task without a broker: predictions, shadow scoring, the fallback, snapshots, live metrics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from quotewatch.core.clock import FakeClock
+from quotewatch.core.processor import InRecord, OutRecord
+from quotewatch.core.topics import TopicNames
+from quotewatch.domain import evaluation as ev
+from quotewatch.domain import features as spec
+from quotewatch.domain.models import FALLBACK_MODEL_NAME, positive_probability
+from quotewatch.inference.models import FeatureSample, ModelManager
+from quotewatch.inference.task import InferenceTask
+from tests.unit.inference.conftest import FakeRegistry, loaded
+from tests.unit.trainer.market_data import synthetic_ticks
+
+NAMES = TopicNames("qw")
+
+
+def task_for(manager: ModelManager, sample: FeatureSample, **options: Any) -> InferenceTask:
+    return InferenceTask(topics=NAMES, manager=manager, sample=sample, clock=FakeClock(), **options)
+
+
+def feed(task: InferenceTask, topic: str, records: list[dict[str, Any]]) -> list[OutRecord]:
+    outputs: list[OutRecord] = []
+    for offset, value in enumerate(records):
+        outputs.extend(task.process(InRecord(topic, 0, offset, value["symbol"], value, 0)))
+    return outputs
+
+
+def predictions(outputs: list[OutRecord]) -> list[dict[str, Any]]:
+    return [dict(out.value) for out in outputs if out.topic == NAMES.predictions]
+
+
+def snapshots(outputs: list[OutRecord]) -> list[dict[str, Any]]:
+    return [dict(out.value) for out in outputs if out.topic == NAMES.snapshot]
+
+
+@pytest.fixture(scope="module")
+def ticks() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return synthetic_ticks(60)
+
+
+def test_without_a_champion_the_fallback_serves_and_learns_from_labels(
+    make_manager: Callable[..., Any], ticks: Any
+) -> None:
+    features, labels = ticks
+    manager, _, sample = make_manager()
+    task = task_for(manager, sample)
+    first = feed(task, NAMES.features, features[:100])
+    preds = predictions(first)
+    assert len(preds) == 100, "one prediction per feature vector"
+    assert {(p["model_role"], p["model_name"], p["model_version"]) for p in preds} == {
+        ("FALLBACK", FALLBACK_MODEL_NAME, "online-0")
+    }
+    assert {p["p_change"] for p in preds} == {0.5}
+    for pred, vector in zip(preds, features[:100], strict=True):
+        assert (pred["ts_event"], pred["ts_init"], pred["symbol"]) == (
+            vector["ts_event"],
+            vector["ts_init"],
+            vector["symbol"],
+        )
+        assert pred["feature_spec_id"] == spec.FEATURE_SPEC_ID
+        assert pred["exchange"] == "coinbase"
+    labelled = [
+        label
+        for label in labels
+        if (label["symbol"], label["t_event"]) in {(f["symbol"], f["ts_event"]) for f in features[:100]}
+    ]
+    assert feed(task, NAMES.labels, labelled) == []
+    assert task.fallback.learned == len(labelled)
+    later = predictions(feed(task, NAMES.features, features[100:101]))
+    assert later[0]["model_version"] == f"online-{len(labelled)}"
+
+
+def test_the_champion_scores_each_vector_and_the_challenger_in_shadow(
+    registry: FakeRegistry, make_manager: Callable[..., Any], ticks: Any
+) -> None:
+    features, _ = ticks
+    registry.versions.update({"1": loaded("1"), "2": loaded("2")})
+    registry.aliases.update({"champion": "1", "challenger": "2"})
+    manager, _, sample = make_manager()
+    manager.check_now()
+    task = task_for(manager, sample)
+    outputs = feed(task, NAMES.features, features[:50])
+    preds = predictions(outputs)
+    champion = [p for p in preds if p["model_role"] == "CHAMPION"]
+    challenger = [p for p in preds if p["model_role"] == "CHALLENGER"]
+    assert len(champion) == len(challenger) == 50
+    x = np.asarray([f["values"] for f in features[:50]])
+    expected = positive_probability(registry.versions["1"].model, x)  # type: ignore[union-attr]
+    for one, vector in enumerate(features[:50]):
+        assert champion[one]["p_change"] == pytest.approx(expected[one], abs=1e-12)
+        assert (champion[one]["model_name"], champion[one]["model_version"]) == ("quotewatch", "1")
+        assert challenger[one]["model_version"] == "2"
+        assert champion[one]["ts_event"] == challenger[one]["ts_event"] == vector["ts_event"]
+    snaps = snapshots(outputs)
+    assert len(snaps) == 50
+    assert snaps[-1]["p_change"] == champion[-1]["p_change"]
+    assert snaps[-1]["challenger_p_change"] == challenger[-1]["p_change"]
+    assert (snaps[-1]["model_version"], snaps[-1]["model_role"]) == ("1", "CHAMPION")
+
+
+def test_a_prediction_depends_only_on_the_record_and_the_version(
+    registry: FakeRegistry, make_manager: Callable[..., Any], ticks: Any
+) -> None:
+    features, labels = ticks
+    registry.versions["1"] = loaded("1")
+    registry.aliases["champion"] = "1"
+    runs = []
+    for _ in range(2):
+        manager, _, sample = make_manager()
+        manager.check_now()
+        task = task_for(manager, sample)
+        # Labels interleaved differently in each run change nothing for a registry model.
+        feed(task, NAMES.labels, labels[: 40 * len(runs)])
+        runs.append(predictions(feed(task, NAMES.features, features[:80])))
+    assert runs[0] == runs[1]
+
+
+def test_vectors_of_another_spec_or_an_invalid_output_fall_back_and_are_counted(
+    registry: FakeRegistry, make_manager: Callable[..., Any], ticks: Any
+) -> None:
+    features, _ = ticks
+    registry.versions["1"] = loaded("1")
+    registry.aliases["champion"] = "1"
+    manager, _, sample = make_manager()
+    manager.check_now()
+    task = task_for(manager, sample)
+    other_spec = {**features[0], "feature_spec_id": "qw-features-v0-old"}
+    with_nan = {**features[1], "values": [math.nan, *features[1]["values"][1:]]}
+    preds = predictions(feed(task, NAMES.features, [other_spec, with_nan, features[2]]))
+    assert [p["model_role"] for p in preds] == ["FALLBACK", "FALLBACK", "CHAMPION"]
+    assert task.spec_mismatches == 1
+    assert task.invalid_outputs == 1, "sklearn refuses NaN input: that vector is scored by the fallback"
+
+
+def test_a_bad_label_is_refused_for_the_dead_letter_topic(make_manager: Callable[..., Any], ticks: Any) -> None:
+    _, labels = ticks
+    manager, _, sample = make_manager()
+    task = task_for(manager, sample)
+    with pytest.raises(ValueError, match="is not 0 or 1"):
+        feed(task, NAMES.labels, [{**labels[0], "label": 2}])
+    with pytest.raises(ValueError, match="does not consume"):
+        task.process(InRecord("qw.book.top3", 0, 0, "BTC-USD", {}, 0))
+
+
+def test_snapshots_carry_features_book_metrics_rate_and_lag(
+    registry: FakeRegistry, make_manager: Callable[..., Any], ticks: Any
+) -> None:
+    features, labels = ticks
+    registry.versions["1"] = loaded("1")
+    registry.aliases["champion"] = "1"
+    manager, _, sample = make_manager()
+    manager.check_now()
+    task = task_for(manager, sample, consumer_lag=lambda: 42)
+    btc = [f for f in features if f["symbol"] == "BTC-USD"]
+    outputs = feed(task, NAMES.features, btc[:200])
+    btc_labels = [label for label in labels if label["symbol"] == "BTC-USD"][:150]
+    feed(task, NAMES.labels, btc_labels)
+    last_snapshot = snapshots(feed(task, NAMES.features, btc[200:201]))[0]
+    vector = btc[200]
+    assert last_snapshot["feature_names"] == list(spec.FEATURE_NAMES)
+    assert last_snapshot["feature_values"] == vector["values"]
+    assert last_snapshot["bids"] == vector["bids"]
+    assert last_snapshot["asks"] == vector["asks"]
+    assert last_snapshot["updates_per_second"] == vector["values"][spec.FEATURE_INDEX["updates_1000ms"]]
+    assert last_snapshot["consumer_lag"] == 42
+    assert last_snapshot["feed_state"] == vector["feed_state"]
+    (metrics,) = last_snapshot["live_metrics"]
+    preds = {(p["symbol"], p["ts_event"]): p["p_change"] for p in predictions(outputs)}
+    joined = [
+        (lb["label"], preds[(lb["symbol"], lb["t_event"])])
+        for lb in btc_labels
+        if (lb["symbol"], lb["t_event"]) in preds
+    ]
+    assert len(joined) > 100
+    expected = ev.score([y for y, _ in joined], [p for _, p in joined])
+    assert metrics["n_labels"] == len(joined)
+    assert (metrics["model_version"], metrics["model_role"]) == ("1", "CHAMPION")
+    assert metrics["auc"] == pytest.approx(expected.roc_auc)
+    assert metrics["brier"] == pytest.approx(expected.brier)
+    assert metrics["balanced_accuracy"] == pytest.approx(expected.balanced_accuracy)
+    assert metrics["base_rate"] == pytest.approx(expected.base_rate)
+
+
+def test_snapshot_interval_is_in_event_time(make_manager: Callable[..., Any], ticks: Any) -> None:
+    features, _ = ticks
+    manager, _, sample = make_manager()
+    task = task_for(manager, sample, snapshot_interval_ms=500)
+    btc = [f for f in features if f["symbol"] == "BTC-USD"][:50]
+    snaps = snapshots(feed(task, NAMES.features, btc))
+    assert [s["ts_event"] for s in snaps] == [f["ts_event"] for f in btc[::5]]
+
+
+def test_the_warm_up_batch_comes_from_the_stream(make_manager: Callable[..., Any], ticks: Any) -> None:
+    features, _ = ticks
+    manager, _, sample = make_manager()
+    task = task_for(manager, sample)
+    feed(task, NAMES.features, features[:40])
+    spec_id, batch = sample.spec_and_batch()
+    assert spec_id == spec.FEATURE_SPEC_ID
+    assert batch.shape == (32 + 4, len(spec.FEATURE_NAMES))
+    assert batch[31].tolist() == features[39]["values"]
