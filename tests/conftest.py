@@ -132,6 +132,33 @@ def group_id() -> str:
     return f"g{uuid.uuid4().hex[:10]}"
 
 
+@dataclass(frozen=True)
+class MlflowServerInfo:
+    tracking_uri: str
+    artifacts_dir: Path
+    """Where the server stores artifacts (a test may corrupt one there on purpose)."""
+    data_dir: Path
+    pid: int
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServerInfo]:
+    """A real ``mlflow server`` (SQLite, served local artifacts, one worker) for the whole session.
+
+    Started once on a free port in a temporary directory (~10-20 s), stopped at the end with every
+    process it started. Tests keep apart by registering their own model names.
+    """
+    from quotewatch.local.kafka import free_port
+    from quotewatch.local.mlflow import LocalMlflow
+
+    local = LocalMlflow(tmp_path_factory.mktemp("mlflow"))
+    state = local.start(port=free_port(), timeout=180)
+    try:
+        yield MlflowServerInfo(state.tracking_uri, state.artifacts_dir, local.data_dir, state.pid or 0)
+    finally:
+        local.stop()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Hypothesis: deterministic in CI, no example database written into the repo.
     from hypothesis import settings as hypothesis_settings
