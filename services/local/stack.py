@@ -45,6 +45,7 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -331,6 +332,7 @@ class LocalStack:
         self._trainer: ManagedProcess | None = None
         self._next_training_at = 0.0
         self._training_attempts = 0
+        self.webhook_secret = secrets.token_urlsafe(32)
 
     # -- what runs --------------------------------------------------------------------------
 
@@ -392,7 +394,9 @@ class LocalStack:
             if name == "lake-sink":
                 env["LAKE_FLUSH_SECONDS"] = str(config.lake_flush_seconds)
             if name == "inference":
-                env["WEBHOOK_PORT"] = str(config.webhook_port)  # registered on MLflow by inference
+                # Inference registers (or updates) its HMAC-verified webhook on MLflow at every start.
+                env["WEBHOOK_PORT"] = str(config.webhook_port)
+                env["MLFLOW_WEBHOOK_SECRET"] = self.webhook_secret
             specs.append(
                 ProcessSpec(
                     name=name,

@@ -115,7 +115,8 @@ def test_every_quotewatch_command_exists_in_the_cli(full_model: dict[str, Any]) 
     assert set(services) >= set(STREAM_SERVICES) | {"dashboard", "topics-init", "feed-server", "trainer"}
     missing = []
     for name, service in sorted(services.items()):
-        assert service["entrypoint"] is None, f"{name}: the image's entry point is the quotewatch CLI"
+        entrypoint = service["entrypoint"] or ["quotewatch"]
+        assert entrypoint[-1] == "quotewatch", f"{name}: the container runs the quotewatch CLI"
         try:
             resolve_cli(list(service["command"]))
         except AssertionError as exc:
@@ -314,3 +315,20 @@ def test_mlflow_entrypoint_keeps_one_webhook_key_across_restarts(tmp_path: Any) 
     assert first == second == key_file.read_text().strip()
     Fernet(first.encode())  # a valid Fernet key, as MLflow needs
     assert key_file.stat().st_mode & 0o077 == 0, "the key file is private"
+
+
+def test_inference_gets_a_webhook_secret_when_none_is_given(full_model: dict[str, Any], tmp_path: Any) -> None:
+    inference = full_model["services"]["inference"]
+    assert inference["entrypoint"] == ["with-webhook-secret", "quotewatch"]
+    dockerfile = (REPO / "infra/Dockerfile").read_text()
+    assert "COPY infra/docker/with-webhook-secret.sh /usr/local/bin/with-webhook-secret" in dockerfile
+    script = str(REPO / "infra/docker/with-webhook-secret.sh")
+    show = ["sh", "-c", 'printf %s "$MLFLOW_WEBHOOK_SECRET"']
+    env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
+    generated = subprocess.run(["/bin/sh", script, *show], env=env, capture_output=True, text=True, check=True)
+    assert len(generated.stdout) >= 32
+    again = subprocess.run(["/bin/sh", script, *show], env=env, capture_output=True, text=True, check=True)
+    assert again.stdout != generated.stdout, "random per start"
+    given = {**env, "MLFLOW_WEBHOOK_SECRET": "pinned"}
+    pinned = subprocess.run(["/bin/sh", script, *show], env=given, capture_output=True, text=True, check=True)
+    assert pinned.stdout == "pinned"
