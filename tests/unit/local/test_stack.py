@@ -149,6 +149,7 @@ def test_a_taken_port_is_reported_before_anything_starts(tmp_path: Path) -> None
 
 
 def test_every_command_the_stack_runs_exists_in_the_cli(tmp_path: Path) -> None:
+    (tmp_path / "capture.jsonl").write_text("")  # --capture must name an existing file
     for feed in ("synthetic", "capture", "live"):
         config = StackConfig(run_dir=tmp_path, feed=feed, capture=tmp_path / "capture.jsonl")
         for spec in LocalStack(config).all_specs():
