@@ -284,12 +284,16 @@ def partition_dir(topic: str, record: Mapping[str, Any]) -> str:
     Raises:
         LakeRecordError: the record has no usable partition value or ``ts_event``.
     """
-    column = partition_column(topic)
+    return record_dir(partition_column(topic), record)
+
+
+def record_dir(column: str, record: Mapping[str, Any]) -> str:
+    """:func:`partition_dir` with the topic's :func:`partition_column` already looked up (the sink's hot path)."""
     value = record.get(column)
     ts_event = record.get("ts_event")
     if not isinstance(value, str) or not isinstance(ts_event, int):
         raise LakeRecordError(f"record has no string {column!r} or integer 'ts_event' to be filed under")
-    return f"{column}={encode_partition_value(value)}/{hour_partition(ts_event)}"
+    return f"{column}={encode_partition_value(value)}/{_hour_dir(ts_event // HOUR_NS)}"
 
 
 def file_name(topic: str, partition: int, first_offset: int, last_offset: int) -> str:

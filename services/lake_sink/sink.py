@@ -71,8 +71,9 @@ from quotewatch.core.lake import (
     lake_location,
     last_chunk,
     missing_files,
-    partition_dir,
+    partition_column,
     publish_file,
+    record_dir,
     write_chunk,
 )
 from quotewatch.core.metrics import (
@@ -180,6 +181,8 @@ class LakeSink:
         self._poll_timeout = poll_timeout
         self._flush_ns = int(settings.lake_flush_seconds * 1e9)
         self._schemas = {topic: file_schema_for(topic) for topic in self._topics}
+        self._columns = {topic: partition_column(topic) for topic in self._topics}
+        self._records_in = {topic: RECORDS_IN.labels(service, topic) for topic in self._topics}
         self._buffers: dict[TopicPartitionKey, _Buffer] = {}
         self._to_commit: dict[TopicPartitionKey, int] = {}
         self._positions: dict[TopicPartitionKey, int] = {}
@@ -369,7 +372,7 @@ class LakeSink:
         if buffer.check_retention:
             buffer.check_retention = False
             self._check_retention(buffer, offset)
-        RECORDS_IN.labels(self._service, topic).inc()
+        self._records_in[topic].inc()
         self._positions[key] = offset + 1
         value = message.value() or b""
         try:
@@ -380,7 +383,7 @@ class LakeSink:
             record["_offset"] = offset
             record["_key"] = key_bytes.decode("utf-8") if key_bytes is not None else None
             record["_timestamp_ms"] = message.timestamp()[1]
-            directory = partition_dir(topic, record)
+            directory = record_dir(self._columns[topic], record)
             if buffer.rows == 0:
                 # The first row of a chunk is converted on its own, so that the directory written
                 # first (and looked up after a crash) is certainly the one of a row that is written.
