@@ -161,7 +161,9 @@ def ofi_contribution(before_bid: Level, before_ask: Level, after_bid: Level, aft
 def book_features(bids: Sequence[Level], asks: Sequence[Level]) -> tuple[float, ...] | None:
     """The features of one book top alone (the first 9 of the spec), or None for a one-sided book.
 
-    ``bids``/``asks``: the best levels, best first, as (price_e8, size_e8).
+    ``bids``/``asks``: the best levels, best first, as (price_e8, size_e8). The readable
+    definition; :meth:`FeatureState.close_tick` computes the same values inline (a test checks
+    they agree bit for bit).
     """
     if not bids or not asks:
         return None
@@ -287,42 +289,71 @@ class FeatureState:
 
         None when a side is empty (mid is undefined); the tick still enters the windows.
         """
-        base = book_features(bids, asks)
-        mid2 = 0
-        if base is not None:
-            mid2 = bids[0][0] + asks[0][0]
-            if self._previous_mid2 is not None:
-                change = mid2 - self._previous_mid2
-                self._mid_square_sum += change * change
-            self._previous_mid2 = mid2
-        else:
-            self._previous_mid2 = None
-        updates, trades, ofi, best_changes, squares = (
-            self._updates,
-            self._trades,
-            self._ofi,
-            self._best_changes,
-            self._mid_square_sum,
-        )
+        counters = (self._updates, self._trades, self._ofi, self._best_changes, self._mid_square_sum)
         history = self._history
+        if not bids or not asks or bids[0][0] + asks[0][0] <= 0:
+            self._previous_mid2 = None
+            history.append(counters)
+            return None
+        # Hot path (once per tick and symbol): everything inlined, windows unrolled (3 + 2, asserted
+        # at import against the spec).
+        bid, bid_size = bids[0]
+        ask, ask_size = asks[0]
+        mid2 = bid + ask  # 2 x mid, exact
+        previous = self._previous_mid2
+        if previous is not None and previous != mid2:
+            self._mid_square_sum += (mid2 - previous) ** 2
+            counters = (self._updates, self._trades, self._ofi, self._best_changes, self._mid_square_sum)
+        self._previous_mid2 = mid2
+        updates, trades, ofi, best_changes, squares = counters
         length = len(history)
-        values: list[float] | None = None
-        if base is not None:
-            values = list(base)
-            for window in self._count_windows:
-                ofi_then = history[-window][2] if window <= length else 0
-                values.append((ofi - ofi_then) / SCALE)
-            for window in self._count_windows:
-                values.append(float(updates - (history[-window][0] if window <= length else 0)))
-            for window in self._count_windows:
-                values.append(float(trades - (history[-window][1] if window <= length else 0)))
-            values.append((t_ns - self._last_change_ns) / 1e6)
-            for window in self._quote_windows:
-                values.append(float(best_changes - (history[-window][3] if window <= length else 0)))
-            for window in self._quote_windows:
-                square_sum = squares - (history[-window][4] if window <= length else 0)
-                values.append(math.sqrt(square_sum) / mid2 * _BPS)
-            values.append(self._last_trade_side)
-            values.append(self._last_trade_size)
-        history.append((updates, trades, ofi, best_changes, squares))
-        return values
+        c1, c2, c3 = self._count_windows
+        q1, q2 = self._quote_windows
+        a = history[-c1] if c1 <= length else _ZERO
+        b = history[-c2] if c2 <= length else _ZERO
+        c = history[-c3] if c3 <= length else _ZERO
+        d = history[-q1] if q1 <= length else _ZERO
+        e = history[-q2] if q2 <= length else _ZERO
+        history.append(counters)
+
+        mid = mid2 / (2 * SCALE)
+        spread = (ask - bid) / SCALE
+        level1 = bid_size + ask_size
+        microprice = (bid * ask_size + ask * bid_size) / (level1 * SCALE) if level1 else mid
+        levels = len(bids)
+        depth_bid = bid_size + (bids[1][1] if levels > 1 else 0) + (bids[2][1] if levels > 2 else 0)
+        levels = len(asks)
+        depth_ask = ask_size + (asks[1][1] if levels > 1 else 0) + (asks[2][1] if levels > 2 else 0)
+        depth = depth_bid + depth_ask
+        return [
+            mid,
+            spread,
+            spread / mid * _BPS,
+            microprice,
+            (microprice - mid) / mid * _BPS,
+            (bid_size - ask_size) / level1 if level1 else 0.0,
+            (depth_bid - depth_ask) / depth if depth else 0.0,
+            depth_bid / SCALE,
+            depth_ask / SCALE,
+            (ofi - a[2]) / SCALE,
+            (ofi - b[2]) / SCALE,
+            (ofi - c[2]) / SCALE,
+            float(updates - a[0]),
+            float(updates - b[0]),
+            float(updates - c[0]),
+            float(trades - a[1]),
+            float(trades - b[1]),
+            float(trades - c[1]),
+            (t_ns - self._last_change_ns) / 1e6,
+            float(best_changes - d[3]),
+            float(best_changes - e[3]),
+            math.sqrt(squares - d[4]) / mid2 * _BPS,
+            math.sqrt(squares - e[4]) / mid2 * _BPS,
+            self._last_trade_side,
+            self._last_trade_size,
+        ]
+
+
+_ZERO = (0, 0, 0, 0, 0)
+if len(COUNT_WINDOWS_MS) != 3 or len(QUOTE_CHANGE_WINDOWS_MS) != 2:  # close_tick unrolls the windows
+    raise RuntimeError("the feature windows changed: update FeatureState.close_tick to match FEATURES")

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from quotewatch.domain.book_pipeline import SymbolPipeline, TickOutput
 from quotewatch.domain.features import (
@@ -119,3 +121,15 @@ def test_tick_ms_must_divide_the_windows() -> None:
     FeatureState(50)
     with pytest.raises(ValueError, match="does not divide the 100 ms feature window"):
         FeatureState(40)
+
+
+@given(
+    bids=st.lists(st.tuples(st.integers(1, 10**13), st.integers(0, 10**12)), min_size=1, max_size=3),
+    asks=st.lists(st.tuples(st.integers(1, 10**13), st.integers(0, 10**12)), min_size=1, max_size=3),
+)
+def test_the_inline_tick_values_equal_the_readable_definition(
+    bids: list[tuple[int, int]], asks: list[tuple[int, int]]
+) -> None:
+    values = FeatureState(100).close_tick(T0, tuple(bids), tuple(asks))
+    assert values is not None
+    assert tuple(values[:9]) == book_features(bids, asks)
