@@ -10,19 +10,28 @@ callbacks fetch from the store and call the pure functions of :mod:`quotewatch.d
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dash import Dash, Input, Output, State, dcc, html
+from dash import Dash, Input, Output, State, ctx, dcc, html, set_props
+from dash.exceptions import PreventUpdate, WebsocketDisconnected
 from flask import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from quotewatch.core.config import DashboardSettings
 from quotewatch.core.topics import TopicNames
 from quotewatch.dashboard.runtime import DashboardRuntime, LazyRuntime
-from quotewatch.dashboard.view import KPI_OUTPUTS, render_kpis, selector_update, sparkline_update
+from quotewatch.dashboard.view import (
+    KPI_OUTPUTS,
+    props_by_component,
+    render_kpis,
+    selector_update,
+    sparkline_update,
+)
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0;
@@ -208,10 +217,11 @@ class DashboardApp:
     app: Dash
     runtime: LazyRuntime
     settings: DashboardSettings
+    push: bool
 
     @property
     def server(self) -> Any:
-        """The Flask (WSGI) application."""
+        """The web application: Flask (WSGI) when polling, FastAPI (ASGI) in push mode."""
         return self.app.server
 
 
@@ -222,18 +232,25 @@ def create_app(
 ) -> DashboardApp:
     """Build the Dash app for ``settings``. Starts nothing: state is built on the first request.
 
+    With DASH_PUSH the app runs on Dash's FastAPI backend with WebSocket callbacks, and the KPI
+    cards are pushed by one long-lived callback per browser connection (:func:`_register_push`)
+    instead of being polled.
+
     Args:
         runtime_factory: builds this process's runtime (default: from ``settings``); the entry
             point passes one wired to its service context's liveness.
     """
     runtime = LazyRuntime(runtime_factory or (lambda: DashboardRuntime.build(settings)))
     stale_after_ns = settings.dash_stale_ms * 1_000_000
+    push = settings.dash_push
     app = Dash(
         __name__,
         title="QuoteWatch",
         update_title="",  # keep the tab title still while callbacks run
         serve_locally=True,
         include_assets_files=False,
+        backend="fastapi" if push else "flask",
+        websocket_callbacks=push,
     )
     app.index_string = INDEX_STRING
     app.layout = layout(settings)
@@ -250,16 +267,6 @@ def create_app(
         return selector_update(runtime.get().store.symbols(), value, options, settings.symbols)
 
     @app.callback(
-        [Output(component, prop) for component, prop in KPI_OUTPUTS],
-        Input("poll", "n_intervals"),
-        Input("symbol-select", "value"),
-    )
-    def update_kpis(_: int, symbol: str | None) -> list[Any]:
-        state = runtime.get()
-        values = render_kpis(state.store.latest(symbol), state.feed(), stale_after_ns)
-        return [values[key] for key in KPI_OUTPUTS]
-
-    @app.callback(
         Output("spark-p-change", "figure"),
         Output("spark-mid", "figure"),
         Output("spark-rendered", "data"),
@@ -270,14 +277,38 @@ def create_app(
     def update_sparklines(_: int, symbol: str | None, rendered: Any) -> tuple[Any, Any, Any]:
         return sparkline_update(runtime.get().store.history(symbol), symbol, rendered)
 
-    server = app.server
+    if push:
+        _register_push(app, runtime, settings)
+        _fastapi_routes(app.server, runtime)
+    else:
 
+        @app.callback(
+            [Output(component, prop) for component, prop in KPI_OUTPUTS],
+            Input("poll", "n_intervals"),
+            Input("symbol-select", "value"),
+        )
+        def update_kpis(_: int, symbol: str | None) -> list[Any]:
+            state = runtime.get()
+            values = render_kpis(state.store.latest(symbol), state.feed(), stale_after_ns)
+            return [values[key] for key in KPI_OUTPUTS]
+
+        _flask_routes(app.server, runtime)
+
+    return DashboardApp(app, runtime, settings, push)
+
+
+def _health_body(runtime: LazyRuntime) -> tuple[str, int]:
+    status = runtime.get().health()
+    body = json.dumps({"healthy": status.healthy, "reason": status.reason, **status.detail})
+    return body, 200 if status.healthy else 503
+
+
+def _flask_routes(server: Any, runtime: LazyRuntime) -> None:
     @server.route("/health")
     def health() -> Response:
         """Is this process's snapshot consumer advancing? 200 when healthy, 503 when not."""
-        status = runtime.get().health()
-        body = json.dumps({"healthy": status.healthy, "reason": status.reason, **status.detail})
-        return Response(body, status=200 if status.healthy else 503, mimetype="application/json")
+        body, code = _health_body(runtime)
+        return Response(body, status=code, mimetype="application/json")
 
     @server.route("/metrics")
     def metrics() -> Response:
@@ -285,4 +316,63 @@ def create_app(
         runtime.get()
         return Response(generate_latest(), status=200, mimetype=CONTENT_TYPE_LATEST)
 
-    return DashboardApp(app, runtime, settings)
+
+def _fastapi_routes(server: Any, runtime: LazyRuntime) -> None:
+    from starlette.responses import Response as StarletteResponse
+
+    def health() -> StarletteResponse:
+        """Is this process's snapshot consumer advancing? 200 when healthy, 503 when not."""
+        body, code = _health_body(runtime)
+        return StarletteResponse(body, status_code=code, media_type="application/json")
+
+    def metrics() -> StarletteResponse:
+        """Prometheus metrics of this process."""
+        runtime.get()
+        return StarletteResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    server.add_api_route("/health", health, methods=["GET"])
+    server.add_api_route("/metrics", metrics, methods=["GET"])
+
+
+# How often a push loop looks at the store for a new snapshot, and asks the page which symbol
+# it shows. Reading the store is a dict lookup under a lock; the symbol is a WebSocket round trip.
+PUSH_CHECK_SECONDS = 0.02
+SYMBOL_CHECK_SECONDS = 0.1
+
+
+def _register_push(app: Dash, runtime: LazyRuntime, settings: DashboardSettings) -> None:
+    """One long-lived async callback per browser connection pushes the KPI cards as snapshots arrive.
+
+    A persistent callback (no Input, no Output) starts when the page's WebSocket connects and
+    is restarted by Dash when it reconnects. It sends the cards when the selected symbol's
+    snapshot changes, and at least every DASH_POLL_MS so the age and the stale indicator move
+    while nothing arrives. It ends when the connection closes.
+    """
+    stale_after_ns = settings.dash_stale_ms * 1_000_000
+    refresh_seconds = settings.dash_poll_ms / 1000
+
+    @app.callback(persistent=True)
+    async def push_kpis() -> None:
+        websocket = ctx.websocket
+        sent: tuple[str | None, int] | None = None
+        sent_at = symbol_checked_at = -math.inf
+        symbol: str | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while websocket is not None and not websocket.is_shutdown:
+                now = loop.time()
+                if now - symbol_checked_at >= SYMBOL_CHECK_SECONDS:
+                    symbol = await websocket.get_prop("symbol-select", "value")
+                    symbol_checked_at = now
+                state = runtime.get()
+                latest = state.store.latest(symbol)
+                key = (symbol, latest.received if latest else -1)
+                if key != sent or now - sent_at >= refresh_seconds:
+                    values = render_kpis(latest, state.feed(), stale_after_ns)
+                    for component, props in props_by_component(values).items():
+                        set_props(component, props)
+                    sent, sent_at = key, now
+                await asyncio.sleep(PUSH_CHECK_SECONDS)
+        except WebsocketDisconnected:
+            pass
+        raise PreventUpdate

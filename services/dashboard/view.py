@@ -418,6 +418,14 @@ def render_kpis(latest: Latest | None, feed: FeedView, stale_after_ns: int) -> d
     return out
 
 
+def props_by_component(values: Mapping[tuple[str, str], Any]) -> dict[str, dict[str, Any]]:
+    """``{(id, prop): value}`` regrouped as ``{id: {prop: value}}``, the shape ``set_props`` takes (push mode)."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for (component, prop), value in values.items():
+        grouped.setdefault(component, {})[prop] = value
+    return grouped
+
+
 def selector_update(
     symbols: Sequence[str],
     current_value: str | None,

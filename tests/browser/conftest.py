@@ -60,13 +60,31 @@ def publish(dashboard_settings: DashboardSettings, snapshot_topic: str) -> Itera
 
 
 @pytest.fixture
-def dashboard(dashboard_settings: DashboardSettings) -> Iterator[DashboardApp]:
-    """The dashboard app of this test; its consumer thread is stopped at teardown."""
-    app = create_app(dashboard_settings)
+def make_dashboard(dashboard_settings: DashboardSettings) -> Iterator[Callable[..., DashboardApp]]:
+    """Builds dashboard apps on this test's settings (with overrides); their consumers stop at teardown."""
+    apps: list[DashboardApp] = []
+
+    def build(**overrides: Any) -> DashboardApp:
+        apps.append(create_app(dashboard_settings.model_copy(update=overrides)))
+        return apps[-1]
+
     try:
-        yield app
+        yield build
     finally:
-        app.runtime.stop()
+        for app in apps:
+            app.runtime.stop()
+
+
+@pytest.fixture
+def dashboard(make_dashboard: Callable[..., DashboardApp]) -> DashboardApp:
+    """The dashboard app of this test (polling mode, the settings' thresholds)."""
+    return make_dashboard()
+
+
+@pytest.fixture
+def push_dashboard(make_dashboard: Callable[..., DashboardApp]) -> DashboardApp:
+    """The dashboard in push mode (DASH_PUSH: FastAPI backend, WebSocket callbacks)."""
+    return make_dashboard(dash_push=True)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from tests.unit.dashboard.factories import T0_NS, history, level, make_snapshot,
 # Page load (first render, Chromium cold start) gets more time than a live update, which must
 # show within a poll interval or two (300 ms each); the margin is for a loaded 2-core CI machine.
 PAGE_TIMEOUT = 15
+PROCESS_START_TIMEOUT = 60  # a fresh interpreter importing Dash, Plotly and confluent-kafka
 UPDATE_TIMEOUT = 5
 
 
@@ -54,10 +55,13 @@ def no_browser_errors(dash_duo: Any) -> None:
 
 def test_empty_state_then_live_values_ladder_sparklines_and_screenshot(
     dash_duo: Any,
-    dashboard: DashboardApp,
+    make_dashboard: Callable[..., DashboardApp],
     publish: Callable[..., None],
     artifacts_dir: Path,
 ) -> None:
+    # This test is about the values; staleness has its own test. A long threshold keeps a slow,
+    # loaded machine from turning the page stale while the assertions run.
+    dashboard = make_dashboard(dash_stale_ms=30_000)
     dash_duo.start_server(dashboard.app)
     dash_duo.wait_for_contains_text("#empty-state", "Waiting for the first snapshot", timeout=PAGE_TIMEOUT)
     wait_until_rendered(dash_duo)
@@ -208,15 +212,50 @@ def test_two_symbols_selector_switches(
     no_browser_errors(dash_duo)
 
 
+def test_push_mode_over_websocket_values_selector_and_stale(
+    dash_duo: Any,
+    push_dashboard: DashboardApp,
+    dashboard_settings: DashboardSettings,
+    publish: Callable[..., None],
+) -> None:
+    assert push_dashboard.push
+    dash_duo.start_server(push_dashboard.app)
+    dash_duo.wait_for_contains_text("#empty-state", "Waiting for the first snapshot", timeout=PAGE_TIMEOUT)
+    wait_until_rendered(dash_duo)
+
+    produced = time.monotonic()
+    publish(
+        make_snapshot("BTC-USD", bids=[level("67234.51", "1")], asks=[level("67234.52", "1")], p_change=0.777),
+        make_snapshot("ETH-USD", bids=[level("3456.78", "2")], asks=[level("3456.79", "4")], p_change=0.222),
+    )
+    dash_duo.wait_for_text_to_equal("#kpi-p-change", "0.777", timeout=UPDATE_TIMEOUT)
+    assert text_of(dash_duo, "#kpi-best-bid") == "67,234.51"
+    wait_for(lambda: displayed(dash_duo, "#selector-wrap"), timeout=UPDATE_TIMEOUT, message="selector shown")
+
+    dash_duo.select_dcc_dropdown("#symbol-select", "ETH-USD")
+    dash_duo.wait_for_text_to_equal("#kpi-best-bid", "3,456.78", timeout=UPDATE_TIMEOUT)
+    assert text_of(dash_duo, "#kpi-p-change") == "0.222"
+
+    # With nothing produced the push loop still refreshes the age: the stale indicator appears.
+    dash_duo.wait_for_contains_text(
+        "#stale-indicator", "no snapshot for ETH-USD", timeout=dashboard_settings.dash_stale_ms / 1000 + UPDATE_TIMEOUT
+    )
+    assert time.monotonic() - produced >= dashboard_settings.dash_stale_ms / 1000
+    publish(make_snapshot("ETH-USD", ts_event=T0_NS + 10**9, bids=[level("3457", "2")], asks=[level("3457.01", "1")]))
+    dash_duo.wait_for_text_to_equal("#kpi-best-bid", "3,457.00", timeout=UPDATE_TIMEOUT)
+    dash_duo.wait_for_text_to_equal("#status-badge", "LIVE", timeout=UPDATE_TIMEOUT)
+    no_browser_errors(dash_duo)
+
+
 @pytest.fixture
 def start_dashboard_process(
     dashboard_settings: DashboardSettings, tmp_path: Path
-) -> Iterator[Callable[[], tuple[str, subprocess.Popen[bytes]]]]:
-    """Starts ``quotewatch run dashboard`` (waitress) as a real process on a free port: () -> (url, process)."""
+) -> Iterator[Callable[[bool], tuple[str, subprocess.Popen[bytes]]]]:
+    """Starts ``quotewatch run dashboard`` as a real process on a free port: (push) -> (url, process)."""
     started: list[subprocess.Popen[bytes]] = []
     log = (tmp_path / "dashboard.log").open("wb")
 
-    def start() -> tuple[str, subprocess.Popen[bytes]]:
+    def start(push: bool = False) -> tuple[str, subprocess.Popen[bytes]]:
         port = free_port()
         env = {
             **os.environ,
@@ -225,6 +264,7 @@ def start_dashboard_process(
             "DASH_HOST": "127.0.0.1",
             "DASH_PORT": str(port),
             "DASH_DEBUG": "false",
+            "DASH_PUSH": "true" if push else "false",
         }
         process = subprocess.Popen(
             [sys.executable, "-m", "quotewatch.cli", "run", "dashboard"], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -253,12 +293,14 @@ def _health(url: str) -> requests.Response | None:
         return None
 
 
+@pytest.mark.parametrize("push", [False, True], ids=["waitress-polling", "uvicorn-push"])
 def test_production_server_shows_the_compacted_backlog_as_stale_then_live(
+    push: bool,
     dash_br: Any,
     dashboard_settings: DashboardSettings,
     snapshot_topic: str,
     publish: Callable[..., None],
-    start_dashboard_process: Callable[[], tuple[str, subprocess.Popen[bytes]]],
+    start_dashboard_process: Callable[[bool], tuple[str, subprocess.Popen[bytes]]],
 ) -> None:
     # Written a minute ago, before the dashboard started: read from the beginning, shown stale.
     produce_snapshots(
@@ -268,9 +310,9 @@ def test_production_server_shows_the_compacted_backlog_as_stale_then_live(
         [make_snapshot("BTC-USD", p_change=0.321)],
         timestamp_ms=time.time_ns() // 1_000_000 - 60_000,
     )
-    url, process = start_dashboard_process()
-    health = wait_for(lambda: _health(url), timeout=PAGE_TIMEOUT, message="dashboard process answers /health")
-    assert health.headers["Server"] == "quotewatch-dashboard"  # waitress, not the development server
+    url, process = start_dashboard_process(push)
+    health = wait_for(lambda: _health(url), timeout=PROCESS_START_TIMEOUT, message="dashboard process answers /health")
+    assert health.headers["Server"] == "quotewatch-dashboard"  # waitress or uvicorn, not a development server
 
     dash_br.server_url = url
     dash_br.wait_for_text_to_equal("#kpi-p-change", "0.321", timeout=PAGE_TIMEOUT)
