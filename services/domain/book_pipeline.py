@@ -145,12 +145,13 @@ class SymbolPipeline:
         body_field = _BODY_OF.get(kind)
         if body_field is not None and event.get(body_field) is None:
             raise MarketEventError(f"{kind} event without its {body_field!r} body")
-        ts = event["ts_event"]
-        watermark = self.watermark_ns
-        in_order = watermark is None or ts >= watermark
+        ts: int = event["ts_event"]
+        previous = self.watermark_ns
+        in_order = previous is None or ts >= previous
         if in_order:
-            self.watermark_ns = watermark = ts
+            self.watermark_ns = ts
             self._watermark_position = position
+        watermark: int = ts if previous is None or ts > previous else previous
         if not self.exchange:
             self.exchange = event["exchange"]
         outputs: list[TickOutput] = []

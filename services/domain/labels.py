@@ -104,8 +104,13 @@ class SymbolLabeler:
         label = None
         if window and window[0][0] == target:
             then, then_epoch, then_bid, then_ask, _ = window.popleft()
-            both_quoted = then_bid is not None and then_ask is not None and bid is not None and ask is not None
-            if then_epoch == epoch and both_quoted:
+            if (
+                then_epoch == epoch
+                and then_bid is not None
+                and then_ask is not None
+                and bid is not None
+                and ask is not None
+            ):
                 label = {
                     "ts_event": t,
                     "ts_init": top["ts_init"],

@@ -19,7 +19,7 @@ from tests.unit.book.market_events import synthetic_feed
 
 def book_tops() -> list[dict[str, Any]]:
     pipeline = BookPipeline(100)
-    tops = []
+    tops: list[dict[str, Any]] = []
     for position, record in enumerate(synthetic_feed(99, symbols=("BTC-USD", "ETH-USD"), count=1500)):
         tops.extend(output.book_top for output in pipeline.process(record, position))
     return tops

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quotewatch.core.processor import InRecord
+from quotewatch.core.processor import InRecord, OutRecord
 from quotewatch.core.topics import TopicNames
 from quotewatch.labeler.main import LabelerTask
 from tests.unit.book.market_events import MS, T0
@@ -31,7 +31,7 @@ def rec(value: dict[str, Any], offset: int, partition: int) -> InRecord:
 
 def test_labels_are_keyed_by_symbol_and_the_restart_is_the_oldest_pending_tick() -> None:
     task = LabelerTask(TOPICS, 200, 100)
-    out = []
+    out: list[OutRecord] = []
     for k in range(1, 6):
         out += task.process(rec(tick(100 * k, k), 10 + k, partition=1))
     assert [(o.topic, o.key, o.value["t_event"]) for o in out] == [
