@@ -110,6 +110,10 @@ class StackConfig:
     """Lake sink flush age: short, so the bootstrap trainer sees data within seconds."""
     bootstrap_interval: float = 20.0
     """Seconds between training attempts while no champion exists."""
+    bootstrap_model: Literal["lr", "xgb", "best"] = "lr"
+    """What the bootstrap trains (``quotewatch train --model``): logistic regression fits in seconds
+    on a busy 2-core machine, so the first champion serves sooner; ``quotewatch train`` (best of LR
+    and XGBoost, gated against that champion) replaces it later."""
     ready_timeout: float = 120.0
     stop_timeout: float = 20.0
     restart_backoff_max: float = 30.0
@@ -417,7 +421,8 @@ class LocalStack:
 
     def trainer_spec(self) -> ProcessSpec:
         """The bootstrap training job: lake -> registered model, promoted to champion."""
-        return ProcessSpec(name="trainer", argv=_cli("train", "--promote"), env=self.common_env(), restart=False)
+        argv = _cli("train", "--model", self.config.bootstrap_model, "--promote")
+        return ProcessSpec(name="trainer", argv=argv, env=self.common_env(), restart=False)
 
     def all_specs(self) -> list[ProcessSpec]:
         """Every process the stack may run, in start order (for checks and the status file)."""
@@ -716,6 +721,13 @@ def free_ports(count: int) -> list[int]:
     show_default=True,
     help="Seconds between attempts to train a first champion while there is none.",
 )
+@click.option(
+    "--bootstrap-model",
+    type=click.Choice(["lr", "xgb", "best"]),
+    default="lr",
+    show_default=True,
+    help="What the first champion is trained as (quotewatch train --model).",
+)
 def command(
     run_dir: Path,
     feed: str | None,
@@ -731,6 +743,7 @@ def command(
     metrics_port_base: int,
     pick_free_ports: bool,
     bootstrap_interval: float,
+    bootstrap_model: str,
 ) -> None:
     """The whole system on 127.0.0.1 without Docker, until Ctrl-C: Kafka, MLflow, the feed, every
     service and the dashboard (http://127.0.0.1:8050); a first model is trained and promoted once
@@ -757,6 +770,7 @@ def command(
         webhook_port=webhook_port,
         metrics_ports=metrics_ports,
         bootstrap_interval=bootstrap_interval,
+        bootstrap_model=bootstrap_model,  # type: ignore[arg-type]  # click.Choice guarantees the literal
     )
     shutdown = ShutdownSignal().install()
     click.echo(f"QuoteWatch demo: dashboard {config.dashboard_url}, MLflow {config.mlflow_url}, state {run_dir}")

@@ -169,6 +169,7 @@ def test_demo_runs_the_whole_system_and_stops_cleanly(demo: DemoRun) -> None:
 
     # The dashboard shows a live p_change from the champion, in a real browser.
     from selenium import webdriver
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     from tests.browser.conftest import chromium_options
@@ -178,9 +179,12 @@ def test_demo_runs_the_whole_system_and_stops_cleanly(demo: DemoRun) -> None:
         browser.get(dashboard_url)
 
         def champion_on_screen() -> tuple[str, str, str] | None:
-            role = browser.find_element(By.ID, "kpi-model-role").text
-            model = browser.find_element(By.ID, "kpi-model").text
-            p_change = browser.find_element(By.ID, "kpi-p-change").text
+            try:  # Dash renders the layout in the browser: the cards appear after the first callbacks
+                role = browser.find_element(By.ID, "kpi-model-role").text
+                model = browser.find_element(By.ID, "kpi-model").text
+                p_change = browser.find_element(By.ID, "kpi-p-change").text
+            except (NoSuchElementException, StaleElementReferenceException):
+                return None
             return (role, model, p_change) if role == "CHAMPION" and model.endswith(f"v{version}") else None
 
         _role, _model, p_change = wait_for(
