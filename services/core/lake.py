@@ -47,9 +47,11 @@ first row is always written first (the sink's crash recovery relies on it; see
 time ranges).
 
 A file is published atomically: on a local disk it is written to a hidden temporary name,
-fsynced, renamed and its directory fsynced; on an object store (S3, GCS, Azure) the object
-becomes visible only when its single upload completes. Publishing the same chunk again writes
-the same bytes under the same name.
+fsynced, renamed and its directory fsynced; on an object store (S3, GCS, Azure) it is uploaded
+straight to its final key, and the object becomes visible only when the upload completes (a
+PutObject, or pyarrow's multipart upload, whose completion is atomic too), so no temporary
+object and no rename are needed. Publishing the same chunk again writes the same bytes under the
+same name.
 
 Coverage and holes
 ------------------
@@ -399,7 +401,8 @@ def publish_file(location: LakeLocation, path: str, data: bytes) -> None:
 
     Local disk: write a hidden temporary file next to it, fsync, rename over ``path``, fsync the
     directory (and any directory created on the way). Object stores: one upload to the final
-    key; the object appears only when it completes. Other filesystems: temporary name + move.
+    key; the object appears only when the upload completes. Other filesystems: temporary name +
+    move.
     Publishing the same bytes twice is harmless (same name, same content).
 
     Raises:

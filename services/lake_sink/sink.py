@@ -190,6 +190,8 @@ class LakeSink:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._last_lag_check_ns = 0
+        self._failed = False
+        """The loop died: a revoke (from close()) must not write or commit anything more."""
 
     @classmethod
     def from_context(cls, context: ServiceContext, **options: Any) -> LakeSink:
@@ -242,6 +244,7 @@ class LakeSink:
             self._cut_all(list(self._buffers))
             self._commit()
         except BaseException as exc:
+            self._failed = True
             reason = f"{type(exc).__name__}: {exc}"
             raise
         finally:
@@ -299,8 +302,10 @@ class LakeSink:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         try:
-            self._cut_all(keys)
-            self._commit()
+            if not self._failed:
+                # A rebalance (or the close() of a clean shutdown): hand over what is buffered as files.
+                self._cut_all(keys)
+                self._commit()
         except KafkaException as exc:
             # The files are durable; whoever gets the partition finds them and skips over them.
             logger.warning("could not commit on revoke", extra={"error": str(exc)})

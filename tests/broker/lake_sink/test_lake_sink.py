@@ -29,6 +29,7 @@ from tests.unit.lake_sink.factories import (
     ProducedRecord,
     assert_lake_holds_exactly,
     capture_records,
+    committed_everything,
     committed_offsets,
     lake_offsets,
     produce_records,
@@ -103,7 +104,9 @@ def test_every_offset_lands_exactly_once_with_identical_content(sink_settings: L
         "quotewatch_lake_rows_written_total", {"service": "lake-sink", "topic": names.features}
     )
     with running_sink(sink_settings, liveness=liveness):
-        wait_for(lambda: rows_in_lake(root, topics) >= len(produced), timeout=90, interval=0.3, message="every record")
+        wait_for(
+            lambda: committed_everything(sink_settings, produced), timeout=90, interval=0.3, message="every record"
+        )
     assert_lake_holds_exactly(root, produced)
     assert {r.topic for r in produced} == set(topics)
     # Committed offsets: after the last record of each partition (a transaction marker may follow it).
@@ -220,7 +223,7 @@ def sink_committed_range(settings: LakeSinkSettings, count: int) -> list[Produce
     names = TopicNames(settings.topic_prefix)
     produced = produce_features(settings, count)
     with running_sink(settings):
-        wait_for(lambda: len(lake_offsets(Path(settings.lake_uri), names.features)) >= count, message="first stretch")
+        wait_for(lambda: committed_everything(settings, produced), interval=0.2, message="the first stretch")
     assert committed_offsets(settings, names.features, 3)[0] == produced[-1].offset + 1
     return produced
 
@@ -255,7 +258,7 @@ def test_a_crash_in_the_middle_of_a_chunk_is_repaired_under_the_same_file_names(
     # Restarted with other flush settings: the incomplete chunk is still rewritten with its own boundaries.
     restarted = sink_settings.model_copy(update={"lake_flush_bytes": 10_000_000, "lake_flush_seconds": 0.3})
     with running_sink(restarted):
-        wait_for(lambda: len(lake_offsets(root, names.features)) >= len(produced), message="all features")
+        wait_for(lambda: committed_everything(sink_settings, produced), interval=0.2, message="all features")
     assert_lake_holds_exactly(root, produced)
     assert set(chunk.files) <= set(files_of(root, names.features))
     (info,) = [i for i in lake.lake_info(str(root)) if i.topic == names.features]
@@ -295,7 +298,7 @@ def test_files_written_but_not_committed_before_a_crash_are_kept_not_written_aga
     assert set(before) == set(chunk_files)
     assert committed_offsets(sink_settings, names.features, 3)[0] == committed, "the crashed run committed nothing"
     with running_sink(sink_settings):
-        wait_for(lambda: len(lake_offsets(root, names.features)) >= len(produced), message="all features")
+        wait_for(lambda: committed_everything(sink_settings, produced), interval=0.2, message="all features")
     assert_lake_holds_exactly(root, produced)
     after = files_of(root, names.features)
     assert {path: after[path] for path in before} == before, "the crashed run's files were kept, not rewritten"
@@ -307,7 +310,7 @@ def test_without_a_committed_offset_the_sink_resumes_after_the_lake(sink_setting
     produced = produce_features(sink_settings, 120)
     root = Path(sink_settings.lake_uri)
     with running_sink(sink_settings):
-        wait_for(lambda: len(lake_offsets(root, names.features)) >= len(produced), message="all features")
+        wait_for(lambda: committed_everything(sink_settings, produced), interval=0.2, message="all features")
     more = produce_features(sink_settings, 60)
     # A group that never committed (offsets expired, or a redeployed sink) must not write the lake's range again.
     fresh_group = f"{sink_settings.topic_prefix}.lake-sink-redeployed"
@@ -317,3 +320,25 @@ def test_without_a_committed_offset_the_sink_resumes_after_the_lake(sink_setting
         )
     assert_lake_holds_exactly(root, produced + more)
     assert committed_offsets(sink_settings, names.features, 3, group=fresh_group)[0] == more[-1].offset + 1
+
+
+def test_two_sinks_in_one_group_hand_partitions_over_without_losing_or_repeating_an_offset(
+    sink_settings: LakeSinkSettings,
+) -> None:
+    names = TopicNames(sink_settings.topic_prefix)
+    topics = [f"{names.prefix}.{suffix}" for suffix in LAKE_SUFFIXES]
+    root = Path(sink_settings.lake_uri)
+    records = capture_records(600)
+    early = {suffix: values[: len(values) // 2] for suffix, values in records.items()}
+    late = {suffix: values[len(values) // 2 :] for suffix, values in records.items()}
+    produced = produce_records(sink_settings, early, transaction_size=200)
+    with running_sink(sink_settings):
+        wait_for(lambda: rows_in_lake(root, topics) > 0, interval=0.2, message="the first sink writing")
+        # A second instance joins (a rebalance: the first hands its buffers over as files), then leaves.
+        with running_sink(sink_settings.model_copy(update={"instance_id": "1"})):
+            produced += produce_records(sink_settings, late, transaction_size=200)
+            wait_for(
+                lambda: committed_everything(sink_settings, produced), timeout=90, interval=0.3, message="every record"
+            )
+    assert_lake_holds_exactly(root, produced)
+    assert all(info.healthy for info in lake.lake_info(str(root)))

@@ -20,7 +20,12 @@ from quotewatch.core.topics import TopicNames
 from quotewatch.local.kafka import free_port
 from tests.broker.lake_sink.test_lake_sink import running_sink
 from tests.helpers import wait_for
-from tests.unit.lake_sink.factories import assert_lake_holds_exactly, capture_records, produce_records, rows_in_lake
+from tests.unit.lake_sink.factories import (
+    assert_lake_holds_exactly,
+    capture_records,
+    committed_everything,
+    produce_records,
+)
 
 
 @pytest.fixture
@@ -56,7 +61,7 @@ def test_the_sink_writes_and_the_reader_reads_an_s3_lake(
     produced = produce_records(settings, {s: records[s] for s in ("md.raw", "features", "labels")})
     topics_written = [names.md_raw, names.features, names.labels]
     with running_sink(settings):
-        wait_for(lambda: rows_in_lake(uri, topics_written) >= len(produced), interval=0.3, message="every record")
+        wait_for(lambda: committed_everything(settings, produced), interval=0.3, message="every record")
     assert_lake_holds_exactly(uri, produced)
     location = lake.lake_location(uri)
     assert location.filesystem.type_name == "s3"

@@ -21,6 +21,7 @@ from tests.unit.lake_sink.factories import (
     ProducedRecord,
     assert_lake_holds_exactly,
     capture_records,
+    committed_everything,
     produce_records,
     rows_in_lake,
 )
@@ -98,16 +99,17 @@ def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(topics: Co
     # More input arrives while the sink is down; 2nd run, killed again mid-stream.
     produced += produce_records(settings, late, transaction_size=250)
     with sink_process(env, log) as second:
-        wait_for(lambda: files_in(lake) >= 120, timeout=60, interval=0.2, message="more files from the second run")
+        after_first = files_in(lake)
+        wait_for(
+            lambda: files_in(lake) >= after_first + 60, timeout=60, interval=0.2, message="files from the second run"
+        )
         second.send_signal(signal.SIGKILL)
         assert second.wait(30) == -signal.SIGKILL
     assert rows_in_lake(lake, lake_topics) < len(produced), "the second kill landed mid-stream"
 
     # 3rd run: catches up, reports healthy, stops cleanly on SIGTERM.
     with sink_process(env, log) as third:
-        wait_for(
-            lambda: rows_in_lake(lake, lake_topics) >= len(produced), timeout=120, interval=0.5, message="every record"
-        )
+        wait_for(lambda: committed_everything(settings, produced), timeout=120, interval=0.3, message="every record")
         status = wait_for(lambda: (h := health(port)) and h.get("healthy") and h, message="a healthy /health")
         assert status["records_processed"] > 0
         third.send_signal(signal.SIGTERM)

@@ -251,3 +251,16 @@ def assert_lake_holds_exactly(root: Path | str, produced: list[ProducedRecord]) 
             # repr() so that NaN feature values compare equal to themselves.
             assert repr({key: row[key] for key in decoded}) == repr(decoded), (topic, record.partition, record.offset)
             assert (row["_topic"], row["_key"]) == (topic, record.key)
+
+
+def committed_everything(settings: CommonSettings, produced: list[ProducedRecord], group: str | None = None) -> bool:
+    """Has the sink's group committed past every produced record? (Then every file is written.)"""
+    last: dict[tuple[str, int], int] = {}
+    for record in produced:
+        last[(record.topic, record.partition)] = max(record.offset, last.get((record.topic, record.partition), -1))
+    consumer = Consumer(consumer_config(settings, group or f"{settings.topic_prefix}.lake-sink", "committed-check"))
+    try:
+        found = consumer.committed([TopicPartition(topic, partition) for topic, partition in last], timeout=10)
+    finally:
+        consumer.close()
+    return all(tp.offset > last[(tp.topic, tp.partition)] for tp in found)
