@@ -27,7 +27,7 @@ from quotewatch.core.topics import TopicNames
 from quotewatch.dashboard.runtime import DashboardRuntime, LazyRuntime
 from quotewatch.dashboard.view import (
     KPI_OUTPUTS,
-    props_by_component,
+    props_to_send,
     render_kpis,
     selector_update,
     sparkline_update,
@@ -344,9 +344,10 @@ def _register_push(app: Dash, runtime: LazyRuntime, settings: DashboardSettings)
     """One long-lived async callback per browser connection pushes the KPI cards as snapshots arrive.
 
     A persistent callback (no Input, no Output) starts when the page's WebSocket connects and
-    is restarted by Dash when it reconnects. It sends the cards when the selected symbol's
+    is restarted by Dash when it reconnects. It renders the cards when the selected symbol's
     snapshot changes, and at least every DASH_POLL_MS so the age and the stale indicator move
-    while nothing arrives. It ends when the connection closes.
+    while nothing arrives, and sends only the props that changed. It ends when the connection
+    closes.
     """
     stale_after_ns = settings.dash_stale_ms * 1_000_000
     refresh_seconds = settings.dash_poll_ms / 1000
@@ -355,6 +356,7 @@ def _register_push(app: Dash, runtime: LazyRuntime, settings: DashboardSettings)
     async def push_kpis() -> None:
         websocket = ctx.websocket
         sent: tuple[str | None, int] | None = None
+        page: dict[tuple[str, str], str] = {}  # what the page shows, as sent (JSON)
         sent_at = symbol_checked_at = -math.inf
         symbol: str | None = None
         loop = asyncio.get_running_loop()
@@ -369,7 +371,8 @@ def _register_push(app: Dash, runtime: LazyRuntime, settings: DashboardSettings)
                 key = (symbol, latest.received if latest else -1)
                 if key != sent or now - sent_at >= refresh_seconds:
                     values = render_kpis(latest, state.feed(), stale_after_ns)
-                    for component, props in props_by_component(values).items():
+                    changed, page = props_to_send(values, page)
+                    for component, props in changed.items():
                         set_props(component, props)
                     sent, sent_at = key, now
                 await asyncio.sleep(PUSH_CHECK_SECONDS)

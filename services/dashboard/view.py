@@ -11,6 +11,7 @@ the edge cases (no model yet, fallback role, NaN and null metrics, empty and one
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from itertools import pairwise
 from typing import Any, TypeGuard
 
 from dash import html, no_update
+from plotly.utils import PlotlyJSONEncoder
 
 from quotewatch.core.units import format_e8
 
@@ -424,6 +426,20 @@ def props_by_component(values: Mapping[tuple[str, str], Any]) -> dict[str, dict[
     for (component, prop), value in values.items():
         grouped.setdefault(component, {})[prop] = value
     return grouped
+
+
+def props_to_send(
+    values: Mapping[tuple[str, str], Any], sent: Mapping[tuple[str, str], str]
+) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+    """Push mode: the props whose JSON differs from what the page was last sent, grouped by component.
+
+    Returns (``{id: {prop: value}}`` to send, the updated record of what was sent). Each
+    ``set_props`` is a WebSocket message the page applies on its own, so sending only what
+    changed (a few cards per snapshot) keeps the page's work per update small.
+    """
+    encoded = {key: json.dumps(value, cls=PlotlyJSONEncoder, sort_keys=True) for key, value in values.items()}
+    changed = {key: values[key] for key, text in encoded.items() if sent.get(key) != text}
+    return props_by_component(changed), {**sent, **encoded}
 
 
 def selector_update(

@@ -33,6 +33,8 @@ from quotewatch.dashboard.view import (
     live_metrics_of,
     model_text,
     p_change_colour,
+    props_by_component,
+    props_to_send,
     quote_of,
     render_kpis,
     selector_update,
@@ -294,6 +296,25 @@ def test_selector_default_is_the_first_configured_symbol_that_is_known() -> None
     _, value, _ = selector_update(["BTC-USD", "ETH-USD"], "GONE-USD", [], preferred=())
     assert value == "BTC-USD"
     assert selector_update([], None, []) == (no_update, no_update, no_update)
+
+
+# -- push mode --------------------------------------------------------------------------------
+
+
+def test_push_sends_only_the_props_that_changed_grouped_by_component() -> None:
+    first = render_kpis(Latest("BTC-USD", make_snapshot(p_change=0.25), 0, 1), FEED, STALE_NS)
+    everything, sent = props_to_send(first, {})
+    assert everything == props_by_component(first)
+    assert everything["kpi-feed-state"] == {"children": "SUBSCRIBED", "className": "badge ok"}
+    assert props_to_send(first, sent)[0] == {}  # nothing changed, nothing sent
+
+    second = render_kpis(Latest("BTC-USD", make_snapshot(p_change=0.9), 500_000_000, 2), FEED, STALE_NS)
+    changed, _ = props_to_send(second, sent)
+    assert set(changed) == {"kpi-p-change", "card-p-change", "snapshot-time"}
+    assert changed["kpi-p-change"] == {"children": "0.900"}
+    # Components (the ladder rows) compare by content, not identity.
+    moved = render_kpis(Latest("BTC-USD", make_snapshot(p_change=0.25, bids=[level("1", "1")]), 0, 3), FEED, STALE_NS)
+    assert "ladder-body" in props_to_send(moved, sent)[0]
 
 
 # -- sparklines ---------------------------------------------------------------------------------
