@@ -23,12 +23,14 @@ import click
 
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import BookSettings, load_settings
+from quotewatch.core.errors import ConfigError
 from quotewatch.core.kafka import dead_letter
 from quotewatch.core.processor import InRecord, OutRecord
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.service import run_stream_service, service_context
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.book_pipeline import BookPipeline, MarketEventError, TickOutput
+from quotewatch.domain.features import FeatureState
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,10 @@ class BookTask:
 def command() -> None:
     """Order book + features per symbol on the TICK_MS event-time grid (exactly-once)."""
     settings = load_settings(BookSettings)
+    try:
+        FeatureState(settings.tick_ms)
+    except ValueError as exc:  # TICK_MS must divide the feature windows
+        raise ConfigError(str(exc)) from exc
     with service_context(SERVICE, settings) as context:
         task = BookTask(context.topics, settings.tick_ms, context.clock, context.serde)
         # Exactly-once: each consumed batch of md.events is one transaction with its BookTop and

@@ -62,3 +62,13 @@ def test_a_bad_update_is_dead_lettered_with_the_ticks_it_closed() -> None:
     assert dead["error_type"] == "MarketEventError"
     assert "negative size" in dead["reason"]
     assert AvroSerde().decode(dead["source_value"], TOPICS.md_events)["update"]["changes"][0]["size_e8"] == -5
+
+
+def test_run_book_refuses_a_tick_that_does_not_divide_the_feature_windows() -> None:
+    from click.testing import CliRunner
+
+    from quotewatch.cli import main
+
+    result = CliRunner().invoke(main, ["run", "book"], env={"TICK_MS": "300", "DELTA_MS": "600"})
+    assert result.exit_code == 1
+    assert "TICK_MS=300 does not divide the 100 ms feature window" in result.output
