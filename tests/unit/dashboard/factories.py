@@ -96,9 +96,13 @@ def produce_snapshots(
     ``timestamp_ms`` sets the records' broker timestamp (CreateTime), e.g. to write a backlog
     that is already old.
     """
-    extra = {} if timestamp_ms is None else {"timestamp": timestamp_ms}
     for record in records:
-        producer.produce(topic, key=record["symbol"].encode(), value=serde.encode(topic, record), **extra)
+        producer.produce(
+            topic,
+            key=record["symbol"].encode(),
+            value=serde.encode(topic, record),
+            timestamp=timestamp_ms if timestamp_ms is not None else 0,  # 0: the producer's clock
+        )
     remaining = producer.flush(10)
     assert remaining == 0, f"{remaining} snapshots were not delivered"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 from quotewatch.core.clock import FakeClock
 from quotewatch.dashboard.runtime import DashboardRuntime, LazyRuntime
@@ -104,17 +104,18 @@ def test_lazy_runtime_is_built_once_per_process_on_first_use() -> None:
     holder = LazyRuntime(factory, getpid=lambda: pid[0])
     assert built == []  # building the app starts nothing
     assert not holder.built
-    first: Any = holder.get()
+    first = holder.get()
     assert holder.get() is first
-    assert (len(built), first.started) == (1, 1)
+    assert first is cast(DashboardRuntime, built[0])
+    assert (len(built), built[0].started) == (1, 1)
 
     pid[0] = 101  # as seen from a forked worker
     assert not holder.built
-    child: Any = holder.get()
-    assert child is not first
-    assert (len(built), child.started, first.stopped) == (2, 1, 0)  # the parent's client is left alone
+    child = holder.get()
+    assert child is cast(DashboardRuntime, built[1])
+    assert (len(built), built[1].started, built[0].stopped) == (2, 1, 0)  # the parent's client is left alone
 
     holder.stop()
-    assert child.stopped == 1
+    assert built[1].stopped == 1
     assert holder.get() is child  # a late request after stop() does not start a new consumer
     assert len(built) == 2
