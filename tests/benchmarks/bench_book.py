@@ -152,14 +152,15 @@ def run(ctx: Context) -> list[Result]:
             for factory in (run_ours, run_c_extension, run_sortedcontainers)
         ]
         assert tops[0] == tops[1] == tops[2], f"{name}: the structures disagree on the final top-3"
-        rates = {}
-        for label, factory in (
-            ("ours", run_ours),
-            ("c", run_c_extension),
-            ("sorted", run_sortedcontainers),
-        ):
-            for read in (True, False):
-                rates[label, read] = updates / timed(factory(snapshots, batches, read), repeat)
+        # Rounds interleave the structures (the machine is shared and noisy); best round wins.
+        best: dict[tuple[str, bool], float] = {}
+        factories = (("ours", run_ours), ("c", run_c_extension), ("sorted", run_sortedcontainers))
+        for _ in range(repeat):
+            for label, factory in factories:
+                for read in (True, False):
+                    seconds = timed(factory(snapshots, batches, read), 1)
+                    best[label, read] = min(best.get((label, read), float("inf")), seconds)
+        rates = {key: updates / seconds for key, seconds in best.items()}
         shape = (
             f"{updates:,} level updates in {len(batches):,} batches over {len(snapshots)} symbol(s), "
             f"{depth:,} snapshot levels."
