@@ -455,10 +455,19 @@ class LocalStack:
             raise StackError(f"two parts of the stack were given the same port: {self.config.host_ports()}")
 
     def start(self) -> None:
-        """Start every part in order, each ready before the next; raise StackError if one is not."""
+        """Start every part, each ready before what needs it; raise StackError if one is not.
+
+        MLflow and the feed server need no broker, so they start while the broker does; the
+        services start together once the topics, MLflow and the feed are there.
+        """
         self.check_ports()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.lake_dir.mkdir(parents=True, exist_ok=True)
+        independent = [self.mlflow_spec()]
+        feed = self.feed_spec()
+        if feed is not None:
+            independent.append(feed)
+        self._start(independent)
         if self.config.bootstrap_servers is None:
             logger.info("starting the local Kafka broker on %s:%d", HOST, self.config.kafka_port)
             self.kafka = LocalKafka(self.run_dir / "kafka")
@@ -466,12 +475,9 @@ class LocalStack:
             if not link.is_symlink():
                 link.symlink_to(self.kafka.log_file)
             self.kafka.start(port=self.config.kafka_port)
-        self._write_status()
+            self._write_status()
         self._run_once(ProcessSpec("topics", _cli("topics", "create"), self.common_env(), restart=False))
-        self._start_and_wait([self.mlflow_spec()])
-        feed = self.feed_spec()
-        if feed is not None:
-            self._start_and_wait([feed])
+        self._wait_ready(independent)
         self._start_and_wait(self.service_specs())
         self.champion = champion_version(self.config.mlflow_url)
         self._write_status()
@@ -482,12 +488,19 @@ class LocalStack:
             self.log_dir,
         )
 
-    def _start_and_wait(self, specs: Sequence[ProcessSpec]) -> None:
+    def _start(self, specs: Sequence[ProcessSpec]) -> None:
         for spec in specs:
             process = ManagedProcess(spec, self.log_dir, self.run_dir)
             self.processes[spec.name] = process
             process.start()
         self._write_status()
+
+    def _start_and_wait(self, specs: Sequence[ProcessSpec]) -> None:
+        self._start(specs)
+        self._wait_ready(specs)
+
+    def _wait_ready(self, specs: Sequence[ProcessSpec]) -> None:
+        """Until every one of ``specs`` passes its readiness probe; StackError if one exits or times out."""
         deadline = time.monotonic() + self.config.ready_timeout
         waiting = [self.processes[spec.name] for spec in specs]
         while waiting:
@@ -592,8 +605,8 @@ class LocalStack:
         if self.champion is not None:
             self._write_status()
             return
-        if self._next_training_at == 0.0:  # first look: give the lake one flush interval of data
-            self._next_training_at = now + self.config.bootstrap_interval
+        if self._next_training_at == 0.0:  # first look: let the lake sink flush some labelled data
+            self._next_training_at = now + max(self.config.bootstrap_interval, 1.5 * self.config.lake_flush_seconds)
             return
         self._training_attempts += 1
         self._trainer = ManagedProcess(self.trainer_spec(), self.log_dir, self.run_dir)
