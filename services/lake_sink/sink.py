@@ -285,8 +285,7 @@ class LakeSink:
         """No committed offset: continue after the last chunk the lake holds, else from the log start."""
         chunk = last_chunk(self._lake, buffer.topic, buffer.partition)
         if chunk is None:
-            low, _ = consumer.get_watermark_offsets(TopicPartition(buffer.topic, buffer.partition), timeout=30)
-            buffer.first_offset = max(low, 0)
+            buffer.first_offset = max(self._low_watermark(consumer, buffer), 0)
             return
         if missing_files(self._lake, chunk):
             buffer.first_offset = chunk.first_offset
@@ -369,14 +368,16 @@ class LakeSink:
         topic, partition, offset = message.topic() or "", message.partition() or 0, message.offset() or 0
         key = (topic, partition)
         buffer = self._buffers.get(key)
-        if buffer is None or offset < buffer.first_offset or offset <= buffer.last_offset:
-            return  # not ours any more, or before a position we skipped to
+        if buffer is None:
+            return  # not ours any more
+        if buffer.check_retention:
+            buffer.check_retention = False
+            self._check_start(buffer, offset)
+        if offset < buffer.first_offset or offset <= buffer.last_offset:
+            return  # before a position we skipped to (fetched before the seek)
         if buffer.forced_last is not None and offset > buffer.forced_last:
             buffer.last_offset = buffer.forced_last
             self._cut(buffer)
-        if buffer.check_retention:
-            buffer.check_retention = False
-            self._check_retention(buffer, offset)
         self._records_in[topic].inc()
         self._positions[key] = offset + 1
         value = message.value() or b""
@@ -425,11 +426,22 @@ class LakeSink:
         if buffer.forced_last is not None and offset >= buffer.forced_last:
             self._cut(buffer)
 
-    def _check_retention(self, buffer: _Buffer, offset: int) -> None:
-        """The first record after assignment lies past the chunk start: were records deleted unread?"""
-        if offset <= buffer.first_offset or self._consumer is None:
+    def _check_start(self, buffer: _Buffer, offset: int) -> None:
+        """The first record after assignment: is the log where the committed offset (or the lake) says?
+
+        Raises:
+            FatalError: the log restarted below the start position (the topic was deleted and
+                created again): its offsets would collide with files already in the lake.
+        """
+        if offset < buffer.first_offset:
+            raise FatalError(
+                f"{buffer.topic}[{buffer.partition}] delivered offset {offset} below the start position "
+                f"{buffer.first_offset} (committed offset or the lake's last chunk): was the topic re-created? "
+                "Move its dataset out of the lake or use a new TOPIC_PREFIX"
+            )
+        if offset == buffer.first_offset or self._consumer is None:
             return
-        low, _ = self._consumer.get_watermark_offsets(TopicPartition(buffer.topic, buffer.partition), timeout=30)
+        low = self._low_watermark(self._consumer, buffer)
         if low > buffer.first_offset:
             logger.error(
                 "records were deleted by retention before the lake sink read them",
@@ -442,6 +454,21 @@ class LakeSink:
             )
             # The chunk starts at the log start, so `lake info` shows the lost range as a hole.
             buffer.first_offset = low
+
+    def _low_watermark(self, consumer: Consumer, buffer: _Buffer) -> int:
+        """The partition's log start offset, retrying transient broker errors (e.g. a leader election)."""
+        delay = 0.2
+        for attempt in range(1, 11):
+            try:
+                low, _ = consumer.get_watermark_offsets(TopicPartition(buffer.topic, buffer.partition), timeout=10)
+                return int(low)
+            except KafkaException as exc:
+                if attempt == 10:
+                    raise FatalError(f"cannot read the log start of {buffer.topic}[{buffer.partition}]: {exc}") from exc
+                logger.warning("retrying a watermark query", extra={"attempt": attempt, "error": str(exc)})
+                self._shutdown.wait(random.uniform(0, delay))  # noqa: S311 - jitter, not security
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
 
     def _dead_letter(self, message: Message, error: BaseException, log_traceback: bool) -> None:
         assert self._producer is not None
