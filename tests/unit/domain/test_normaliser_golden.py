@@ -252,7 +252,9 @@ def test_events_are_in_time_order_per_symbol_and_ts_init_comes_from_the_raw_reco
 def test_every_normalised_event_encodes_with_the_market_event_schema(normalised: dict[str, Any]) -> None:
     serde = AvroSerde()
     for _, events, _ in normalised.values():
-        for event in events:
+        # Every snapshot, trade, gap, status...; one update in ten (they all have the same shape).
+        sample = [e for i, e in enumerate(events) if e["kind"] != "UPDATE" or i % 10 == 0]
+        for event in sample:
             assert serde.decode(serde.encode("qw.md.events", event), "qw.md.events") == event
 
 
