@@ -108,8 +108,10 @@ class StackConfig:
     metrics_ports: Mapping[str, int] = field(default_factory=lambda: dict(STREAM_SERVICES))
     lake_flush_seconds: float = 10.0
     """Lake sink flush age: short, so the bootstrap trainer sees data within seconds."""
-    bootstrap_interval: float = 20.0
-    """Seconds between training attempts while no champion exists."""
+    bootstrap_interval: float = 45.0
+    """Seconds of data before the first training attempt, and between attempts while no champion
+    exists (the trainer's gate refuses a model that does not beat the naive baselines, which a few
+    hundred rows rarely do)."""
     bootstrap_model: Literal["lr", "xgb", "best"] = "lr"
     """What the bootstrap trains (``quotewatch train --model``): logistic regression fits in seconds
     on a busy 2-core machine, so the first champion serves sooner; ``quotewatch train`` (best of LR
@@ -590,11 +592,16 @@ class LocalStack:
                 logger.info("bootstrap: %s@%s is version %s; inference serves it", MODEL_NAME, CHAMPION, self.champion)
                 self._write_status()
                 return
+            why = (
+                "the gate refused the candidate"
+                if code == 0
+                else f"training failed (exit code {code}; too little data?)"
+            )
             logger.info(
-                "bootstrap: training attempt %d ended with exit code %s and no champion yet "
-                "(too little labelled data in the lake?); retrying in %.0fs",
+                "bootstrap: attempt %d: %s, see %s; retrying with more data in %.0fs",
                 self._training_attempts,
-                code,
+                why,
+                trainer.log_path,
                 self.config.bootstrap_interval,
             )
             self._next_training_at = now + self.config.bootstrap_interval
@@ -605,8 +612,8 @@ class LocalStack:
         if self.champion is not None:
             self._write_status()
             return
-        if self._next_training_at == 0.0:  # first look: let the lake sink flush some labelled data
-            self._next_training_at = now + max(self.config.bootstrap_interval, 1.5 * self.config.lake_flush_seconds)
+        if self._next_training_at == 0.0:  # first look: let the lake fill with labelled data first
+            self._next_training_at = now + self.config.bootstrap_interval
             return
         self._training_attempts += 1
         self._trainer = ManagedProcess(self.trainer_spec(), self.log_dir, self.run_dir)
@@ -730,7 +737,7 @@ def free_ports(count: int) -> list[int]:
 @click.option(
     "--bootstrap-interval",
     type=float,
-    default=20.0,
+    default=45.0,
     show_default=True,
     help="Seconds between attempts to train a first champion while there is none.",
 )

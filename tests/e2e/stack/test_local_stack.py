@@ -92,7 +92,7 @@ def demo(tmp_path: Path) -> Iterator[DemoRun]:
                 "--symbols",
                 ",".join(SYMBOLS),
                 "--bootstrap-interval",
-                "15",
+                "40",
             ],
             stdout=sink,
             stderr=subprocess.STDOUT,
