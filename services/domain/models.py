@@ -22,6 +22,10 @@ from quotewatch.domain import features
 
 FALLBACK_MODEL_NAME = "fallback-online-logistic"
 """model_name of predictions from the built-in fallback (role FALLBACK)."""
+CHAMPION_ROLE = "CHAMPION"
+CHALLENGER_ROLE = "CHALLENGER"
+FALLBACK_ROLE = "FALLBACK"
+"""``Prediction.model_role`` values (the ``quotewatch.ModelRole`` enum)."""
 
 
 class FeatureSpecMismatchError(ValueError):
@@ -66,16 +70,95 @@ def positive_probability(model: Any, features: NDArray[np.float64]) -> NDArray[n
     Supports scikit-learn estimators and pipelines (``predict_proba``) and XGBoost's sklearn
     API (scored through the booster's ``inplace_predict``, which gives the same probabilities
     as ``predict_proba`` without building a DMatrix per call).
+
+    **Row invariance.** Each row gets the same bits whether it is scored alone (inference, one
+    vector per tick) or in a batch of any size at any position (backtest, trainer). XGBoost's
+    tree sums are per row. scikit-learn's logistic regression is not: its ``X @ coef.T`` goes to
+    BLAS, whose ``ddot`` (one row) and ``dgemv`` (many rows) sum in different orders (~1e-16
+    apart). The trainer's LR model (a Pipeline of StandardScaler and a binary
+    LogisticRegression) is therefore scored by :func:`_linear_probability` with the fitted
+    parameters, in one fixed order of float operations per row (within 1e-15 of
+    ``predict_proba``).
     """
     matrix = np.asarray(features, dtype=np.float64)
     if matrix.ndim != 2:
         raise ValueError(f"features must be a 2-d matrix, got shape {matrix.shape}")
+    linear = _linear_parameters(model)
+    if linear is not None:
+        return _linear_probability(linear, matrix)
     booster_of = getattr(model, "get_booster", None)
     if booster_of is not None:
         predicted = np.asarray(booster_of().inplace_predict(matrix), dtype=np.float64)
         return predicted.reshape(matrix.shape[0])
     probabilities = np.asarray(model.predict_proba(matrix), dtype=np.float64)
     return probabilities[:, 1]
+
+
+_LinearParameters = tuple[NDArray[np.float64] | None, NDArray[np.float64] | None, NDArray[np.float64], float]
+"""(mean or None, scale or None, coef, intercept) of the trainer's LR pipeline."""
+
+
+def _linear_parameters(model: Any) -> _LinearParameters | None:
+    """(mean, scale, coef, intercept) of a fitted Pipeline(StandardScaler, binary LogisticRegression), else None."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if not isinstance(model, Pipeline) or len(model.steps) != 2:
+        return None
+    scaler, classifier = model.steps[0][1], model.steps[1][1]
+    if type(scaler) is not StandardScaler or type(classifier) is not LogisticRegression:
+        return None
+    coef = getattr(classifier, "coef_", None)
+    if coef is None or coef.shape[0] != 1 or len(getattr(classifier, "classes_", ())) != 2:
+        return None
+    mean = scaler.mean_ if scaler.with_mean else None
+    scale = scaler.scale_ if scaler.with_std else None
+    return mean, scale, np.asarray(coef[0], dtype=np.float64), float(classifier.intercept_[0])
+
+
+def _linear_probability(parameters: _LinearParameters, matrix: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``expit(((x - mean) / scale) . coef + intercept)`` per row, column by column in a fixed order."""
+    from scipy.special import expit
+
+    mean, scale, coef, intercept = parameters
+    if matrix.shape[1] != coef.shape[0]:
+        raise ValueError(f"X has {matrix.shape[1]} features, but the model expects {coef.shape[0]}")
+    scaled = matrix - mean if mean is not None else matrix.copy()
+    if scale is not None:
+        scaled /= scale
+    # Elementwise ufuncs only (no BLAS, no pairwise reduction): every row sees the same sequence of
+    # operations, so its result does not depend on the other rows.
+    logit = np.full(matrix.shape[0], intercept, dtype=np.float64)
+    for column in range(coef.shape[0]):
+        logit += scaled[:, column] * coef[column]
+    return np.asarray(expit(logit), dtype=np.float64)
+
+
+def is_valid_probability(p: float) -> bool:
+    """True when ``p`` may be served: finite and within [0, 1]."""
+    return math.isfinite(p) and 0.0 <= p <= 1.0
+
+
+def prediction_record(
+    vector: Mapping[str, Any], p: float, model_name: str, model_version: str, role: str
+) -> dict[str, Any]:
+    """The ``Prediction`` record of ``p`` for a ``FeatureVector`` record: a pure function of both.
+
+    ``ts_event`` is the tick t and ``ts_init`` the feature record's (never a clock). Inference
+    and the backtest both build their records here, so they are byte-identical after serde.
+    """
+    return {
+        "ts_event": vector["ts_event"],
+        "ts_init": vector["ts_init"],
+        "exchange": vector["exchange"],
+        "symbol": vector["symbol"],
+        "p_change": p,
+        "model_name": model_name,
+        "model_version": model_version,
+        "model_role": role,
+        "feature_spec_id": vector["feature_spec_id"],
+    }
 
 
 def probability_problems(p: NDArray[np.float64], rows: int) -> list[str]:

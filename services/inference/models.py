@@ -37,13 +37,15 @@ from quotewatch.core.registry import (
     resolve_version,
 )
 from quotewatch.domain import features
-from quotewatch.domain.models import canned_batch, warm_up_problems
+from quotewatch.domain.models import (  # the roles live in domain: the backtest names them too
+    CHALLENGER_ROLE,
+    CHAMPION_ROLE,
+    canned_batch,
+    warm_up_problems,
+)
 
 logger = logging.getLogger(__name__)
 
-CHAMPION_ROLE = "CHAMPION"
-CHALLENGER_ROLE = "CHALLENGER"
-FALLBACK_ROLE = "FALLBACK"
 MAX_RETRY_SECONDS = 300.0
 
 Loader = Callable[[str, str, str], LoadedModel]
@@ -136,6 +138,8 @@ class ModelManager:
         self._unreachable_logged = False
         self.reloads_succeeded = 0
         self.reloads_failed = 0
+        self.last_detection: tuple[str, str, int] | None = None
+        """(role, version, clock monotonic ns) of the last alias change seen, before its load."""
         self._set_version_gauges()
 
     @property
@@ -224,6 +228,7 @@ class ModelManager:
         now = self._clock.monotonic_ns()
         if failure is not None and now < failure.retry_at_ns:
             return
+        self.last_detection = (role, version, now)
         logger.info("loading %s v%s for %s", uri.name, version, role.lower(), extra={"uri": uri.pinned(version)})
         try:
             model = self._load_and_check(uri, version)

@@ -41,8 +41,17 @@ from quotewatch.core.registry import LoadedModel
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain import features
 from quotewatch.domain.live_metrics import LiveMetricsTracker, ModelKey
-from quotewatch.domain.models import FALLBACK_MODEL_NAME, OnlineFallback, feature_names_for
-from quotewatch.inference.models import CHALLENGER_ROLE, CHAMPION_ROLE, FALLBACK_ROLE, FeatureSample, ModelManager
+from quotewatch.domain.models import (
+    CHALLENGER_ROLE,
+    CHAMPION_ROLE,
+    FALLBACK_MODEL_NAME,
+    FALLBACK_ROLE,
+    OnlineFallback,
+    feature_names_for,
+    is_valid_probability,
+    prediction_record,
+)
+from quotewatch.inference.models import FeatureSample, ModelManager
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +195,7 @@ class InferenceTask:
             reason: object = f"{type(exc).__name__}: {exc}"
         else:
             reason = p
-        if not math.isfinite(p) or p < 0.0 or p > 1.0:
+        if not is_valid_probability(p):
             self.invalid_outputs += 1
             if self.invalid_outputs == 1 or self.invalid_outputs % 10_000 == 0:
                 logger.warning(
@@ -201,17 +210,8 @@ class InferenceTask:
 
     @staticmethod
     def _prediction(value: dict[str, Any], p: float, model_name: str, version: str, role: str) -> dict[str, Any]:
-        return {
-            "ts_event": value["ts_event"],
-            "ts_init": value["ts_init"],
-            "exchange": value["exchange"],
-            "symbol": value["symbol"],
-            "p_change": p,
-            "model_name": model_name,
-            "model_version": version,
-            "model_role": role,
-            "feature_spec_id": value["feature_spec_id"],
-        }
+        # The backtest builds its records with the same pure function (replay parity).
+        return prediction_record(value, p, model_name, version, role)
 
     def _feature_names(self, spec: str, width: int) -> list[str]:
         key = (spec, width)
