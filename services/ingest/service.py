@@ -102,6 +102,11 @@ class ExchangeClock:
         while samples[0][0] < ts_init - self._window_ns:
             samples.popleft()
 
+    @property
+    def ready(self) -> bool:
+        """True once an exchange time has been seen (before that there is nothing to estimate from)."""
+        return bool(self._samples)
+
     def estimate(self, ts_init: int) -> int:
         offset = self._samples[0][1] if self._samples else 0
         self._last = max(self._last, ts_init + offset)
@@ -211,7 +216,13 @@ class RawWriter:
         self._delivery.raise_if_failed()
 
     def write(self, item: QueueItem) -> None:
-        """Log one record to ``md.raw`` and publish what the normaliser makes of it."""
+        """Log one record to ``md.raw`` and publish what the normaliser makes of it.
+
+        CLOCK ticks before the first exchange time is known are not logged: they would carry
+        local time, possibly ahead of the exchange, and move downstream grids past events to come.
+        """
+        if item.kind == "CLOCK" and not self._exchange_clock.ready:
+            return
         ts_event = item.ts_init if item.kind == "FRAME" else self._exchange_clock.estimate(item.ts_init)
         raw = {
             "ts_event": ts_event,
