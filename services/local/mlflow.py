@@ -20,6 +20,14 @@ What is switched off, read from the installed mlflow 3.17 source (``mlflow/serve
   copy of MLflow, ~250 MB); one process is plenty for a trainer and a few inference services.
 - ``MLFLOW_DISABLE_TELEMETRY=true``: no usage telemetry thread.
 
+**urllib3 1.x.** mlflow 3.17's webhook delivery builds ``urllib3.util.Retry(backoff_max=...)``
+unconditionally (mlflow PR #16893), an argument urllib3 added in 2.0; with urllib3 1.26 every
+delivery fails with ``TypeError`` in the server log. The dev extras pin urllib3 to 1.26
+(``dash[testing]`` -> ``selenium<=4.2`` -> ``urllib3~=1.26``), so when the interpreter has
+urllib3 < 2 the server is started with :data:`URLLIB3_COMPAT` as a ``sitecustomize`` on its
+PYTHONPATH (inherited by the uvicorn child): a ``Retry`` that maps ``backoff_max`` onto 1.26's
+``DEFAULT_BACKOFF_MAX``. With urllib3 2.x nothing is added.
+
 So a running server is two processes: ``mlflow server`` (which forwards SIGTERM) and its uvicorn
 child. Webhooks to a local receiver need ``MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https`` and
 ``MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true`` (SSRF protection is meant for shared servers; this
@@ -62,6 +70,39 @@ SERVER_ENVIRONMENT: dict[str, str] = {
     "MLFLOW_WEBHOOK_CACHE_TTL": "2",
 }
 """Environment of the server process on top of the caller's (see the module docstring)."""
+
+
+URLLIB3_COMPAT = """\
+# Written by quotewatch.local.mlflow for an MLflow server on urllib3 1.x (see its docstring):
+# mlflow 3.17 webhook delivery passes Retry(backoff_max=...), which urllib3 < 2 does not accept.
+import urllib3
+import urllib3.util
+import urllib3.util.retry
+
+if int(urllib3.__version__.split(".")[0]) < 2:
+    _Retry = urllib3.util.retry.Retry
+
+    class Retry(_Retry):
+        def __init__(self, *args, backoff_max=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if backoff_max is not None:
+                self.DEFAULT_BACKOFF_MAX = backoff_max
+
+        def new(self, **kwargs):
+            retry = super().new(**kwargs)
+            retry.DEFAULT_BACKOFF_MAX = self.DEFAULT_BACKOFF_MAX
+            return retry
+
+    urllib3.util.retry.Retry = urllib3.util.Retry = urllib3.Retry = Retry
+"""
+"""``sitecustomize`` for a server on urllib3 < 2 (see the module docstring)."""
+
+
+def needs_urllib3_compat() -> bool:
+    """True when this interpreter's urllib3 is 1.x (mlflow 3.17 webhooks need the shim)."""
+    import urllib3
+
+    return int(urllib3.__version__.split(".")[0]) < 2
 
 
 class MlflowServerError(QuoteWatchError):
@@ -161,10 +202,16 @@ class LocalMlflow:
         ]
 
     def environment(self) -> dict[str, str]:
-        """The server's environment: the caller's, :data:`SERVER_ENVIRONMENT` and the webhook key."""
+        """The server's environment: the caller's, :data:`SERVER_ENVIRONMENT`, the webhook key (and the
+        urllib3 1.x shim when needed)."""
         env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_TRACKING_")}
         env.update(SERVER_ENVIRONMENT)
         env["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] = self._webhook_key()
+        if needs_urllib3_compat():
+            compat = self.data_dir / "compat"
+            compat.mkdir(parents=True, exist_ok=True)
+            (compat / "sitecustomize.py").write_text(URLLIB3_COMPAT)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(compat), env.get("PYTHONPATH")]))
         return env
 
     def _webhook_key(self) -> str:

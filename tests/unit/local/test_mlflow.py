@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quotewatch.local.mlflow import SERVER_ENVIRONMENT, LocalMlflow, MlflowServerError
+from quotewatch.local.mlflow import SERVER_ENVIRONMENT, LocalMlflow, MlflowServerError, needs_urllib3_compat
 
 
 def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
@@ -54,3 +54,27 @@ def test_the_callers_tracking_uri_does_not_leak_into_the_server(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
     assert "MLFLOW_TRACKING_URI" not in LocalMlflow(tmp_path).environment()
+
+
+def test_mlflow_webhook_delivery_can_build_its_http_session_in_the_server_environment(tmp_path: Path) -> None:
+    """mlflow 3.17 passes Retry(backoff_max=...) (urllib3 >= 2 only); the dev extras pin urllib3 1.26."""
+    import subprocess
+    import sys
+
+    env = LocalMlflow(tmp_path).environment()
+    assert ("PYTHONPATH" in env) == needs_urllib3_compat()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from mlflow.webhooks.delivery import _create_webhook_session as s; "
+            "r = s().adapters['http://'].max_retries; print(r.total, r.get_backoff_time() <= 60)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["3", "True"]
