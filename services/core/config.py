@@ -297,6 +297,24 @@ class TrainerSettings(CommonSettings):
     """GATE_METRIC (default auc): the metric that picks the candidate and on which it must beat the champion."""
 
 
+class ReplaySettings(CommonSettings):
+    """``quotewatch replay``: a past window of TOPIC_PREFIX (or the lake, a capture) -> a fresh namespace."""
+
+    service_name: ClassVar[str] = "replay"
+
+
+class BacktestSettings(CommonSettings):
+    """``quotewatch backtest``: book -> features -> labels -> predictions in-process over a past window."""
+
+    service_name: ClassVar[str] = "backtest"
+    backtest_experiment: str = "quotewatch-backtest"
+    """BACKTEST_EXPERIMENT (default quotewatch-backtest): MLflow experiment of the evaluation runs."""
+    backtest_output_dir: str = "backtest-output"
+    """BACKTEST_OUTPUT_DIR (default backtest-output): where the plots, metrics.json and table.md go."""
+    baseline_window_ms: int = Field(default=10_000, gt=0)
+    """BASELINE_WINDOW_MS (default 10000): window of the rolling change frequency baseline."""
+
+
 class DashboardSettings(CommonSettings):
     """``quotewatch run dashboard``: qw.snapshot -> a Dash app."""
 
@@ -331,6 +349,8 @@ SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {
         InferenceSettings,
         LakeSinkSettings,
         TrainerSettings,
+        ReplaySettings,
+        BacktestSettings,
         DashboardSettings,
     )
 }
