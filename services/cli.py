@@ -26,6 +26,8 @@ LAZY_COMMANDS: dict[str, dict[str, str]] = {
         "demo": "quotewatch.local.stack:command",
         "mlflow": "quotewatch.local.mlflow:command",
         "train": "quotewatch.trainer.main:command",
+        "replay": "quotewatch.replay.main:replay_command",
+        "backtest": "quotewatch.replay.main:backtest_command",
     },
     "run": {
         "book": "quotewatch.book.main:command",
