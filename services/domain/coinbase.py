@@ -317,12 +317,20 @@ def parse_exchange_l2update(message: dict[str, Any]) -> ParsedMessage:
     symbol = _require(message, "product_id", str, "l2update")
     ts_event = parse_time_ns(message["time"])
     sides = EXCHANGE_BOOK_SIDES
+    cached = _E8_CACHE.get
     changes = []
     for side, price, size in message["changes"]:
         book_side = sides.get(side)
         if book_side is None:
             raise InvalidFieldError(f"l2update: unknown side {side!r:.20}", book_affected=True, symbol=symbol)
-        changes.append({"side": book_side, "price_e8": decimal_e8(price, "price"), "size_e8": decimal_e8(size, "size")})
+        # Hot loop: the decimal cache is consulted inline, decimal_e8 only on a miss.
+        price_e8 = cached(price)
+        if price_e8 is None:
+            price_e8 = decimal_e8(price, "price")
+        size_e8 = cached(size)
+        if size_e8 is None:
+            size_e8 = decimal_e8(size, "size")
+        changes.append({"side": book_side, "price_e8": price_e8, "size_e8": size_e8})
     return ParsedMessage(events=[Parsed("UPDATE", symbol, ts_event, {"changes": changes})])
 
 
