@@ -209,22 +209,14 @@ class SymbolPipeline:
         except BookError as exc:
             self._unsync(f"invalid update: {exc}")
             raise MarketEventError(f"invalid update: {exc}", outputs) from exc
-        features = self.features
-        features.on_update_count(len(changes))
-        before_bids, before_asks = self._top
-        top = book.top()
-        bids, asks = top
-        if bids is before_bids and asks is before_asks:
-            return  # the top levels did not change (the cached tuples are the same objects)
-        self._top = top
-        before_bid = before_bids[0] if before_bids else None
-        before_ask = before_asks[0] if before_asks else None
-        bid = bids[0] if bids else None
-        ask = asks[0] if asks else None
-        if before_bid != bid or before_ask != ask:
-            features.on_book_change(ts, before_bid, before_ask, bid, ask)
-            if bid is not None and ask is not None and bid[0] >= ask[0]:
-                self._unsync(f"crossed book: bid {bid[0]} >= ask {ask[0]}")
+        before = self._top
+        top = book.top()  # the same cached object unless a change touched the top levels
+        self.features.on_update(ts, len(changes), before, top)
+        if top is not before:
+            self._top = top
+            bids, asks = top
+            if bids and asks and bids[0][0] >= asks[0][0]:
+                self._unsync(f"crossed book: bid {bids[0][0]} >= ask {asks[0][0]}")
 
     def _close_ticks(self, until_ns: int, ts_init: int, outputs: list[TickOutput]) -> None:
         """Close every grid tick before ``until_ns`` (the watermark)."""

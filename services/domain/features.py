@@ -200,8 +200,8 @@ class FeatureState:
     """The running state of the features of one symbol within one sync epoch.
 
     Who calls it: :class:`~quotewatch.domain.book_pipeline.SymbolPipeline`, in event order —
-    :meth:`reset` at each snapshot, :meth:`on_book_change` after each update batch that moved the
-    best level, :meth:`on_update_count`/:meth:`on_trade` for activity, :meth:`close_tick` at each
+    :meth:`reset` at each snapshot, :meth:`on_update` after each update batch, :meth:`on_trade`
+    for each trade, :meth:`close_tick` at each
     grid tick while synced and :meth:`skip_ticks` for ticks it does not emit.
 
     Args:
@@ -251,21 +251,35 @@ class FeatureState:
         self._last_trade_side = 0.0
         self._last_trade_size = 0.0
 
-    def on_update_count(self, changes: int) -> None:
-        """``changes`` price-level changes were applied."""
-        self._updates += changes
-
-    def on_book_change(
-        self, ts_ns: int, before_bid: Level | None, before_ask: Level | None, bid: Level | None, ask: Level | None
+    def on_update(
+        self,
+        ts_ns: int,
+        changes: int,
+        before: tuple[Sequence[Level], Sequence[Level]],
+        after: tuple[Sequence[Level], Sequence[Level]],
     ) -> None:
-        """An update batch at event time ``ts_ns`` moved the best bid and/or ask (price or size)."""
+        """An update batch of ``changes`` level changes at event time ``ts_ns`` turned the book top
+        ``before`` (bids, asks) into ``after``; the same object when the top did not change."""
+        self._updates += changes
+        if after is before:
+            return
+        before_bids, before_asks = before
+        bids, asks = after
+        before_bid = before_bids[0] if before_bids else None
+        before_ask = before_asks[0] if before_asks else None
+        bid = bids[0] if bids else None
+        ask = asks[0] if asks else None
+        if before_bid == bid and before_ask == ask:
+            return  # a change below level 1
         if before_bid is not None and before_ask is not None and bid is not None and ask is not None:
             self._ofi += ofi_contribution(before_bid, before_ask, bid, ask)
-        if (before_bid is None) != (bid is None) or (before_ask is None) != (ask is None):
-            changed = True
+            changed = before_bid[0] != bid[0] or before_ask[0] != ask[0]
         else:
-            changed = (before_bid is not None and bid is not None and before_bid[0] != bid[0]) or (
-                before_ask is not None and ask is not None and before_ask[0] != ask[0]
+            changed = (
+                (before_bid is None) != (bid is None)
+                or (before_ask is None) != (ask is None)
+                or (before_bid is not None and bid is not None and before_bid[0] != bid[0])
+                or (before_ask is not None and ask is not None and before_ask[0] != ask[0])
             )
         if changed:
             self._best_changes += 1

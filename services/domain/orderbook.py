@@ -45,7 +45,7 @@ class OrderBook:
         depth: how many best levels :meth:`top` returns (and caches) per side.
     """
 
-    __slots__ = ("_ask_keys", "_ask_sizes", "_ask_top", "_bid_keys", "_bid_sizes", "_bid_top", "depth")
+    __slots__ = ("_ask_keys", "_ask_sizes", "_ask_top", "_bid_keys", "_bid_sizes", "_bid_top", "_top", "depth")
 
     def __init__(self, depth: int = 3) -> None:
         if depth < 1:
@@ -57,6 +57,7 @@ class OrderBook:
         self._ask_keys: list[int] = []  # negated ask prices ascending: best (lowest price) last
         self._bid_top: tuple[Level, ...] | None = ()
         self._ask_top: tuple[Level, ...] | None = ()
+        self._top: tuple[tuple[Level, ...], tuple[Level, ...]] | None = None
 
     # -- loading and updating ---------------------------------------------------------------
 
@@ -76,6 +77,7 @@ class OrderBook:
         self._ask_keys = sorted(-price for price in ask_sizes)
         self._bid_top = None
         self._ask_top = None
+        self._top = None
 
     def clear(self) -> None:
         """Remove every level."""
@@ -134,20 +136,23 @@ class OrderBook:
                 raise BookError(f"unknown side {side!r} in level change {dict(change)!r}")
         if bid_dirty:
             self._bid_top = None
+            self._top = None
         if ask_dirty:
             self._ask_top = None
+            self._top = None
 
     # -- reading ----------------------------------------------------------------------------
 
     def top(self) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
-        """The best ``depth`` bids and asks, best first: ``(top_bids(), top_asks())``."""
-        bids = self._bid_top
-        if bids is None:
-            bids = self.top_bids()
-        asks = self._ask_top
-        if asks is None:
-            asks = self.top_asks()
-        return bids, asks
+        """The best ``depth`` bids and asks, best first: ``(top_bids(), top_asks())``.
+
+        Cached: the same object is returned until a change touches the top, so ``is`` tells a
+        caller cheaply whether the top may have changed.
+        """
+        top = self._top
+        if top is None:
+            top = self._top = (self.top_bids(), self.top_asks())
+        return top
 
     def top_bids(self) -> tuple[Level, ...]:
         """The best ``depth`` bids, best (highest price) first, as (price_e8, size_e8)."""
