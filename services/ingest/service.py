@@ -631,8 +631,15 @@ class IngestService:
         self._close_current(f"local buffer overflow at frame {frame_index}")
 
     async def _put(self, item: QueueItem) -> None:
-        """Queue a record, waiting for room (only used when no frames are being read)."""
+        """Queue a record, waiting for room (only used when no frames are being read).
+
+        If the writer has died there will never be room: the service is failing fatally anyway
+        (``run`` raises), so the record is abandoned rather than waited for forever.
+        """
         while not self._offer(item):
+            if not self._writer.alive:
+                logger.error("the writer is gone; not queueing", extra={"kind": item.kind})
+                return
             await asyncio.sleep(0.005)
 
     async def _put_control(self, kind: str, connection_id: str, state: FeedState, reason: str, **details: Any) -> None:

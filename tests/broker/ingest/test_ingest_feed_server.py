@@ -195,7 +195,7 @@ def test_a_normal_session_fills_raw_and_events_and_the_book_matches(
     names = TopicNames(settings.topic_prefix)
     raw = read_to_end(settings, names.md_raw)
     kinds = Counter(r["kind"] for r in raw)
-    assert kinds["CONNECTED"] == 1
+    assert kinds["CONNECTED"] == 1, (kinds, raw[:3], len(raw))
     assert kinds["FRAME"] == service.stats.frames == connections[0].frames_sent
     assert kinds["CLOCK"] > 0
     assert kinds["DISCONNECTED"] == 1  # the stop

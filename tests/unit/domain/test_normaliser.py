@@ -290,3 +290,31 @@ def test_garbage_raw_records_never_raise(record: dict[str, Any]) -> None:
     assert all(reject.reason and reject.raw is record for reject in out.rejects)
     if record.get("kind") not in ("FRAME", "CLOCK", "CONNECTED", "DISCONNECTED", "OVERFLOW"):
         assert [r.error_type for r in out.rejects] == ["InvalidRawRecord"]
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+@given(
+    feed=st.sampled_from(["coinbase-advanced", "coinbase-exchange"]),
+    text=st.text(max_size=80).filter(lambda t: not _is_json(t)),
+)
+def test_text_that_is_not_json_is_always_a_malformed_reject_and_a_gap(feed: str, text: str) -> None:
+    log = Log(feed=feed)
+    normaliser = Normaliser()
+    normaliser.process(log.connected("c1"))
+    snapshot = (
+        log.l2("snapshot", "BTC-USD", ("bid", "1", "1"))
+        if feed == "coinbase-advanced"
+        else log.frame({"type": "snapshot", "product_id": "BTC-USD", "bids": [["1", "1"]], "asks": []})
+    )
+    normaliser.process(snapshot)
+    out = normaliser.process(log.frame(text))
+    assert [r.error_type for r in out.rejects] == ["MalformedFrame"]
+    assert [(e["symbol"], e["gap"]["reason"]) for e in out.events] == [("BTC-USD", "PARSE_ERROR")]
+    assert out.resync
