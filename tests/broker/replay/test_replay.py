@@ -1,0 +1,158 @@
+"""``quotewatch replay`` on a real broker: the window search, the CONNECTED start, forwarding, pacing, refusals."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from quotewatch.core.clock import FakeClock
+from quotewatch.core.config import CommonSettings
+from quotewatch.core.errors import ConfigError
+from quotewatch.core.kafka import ensure_topics, make_admin, producer_config
+from quotewatch.core.serde import AvroSerde
+from quotewatch.core.topics import TopicNames
+from quotewatch.domain.coinbase import FEED_ADVANCED
+from quotewatch.domain.normaliser import Normaliser
+from quotewatch.domain.synthetic import SyntheticConfig, synthetic_raw_frames
+from quotewatch.replay.publisher import replay
+from quotewatch.replay.sources import ReplayError, SourceSpec, Window
+from tests.helpers import read_topic
+
+SECOND = 1_000_000_000
+S1 = 1_786_300_000_000_000_000
+S2 = S1 + 20 * SECOND
+
+
+def clock_record(ts: int) -> dict[str, Any]:
+    return {
+        "ts_event": ts,
+        "ts_init": ts,
+        "exchange": "coinbase",
+        "feed": FEED_ADVANCED,
+        "symbols": ["BTC-USD"],
+        "connection_id": "",
+        "frame_index": -1,
+        "kind": "CLOCK",
+        "text": "tick",
+    }
+
+
+def raw_log() -> list[dict[str, Any]]:
+    """Clock records before any connection, then connection c1 (5 s), then c2 (10 s) of two symbols."""
+    log = [clock_record(S1 - 3 * SECOND + i * 100_000_000) for i in range(3)]
+    for seed, start, seconds, connection in ((1, S1, 5, "c1"), (2, S2, 10, "c2")):
+        config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=seed, start_ns=start)
+        log.extend(synthetic_raw_frames(FEED_ADVANCED, config, seconds * SECOND, connection_id=connection))
+    return log
+
+
+def produce(settings: CommonSettings, topic: str, records: list[dict[str, Any]], key: str) -> None:
+    serde = AvroSerde()
+    producer = Producer(producer_config(settings, "replay-test"))
+    for record in records:
+        producer.produce(topic, serde.encode(topic, record), key=str(record[key]).encode())
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+
+@pytest.fixture
+def source(make_settings: Callable[..., CommonSettings]) -> tuple[CommonSettings, list[dict[str, Any]]]:
+    settings = make_settings()
+    ensure_topics(make_admin(settings), settings.topic_prefix)
+    log = raw_log()
+    produce(settings, TopicNames(settings.topic_prefix).md_raw, log, "feed")
+    return settings, log
+
+
+def raw_values(settings: CommonSettings, topic: str) -> list[bytes]:
+    return [r["_raw"] for r in sorted(read_topic(settings, topic, decode=False), key=lambda r: r["_offset"])]
+
+
+def test_a_raw_window_starts_at_the_connected_record_behind_it_and_is_forwarded_byte_for_byte(
+    source: tuple[CommonSettings, list[dict[str, Any]]],
+) -> None:
+    settings, log = source
+    a = TopicNames(settings.topic_prefix)
+    target = f"{settings.topic_prefix}-w"
+    window = Window(S2 + 5 * SECOND, S2 + 8 * SECOND)
+    summary = replay(settings, SourceSpec("topic", a.prefix), window, target, progress=False)
+
+    first = next(i for i, r in enumerate(log) if r["kind"] == "CONNECTED" and r["connection_id"] == "c2")
+    end = next(i for i, r in enumerate(log) if r["ts_init"] >= window.end_ns)  # type: ignore[operator]
+    assert summary.start is not None
+    assert (summary.start.offset, summary.start.connection_id) == (first, "c2")
+    assert summary.records == end - first
+    source_bytes = raw_values(settings, a.md_raw)
+    assert raw_values(settings, TopicNames(target).md_raw) == source_bytes[first:end]
+
+    # Replaying into a namespace that already holds records is refused.
+    with pytest.raises(ReplayError, match="already holds records"):
+        replay(settings, SourceSpec("topic", a.prefix), window, target, progress=False)
+    with pytest.raises(ConfigError, match="source namespace"):
+        replay(settings, SourceSpec("topic", a.prefix), window, a.prefix, progress=False)
+
+
+def test_between_connections_the_window_starts_at_the_previous_one_and_before_any_connection_it_is_refused(
+    source: tuple[CommonSettings, list[dict[str, Any]]],
+) -> None:
+    settings, _ = source
+    a = TopicNames(settings.topic_prefix)
+    summary = replay(
+        settings, SourceSpec("topic", a.prefix), Window(S1 + 10 * SECOND, S1 + 11 * SECOND), f"{a.prefix}-b",
+        progress=False,
+    )  # fmt: skip
+    assert summary.start is not None
+    assert summary.start.connection_id == "c1"
+    assert summary.start.offset == 3  # after the three clock records of no connection
+    with pytest.raises(ReplayError, match="not CONNECTED"):
+        replay(settings, SourceSpec("topic", a.prefix), Window(S1 - 2 * SECOND, S1), f"{a.prefix}-c", progress=False)
+
+
+def test_an_events_window_starts_at_the_events_of_the_connected_record_in_every_partition(
+    source: tuple[CommonSettings, list[dict[str, Any]]], make_settings: Callable[..., CommonSettings]
+) -> None:
+    settings, log = source
+    a = TopicNames(settings.topic_prefix)
+    events, _ = Normaliser().process_all(log)
+    produce(settings, a.md_events, events, "symbol")
+    target = TopicNames(f"{a.prefix}-e")
+    window = Window(S2 + 2 * SECOND, S2 + 6 * SECOND)
+    summary = replay(settings, SourceSpec("topic", a.prefix), window, target.prefix, what="events", progress=False)
+
+    assert summary.start is not None
+    connected = summary.start.ts_init
+    wanted: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for event in events:
+        if connected <= event["ts_init"] < window.end_ns:  # type: ignore[operator]
+            wanted[event["symbol"]].append(event)
+    got: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in sorted(read_topic(settings, target.md_events), key=lambda r: (r["_partition"], r["_offset"])):
+        got[record["_key"]].append({k: v for k, v in record.items() if not k.startswith("_")})
+    assert summary.records == sum(len(v) for v in wanted.values())
+    assert dict(got) == dict(wanted)
+    assert wanted["BTC-USD"][0]["kind"] == "STATUS"  # the CONNECTED record's events come first
+
+
+def test_pacing_follows_ts_init_divided_by_the_speed(source: tuple[CommonSettings, list[dict[str, Any]]]) -> None:
+    settings, _ = source
+    clock = FakeClock()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.advance(int(seconds * 1e9))
+
+    window = Window(S2, S2 + 4 * SECOND)
+    summary = replay(
+        settings, SourceSpec("topic", settings.topic_prefix), window, f"{settings.topic_prefix}-p", speed=4.0,
+        clock=clock, sleep=sleep, progress=False,
+    )  # fmt: skip
+    assert summary.first_ts_init is not None
+    assert summary.last_ts_init is not None
+    span = (summary.last_ts_init - summary.first_ts_init) / 1e9
+    assert sum(slept) == pytest.approx(span / 4, abs=1e-6)
+    assert len(slept) > 10
