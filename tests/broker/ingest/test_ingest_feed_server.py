@@ -22,9 +22,11 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import IngestSettings
+from quotewatch.core.errors import FatalError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, consumer_config, ensure_topics, make_admin, make_producer
 from quotewatch.core.processor import StreamProcessor
@@ -407,3 +409,23 @@ def test_a_capture_replayed_through_the_server_gives_the_reference_book(make_set
             wait_for(rebuilt, timeout=90, interval=1.0, message="the capture's book from md.events")
     assert service.stats.connections == 1
     assert service.stats.dead_letters == 0
+
+
+def test_a_delivery_failure_is_fatal_not_silent(make_settings: Callable[..., Any]) -> None:
+    """The broker refuses the events (too large for the topic): the ingest stops with an error."""
+    with serve_in_thread(synthetic_server("advanced")) as running:
+        settings = ingest_settings(make_settings, running.url, "advanced")
+        admin = make_admin(settings)
+        topic = TopicNames(settings.topic_prefix).md_events
+        resource = ConfigResource(
+            ConfigResource.Type.TOPIC,
+            topic,
+            incremental_configs=[ConfigEntry("max.message.bytes", "2000", incremental_operation=AlterConfigOpType.SET)],
+        )
+        for future in admin.incremental_alter_configs([resource]).values():
+            future.result()
+        clock = SystemClock()
+        service = IngestService(settings, serde=AvroSerde(), clock=clock, liveness=Liveness("ingest", clock, 30))
+        with pytest.raises(FatalError, match="not delivered"):
+            asyncio.run(asyncio.wait_for(service.run(), 60))
+    assert service.machine.state is FeedState.STOPPED
