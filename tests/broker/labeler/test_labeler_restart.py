@@ -12,7 +12,7 @@ from quotewatch.core.topics import TopicNames
 from quotewatch.domain.book_pipeline import BookPipeline
 from quotewatch.domain.labels import Labeler
 from quotewatch.labeler.main import LabelerTask
-from tests.broker.book.test_book_determinism import running
+from tests.broker.book.streams import running
 from tests.helpers import read_topic, wait_for
 from tests.unit.book.market_events import synthetic_feed
 

@@ -26,7 +26,7 @@ from quotewatch.core.kafka import consumer_config, ensure_topics, make_admin
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.captures import read_capture
 from quotewatch.domain.normaliser import Normaliser
-from tests.broker.book.test_book_determinism import expected_outputs, produce_events
+from tests.broker.book.streams import expected_outputs, produce_events
 from tests.helpers import read_topic, shared_data_dir, wait_for
 from tests.unit.book.market_events import synthetic_feed
 
