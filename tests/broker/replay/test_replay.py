@@ -82,7 +82,7 @@ def test_a_raw_window_starts_at_the_connected_record_behind_it_and_is_forwarded_
     summary = replay(settings, SourceSpec("topic", a.prefix), window, target, progress=False)
 
     first = next(i for i, r in enumerate(log) if r["kind"] == "CONNECTED" and r["connection_id"] == "c2")
-    end = next(i for i, r in enumerate(log) if r["ts_init"] >= window.end_ns)  # type: ignore[operator]
+    end = next(i for i, r in enumerate(log) if r["ts_init"] >= window.end_ns)
     assert summary.start is not None
     assert (summary.start.offset, summary.start.connection_id) == (first, "c2")
     assert summary.records == end - first
@@ -127,7 +127,7 @@ def test_an_events_window_starts_at_the_events_of_the_connected_record_in_every_
     connected = summary.start.ts_init
     wanted: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for event in events:
-        if connected <= event["ts_init"] < window.end_ns:  # type: ignore[operator]
+        if connected <= event["ts_init"] < window.end_ns:
             wanted[event["symbol"]].append(event)
     got: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in sorted(read_topic(settings, target.md_events), key=lambda r: (r["_partition"], r["_offset"])):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from numpy.typing import NDArray
@@ -22,7 +24,7 @@ def data() -> tuple[NDArray[np.float64], NDArray[np.int64]]:
 
 
 @pytest.fixture(scope="module")
-def models() -> dict[str, object]:
+def models() -> dict[str, Any]:
     x, y = data()
     return {
         "lr": Pipeline([("scaler", StandardScaler()), ("logistic", LogisticRegression(max_iter=1000))]).fit(x, y),
@@ -31,7 +33,7 @@ def models() -> dict[str, object]:
 
 
 @pytest.mark.parametrize("kind", ["lr", "xgb"])
-def test_each_row_scores_alone_as_in_any_batch_bit_for_bit(models: dict[str, object], kind: str) -> None:
+def test_each_row_scores_alone_as_in_any_batch_bit_for_bit(models: dict[str, Any], kind: str) -> None:
     x, _ = data()
     model = models[kind]
     batch = positive_probability(model, x)
@@ -41,10 +43,10 @@ def test_each_row_scores_alone_as_in_any_batch_bit_for_bit(models: dict[str, obj
         assert np.array_equal(positive_probability(model, x[start : start + size]), batch[start : start + size])
 
 
-def test_the_lr_pipeline_path_agrees_with_sklearn(models: dict[str, object]) -> None:
+def test_the_lr_pipeline_path_agrees_with_sklearn(models: dict[str, Any]) -> None:
     x, _ = data()
     model = models["lr"]
-    np.testing.assert_allclose(positive_probability(model, x), model.predict_proba(x)[:, 1], rtol=1e-12, atol=1e-15)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(positive_probability(model, x), model.predict_proba(x)[:, 1], rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="expects 25"):
         positive_probability(model, x[:, :24])
 
