@@ -293,6 +293,8 @@ class LakeSink:
             buffer.verify = False
         else:
             buffer.first_offset = chunk.last_offset + 1
+            # The lake holds everything before it: commit that, or the group shows lag forever.
+            self._to_commit[(buffer.topic, buffer.partition)] = buffer.first_offset
         logger.warning(
             "no committed offset: resuming after the lake's last chunk",
             extra={"topic": buffer.topic, "partition": buffer.partition, "from_offset": buffer.first_offset},

@@ -320,6 +320,11 @@ def test_without_a_committed_offset_the_sink_resumes_after_the_lake(sink_setting
         )
     assert_lake_holds_exactly(root, produced + more)
     assert committed_offsets(sink_settings, names.features, 3, group=fresh_group)[0] == more[-1].offset + 1
+    # With nothing new to read, a fresh group still commits what the lake already holds (no phantom lag).
+    idle_group = f"{sink_settings.topic_prefix}.lake-sink-idle"
+    with running_sink(sink_settings, group_id=idle_group):
+        wait_for(lambda: committed_everything(sink_settings, produced + more, group=idle_group), message="commits")
+    assert_lake_holds_exactly(root, produced + more)
 
 
 def test_two_sinks_in_one_group_hand_partitions_over_without_losing_or_repeating_an_offset(

@@ -63,6 +63,13 @@ def files_in(lake: Path) -> int:
     return sum(1 for _ in lake.rglob("*.parquet")) if lake.exists() else 0
 
 
+def running_and(process: subprocess.Popen[bytes], log: Path, condition: Any) -> Any:
+    """``condition()``, but fail at once with the log's tail when the sink process has died."""
+    if process.poll() is not None:
+        raise AssertionError(f"the sink exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+    return condition()
+
+
 def health(port: int) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
@@ -84,13 +91,13 @@ def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(topics: Co
     log = tmp_path / "lake-sink.log"
     port = free_port()
     env = sink_environment(settings, lake, port)
-    early, late = halves(capture_records(1500))
+    early, late = halves(capture_records(800))
     produced: list[ProducedRecord] = produce_records(settings, early, transaction_size=250)
     lake_topics = [f"{names.prefix}.{suffix}" for suffix in SUFFIXES]
 
     # 1st run: killed with SIGKILL once it has written some files, long before the end.
     with sink_process(env, log) as first:
-        wait_for(lambda: files_in(lake) >= 40, timeout=60, interval=0.2, message="40 files from the first run")
+        wait_for(lambda: files_in(lake) >= 25, timeout=60, interval=0.2, message="25 files from the first run")
         first.send_signal(signal.SIGKILL)
         assert first.wait(30) == -signal.SIGKILL
     at_first_kill = rows_in_lake(lake, lake_topics)
@@ -101,7 +108,7 @@ def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(topics: Co
     with sink_process(env, log) as second:
         after_first = files_in(lake)
         wait_for(
-            lambda: files_in(lake) >= after_first + 60, timeout=60, interval=0.2, message="files from the second run"
+            lambda: files_in(lake) >= after_first + 30, timeout=60, interval=0.2, message="files from the second run"
         )
         second.send_signal(signal.SIGKILL)
         assert second.wait(30) == -signal.SIGKILL
@@ -109,7 +116,12 @@ def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(topics: Co
 
     # 3rd run: catches up, reports healthy, stops cleanly on SIGTERM.
     with sink_process(env, log) as third:
-        wait_for(lambda: committed_everything(settings, produced), timeout=120, interval=0.3, message="every record")
+        wait_for(
+            lambda: running_and(third, log, lambda: committed_everything(settings, produced)),
+            timeout=120,
+            interval=0.3,
+            message="every record",
+        )
         status = wait_for(lambda: (h := health(port)) and h.get("healthy") and h, message="a healthy /health")
         assert status["records_processed"] > 0
         third.send_signal(signal.SIGTERM)
