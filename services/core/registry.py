@@ -179,6 +179,12 @@ def load_model_version(tracking_uri: str, name: str, version: str, dst_dir: Path
                 import mlflow.xgboost
 
                 model = mlflow.xgboost.load_model(path)
+                # Serving scores one vector at a time: OpenMP threads cost more than they give
+                # (and spin against the Kafka client's threads on a small box).
+                if hasattr(model, "get_booster"):
+                    model.set_params(n_jobs=1)
+                booster = model.get_booster() if hasattr(model, "get_booster") else model
+                booster.set_param({"nthread": 1})
             else:
                 import mlflow.sklearn
 

@@ -67,9 +67,9 @@ def feature_matrix(records: Sequence[Mapping[str, Any]], feature_spec_id: str | 
 def positive_probability(model: Any, features: NDArray[np.float64]) -> NDArray[np.float64]:
     """P(y = 1) for each row of ``features`` from a fitted binary classifier.
 
-    Supports scikit-learn estimators and pipelines (``predict_proba``) and XGBoost's sklearn
-    API (scored through the booster's ``inplace_predict``, which gives the same probabilities
-    as ``predict_proba`` without building a DMatrix per call).
+    Supports scikit-learn estimators and pipelines (``predict_proba``) and XGBoost (the sklearn
+    API or a bare binary:logistic Booster, scored through the booster's ``inplace_predict``,
+    which gives the same probabilities as ``predict_proba`` without building a DMatrix per call).
 
     **Row invariance.** Each row gets the same bits whether it is scored alone (inference, one
     vector per tick) or in a batch of any size at any position (backtest, trainer). XGBoost's
@@ -87,8 +87,9 @@ def positive_probability(model: Any, features: NDArray[np.float64]) -> NDArray[n
     if linear is not None:
         return _linear_probability(linear, matrix)
     booster_of = getattr(model, "get_booster", None)
-    if booster_of is not None:
-        predicted = np.asarray(booster_of().inplace_predict(matrix), dtype=np.float64)
+    booster = booster_of() if booster_of is not None else model if hasattr(model, "inplace_predict") else None
+    if booster is not None:
+        predicted = np.asarray(booster.inplace_predict(matrix), dtype=np.float64)
         return predicted.reshape(matrix.shape[0])
     probabilities = np.asarray(model.predict_proba(matrix), dtype=np.float64)
     return probabilities[:, 1]
