@@ -1,7 +1,8 @@
 """Shared fixtures of the test tiers.
 
 Tiers by folder, each marked automatically: ``unit`` (no broker), ``broker`` (a real Kafka),
-``e2e`` (several services as real processes), ``browser`` (Dash in headless Chromium).
+``e2e`` (several services as real processes), ``browser`` (Dash in headless Chromium),
+``faults`` (the fault suite: a subset in ``make test``, all of it in ``make faults``).
 
 The session broker is, in order: ``KAFKA_BOOTSTRAP_SERVERS`` if set; a testcontainers Redpanda
 if a Docker engine answers; else the project's local Apache Kafka (KRaft) on a free port, in a
@@ -21,7 +22,7 @@ import pytest
 
 from quotewatch.core.config import CommonSettings
 
-TIERS = ("unit", "broker", "e2e", "browser")
+TIERS = ("unit", "broker", "e2e", "browser", "faults")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
