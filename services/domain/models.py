@@ -17,6 +17,10 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.special import expit
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
 
 from quotewatch.domain import features
 
@@ -101,10 +105,6 @@ _LinearParameters = tuple[NDArray[np.float64] | None, NDArray[np.float64] | None
 
 def _linear_parameters(model: Any) -> _LinearParameters | None:
     """(mean, scale, coef, intercept) of a fitted Pipeline(StandardScaler, binary LogisticRegression), else None."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if not isinstance(model, Pipeline) or len(model.steps) != 2:
         return None
     scaler, classifier = model.steps[0][1], model.steps[1][1]
@@ -120,11 +120,25 @@ def _linear_parameters(model: Any) -> _LinearParameters | None:
 
 def _linear_probability(parameters: _LinearParameters, matrix: NDArray[np.float64]) -> NDArray[np.float64]:
     """``expit(((x - mean) / scale) . coef + intercept)`` per row, column by column in a fixed order."""
-    from scipy.special import expit
-
     mean, scale, coef, intercept = parameters
     if matrix.shape[1] != coef.shape[0]:
         raise ValueError(f"X has {matrix.shape[1]} features, but the model expects {coef.shape[0]}")
+    if matrix.shape[0] == 1:
+        # One row (inference scores a tick at a time): the same IEEE operations in the same order
+        # as below -- subtract, divide, multiply, add, each rounded once -- on Python floats, which
+        # skips ~25 tiny numpy calls (~5 µs instead of ~100 µs). expit stays numpy's.
+        row = matrix[0].tolist()
+        means = mean.tolist() if mean is not None else None
+        scales = scale.tolist() if scale is not None else None
+        z = intercept
+        for column, weight in enumerate(coef.tolist()):
+            value = row[column]
+            if means is not None:
+                value = value - means[column]
+            if scales is not None:
+                value = value / scales[column]
+            z = z + value * weight
+        return np.asarray(expit(np.array([z], dtype=np.float64)), dtype=np.float64)
     scaled = matrix - mean if mean is not None else matrix.copy()
     if scale is not None:
         scaled /= scale
