@@ -183,6 +183,8 @@ class LakeSink:
         self._schemas = {topic: file_schema_for(topic) for topic in self._topics}
         self._columns = {topic: partition_column(topic) for topic in self._topics}
         self._records_in = {topic: RECORDS_IN.labels(service, topic) for topic in self._topics}
+        self._consumed: dict[str, int] = dict.fromkeys(self._topics, 0)
+        """Records consumed per topic since the counters were last updated (once per batch)."""
         self._buffers: dict[TopicPartitionKey, _Buffer] = {}
         self._to_commit: dict[TopicPartitionKey, int] = {}
         self._positions: dict[TopicPartitionKey, int] = {}
@@ -240,6 +242,7 @@ class LakeSink:
                 self._commit()
                 if messages:
                     self._liveness.progressed(len(messages))
+                    self._count_consumed()
                 self._update_lag()
             self._cut_all(list(self._buffers))
             self._commit()
@@ -250,6 +253,12 @@ class LakeSink:
         finally:
             self._liveness.stopped(reason)
             self._close()
+
+    def _count_consumed(self) -> None:
+        for topic, count in self._consumed.items():
+            if count:
+                self._records_in[topic].inc(count)
+                self._consumed[topic] = 0
 
     def _close(self) -> None:
         if self._producer is not None:
@@ -380,7 +389,7 @@ class LakeSink:
         if buffer.forced_last is not None and offset > buffer.forced_last:
             buffer.last_offset = buffer.forced_last
             self._cut(buffer)
-        self._records_in[topic].inc()
+        self._consumed[topic] += 1
         self._positions[key] = offset + 1
         value = message.value() or b""
         try:

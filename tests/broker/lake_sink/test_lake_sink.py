@@ -103,6 +103,8 @@ def test_every_offset_lands_exactly_once_with_identical_content(sink_settings: L
     rows_before = REGISTRY.get_sample_value(
         "quotewatch_lake_rows_written_total", {"service": "lake-sink", "topic": names.features}
     )
+    labels = {"service": "lake-sink", "topic": names.features}
+    consumed_before = REGISTRY.get_sample_value("quotewatch_records_in_total", labels) or 0
     with running_sink(sink_settings, liveness=liveness):
         wait_for(
             lambda: committed_everything(sink_settings, produced), timeout=90, interval=0.3, message="every record"
@@ -151,6 +153,7 @@ def test_every_offset_lands_exactly_once_with_identical_content(sink_settings: L
         "quotewatch_lake_rows_written_total", {"service": "lake-sink", "topic": names.features}
     )
     assert (rows_after or 0) - (rows_before or 0) == count
+    assert (REGISTRY.get_sample_value("quotewatch_records_in_total", labels) or 0) - consumed_before == count
 
 
 def test_poison_records_go_to_the_dlq_with_coordinates_and_the_sink_carries_on(
