@@ -100,9 +100,9 @@ if int(urllib3.__version__.split(".")[0]) < 2:
 
 def needs_urllib3_compat() -> bool:
     """True when this interpreter's urllib3 is 1.x (mlflow 3.17 webhooks need the shim)."""
-    import urllib3
+    from importlib.metadata import version
 
-    return int(urllib3.__version__.split(".")[0]) < 2
+    return int(version("urllib3").split(".")[0]) < 2
 
 
 class MlflowServerError(QuoteWatchError):

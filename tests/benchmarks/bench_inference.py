@@ -182,7 +182,7 @@ def _latency(
     if failures:
         raise failures[0]
     by_key = {(symbol, t): (created, got) for symbol, t, created, got in received}
-    record_ms = [by_key[key][0] - created_at[key] for key in sent_at if key in by_key and key in created_at]
+    record_ms = [float(by_key[key][0] - created_at[key]) for key in sent_at if key in by_key and key in created_at]
     visible_ms = [(by_key[key][1] - sent_at[key]) * 1e3 for key in sent_at if key in by_key]
     return record_ms, visible_ms
 

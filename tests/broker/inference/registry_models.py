@@ -27,7 +27,7 @@ def fitted_lr(seed: int = 5, c: float = 1.0) -> Pipeline:
     features, labels = synthetic_ticks(300, seed=seed)
     data = build_training_set(pd.DataFrame(features), pd.DataFrame(labels))
     model, _ = fit_model("lr", data.x, data.y, TrainingOptions(delta_ms=DELTA_MS, lr_c=c))
-    return model  # type: ignore[no-any-return]
+    return model
 
 
 def nan_model() -> Pipeline:
@@ -73,6 +73,7 @@ def corrupt_artifact(tracking_uri: str, artifacts_dir: Path, name: str, version:
     """Overwrite the serialized model of ``name`` v``version`` in the server's artifact store."""
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     source = client.get_model_version(name, version).source  # models:/<logged model id>
+    assert source is not None
     model_id = source.rsplit("/", 1)[-1]
     location = client.get_logged_model(model_id).artifact_location
     prefix = "mlflow-artifacts:/"

@@ -14,13 +14,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pytest
 from confluent_kafka import Producer
 
 from quotewatch.core.clock import SystemClock
-from quotewatch.core.config import InferenceSettings
+from quotewatch.core.config import CommonSettings, InferenceSettings
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, ensure_topics, make_admin
 from quotewatch.core.metrics import MODEL_RELOADS
@@ -133,7 +134,7 @@ def running(settings: InferenceSettings, poll_seconds: float | None = None) -> I
 
 
 def produce(
-    settings: InferenceSettings,
+    settings: CommonSettings,
     topic: str,
     records: list[dict[str, Any]],
     per_second: float = 0.0,
@@ -159,6 +160,10 @@ def produce(
             if delay > 0:
                 time.sleep(delay)  # pacing the input stream, not synchronising the test
     assert producer.flush(30) == 0
+
+
+def counted_above(counter: Any, value: float) -> bool:
+    return bool(counter._value.get() > value)
 
 
 def champion_predictions(settings: InferenceSettings, expected: int) -> list[dict[str, Any]]:
@@ -256,7 +261,7 @@ def test_bad_champions_are_refused_counted_and_the_previous_one_keeps_serving(
         for index, (why, version) in enumerate(bad_versions.items(), start=1):
             before = failures._value.get()
             set_alias(uri, model_name, "champion", version)
-            wait_for(lambda before=before: failures._value.get() > before, timeout=90, message=f"refusal: {why}")
+            wait_for(partial(counted_above, failures, before), timeout=90, message=f"refusal: {why}")
             produce(settings, run.names.features, features[index * chunk : (index + 1) * chunk])
         served = champion_predictions(settings, (len(bad_versions) + 1) * chunk)
         assert run.manager.serving.champion is not None

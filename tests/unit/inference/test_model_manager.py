@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 
 from quotewatch.core.metrics import MODEL_RELOADS, MODEL_VERSION
-from quotewatch.core.registry import ModelLoadError, RegistryUnavailableError
+from quotewatch.core.registry import LoadedModel, ModelLoadError, RegistryUnavailableError
 from quotewatch.inference.models import FeatureSample, ModelManager
 from tests.unit.inference.conftest import WIDTH, FakeRegistry, fitted_lr, loaded
 
 
 def failures() -> float:
-    return MODEL_RELOADS.labels("test-inference", "failure")._value.get()  # type: ignore[no-any-return]
+    return MODEL_RELOADS.labels("test-inference", "failure")._value.get()
 
 
 def test_no_alias_serves_nothing_then_the_champion_is_loaded_pinned_and_swapped(
@@ -34,7 +34,7 @@ def test_no_alias_serves_nothing_then_the_champion_is_loaded_pinned_and_swapped(
     assert registry.loads == ["1"], "an unchanged alias loads nothing"
     registry.versions["2"] = loaded("2")
     registry.aliases["champion"] = "2"
-    assert manager.check_now().champion.version == "2"  # type: ignore[union-attr]
+    assert manager.check_now().champion.version == "2"
 
 
 def test_a_bad_version_is_refused_counted_and_the_current_one_keeps_serving(
@@ -46,7 +46,7 @@ def test_a_bad_version_is_refused_counted_and_the_current_one_keeps_serving(
     manager.check_now()
     nan_model = fitted_lr(2)
     nan_model.named_steps["logistic"].coef_[:] = np.nan
-    bad = {
+    bad: dict[str, LoadedModel | Exception] = {
         "2": ModelLoadError("models:/quotewatch/2: cannot load the sklearn model: BadZipFile"),
         "3": loaded("3", spec="qw-features-v0-old"),
         "4": loaded("4", model=nan_model),
@@ -75,7 +75,7 @@ def test_a_bad_version_is_refused_counted_and_the_current_one_keeps_serving(
     # Fixing the alias recovers at once.
     registry.versions["6"] = loaded("6")
     registry.aliases["champion"] = "6"
-    assert manager.check_now().champion.version == "6"  # type: ignore[union-attr]
+    assert manager.check_now().champion.version == "6"
 
 
 def test_warm_up_uses_the_spec_and_vectors_seen_on_the_stream(
@@ -93,11 +93,11 @@ def test_challenger_comes_and_goes_with_its_alias(registry: FakeRegistry, make_m
     registry.versions.update({"1": loaded("1"), "2": loaded("2")})
     registry.aliases.update({"champion": "1", "challenger": "2"})
     serving = manager.check_now()
-    assert (serving.champion.version, serving.challenger.version) == ("1", "2")  # type: ignore[union-attr]
+    assert (serving.champion.version, serving.challenger.version) == ("1", "2")
     del registry.aliases["challenger"]
     assert manager.check_now().challenger is None
     del registry.aliases["champion"]
-    assert manager.check_now().champion.version == "1", "a deleted champion alias keeps the last champion"  # type: ignore[union-attr]
+    assert manager.check_now().champion.version == "1", "a deleted champion alias keeps the last champion"
 
 
 def test_an_unreachable_registry_keeps_the_current_models(
@@ -112,7 +112,7 @@ def test_an_unreachable_registry_keeps_the_current_models(
         raise RegistryUnavailableError("connection refused")
 
     manager._resolver = down
-    assert manager.check_now().champion.version == "1"  # type: ignore[union-attr]
+    assert manager.check_now().champion.version == "1"
 
 
 def test_the_background_thread_reloads_on_a_nudge(registry: FakeRegistry) -> None:

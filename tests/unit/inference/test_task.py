@@ -113,7 +113,7 @@ def test_a_prediction_depends_only_on_the_record_and_the_version(
     features, labels = ticks
     registry.versions["1"] = loaded("1")
     registry.aliases["champion"] = "1"
-    runs = []
+    runs: list[list[dict[str, Any]]] = []
     for _ in range(2):
         manager, _, sample = make_manager()
         manager.check_now()
