@@ -27,6 +27,7 @@ from quotewatch.core.config import BacktestSettings
 from quotewatch.core.errors import ConfigError
 from quotewatch.core.registry import LoadedModel, load_model_version, make_client, parse_model_uri, resolve_version
 from quotewatch.core.serde import AvroSerde
+from quotewatch.core.topics import TopicNames
 from quotewatch.domain.models import CHALLENGER_ROLE, CHAMPION_ROLE
 from quotewatch.replay import report, sources
 from quotewatch.replay.engine import BacktestEngine, ModelScores, prediction_records, score_model
@@ -118,10 +119,12 @@ def run_backtest(
     progress: bool = False,
     log_mlflow: bool = True,
     raws: Iterable[dict[str, Any]] | None = None,
+    lake_out: tuple[str, str] | None = None,
 ) -> BacktestResult:
     """Run the pipeline over the window, score, evaluate, write the report.
 
-    ``raws`` replaces the source's records (benchmarks feed pre-generated input this way).
+    ``raws`` replaces the source's records (benchmarks feed pre-generated input this way);
+    ``lake_out`` = (lake URI, namespace) files the derived records there (:func:`write_lake`).
     """
     from tqdm import tqdm
 
@@ -130,7 +133,8 @@ def run_backtest(
     total: int | None = None
     if raws is None:
         start, total, raws = raw_input(settings, source, window, serde)
-    engine = BacktestEngine(settings.tick_ms, settings.delta_ms, keep_records=records_dir is not None)
+    keep = records_dir is not None or lake_out is not None
+    engine = BacktestEngine(settings.tick_ms, settings.delta_ms, keep_records=keep)
     began = time.perf_counter()
     if progress:
         raws = tqdm(raws, total=total, unit="rec", desc="backtest", mininterval=0.5)
@@ -196,6 +200,8 @@ def run_backtest(
             )
     if records_dir is not None:
         write_records(records_dir, engine, scored)
+    if lake_out is not None:
+        write_lake(lake_out[0], lake_out[1], engine, scored)
     return result
 
 
@@ -227,6 +233,60 @@ def write_records(directory: Path, engine: BacktestEngine, scored: Sequence[Mode
     for suffix, schema_name in RECORD_FILES.items():
         with (directory / f"{suffix}.avro").open("wb") as out:
             fastavro.writer(out, store.current(schema_name).schema, contents[suffix])
+
+
+def write_lake(lake_uri: str, prefix: str, engine: BacktestEngine, scored: Sequence[ModelScores]) -> dict[str, int]:
+    """File the derived records in the lake under namespace ``prefix`` (the lake sink's layout and chunk files).
+
+    So ``quotewatch train`` (``TOPIC_PREFIX=prefix``) can train on a backtested window, e.g. a
+    capture. These records never were in Kafka: each symbol is filed as its own "partition"
+    (its index in sorted order) with offsets = its record numbers. Returns rows per dataset.
+    """
+    import pyarrow as pa
+
+    from quotewatch.core import lake
+
+    names = TopicNames(prefix)
+    predictions: list[dict[str, Any]] = []
+    for scores in scored:
+        predictions.extend(prediction_records(engine, scores))
+    datasets = (
+        (names.book_top3, engine.book_tops),
+        (names.features, engine.feature_records),
+        (names.labels, engine.label_records),
+        (names.predictions, predictions),
+    )
+    symbols = sorted({record["symbol"] for _, records in datasets for record in records})
+    written = {}
+    for topic, records in datasets:
+        schema = lake.file_schema_for(topic)
+        offsets = dict.fromkeys(range(len(symbols)), 0)
+        runs: list[tuple[int, str, list[dict[str, Any]]]] = []
+        open_run: dict[int, tuple[int, str, list[dict[str, Any]]]] = {}
+        for record in records:
+            partition = symbols.index(record["symbol"])
+            offset = offsets[partition]
+            offsets[partition] = offset + 1
+            row = {
+                **record,
+                "_topic": topic,
+                "_partition": partition,
+                "_offset": offset,
+                "_key": record["symbol"],
+                "_timestamp_ms": record["ts_init"] // 1_000_000,
+            }
+            directory = lake.partition_dir(topic, record)
+            run = open_run.get(partition)
+            if run is not None and run[1] == directory:
+                run[2].append(row)
+            else:
+                run = open_run[partition] = (partition, directory, [row])
+                runs.append(run)
+        for partition, directory, rows in runs:
+            table = pa.Table.from_pylist(rows, schema=schema)
+            lake.write_chunk(lake_uri, topic, partition, rows[0]["_offset"], rows[-1]["_offset"], [(directory, table)])
+        written[topic] = len(records)
+    return written
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -93,6 +93,12 @@ def replay_command(
     help="Also write the derived records (book.top3, features, labels, predictions) as Avro files here.",
 )
 @click.option(
+    "--lake-out",
+    default=None,
+    help="Also file the derived records in this lake (a path or s3://…) under --lake-prefix, e.g. to train on them.",
+)
+@click.option("--lake-prefix", default="backtest", show_default=True, help="Namespace of the --lake-out datasets.")
+@click.option(
     "--no-mlflow", is_flag=True, help="Do not log an MLflow evaluation run even if MLFLOW_TRACKING_URI is set."
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -103,6 +109,8 @@ def backtest_command(
     models: tuple[str, ...],
     output: Path | None,
     records: Path | None,
+    lake_out: str | None,
+    lake_prefix: str,
     no_mlflow: bool,
     no_progress: bool,
 ) -> None:
@@ -129,8 +137,11 @@ def backtest_command(
         records_dir=records,
         progress=not no_progress,
         log_mlflow=not no_mlflow,
+        lake_out=(lake_out, lake_prefix) if lake_out else None,
     )
     click.echo(result.summary())
+    if lake_out:
+        click.echo(f"derived records filed in {lake_out} under {lake_prefix}.*")
     for scores in result.models:
         if scores.spec_mismatches or scores.invalid_outputs:
             click.echo(
