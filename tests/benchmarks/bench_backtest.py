@@ -50,13 +50,13 @@ def raw_log(hours: float, seed: int = 11) -> list[dict[str, Any]]:
 
 def trained_models() -> list[LoadedModel]:
     """The trainer's LR and XGBoost fitted on 20 min of another seed of the same market."""
-    from quotewatch.trainer.training import TrainingOptions, build_training_set, fit_model
+    from quotewatch.trainer.training import MODEL_KINDS, TrainingOptions, build_training_set, fit_model
 
     engine = BacktestEngine(TICK_MS, DELTA_MS, keep_records=True).run_raw(raw_log(1 / 3, seed=5))
     data = build_training_set(pd.DataFrame(engine.feature_records), pd.DataFrame(engine.label_records))
     options = TrainingOptions(delta_ms=DELTA_MS, xgb_n_estimators=200)
     models = []
-    for version, kind in enumerate(("lr", "xgb"), start=1):
+    for version, kind in enumerate(MODEL_KINDS, start=1):
         model, _ = fit_model(kind, data.x, data.y, options)
         models.append(LoadedModel(f"bench-{kind}", str(version), kind, model, spec.FEATURE_SPEC_ID, spec.FEATURE_NAMES))
     return models
