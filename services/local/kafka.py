@@ -176,6 +176,7 @@ class LocalKafka:
         self.log_file = self.data_dir / "broker.log"
         self._properties = self.data_dir / "server.properties"
         self._log_dirs = self.data_dir / "kraft"
+        self._launched: subprocess.Popen[bytes] | None = None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -335,6 +336,7 @@ class LocalKafka:
         )
         stdout.close()
         self._pid_file.write_text(f"{process.pid}\n")
+        self._launched = process
 
     def _wait_until_up(self, state: BrokerState, timeout: float) -> None:
         from confluent_kafka.admin import AdminClient
@@ -342,7 +344,10 @@ class LocalKafka:
         deadline = time.monotonic() + timeout
         admin = AdminClient({"bootstrap.servers": state.bootstrap_servers, "log_level": 0})
         while time.monotonic() < deadline:
-            if self._running_pid() is None:
+            # The launched child, not _running_pid(): right after the fork its command line is still
+            # Python's (exec not yet done), which _running_pid() would take for an exited broker.
+            launched = self._launched
+            if launched is not None and launched.poll() is not None:
                 raise BrokerError(f"the broker exited during start-up; last log lines: {self.log_tail()}")
             try:
                 metadata = admin.list_topics(timeout=2)
