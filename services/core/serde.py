@@ -70,6 +70,8 @@ class AvroSerde:
         self._lock = threading.Lock()
         self._registered: dict[tuple[str, int], int] = {}
         self._by_registry_id: dict[int, SchemaVersion] = {}
+        self._topic_schema: dict[str, SchemaVersion] = {}
+        self._resolved: dict[tuple[int, int, str | None], tuple[SchemaVersion, Any, int]] = {}
 
     @property
     def store(self) -> SchemaStore:
@@ -89,8 +91,11 @@ class AvroSerde:
             KeyError: ``topic`` is not a catalog topic.
             EncodeError: the record does not match the schema.
         """
-        _, spec = split_topic(topic)
-        return self.encode_with(self._store.current(spec.value_schema), record, subject=f"{topic}-value")
+        schema = self._topic_schema.get(topic)
+        if schema is None:
+            _, spec = split_topic(topic)
+            schema = self._topic_schema[topic] = self._store.current(spec.value_schema)
+        return self.encode_with(schema, record, subject=f"{topic}-value")
 
     def encode_with(self, schema: SchemaVersion, record: Mapping[str, Any], subject: str | None = None) -> bytes:
         """Encode ``record`` with an explicit schema version (tests write old versions this way)."""
@@ -139,12 +144,25 @@ class AvroSerde:
             DecodeError: not a record in a known framing, or the body does not decode.
             UnknownSchemaError: the writer schema is not known here.
         """
-        writer, offset = self.writer_of(data)
-        reader = self._reader_for(writer, topic)
+        # Hot path: (writer id, topic) -> (writer, reader schema or None) is resolved once and cached.
+        if data[:2] == SINGLE_OBJECT_MAGIC and len(data) >= _SINGLE_OBJECT_HEADER:
+            key: tuple[int, int, str | None] = (0, int.from_bytes(data[2:_SINGLE_OBJECT_HEADER], "little"), topic)
+        elif data[:1] == b"\x00" and len(data) >= _CONFLUENT_HEADER:
+            key = (1, int.from_bytes(data[1:_CONFLUENT_HEADER], "big"), topic)
+        else:
+            key = (-1, 0, topic)
+        resolved = self._resolved.get(key)
+        if resolved is None:
+            writer, offset = self.writer_of(data)
+            reader = self._reader_for(writer, topic)
+            resolved = (writer, None if reader is writer else reader.schema, offset)
+            with self._lock:
+                self._resolved[key] = resolved
+        writer, reader_schema, offset = resolved
         buffer = io.BytesIO(data)
         buffer.seek(offset)
         try:
-            decoded = fastavro.schemaless_reader(buffer, writer.schema, None if reader is writer else reader.schema)
+            decoded = fastavro.schemaless_reader(buffer, writer.schema, reader_schema)
         except Exception as exc:
             raise DecodeError(f"cannot decode {writer.name} v{writer.version} body: {exc!r}") from exc
         if buffer.tell() != len(data):
