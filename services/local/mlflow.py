@@ -31,8 +31,10 @@ PYTHONPATH (inherited by the uvicorn child): a ``Retry`` that maps ``backoff_max
 So a running server is two processes: ``mlflow server`` (which forwards SIGTERM) and its uvicorn
 child. Webhooks to a local receiver need ``MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https`` and
 ``MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true`` (SSRF protection is meant for shared servers; this
-one binds 127.0.0.1), and ``MLFLOW_WEBHOOK_CACHE_TTL`` is cut from 60 s to 2 s so a webhook
-registered by a freshly started inference service receives the very next alias change.
+one binds 127.0.0.1), and ``MLFLOW_WEBHOOK_CACHE_TTL=0``: the server otherwise caches the list of
+webhooks per event for 60 s, so a webhook registered by a freshly started inference service
+would miss the alias changes of the next minute (without the cache each event costs one SQLite
+query).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ SERVER_ENVIRONMENT: dict[str, str] = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
     "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-    "MLFLOW_WEBHOOK_CACHE_TTL": "2",
+    "MLFLOW_WEBHOOK_CACHE_TTL": "0",
 }
 """Environment of the server process on top of the caller's (see the module docstring)."""
 
