@@ -73,6 +73,7 @@ def command() -> None:
         )
         manager.start()
         receiver = None
+        webhook_id: str | None = None
         if settings.webhook_port and settings.mlflow_webhook_secret is not None:
             receiver = WebhookReceiver(
                 settings.webhook_host,
@@ -117,4 +118,10 @@ def command() -> None:
         finally:
             if receiver is not None:
                 receiver.stop()
+            if webhook_id is not None and settings.mlflow_tracking_uri:
+                # Nobody listens any more: stop MLflow from calling (a restart re-activates it).
+                try:
+                    make_client(settings.mlflow_tracking_uri).update_webhook(webhook_id, status="DISABLED")
+                except Exception as exc:  # noqa: BLE001 - best effort on the way out
+                    logger.warning("could not disable the registry webhook: %s", exc)
             manager.stop()
