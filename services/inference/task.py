@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 FALLBACK_METRICS_VERSION = "online"
 """The fallback's live metrics cover all its states under one version."""
 _UPDATES_FEATURE = "updates_1000ms"
+PENDING_VECTORS_MAX = 10_000
+"""Feature vectors kept for the fallback to learn from when their label arrives."""
 NS_PER_MS = 1_000_000
 
 
@@ -83,7 +85,9 @@ class InferenceTask:
         self._tracker = LiveMetricsTracker(window=live_metrics_window, buffer_max=join_buffer_max)
         self._fallback = OnlineFallback()
         self._pending_vectors: OrderedDict[tuple[str, int], list[float]] = OrderedDict()
-        self._buffer_max = join_buffer_max
+        # A vector waits ~Δ for its label; ticks that never get one (an epoch's last Δ) age out.
+        # ~1 kB each as a list of floats: bounded well below the join buffer.
+        self._vectors_max = min(join_buffer_max, PENDING_VECTORS_MAX)
         self._snapshot_interval_ns = snapshot_interval_ms * NS_PER_MS
         self._last_snapshot: dict[str, int] = {}
         self._consumer_lag = consumer_lag
@@ -156,7 +160,7 @@ class InferenceTask:
             )
         self._tracker.add_predictions(symbol, t, scored)
         self._pending_vectors[(symbol, t)] = values
-        while len(self._pending_vectors) > self._buffer_max:
+        while len(self._pending_vectors) > self._vectors_max:
             self._pending_vectors.popitem(last=False)
         last = self._last_snapshot.get(symbol)
         if last is None or t - last >= self._snapshot_interval_ns:
