@@ -230,6 +230,8 @@ class PipelineConfig:
     model_uri: str | None = None
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per service: environment on top of the pipeline's."""
+    common_env: dict[str, str] = field(default_factory=dict)
+    """Every service: environment on top of the pipeline's."""
 
 
 class Pipeline:
@@ -250,6 +252,8 @@ class Pipeline:
             )
         )
         self.services: dict[str, ServiceProcess] = {}
+        self.liveness_restarts: Counter[str] = Counter()
+        self._unhealthy_since: dict[str, float] = {}
 
     def _env(self, name: str) -> dict[str, str]:
         env = {
@@ -279,6 +283,7 @@ class Pipeline:
             model = self.config.model_uri or f"models:/absent-{uuid.uuid4().hex[:6]}@champion"
             env.update({"MODEL_URI": model, "CHALLENGER_URI": model.replace("@champion", "@challenger")})
             env["MODEL_POLL_SECONDS"] = "0.5"
+        env.update(self.config.common_env)
         env.update(self.config.extra_env.get(name, {}))
         return env
 
@@ -297,16 +302,40 @@ class Pipeline:
     def __getitem__(self, name: str) -> ServiceProcess:
         return self.services[name]
 
-    def wait_progress(self, name: str, more: int, timeout: float = 90.0) -> None:
-        """Wait until ``name`` has processed ``more`` records beyond what it reports now."""
+    def wait_progress(self, name: str, more: int, timeout: float = 90.0, liveness_grace: float | None = None) -> None:
+        """Wait until ``name`` has processed ``more`` records beyond what it reports now.
+
+        With ``liveness_grace``, act as an orchestrator's liveness probe meanwhile (see
+        :meth:`liveness_probe`); records processed by a restarted process count from zero.
+        """
         service = self.services[name]
         start = max(0, service.records_processed())
-        wait_for(
-            lambda: service.assert_alive() and service.records_processed() >= start + more,
-            timeout=timeout,
-            interval=0.2,
-            message=f"{name} to process {more} more records",
-        )
+
+        def progressed() -> bool:
+            nonlocal start
+            if liveness_grace is not None and name in self.liveness_probe(liveness_grace):
+                start = 0
+            return service.assert_alive() and service.records_processed() >= start + more
+
+        wait_for(progressed, timeout=timeout, interval=0.2, message=f"{name} to process {more} more records")
+
+    def liveness_probe(self, grace: float) -> list[str]:
+        """Restart (SIGKILL, start) every service whose /health has said "unhealthy" for ``grace``
+        seconds in a row, as a Kubernetes liveness probe would; returns the restarted services."""
+        restarted = []
+        now = time.monotonic()
+        for name, service in self.services.items():
+            if service.health().healthy:
+                self._unhealthy_since.pop(name, None)
+                continue
+            since = self._unhealthy_since.setdefault(name, now)
+            if now - since >= grace:
+                service.kill()
+                service.start()
+                self.liveness_restarts[name] += 1
+                self._unhealthy_since.pop(name, None)
+                restarted.append(name)
+        return restarted
 
     def finish(self, timeout: float = 240.0) -> None:
         """End the input (SIGTERM the ingest), wait until every stage committed all of its input,

@@ -111,7 +111,7 @@ def test_poison_records_land_in_the_dlq_with_coordinates_and_the_services_keep_g
         )
     assert len(injected) == rounds * len(READERS) * 2
     assert verdict.ok, verdict.problems
-    for suffix, readers, _, expected, missing, _ in rows:
-        assert missing == 0, f"{suffix}: {missing} of {expected} dead letters from {readers} missing"
+    for suffix, readers, _, wanted, missing, _ in rows:
+        assert missing == 0, f"{suffix}: {missing} of {wanted} dead letters from {readers} missing"
     unexpected = [key[:4] for key in found if key[1:4] not in {(t, p, o) for t, p, o, _ in injected}]
     assert unexpected == [], "dead letters for records that were not poison"

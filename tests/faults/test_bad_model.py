@@ -1,0 +1,137 @@
+"""A bad model promoted to ``champion``: the previous model keeps serving, every tick served once.
+
+``quotewatch run inference`` runs as a real process against the session's MLflow server with a
+good champion (the trainer's LR). While feature vectors stream in, bad versions are registered and
+promoted to ``champion`` one after another, cycling through three ways a model can be bad: its
+artifact is corrupt in the server's store, it was trained on another feature spec, it emits NaN.
+Each must be refused (counted on /metrics as a failed reload) while the good version keeps serving;
+at the end every feature tick has exactly one served prediction, all from the good version.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quotewatch.core.config import CommonSettings
+from quotewatch.core.kafka import ensure_topics, make_admin
+from quotewatch.core.topics import TopicNames
+from quotewatch.local.kafka import free_port
+from tests.broker.inference.registry_models import corrupt_artifact, fitted_lr, nan_model, register, set_alias
+from tests.broker.inference.test_inference_stream import produce
+from tests.conftest import MlflowServerInfo
+from tests.faults.conftest import FaultReport
+from tests.faults.support import ServiceProcess, metric_value, read_all, trials
+from tests.helpers import wait_for
+from tests.unit.trainer.market_data import synthetic_ticks
+
+
+def refusals_beyond(inference: ServiceProcess, before: float) -> bool:
+    """Has the process counted a failed model reload beyond ``before``?"""
+    failures = metric_value(inference.metrics(), "quotewatch_model_reloads_total", outcome="failure")
+    return inference.assert_alive() and failures > before
+
+
+def bad_versions(uri: str, server: MlflowServerInfo, name: str) -> dict[str, Callable[[], str]]:
+    def corrupt() -> str:
+        version = register(uri, name, fitted_lr(seed=6))
+        corrupt_artifact(uri, server.artifacts_dir, name, version)
+        return version
+
+    return {
+        "corrupt artifact": corrupt,
+        "another feature spec": lambda: register(
+            uri, name, fitted_lr(seed=5), feature_spec_id="qw-features-v0-retired"
+        ),
+        "emits NaN": lambda: register(uri, name, nan_model()),
+    }
+
+
+@pytest.mark.timeout(1800)
+def test_a_bad_champion_is_refused_and_the_previous_model_keeps_serving(
+    make_settings: Any, mlflow_server: MlflowServerInfo, tmp_path: Path, fault_report: FaultReport
+) -> None:
+    count = trials(subset=3, full=12)
+    settings: CommonSettings = make_settings()
+    names = TopicNames(settings.topic_prefix)
+    ensure_topics(make_admin(settings), settings.topic_prefix)
+    uri = mlflow_server.tracking_uri
+    name = f"qw-faults-{uuid.uuid4().hex[:8]}"
+    good = register(uri, name, fitted_lr(seed=5))
+    set_alias(uri, name, "champion", good)
+    makers = bad_versions(uri, mlflow_server, name)
+    kinds = list(makers)
+    features, _ = synthetic_ticks(20 + 6 * count, seed=9)
+    inference = ServiceProcess(
+        "inference",
+        ["run", "inference"],
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+            "TOPIC_PREFIX": settings.topic_prefix,
+            "MLFLOW_TRACKING_URI": uri,
+            "MODEL_URI": f"models:/{name}@champion",
+            "CHALLENGER_URI": f"models:/{name}@challenger",
+            "MODEL_POLL_SECONDS": "0.5",
+            "METRICS_PORT": str(free_port()),
+        },
+        tmp_path,
+    )
+    refused: Counter[str] = Counter()
+    feeder: threading.Thread | None = None
+    try:
+        inference.start()
+        wait_for(lambda: inference.assert_alive() and inference.health().healthy, timeout=120, message="inference up")
+        # The stream flows at a live-like pace for the whole test, across every promotion.
+        feeder = threading.Thread(target=produce, args=(settings, names.features, features, 40.0), daemon=True)
+        feeder.start()
+        for trial in range(count):
+            kind = kinds[trial % len(kinds)]
+            version = makers[kind]()
+            before = metric_value(inference.metrics(), "quotewatch_model_reloads_total", outcome="failure")
+            set_alias(uri, name, "champion", version)
+            wait_for(
+                partial(refusals_beyond, inference, before),
+                timeout=120,
+                interval=0.3,
+                message=f"v{version} ({kind}) refused",
+            )
+            serving = metric_value(inference.metrics(), "quotewatch_model_version", role="champion")
+            if serving == float(good):
+                refused[kind] += 1
+        feeder.join(600)
+        expected = {(f["symbol"], f["ts_event"]) for f in features}
+
+        def all_served() -> list[dict[str, Any]] | None:
+            inference.assert_alive()
+            served = [r.value for r in read_all(settings, names.predictions) if r.value]
+            served = [p for p in served if p["model_role"] != "CHALLENGER"]
+            return served if {(p["symbol"], p["ts_event"]) for p in served} >= expected else None
+
+        served = wait_for(all_served, timeout=180, interval=1.0, message="every tick served")
+        log = inference.log_path.read_text(errors="replace")
+        assert inference.stop() == 0, inference.log_tail()
+    finally:
+        inference.close()
+    keys = Counter((p["symbol"], p["ts_event"]) for p in served)
+    lost = len(expected - set(keys))
+    duplicated = sum(c - 1 for c in keys.values() if c > 1)
+    versions = Counter((p["model_role"], p["model_version"]) for p in served)
+    fault_report.add(
+        "bad model promoted to champion",
+        trials=count,
+        recovered=sum(refused.values()) if set(versions) == {("CHAMPION", good)} else 0,
+        lost=lost,
+        duplicated=duplicated,
+        notes=f"refused and v{good} kept serving: {dict(refused)}; {len(expected)} ticks, all served by v{good}",
+    )
+    assert sum(refused.values()) == count, refused
+    assert set(versions) == {("CHAMPION", good)}, versions
+    assert (lost, duplicated) == (0, 0)
+    assert "model reload failed" in log
