@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "replay"
 _CHECK_EVERY = 1_000
+_POLL_EVERY = 256
 
 
 def parse_speed(text: str) -> float | None:
@@ -87,16 +88,19 @@ class ReplaySummary:
 
 
 def open_source(
-    settings: CommonSettings, source: SourceSpec, window: Window, what: str, serde: AvroSerde
+    settings: CommonSettings, source: SourceSpec, window: Window, what: str, serde: AvroSerde, decode: bool = True
 ) -> tuple[RawStart | None, int | None, Iterator[LogRecord]]:
     """(the CONNECTED the window starts at, record count if known, the records) of a replay source.
+
+    ``decode=False``: a raw topic window's records keep only their bytes (forwarded as they are).
 
     Raises:
         ConfigError: ``events`` asked of a capture or the synthetic market (they are raw logs).
     """
     if source.kind == "topic":
-        read = sources.topic_raw_records if what == "raw" else sources.topic_event_records
-        return read(settings, source.prefix, window, serde)
+        if what == "raw":
+            return sources.topic_raw_records(settings, source.prefix, window, serde, decode)
+        return sources.topic_event_records(settings, source.prefix, window, serde)
     if source.kind == "lake":
         read_lake = sources.lake_raw_records if what == "raw" else sources.lake_event_records
         return read_lake(settings.lake_uri, source.prefix, window)
@@ -165,20 +169,26 @@ def replay(
     ensure_topics(make_admin(settings), target_prefix)
     names = TopicNames(target_prefix)
     topic = names.md_raw if what == "raw" else names.md_events
-    start, total, records = open_source(settings, source, window, what, serde)
+    # At --speed max a raw topic window is forwarded without decoding (its end offset is known).
+    start, total, records = open_source(settings, source, window, what, serde, decode=speed is not None)
     delivery = DeliveryTracker()
     own_producer = producer is None
-    producer = producer or make_producer(settings, f"replay-{target_prefix}", on_delivery=delivery)
+    # Delivery reports for failures only: a lost record still fails the replay, without a Python
+    # callback per delivered record.
+    producer = producer or make_producer(
+        settings, f"replay-{target_prefix}", on_delivery=delivery, **{"delivery.report.only.error": True}
+    )
     count = 0
-    first_ts: int | None = None
-    last_ts: int | None = None
+    first: LogRecord | None = None
+    last: LogRecord | None = None
+    pace_origin = (0, 0)
     started = clock.monotonic_ns()
     bar = tqdm(total=total, unit="rec", desc=f"replay -> {topic}", disable=not progress, mininterval=0.5)
     try:
         for record in records:
-            ts_init = int(record.value["ts_init"])
             if speed is not None:
-                if first_ts is None:
+                ts_init = int(record.value["ts_init"])
+                if first is None:
                     pace_origin = (clock.monotonic_ns(), ts_init)
                 due_ns = pace_origin[0] + int((ts_init - pace_origin[1]) / speed)
                 wait_ns = due_ns - clock.monotonic_ns()
@@ -188,8 +198,10 @@ def replay(
             key = record.key if record.key is not None else encode_key(_key_of(what, record.value))
             _produce(producer, topic, key, value)
             count += 1
-            first_ts = ts_init if first_ts is None else first_ts
-            last_ts = ts_init
+            if count % _POLL_EVERY == 0:
+                producer.poll(0)  # serve delivery reports (the DeliveryTracker counts failures)
+            first = first or record
+            last = record
             if count % _CHECK_EVERY == 0:
                 bar.update(_CHECK_EVERY)
                 delivery.raise_if_failed()  # a lost record would make the replay silently differ
@@ -201,9 +213,18 @@ def replay(
             flush_or_fail(producer, 60)
     delivery.raise_if_failed()
     seconds = (clock.monotonic_ns() - started) / 1e9
-    summary = ReplaySummary(topic, count, start, first_ts, last_ts, seconds)
+    summary = ReplaySummary(topic, count, start, _ts_init(first, topic, serde), _ts_init(last, topic, serde), seconds)
     logger.info(summary.describe())
     return summary
+
+
+def _ts_init(record: LogRecord | None, topic: str, serde: AvroSerde) -> int | None:
+    if record is None:
+        return None
+    if record.value:
+        return int(record.value["ts_init"])
+    assert record.data is not None
+    return int(serde.decode(record.data, topic)["ts_init"])
 
 
 def _key_of(what: str, value: dict[str, Any]) -> str:
@@ -220,4 +241,3 @@ def _produce(producer: Producer, topic: str, key: bytes | None, value: bytes) ->
             producer.poll(0.1)
         except KafkaException as exc:
             raise ReplayError(f"cannot produce to {topic}: {exc}") from exc
-    producer.poll(0)

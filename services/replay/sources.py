@@ -127,7 +127,7 @@ class SourceSpec:
         if self.kind in ("topic", "lake"):
             return f"{self.kind}:{self.prefix}"
         if self.kind == "capture":
-            return f"capture:{self.path}"
+            return f"capture:{self.path.name if self.path is not None else ''}"
         return f"synthetic:{self.seed}:{self.hours:g}"
 
 
@@ -213,25 +213,27 @@ class TopicReader:
             return int(message.offset() or 0), self._decode(message)
         return None
 
-    def _messages(self, partition: int, start: int, high: int) -> Iterator[Message]:
+    def _messages(self, partition: int, start: int, high: int, batch: int = 1) -> Iterator[Message]:
+        """Messages of ``partition`` from ``start`` until ``high`` or the end, fetched ``batch`` at a time."""
         self._consumer.assign([TopicPartition(self.topic, partition, start)])
         idle = 0
         while True:
-            message = self._consumer.poll(1.0)
-            if message is None:
+            messages = self._consumer.consume(batch, 1.0)
+            if not messages:
                 idle += 1
                 if idle > self._timeout:
                     raise ReplayError(f"{self.topic}[{partition}]: no record arrived from offset {start} in time")
                 continue
             idle = 0
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        return
+                    raise ReplayError(f"{self.topic}[{partition}]: consumer error: {error}")
+                if (message.offset() or 0) >= high:
                     return
-                raise ReplayError(f"{self.topic}[{partition}]: consumer error: {error}")
-            if (message.offset() or 0) >= high:
-                return
-            yield message
+                yield message
 
     def _decode(self, message: Message) -> dict[str, Any]:
         try:
@@ -257,15 +259,15 @@ class TopicReader:
                 low = offset + 1
         return low
 
-    def records(self, partition: int, start: int, end: int) -> Iterator[LogRecord]:
-        """Every record of [start, end), decoded, with its key and original bytes."""
+    def records(self, partition: int, start: int, end: int, decode: bool = True) -> Iterator[LogRecord]:
+        """Every record of [start, end) with its key and original bytes, decoded unless ``decode`` is False."""
         if start >= end:
             return
-        for message in self._messages(partition, start, end):
-            yield LogRecord(
-                self._decode(message), message.key(), message.value(), partition, int(message.offset() or 0)
-            )
-            if (message.offset() or 0) + 1 >= end:
+        last = end - 1
+        for message in self._messages(partition, start, end, batch=1000):
+            offset = message.offset() or 0
+            yield LogRecord(self._decode(message) if decode else {}, message.key(), message.value(), partition, offset)
+            if offset >= last:
                 return
 
     def first_offset_at_or_after(self, partition: int, ts_init_ns: int, inclusive: bool = True) -> int:
@@ -325,9 +327,13 @@ def find_raw_start(reader: TopicReader, start_ns: int | None) -> RawStart:
 
 
 def topic_raw_records(
-    settings: CommonSettings, prefix: str, window: Window, serde: AvroSerde
+    settings: CommonSettings, prefix: str, window: Window, serde: AvroSerde, decode: bool = True
 ) -> tuple[RawStart, int, Iterator[LogRecord]]:
-    """``<prefix>.md.raw`` from the CONNECTED at or before the window to its end: (start, record count, records)."""
+    """``<prefix>.md.raw`` from the CONNECTED at or before the window to its end: (start, record count, records).
+
+    The window's end offset is found up front, so the records need no decoding to be forwarded
+    (``decode=False``: their ``value`` is empty, ``data`` holds the bytes).
+    """
     reader = TopicReader(settings, TopicNames(prefix).md_raw, serde)
     try:
         start = find_raw_start(reader, window.start_ns)
@@ -339,7 +345,7 @@ def topic_raw_records(
 
     def iterate() -> Iterator[LogRecord]:
         with reader:
-            yield from reader.records(0, start.offset, end)
+            yield from reader.records(0, start.offset, end, decode)
 
     return start, max(0, end - start.offset), iterate()
 

@@ -1,0 +1,188 @@
+"""Replay through the broker with the services running: raw level updates per second.
+
+A synthetic raw log (BTC-USD and ETH-USD at 200 level updates/s each) is written to ``S.md.raw``.
+In the same run, side by side:
+
+- **peer**: a plain confluent-kafka consumer reading ``S.md.raw`` from the first to the last
+  offset (no decoding): the broker's read rate for this topic on this machine;
+- **replay**: :func:`quotewatch.replay.publisher.replay` of the whole window of ``S`` into a fresh
+  namespace ``T`` at ``--speed max`` (read, forward, produce, every delivery checked), while
+  ``quotewatch run ingest`` (INGEST_SOURCE=topic), ``book``, ``labeler`` and ``inference``
+  (fallback model) run on ``T`` as processes and consume it. The rate is over the forwarding
+  (``ReplaySummary.seconds``); the one-off setup (fresh-namespace check, topic creation, window
+  search) is in the notes, and the whole call is on its own row;
+- **end to end**: from the replay's start until ``T.features`` holds every feature tick (the
+  services re-normalised, booked and featured the replayed log).
+
+Rates are level updates carried by the frames (counted by the normaliser) per second.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from quotewatch.core.config import CommonSettings
+from quotewatch.core.kafka import consumer_config, ensure_topics, make_admin, producer_config
+from quotewatch.core.serde import AvroSerde
+from quotewatch.core.topics import TopicNames
+from quotewatch.domain.coinbase import FEED_ADVANCED
+from quotewatch.domain.normaliser import Normaliser
+from quotewatch.domain.synthetic import SyntheticConfig, synthetic_raw_frames
+from quotewatch.replay.engine import BacktestEngine
+from quotewatch.replay.publisher import replay
+from quotewatch.replay.sources import SourceSpec, Window
+from tests.benchmarks.harness import Context, Result
+
+SUITE = "replay"
+QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
+SERVICES = ("ingest", "book", "labeler", "inference")
+
+
+def raw_log(minutes: float) -> list[dict[str, Any]]:
+    config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=17, rate=200.0)
+    return list(synthetic_raw_frames(FEED_ADVANCED, config, int(minutes * 60 * 10**9)))
+
+
+def level_updates(log: list[dict[str, Any]]) -> int:
+    events, _ = Normaliser().process_all(log)
+    return sum(len(e["update"]["changes"]) for e in events if e["kind"] == "UPDATE")
+
+
+def produce(settings: CommonSettings, topic: str, log: list[dict[str, Any]]) -> None:
+    serde = AvroSerde()
+    producer = Producer(producer_config(settings, "bench-replay"))
+    for record in log:
+        while True:
+            try:
+                producer.produce(topic, serde.encode(topic, record), key=record["feed"].encode())
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+
+def plain_consume_seconds(settings: CommonSettings, topic: str, count: int) -> float:
+    """A plain consumer from offset 0 to the last record of partition 0, values untouched."""
+    consumer = Consumer(
+        consumer_config(settings, f"bench-plain-{uuid.uuid4().hex[:6]}", "bench-plain", **{"fetch.wait.max.ms": 10})
+    )
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        started = time.perf_counter()
+        seen = 0
+        while seen < count:
+            for message in consumer.consume(1000, 1.0):
+                if message.error() is None:
+                    seen += 1
+        return time.perf_counter() - started
+    finally:
+        consumer.close()
+
+
+def committed_count(settings: CommonSettings, topic: str, expected: int, timeout: float) -> None:
+    """Read ``topic`` (read_committed) until ``expected`` records arrived."""
+    consumer = Consumer(consumer_config(settings, f"bench-count-{uuid.uuid4().hex[:6]}", "bench-count"))
+    try:
+        partitions = make_admin(settings).list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        seen = 0
+        deadline = time.monotonic() + timeout
+        while seen < expected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: {seen} of {expected} records after {timeout}s")
+            seen += sum(1 for m in consumer.consume(1000, 0.2) if m.error() is None)
+    finally:
+        consumer.close()
+
+
+def run(ctx: Context) -> list[Result]:
+    minutes = 2.0 if ctx.quick else 30.0
+    base = f"bench{uuid.uuid4().hex[:6]}"
+    source = CommonSettings(kafka_bootstrap_servers=ctx.broker(), topic_prefix=base)
+    target = TopicNames(f"{base}-t")
+    ensure_topics(make_admin(source), source.topic_prefix)
+    log = raw_log(minutes)
+    updates = level_updates(log)
+    features = BacktestEngine(100, 500).run_raw(log).counts.feature_vectors
+    produce(source, TopicNames(base).md_raw, log)
+
+    plain = plain_consume_seconds(source, TopicNames(base).md_raw, len(log))
+
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": source.kafka_bootstrap_servers,
+        "TOPIC_PREFIX": target.prefix,
+        "INGEST_SOURCE": "topic",
+        "METRICS_PORT": "0",
+        "LOG_LEVEL": "WARNING",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    logs = ctx.scratch / f"replay-{base}"
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = []
+    try:
+        for name in SERVICES:
+            with (logs / f"{name}.log").open("wb") as out:
+                processes.append(subprocess.Popen([QUOTEWATCH, "run", name], env=env, stdout=out, stderr=out))
+        # The services are up when they have created their namespace's topics (service_context does first).
+        deadline = time.monotonic() + 120
+        while target.features not in make_admin(source).list_topics(timeout=10).topics:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                raise RuntimeError(f"services did not start; see {logs}")
+            time.sleep(0.2)
+        started = time.perf_counter()
+        summary = replay(source, SourceSpec("topic", base), Window(), target.prefix, progress=False)
+        replay_seconds = time.perf_counter() - started
+        committed_count(source, target.features, features, timeout=600)
+        end_to_end = time.perf_counter() - started
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    assert summary.records == len(log)
+    notes = f"{len(log):,} raw records carrying {updates:,} level updates ({minutes:g} min, 2 symbols)"
+    setup = replay_seconds - summary.seconds
+    return [
+        Result(
+            SUITE,
+            "replay topic -> fresh namespace (services consuming it)",
+            updates / summary.seconds,
+            "updates/s",
+            peer="plain confluent-kafka consume of the source",
+            peer_value=updates / plain,
+            goal=">= 0.5x peer",
+            met=plain / summary.seconds >= 0.5,
+            notes=f"{notes}; forwarding {summary.seconds:.2f} s + setup {setup:.2f} s (checks, topics, window)",
+        ),
+        Result(
+            SUITE,
+            "replay call including its setup",
+            updates / replay_seconds,
+            "updates/s",
+            peer="plain confluent-kafka consume of the source",
+            peer_value=updates / plain,
+        ),
+        Result(
+            SUITE,
+            "replay end to end: until the services wrote every feature tick",
+            updates / end_to_end,
+            "updates/s",
+            peer="plain confluent-kafka consume of the source",
+            peer_value=updates / plain,
+            notes=f"{features:,} feature ticks; ingest (topic mode) -> book -> labeler, inference on the fallback",
+        ),
+    ]
