@@ -253,6 +253,8 @@ class Pipeline:
         )
         self.services: dict[str, ServiceProcess] = {}
         self.liveness_restarts: Counter[str] = Counter()
+        self.unhealthy_reasons: Counter[tuple[str, str]] = Counter()
+        """(service, /health reason) of every unhealthy probe answer the liveness probe saw."""
         self._unhealthy_since: dict[str, float] = {}
 
     def _env(self, name: str) -> dict[str, str]:
@@ -325,9 +327,11 @@ class Pipeline:
         restarted = []
         now = time.monotonic()
         for name, service in self.services.items():
-            if service.health().healthy:
+            health = service.health()
+            if health.healthy:
                 self._unhealthy_since.pop(name, None)
                 continue
+            self.unhealthy_reasons[(name, str(health.body.get("reason", "no answer")))] += 1
             since = self._unhealthy_since.setdefault(name, now)
             if now - since >= grace:
                 service.kill()

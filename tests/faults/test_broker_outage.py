@@ -67,6 +67,7 @@ def test_broker_down_for_10s_mid_stream_loses_and_duplicates_nothing(tmp_path: P
             for name in ("book", "labeler", "inference")
         )
         restarts = dict(pipeline.liveness_restarts)
+        reasons = sorted({f"{name}: {reason}" for name, reason in pipeline.unhealthy_reasons})
     finally:
         pipeline.close()
         kafka.stop()
@@ -79,7 +80,8 @@ def test_broker_down_for_10s_mid_stream_loses_and_duplicates_nothing(tmp_path: P
         duplicated=verdict.duplicated,
         notes=(
             f"own broker; no service exited; restarted by the liveness probe after /health went 503: "
-            f"{restarts or 'none'}; {aborted} transactions aborted and redone; "
+            f"{restarts or 'none'} (/health said: {'; '.join(reasons) or 'always healthy'}); "
+            f"{aborted} transactions aborted and redone; "
             f"lake rows checked by offset and content: {lake_rows}"
         ),
     )
