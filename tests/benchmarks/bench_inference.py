@@ -34,6 +34,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, ensure_topics, make_admin
+from quotewatch.core.registry import make_client
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.models import positive_probability
@@ -103,15 +104,15 @@ def _produce_backlog(bootstrap: str, topic: str, vectors: list[dict[str, Any]]) 
     assert producer.flush(60) == 0
 
 
-def _read_predictions(settings: CommonSettings, until: Any, timeout: float) -> list[tuple[str, int, int, float]]:
-    """(symbol, ts_event, CreateTime ms, receive time s) of predictions (read_committed) from the start of
+def _read_predictions(settings: CommonSettings, until: Any, timeout: float) -> list[tuple[str, int, int, float, str]]:
+    """(symbol, ts_event, CreateTime ms, receive time s, role) of predictions (read_committed) from the start of
     the topic until ``until(records)`` is true."""
     topic = TopicNames(settings.topic_prefix).predictions
     serde = AvroSerde()
     consumer = Consumer(consumer_config(settings, f"bench-{uuid.uuid4().hex[:8]}", "bench-reader"))
     partitions = make_admin(settings).list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    out: list[tuple[str, int, int, float]] = []
+    out: list[tuple[str, int, int, float, str]] = []
     deadline = time.monotonic() + timeout
     try:
         while not until(out):
@@ -123,7 +124,7 @@ def _read_predictions(settings: CommonSettings, until: Any, timeout: float) -> l
                 continue
             received = time.time()
             value = serde.decode(message.value() or b"", topic)
-            out.append((value["symbol"], value["ts_event"], message.timestamp()[1], received))
+            out.append((value["symbol"], value["ts_event"], message.timestamp()[1], received, value["model_role"]))
     finally:
         consumer.close()
     return out
@@ -137,7 +138,7 @@ def _latency(
     serde, producer = AvroSerde(), _producer(settings.kafka_bootstrap_servers)
     sent_at: dict[tuple[str, int], float] = {}
     created_at: dict[tuple[str, int], int] = {}
-    received: list[tuple[str, int, int, float]] = []
+    received: list[tuple[str, int, int, float, str]] = []
     wanted = {(vector["symbol"], vector["ts_event"]) for vector in vectors}
     failures: list[BaseException] = []
 
@@ -145,8 +146,8 @@ def _latency(
         seen: set[tuple[str, int]] = set()
         scanned = [0]
 
-        def done(records: list[tuple[str, int, int, float]]) -> bool:
-            seen.update((symbol, t) for symbol, t, _, _ in records[scanned[0] :])
+        def done(records: list[tuple[str, int, int, float, str]]) -> bool:
+            seen.update((symbol, t) for symbol, t, _, _, _ in records[scanned[0] :])
             scanned[0] = len(records)
             return wanted <= seen
 
@@ -181,15 +182,18 @@ def _latency(
     thread.join(300)
     if failures:
         raise failures[0]
-    by_key = {(symbol, t): (created, got) for symbol, t, created, got in received}
+    by_key = {(symbol, t): (created, got) for symbol, t, created, got, _ in received}
     record_ms = [float(by_key[key][0] - created_at[key]) for key in sent_at if key in by_key and key in created_at]
     visible_ms = [(by_key[key][1] - sent_at[key]) * 1e3 for key in sent_at if key in by_key]
     return record_ms, visible_ms
 
 
-def _throughput(settings: CommonSettings, backlog: list[dict[str, Any]]) -> float:
+def _throughput(settings: CommonSettings, backlog: list[dict[str, Any]], role: str) -> float:
     predictions = _read_predictions(settings, lambda records: len(records) >= len(backlog), 900)
-    stamps = sorted(created for _, _, created, _ in predictions[: len(backlog)])
+    roles = {record[4] for record in predictions}
+    if roles != {role}:
+        raise RuntimeError(f"expected {role} predictions only, got {sorted(roles)}")
+    stamps = sorted(created for _, _, created, _, _ in predictions[: len(backlog)])
     span_s = max(1e-3, (stamps[-1] - stamps[0]) / 1e3)
     return (len(stamps) - 1) / span_s
 
@@ -205,17 +209,20 @@ def run(ctx: Context) -> list[Result]:
         data = build_training_set(pd.DataFrame(features), pd.DataFrame(labels))
         trained = train(data, TrainingOptions(delta_ms=DELTA_MS, xgb_threads=2))
         run_id = uuid.uuid4().hex[:6]
+        client = make_client(state.tracking_uri)
         for kind, candidate in trained.candidates.items():
-            publish(
+            outcome = publish(
                 trained,
                 candidate,
                 tracking_uri=state.tracking_uri,
                 model_name=f"bench-{run_id}-{kind}",
                 experiment_name=f"bench-{run_id}",
-                thresholds=GateThresholds(min_auc=0.0, max_brier_ratio=10.0),
-                alias="champion",
+                thresholds=GateThresholds(),
+                alias=None,
                 context={"delta_ms": DELTA_MS, "tick_ms": TICK_MS},
             )
+            # Served whatever the gate says: this measures speed, not quality.
+            client.set_registered_model_alias(outcome.model_name, "champion", outcome.version)
         stream, _ = synthetic_ticks(backlog_seconds, seed=7)
         later, _ = synthetic_ticks(backlog_seconds + (latency_ticks + burst_ticks) // 20 + 2, seed=7)
         paced = later[len(stream) :][:latency_ticks]
@@ -229,7 +236,7 @@ def run(ctx: Context) -> list[Result]:
             model = f"bench-{run_id}-{kind}" if kind != "fallback" else f"bench-{run_id}-none"
             process = _Process(bootstrap, state.tracking_uri, model, prefix, ctx.scratch / f"inference-{kind}.log")
             try:
-                rate = _throughput(settings, stream)
+                rate = _throughput(settings, stream, "FALLBACK" if kind == "fallback" else "CHAMPION")
                 record_ms, visible_ms = _latency(settings, paced, per_second=20.0)
                 burst_ms, _ = _latency(settings, burst, per_second=200.0)
             finally:
