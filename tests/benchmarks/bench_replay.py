@@ -11,6 +11,8 @@ In the same run, side by side:
   (fallback model) run on ``T`` as processes and consume it. The rate is over the forwarding
   (``ReplaySummary.seconds``); the one-off setup (fresh-namespace check, topic creation, window
   search) is in the notes, and the whole call is on its own row;
+- **replay, no service running**: the same into another namespace that nothing consumes (what the
+  tool does with the machine to itself; with the services, four CPU-bound processes share the 2 cores);
 - **end to end**: from the replay's start until ``T.features`` holds every feature tick (the
   services re-normalised, booked and featured the replayed log).
 
@@ -116,6 +118,8 @@ def run(ctx: Context) -> list[Result]:
     produce(source, TopicNames(base).md_raw, log)
 
     plain = plain_consume_seconds(source, TopicNames(base).md_raw, len(log))
+    # The same replay with nothing consuming the target: what the tool does with the CPUs to itself.
+    alone = replay(source, SourceSpec("topic", base), Window(), f"{base}-alone", progress=False)
 
     env = {
         **os.environ,
@@ -167,6 +171,15 @@ def run(ctx: Context) -> list[Result]:
             goal=">= 0.5x peer",
             met=plain / summary.seconds >= 0.5,
             notes=f"{notes}; forwarding {summary.seconds:.2f} s + setup {setup:.2f} s (checks, topics, window)",
+        ),
+        Result(
+            SUITE,
+            "replay topic -> fresh namespace, no service running",
+            updates / alone.seconds,
+            "updates/s",
+            peer="plain confluent-kafka consume of the source",
+            peer_value=updates / plain,
+            notes="the same window; the services above compete for the 2 cores",
         ),
         Result(
             SUITE,
