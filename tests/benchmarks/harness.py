@@ -41,7 +41,7 @@ class Result:
 
     @property
     def ratio(self) -> float | None:
-        if self.peer_value in (None, 0):
+        if self.peer_value in (None, 0) or self.value != self.value:
             return None
         return self.value / self.peer_value
 
@@ -98,12 +98,13 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "kind": os.environ.get("QUOTEWATCH_MACHINE_KIND", "polyglot (2 cores, 24 GiB, no Docker engine)"),
     }
 
 
 def _fmt(value: float | None) -> str:
-    if value is None:
+    if value is None or value != value:  # None or NaN (a failed suite's row)
         return "-"
     if value == 0:
         return "0"
@@ -129,7 +130,10 @@ def table(results: list[Result]) -> str:
 
 def write_reports(results: list[Result], info: dict[str, Any], partial: bool) -> None:
     DOCS.mkdir(exist_ok=True)
-    payload = {"machine": info, "results": [asdict(r) | {"ratio": r.ratio} for r in results]}
+    rows = [asdict(r) | {"ratio": r.ratio} for r in results]
+    # A failed suite's row has no number: JSON null, not the non-standard NaN.
+    rows = [{k: None if isinstance(v, float) and v != v else v for k, v in row.items()} for row in rows]
+    payload = {"machine": info, "results": rows}
     json_path = DOCS / ("benchmarks.partial.json" if partial else "benchmarks.json")
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     if partial:
