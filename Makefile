@@ -52,8 +52,8 @@ format: setup  ## apply ruff's fixes and formatting
 bench: setup system-deps browser-deps  ## benchmarks side by side in one run -> docs/benchmarks.md
 	$(BIN)/python -m tests.benchmarks $(BENCH_ARGS)
 
-faults: setup system-deps  ## the whole fault suite (a subset runs in make test)
-	QUOTEWATCH_FAULTS=full $(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
+faults: setup system-deps  ## the whole fault suite (a subset runs in make test); table -> docs/faults.md
+	QUOTEWATCH_FAULTS=full $(BIN)/python -m pytest tests/faults -m faults $(PYTEST_ARGS)
 
 broker-up: setup system-deps  ## start the local Kafka broker on 127.0.0.1:$(PORT) and create the topics
 	$(BIN)/quotewatch broker start --port $(PORT)
