@@ -1,0 +1,140 @@
+"""``run_backtest`` end to end without a broker: sources, the report, record files, the lake output, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from quotewatch.cli import main
+from quotewatch.core.config import BacktestSettings
+from quotewatch.core.lake import read_dataset
+from quotewatch.core.registry import LoadedModel
+from quotewatch.core.serde import AvroSerde
+from quotewatch.domain import features as spec
+from quotewatch.domain.captures import read_capture
+from quotewatch.domain.evaluation import BASELINES
+from quotewatch.replay.backtest import read_records, run_backtest
+from quotewatch.replay.engine import BacktestEngine
+from quotewatch.replay.sources import SourceSpec, Window, parse_time, synthetic_raw_records
+from tests.helpers import shared_data_dir
+from tests.unit.replay.test_sources import write_dataset
+
+CAPTURE = "advanced_trade_level2_BTC-USD_ETH-USD_2026-08-09_cryptofeed.jsonl.gz"
+
+
+def settings() -> BacktestSettings:
+    return BacktestSettings(mlflow_tracking_uri=None)
+
+
+def lr_model(seed: int = 3) -> LoadedModel:
+    """The trainer's LR fitted on 10 minutes of the synthetic market."""
+    from quotewatch.trainer.training import TrainingOptions, build_training_set, fit_model
+
+    raws = synthetic_raw_records(seed, 1 / 6, ("BTC-USD",), 100, Window())
+    engine = BacktestEngine(100, 500, keep_records=True).run_raw(raws)
+    data = build_training_set(pd.DataFrame(engine.feature_records), pd.DataFrame(engine.label_records))
+    model, _ = fit_model("lr", data.x, data.y, TrainingOptions(delta_ms=500))
+    return LoadedModel("lr", "1", "sklearn", model, spec.FEATURE_SPEC_ID, spec.FEATURE_NAMES)
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    return lr_model()
+
+
+def test_a_capture_backtest_reports_models_and_baselines_and_writes_plots_records_and_a_lake(
+    tmp_path: Path, model: LoadedModel
+) -> None:
+    capture = shared_data_dir() / CAPTURE
+    start = parse_time("2026-08-09T21:06:00Z")
+    result = run_backtest(
+        settings(),
+        SourceSpec("capture", path=capture),
+        Window(start, None),
+        [model],
+        output_dir=tmp_path / "out",
+        records_dir=tmp_path / "records",
+        lake_out=(str(tmp_path / "lake"), "bt"),
+    )
+    evaluation = result.evaluation
+    assert evaluation is not None
+    assert list(evaluation.scores) == ["lr v1", *(f"baseline: {name}" for name in BASELINES)]
+    assert evaluation.t.min() >= start
+    assert evaluation.baseline_fit_in_sample is False  # 12 s of labels before --from, both classes
+    assert 0 < evaluation.scores["lr v1"].n == evaluation.y.size
+    for name in ("roc.png", "calibration.png", "table.md", "metrics.json"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["scores"]["lr v1"]["n"] == evaluation.y.size
+    assert metrics["counts"]["ticks"] == result.engine.counts.ticks
+
+    # The record files decode to what the engine made (and re-encode with the topic serde).
+    features = read_records(tmp_path / "records" / "features.avro")
+    assert features == result.engine.feature_records
+    predictions = read_records(tmp_path / "records" / "predictions.avro")
+    assert len(predictions) == len(features)
+    assert [p["p_change"] for p in predictions] == result.models[0].p.tolist()
+    serde = AvroSerde()
+    for record in predictions[:5]:
+        assert serde.decode(serde.encode("x.predictions", record), "x.predictions") == record
+
+    # The lake output reads back as the trainer reads it.
+    lake = read_dataset(str(tmp_path / "lake"), "bt.features", columns=["symbol", "ts_event", "values"])
+    assert len(lake) == len(features)
+    assert sorted(zip(lake["symbol"], lake["ts_event"], strict=True)) == sorted(
+        (f["symbol"], f["ts_event"]) for f in features
+    )
+    labels = read_dataset(str(tmp_path / "lake"), "bt.labels", columns=["label"])
+    assert len(labels) == result.engine.counts.labels
+
+
+def test_a_lake_backtest_equals_the_capture_backtest(tmp_path: Path, model: LoadedModel) -> None:
+    capture = shared_data_dir() / CAPTURE
+    write_dataset(tmp_path, "qw.md.raw", list(read_capture(capture).raw_frames()), "feed", lambda r: 0)
+    window = Window(parse_time("2026-08-09T21:06:00Z"), parse_time("2026-08-09T21:06:10Z"))
+    from_lake = run_backtest(settings().model_copy(update={"lake_uri": str(tmp_path)}), SourceSpec("lake", "qw"),
+                             window, [model], records_dir=tmp_path / "a")  # fmt: skip
+    from_file = run_backtest(
+        settings(), SourceSpec("capture", path=capture), window, [model], records_dir=tmp_path / "b"
+    )
+    assert from_lake.start is not None
+    assert from_lake.start.connection_id == f"capture:{read_capture(capture).stem}"
+    for name in ("book.top3", "features", "labels", "predictions"):
+        assert read_records(tmp_path / "a" / f"{name}.avro") == read_records(tmp_path / "b" / f"{name}.avro"), name
+    assert from_lake.evaluation is not None
+    assert from_file.evaluation is not None
+    assert from_lake.evaluation.as_dict() == from_file.evaluation.as_dict()
+
+
+def test_baselines_fit_in_sample_when_nothing_is_known_before_the_window(model: LoadedModel) -> None:
+    result = run_backtest(settings(), SourceSpec("synthetic", seed=8, hours=1 / 60), Window(), [model])
+    evaluation = result.evaluation
+    assert evaluation is not None
+    assert evaluation.baseline_fit_in_sample
+    assert any("in-sample" in note for note in evaluation.notes)
+    assert evaluation.scores["baseline: base_rate"].brier == pytest.approx(
+        float(np.mean((evaluation.y - evaluation.y.mean()) ** 2))
+    )
+
+
+def test_the_cli_runs_a_synthetic_backtest_and_refuses_models_without_a_registry(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = runner.invoke(
+        main,
+        ["backtest", "--source", "synthetic:2:0.01", "--output", str(tmp_path), "--no-progress"],
+        env={"MLFLOW_TRACKING_URI": ""},
+    )
+    assert out.exit_code == 0, out.output
+    assert "baseline: changed_last_delta" in out.output
+    assert (tmp_path / "roc.png").exists()
+    refused: Any = runner.invoke(
+        main, ["backtest", "--source", "synthetic:2:0.01", "--model", "models:/x/1"], env={"MLFLOW_TRACKING_URI": ""}
+    )
+    assert refused.exit_code == 1
+    assert "--model needs MLFLOW_TRACKING_URI" in refused.output
