@@ -29,7 +29,7 @@ from confluent_kafka import KafkaException, Producer
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import ConfigError
-from quotewatch.core.kafka import DeliveryTracker, encode_key, ensure_topics, flush_or_fail, make_admin, make_producer
+from quotewatch.core.kafka import DeliveryTracker, encode_key, ensure_topics, flush_or_fail, make_admin, producer_config
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.replay import sources
@@ -175,9 +175,10 @@ def replay(
     own_producer = producer is None
     # Delivery reports for failures only: a lost record still fails the replay, without a Python
     # callback per delivered record.
-    producer = producer or make_producer(
-        settings, f"replay-{target_prefix}", on_delivery=delivery, **{"delivery.report.only.error": True}
-    )
+    if producer is None:
+        config = producer_config(settings, f"replay-{target_prefix}", on_delivery=delivery)
+        config["delivery.report.only.error"] = True
+        producer = Producer(config)
     count = 0
     first: LogRecord | None = None
     last: LogRecord | None = None
