@@ -122,6 +122,35 @@ def test_train_gate_serve_switch_refuse_and_measure_with_real_processes(
     assert first["gate_passed"], first["reasons"]
     assert first["alias"] == "champion"
 
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import get_model_info
+
+    from quotewatch.domain import features as spec
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(first["run_id"])
+    assert {"test_roc_auc", "test_brier", "test_log_loss", "test_balanced_accuracy", "test_base_rate"} <= set(
+        run.data.metrics
+    )
+    assert {"baseline_changed_last_delta_test_roc_auc", "baseline_rolling_change_frequency_test_brier"} <= set(
+        run.data.metrics
+    )
+    assert run.data.params["split.gap_ms"] == "500"
+    artifacts = {a.path for a in client.list_artifacts(first["run_id"])} | {
+        a.path for a in client.list_artifacts(first["run_id"], "plots")
+    }
+    assert {"feature_spec.json", "metrics.json", "plots/roc.png", "plots/calibration.png"} <= artifacts
+    version = client.get_model_version(model_name, "1")
+    assert version.tags["quotewatch.feature_spec_id"] == spec.FEATURE_SPEC_ID
+    assert version.tags["quotewatch.version"]
+    assert version.tags["quotewatch.gate"] == "passed"
+    mlflow.set_tracking_uri(uri)
+    info = get_model_info(f"models:/{model_name}/1")
+    assert info.signature.inputs.input_names() == list(spec.FEATURE_NAMES)
+    assert info.metadata is not None
+    assert info.metadata["feature_spec_id"] == spec.FEATURE_SPEC_ID
+
     # 2. noise labels -> v2, refused; the champion stays v1
     noise_prefix = f"{settings.topic_prefix}-noise"
     shuffled = [label["label"] for label in train_labels]
@@ -133,9 +162,6 @@ def test_train_gate_serve_switch_refuse_and_measure_with_real_processes(
     assert not second["gate_passed"]
     assert second["alias"] is None
     assert any("does not beat champion v1" in reason for reason in second["reasons"]), second["reasons"]
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert client.get_model_version_by_alias(model_name, "champion").version == "1"
     assert client.get_model_version(model_name, "2").tags["quotewatch.gate"] == "refused"
 
