@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
+from mlflow import MlflowClient
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import ensure_topics, make_admin, producer_config
@@ -182,11 +183,22 @@ def test_live_replay_and_backtest_give_byte_identical_records(
              str(tmp_path / "window"), "--output", str(tmp_path / "report"), "--no-mlflow", "--no-progress"],
             env,
         )  # fmt: skip
+        # The capture backtest is also logged to MLflow as an evaluation run.
         run_cli(
-            ["backtest", "--source", f"capture:{capture}", "--model", model_uri, "--records",
-             str(tmp_path / "capture"), "--output", str(tmp_path / "report-capture"), "--no-mlflow", "--no-progress"],
-            env,
-        )  # fmt: skip
+            [
+                "backtest",
+                "--source",
+                f"capture:{capture}",
+                "--model",
+                model_uri,
+                "--records",
+                str(tmp_path / "capture"),
+                "--output",
+                str(tmp_path / "report-capture"),
+                "--no-progress",
+            ],
+            {**env, "BACKTEST_EXPERIMENT": f"backtest-{name}"},
+        )
         window_predictions = len(read_records(tmp_path / "window" / "predictions.avro"))
 
         def done(settings: CommonSettings, topic: str, total: int) -> bool:
@@ -196,6 +208,16 @@ def test_live_replay_and_backtest_give_byte_identical_records(
         wait_for(lambda: done(live, a.predictions, expected.feature_vectors), timeout=240, interval=2, message="A")
         wait_for(lambda: done(replayed, b.predictions, window_predictions), timeout=120, interval=2, message="B")
         wait_for(lambda: done(live, a.labels, expected.labels), timeout=60, interval=2, message="A labels")
+
+    # The capture backtest's evaluation run: metrics per model and baseline, the plots.
+    client = MlflowClient(tracking_uri=mlflow_server.tracking_uri)
+    experiment = client.get_experiment_by_name(f"backtest-{name}")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["quotewatch.run_kind"] == "backtest-evaluation"
+    assert {f"{name}_v{version}_roc_auc", "baseline_base_rate_brier"} <= set(run.data.metrics)
+    plots = {item.path for item in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/roc.png", "plots/calibration.png"}
 
     for suffix in DERIVED:
         topic_a, topic_b = f"{a.prefix}.{suffix}", f"{b.prefix}.{suffix}"
