@@ -108,6 +108,23 @@ def raw_input(
     )
 
 
+def event_input(
+    settings: BacktestSettings, source: SourceSpec, window: Window, serde: AvroSerde
+) -> tuple[RawStart | None, int | None, Iterator[dict[str, Any]]]:
+    """The market events of a topic or lake window (the events of its CONNECTED record on), partitions merged.
+
+    Raises:
+        ConfigError: a capture or the synthetic market (raw logs: they have no stored events).
+    """
+    if source.kind == "topic":
+        start, total, records = sources.topic_event_records(settings, source.prefix, window, serde)
+    elif source.kind == "lake":
+        start, total, records = sources.lake_event_records(settings.lake_uri, source.prefix, window)
+    else:
+        raise ConfigError(f"--input events needs a topic or lake source; {source.describe()} is a raw log")
+    return start, total, (record.value for record in records)
+
+
 def run_backtest(
     settings: BacktestSettings,
     source: SourceSpec,
@@ -120,11 +137,14 @@ def run_backtest(
     log_mlflow: bool = True,
     raws: Iterable[dict[str, Any]] | None = None,
     lake_out: tuple[str, str] | None = None,
+    events: bool = False,
 ) -> BacktestResult:
     """Run the pipeline over the window, score, evaluate, write the report.
 
     ``raws`` replaces the source's records (benchmarks feed pre-generated input this way);
     ``lake_out`` = (lake URI, namespace) files the derived records there (:func:`write_lake`).
+    ``events``: read the stored market events of a topic or lake source instead of its raw log
+    (the normaliser, most of a backtest's time, is skipped; the events are the ones it made live).
     """
     from tqdm import tqdm
 
@@ -132,13 +152,17 @@ def run_backtest(
     start: RawStart | None = None
     total: int | None = None
     if raws is None:
-        start, total, raws = raw_input(settings, source, window, serde)
+        read = event_input if events else raw_input
+        start, total, raws = read(settings, source, window, serde)
     keep = records_dir is not None or lake_out is not None
     engine = BacktestEngine(settings.tick_ms, settings.delta_ms, keep_records=keep)
     began = time.perf_counter()
     if progress:
         raws = tqdm(raws, total=total, unit="rec", desc="backtest", mininterval=0.5)
-    engine.run_raw(raws)
+    if events:
+        engine.run_events(raws)
+    else:
+        engine.run_raw(raws)
     pipeline_seconds = time.perf_counter() - began
     features = engine.feature_table()
     began = time.perf_counter()

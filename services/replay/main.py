@@ -73,6 +73,14 @@ def replay_command(
     help="lake[:PREFIX] (LAKE_URI, default TOPIC_PREFIX), topic[:PREFIX], capture:FILE or synthetic:SEED:HOURS.",
 )
 @click.option(
+    "--input",
+    "input_kind",
+    type=click.Choice(["raw", "events"]),
+    default="raw",
+    show_default=True,
+    help="raw: re-normalise the raw log; events: the stored md.events (topic or lake; skips the normaliser).",
+)
+@click.option(
     "--model",
     "models",
     multiple=True,
@@ -106,6 +114,7 @@ def backtest_command(
     start: str | None,
     end: str | None,
     source: str,
+    input_kind: str,
     models: tuple[str, ...],
     output: Path | None,
     records: Path | None,
@@ -138,6 +147,7 @@ def backtest_command(
         progress=not no_progress,
         log_mlflow=not no_mlflow,
         lake_out=(lake_out, lake_prefix) if lake_out else None,
+        events=input_kind == "events",
     )
     click.echo(result.summary())
     if lake_out:

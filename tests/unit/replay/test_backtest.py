@@ -19,6 +19,7 @@ from quotewatch.core.serde import AvroSerde
 from quotewatch.domain import features as spec
 from quotewatch.domain.captures import read_capture
 from quotewatch.domain.evaluation import BASELINES
+from quotewatch.domain.normaliser import Normaliser
 from quotewatch.replay.backtest import read_records, run_backtest
 from quotewatch.replay.engine import BacktestEngine
 from quotewatch.replay.sources import SourceSpec, Window, parse_time, synthetic_raw_records
@@ -94,19 +95,31 @@ def test_a_capture_backtest_reports_models_and_baselines_and_writes_plots_record
     assert len(labels) == result.engine.counts.labels
 
 
-def test_a_lake_backtest_equals_the_capture_backtest(tmp_path: Path, model: LoadedModel) -> None:
+def test_a_lake_backtest_from_raw_frames_or_stored_events_equals_the_capture_backtest(
+    tmp_path: Path, model: LoadedModel
+) -> None:
     capture = shared_data_dir() / CAPTURE
-    write_dataset(tmp_path, "qw.md.raw", list(read_capture(capture).raw_frames()), "feed", lambda r: 0)
+    raws = list(read_capture(capture).raw_frames())
+    write_dataset(tmp_path, "qw.md.raw", raws, "feed", lambda r: 0)
+    events, _ = Normaliser().process_all(raws)
+    write_dataset(tmp_path, "qw.md.events", events, "symbol", lambda r: 0 if r["symbol"] == "BTC-USD" else 2)
     window = Window(parse_time("2026-08-09T21:06:00Z"), parse_time("2026-08-09T21:06:10Z"))
     from_lake = run_backtest(settings().model_copy(update={"lake_uri": str(tmp_path)}), SourceSpec("lake", "qw"),
                              window, [model], records_dir=tmp_path / "a")  # fmt: skip
+    from_events = run_backtest(settings().model_copy(update={"lake_uri": str(tmp_path)}), SourceSpec("lake", "qw"),
+                               window, [model], records_dir=tmp_path / "c", events=True)  # fmt: skip
     from_file = run_backtest(
         settings(), SourceSpec("capture", path=capture), window, [model], records_dir=tmp_path / "b"
     )
     assert from_lake.start is not None
     assert from_lake.start.connection_id == f"capture:{read_capture(capture).stem}"
     for name in ("book.top3", "features", "labels", "predictions"):
-        assert read_records(tmp_path / "a" / f"{name}.avro") == read_records(tmp_path / "b" / f"{name}.avro"), name
+        expected = read_records(tmp_path / "b" / f"{name}.avro")
+        assert read_records(tmp_path / "a" / f"{name}.avro") == expected, name
+        assert read_records(tmp_path / "c" / f"{name}.avro") == expected, f"{name} from the stored events"
+    in_window = [e for e in events if window.before_end(e["ts_init"])]
+    assert (from_events.engine.counts.raw_records, from_events.engine.counts.events) == (0, len(in_window))
+    assert from_events.engine.counts.events == from_file.engine.counts.events
     assert from_lake.evaluation is not None
     assert from_file.evaluation is not None
     assert from_lake.evaluation.as_dict() == from_file.evaluation.as_dict()
