@@ -107,14 +107,8 @@ def command() -> None:
         )
         try:
             # Exactly-once: predictions, snapshots and input offsets commit in one transaction.
-            # poll_timeout: librdkafka's consume(n, timeout) returns only when n records arrived or the
-            # timeout passed, so at live rates every tick waits for it; 1 ms keeps that out of the latency.
-            run_stream_service(
-                context,
-                task,
-                [context.topics.features, context.topics.labels],
-                poll_timeout=0.001,
-            )
+            # (The processor hands over a record as soon as it arrives, so no tick waits for a batch.)
+            run_stream_service(context, task, [context.topics.features, context.topics.labels])
         finally:
             if receiver is not None:
                 receiver.stop()
