@@ -319,6 +319,20 @@ class DeliveryTracker:
                 raise FatalError(f"{len(self.failures)} records were not delivered: {self.failures[:3]}")
 
 
+def poll_batch(consumer: Consumer, max_records: int, timeout: float) -> list[Message]:
+    """Wait up to ``timeout`` for the first record, then take up to ``max_records`` already fetched.
+
+    librdkafka's ``consume(n, timeout)`` returns only when ``n`` records arrived or the timeout
+    expired, which at live rates would hold every record back for the whole timeout.
+    """
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    if max_records <= 1:
+        return [first]
+    return [first, *consumer.consume(max_records - 1, 0)]
+
+
 def flush_or_fail(producer: Producer, timeout: float = 30.0) -> None:
     """Flush ``producer``; raise :class:`FatalError` if records are still queued after ``timeout``."""
     remaining = producer.flush(timeout)

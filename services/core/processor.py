@@ -39,6 +39,7 @@ from quotewatch.core.kafka import (
     flush_or_fail,
     make_consumer,
     make_producer,
+    poll_batch,
 )
 from quotewatch.core.metrics import (
     CONSUMER_LAG,
@@ -178,7 +179,7 @@ class StreamProcessor:
         reason = "shutdown requested"
         try:
             while not self._shutdown.requested:
-                messages = self._next_batch()
+                messages = poll_batch(self._consumer, self._batch_size, self._poll_timeout)
                 self._liveness.beat()
                 if messages:
                     self._process_batch(messages)
@@ -189,20 +190,6 @@ class StreamProcessor:
         finally:
             self._liveness.stopped(reason)
             self._close()
-
-    def _next_batch(self) -> list[Message]:
-        """Wait up to ``poll_timeout`` for the first record, then take what is already fetched.
-
-        librdkafka's ``consume(n, timeout)`` returns only when ``n`` records arrived or the timeout
-        expired, which at live rates would hold every record back for the whole timeout.
-        """
-        assert self._consumer is not None
-        first = self._consumer.poll(self._poll_timeout)
-        if first is None:
-            return []
-        if self._batch_size <= 1:
-            return [first]
-        return [first, *self._consumer.consume(self._batch_size - 1, 0)]
 
     def _close(self) -> None:
         if self._producer is not None:

@@ -24,7 +24,7 @@ from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import SerdeError
 from quotewatch.core.health import Liveness
-from quotewatch.core.kafka import make_consumer
+from quotewatch.core.kafka import make_consumer, poll_batch
 from quotewatch.core.metrics import CONSUMER_LAG, RECORDS_IN
 from quotewatch.core.serde import AvroSerde
 from quotewatch.dashboard.store import SnapshotStore
@@ -119,7 +119,7 @@ class SnapshotConsumer:
                 self._liveness.beat()
                 self._stop.wait(ASSIGN_RETRY_SECONDS)
             while not self._stop.is_set():
-                messages = consumer.consume(BATCH_SIZE, POLL_SECONDS)
+                messages = poll_batch(consumer, BATCH_SIZE, POLL_SECONDS)
                 self._liveness.beat()
                 if messages:
                     self._handle(messages)
