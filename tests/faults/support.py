@@ -114,6 +114,8 @@ class ServiceProcess:
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.started_at = 0.0
+        """time.monotonic() of the last start."""
         self._log: IO[bytes] | None = None
 
     def start(self) -> ServiceProcess:
@@ -125,6 +127,7 @@ class ServiceProcess:
             [QUOTEWATCH, *self.argv], env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.log_path.parent
         )
         self.starts += 1
+        self.started_at = time.monotonic()
         return self
 
     @property
@@ -252,9 +255,8 @@ class Pipeline:
             )
         )
         self.services: dict[str, ServiceProcess] = {}
-        self.liveness_restarts: Counter[str] = Counter()
-        self.unhealthy_reasons: Counter[tuple[str, str]] = Counter()
-        """(service, /health reason) of every unhealthy probe answer the liveness probe saw."""
+        self.restarts: Counter[tuple[str, str]] = Counter()
+        """(service, why) of every restart by :meth:`liveness_probe`."""
         self._unhealthy_since: dict[str, float] = {}
 
     def _env(self, name: str) -> dict[str, str]:
@@ -307,8 +309,8 @@ class Pipeline:
     def wait_progress(self, name: str, more: int, timeout: float = 90.0, liveness_grace: float | None = None) -> None:
         """Wait until ``name`` has processed ``more`` records beyond what it reports now.
 
-        With ``liveness_grace``, act as an orchestrator's liveness probe meanwhile (see
-        :meth:`liveness_probe`); records processed by a restarted process count from zero.
+        With ``liveness_grace``, act as an orchestrator meanwhile (see :meth:`liveness_probe`);
+        records processed by a restarted process count from zero.
         """
         service = self.services[name]
         start = max(0, service.records_processed())
@@ -317,26 +319,39 @@ class Pipeline:
             nonlocal start
             if liveness_grace is not None and name in self.liveness_probe(liveness_grace):
                 start = 0
+            if liveness_grace is not None and not service.alive:
+                return False  # exited: restarted at the next probe
             return service.assert_alive() and service.records_processed() >= start + more
 
         wait_for(progressed, timeout=timeout, interval=0.2, message=f"{name} to process {more} more records")
 
-    def liveness_probe(self, grace: float) -> list[str]:
-        """Restart (SIGKILL, start) every service whose /health has said "unhealthy" for ``grace``
-        seconds in a row, as a Kubernetes liveness probe would; returns the restarted services."""
+    def liveness_probe(self, grace: float, startup: float = 30.0) -> list[str]:
+        """Do what an orchestrator (Kubernetes: restartPolicy Always + a liveness probe on /health)
+        does: start again a service that exited, and restart (SIGKILL, start) one whose /health has
+        said "unhealthy" for ``grace`` seconds in a row. Returns the services restarted now.
+
+        A process started less than ``startup`` seconds ago is left to start (a startup probe's job).
+        """
         restarted = []
         now = time.monotonic()
         for name, service in self.services.items():
+            if not service.alive:
+                assert service.process is not None
+                self.restarts[(name, f"exited with {service.process.returncode}")] += 1
+                service.start()
+                restarted.append(name)
+                continue
+            if now - service.started_at < startup:
+                continue
             health = service.health()
             if health.healthy:
                 self._unhealthy_since.pop(name, None)
                 continue
-            self.unhealthy_reasons[(name, str(health.body.get("reason", "no answer")))] += 1
             since = self._unhealthy_since.setdefault(name, now)
             if now - since >= grace:
                 service.kill()
                 service.start()
-                self.liveness_restarts[name] += 1
+                self.restarts[(name, f"/health: {health.body.get('reason', 'no answer')}")] += 1
                 self._unhealthy_since.pop(name, None)
                 restarted.append(name)
         return restarted
