@@ -1,13 +1,19 @@
 """``quotewatch demo`` end to end: the whole local stack as real processes on the synthetic feed.
 
-One run of the real command (its own Kafka broker, MLflow server, feed server, every service and
-the dashboard, on free ports in a temporary run directory), checked the way a user would:
+One run of the real command per module (its own Kafka broker, MLflow server, feed server, every
+service and the dashboard, on free ports in a temporary run directory), checked the way a user
+would, by the tests below in order:
 
-- a first model is trained on the lake the stack fills and promoted: a ``champion`` is registered;
-- inference serves it: predictions from that champion version;
-- records on every topic (and no dead letters), lake files for every dataset;
-- the dashboard, in headless Chromium, shows a live p_change from the champion;
-- Ctrl-C stops everything: exit code 0 and not one process of the stack left.
+1. a first model is trained on the lake the stack fills and promoted: a ``champion`` is registered;
+   inference serves it: predictions from that champion version; records on every topic (and no
+   dead letters), lake files for every dataset; the dashboard, in headless Chromium, shows a live
+   p_change from the champion;
+2. the notebooks (``notebooks/*.ipynb``) run, as a user runs them, on that run's lake and MLflow
+   server, every cell (a failing cell or assertion fails the test);
+3. Ctrl-C stops everything: exit code 0 and not one process of the stack left.
+
+The stack is started once (a module-scoped fixture) because it takes minutes to train a first
+champion; each test also works alone (``-k``), waiting for what it needs.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,9 @@ SYMBOLS = ("BTC-USD", "ETH-USD")
 LAKE_TOPICS = ("md.raw", "md.events", "book.top3", "features", "labels", "predictions")
 START_TIMEOUT = 180.0
 CHAMPION_TIMEOUT = 420.0
+NOTEBOOKS = Path(__file__).resolve().parents[3] / "notebooks"
+NOTEBOOK_TIMEOUT = 300  # seconds per cell
+NOTEBOOK_EXPERIMENT = "quotewatch-notebooks-e2e"
 
 
 @dataclass
@@ -47,6 +56,8 @@ class DemoRun:
     process: subprocess.Popen[bytes]
     run_dir: Path
     output: Path
+    _serving: tuple[dict[str, Any], str] | None = field(default=None, init=False)
+    _failed: BaseException | None = field(default=None, init=False)
 
     def status(self) -> dict[str, Any]:
         path = self.run_dir / "stack.json"
@@ -67,6 +78,35 @@ class DemoRun:
             pids.add(status["kafka_pid"])
         return pids
 
+    def started(self) -> dict[str, Any]:
+        """The stack's status once every process is ready (waits for it)."""
+
+        def ready() -> dict[str, Any] | None:
+            self.alive_or_fail()
+            status = self.status()
+            return status if status.get("processes", {}).get("dashboard") else None
+
+        return wait_for(ready, timeout=START_TIMEOUT, interval=1, message="every process of the stack ready")
+
+    def serving(self) -> tuple[dict[str, Any], str]:
+        """(status, champion version) once a first champion is registered; waited for once per module."""
+        if self._failed is not None:
+            raise AssertionError("the demo never registered a champion (see the first failing test)") from self._failed
+        if self._serving is None:
+            try:
+                status = self.started()
+
+                def champion() -> str | None:
+                    self.alive_or_fail()
+                    return champion_version(status["mlflow"])
+
+                version = wait_for(champion, timeout=CHAMPION_TIMEOUT, interval=2, message="a registered champion")
+            except BaseException as exc:
+                self._failed = exc
+                raise
+            self._serving = (status, version)
+        return self._serving
+
 
 def alive(pid: int) -> bool:
     try:
@@ -75,10 +115,11 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture
-def demo(tmp_path: Path) -> Iterator[DemoRun]:
-    run_dir = tmp_path / "demo"
-    output = tmp_path / "demo.out"
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    base = tmp_path_factory.mktemp("stack")
+    run_dir = base / "demo"
+    output = base / "demo.out"
     with output.open("wb") as sink:
         process = subprocess.Popen(
             [
@@ -103,7 +144,7 @@ def demo(tmp_path: Path) -> Iterator[DemoRun]:
     try:
         yield run
     finally:
-        if process.poll() is None:  # the test failed before its own Ctrl-C: do not leave the stack running
+        if process.poll() is None:  # a test failed before the Ctrl-C test: do not leave the stack running
             leftovers = run.tree()
             os.kill(process.pid, signal.SIGINT)
             try:
@@ -116,23 +157,12 @@ def demo(tmp_path: Path) -> Iterator[DemoRun]:
                     psutil.Process(pid).kill()
 
 
-def test_demo_runs_the_whole_system_and_stops_cleanly(demo: DemoRun) -> None:
-    def started() -> dict[str, Any] | None:
-        demo.alive_or_fail()
-        status = demo.status()
-        return status if status.get("processes", {}).get("dashboard") else None
-
-    status = wait_for(started, timeout=START_TIMEOUT, interval=1, message="every process of the stack ready")
-    mlflow_url, dashboard_url = status["mlflow"], status["dashboard"]
+def test_demo_trains_a_champion_and_serves_it_everywhere(demo: DemoRun) -> None:
+    # A first champion, trained on the lake the running stack filled.
+    status, version = demo.serving()
+    dashboard_url = status["dashboard"]
     settings = CommonSettings(kafka_bootstrap_servers=status["kafka"], topic_prefix=status["topic_prefix"])
     topics = TopicNames(status["topic_prefix"])
-
-    # A first champion, trained on the lake the running stack filled.
-    def champion() -> str | None:
-        demo.alive_or_fail()
-        return champion_version(mlflow_url)
-
-    version = wait_for(champion, timeout=CHAMPION_TIMEOUT, interval=2, message="a registered champion")
 
     # Inference serves it.
     def champion_predictions() -> list[dict[str, Any]]:
@@ -172,7 +202,7 @@ def test_demo_runs_the_whole_system_and_stops_cleanly(demo: DemoRun) -> None:
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    from tests.browser.conftest import chromium_options
+    from tests.browser.chromium import chromium_options
 
     browser = webdriver.Chrome(options=chromium_options())
     try:
@@ -194,7 +224,114 @@ def test_demo_runs_the_whole_system_and_stops_cleanly(demo: DemoRun) -> None:
     finally:
         browser.quit()
 
-    # Ctrl-C: everything stops, nothing is left behind.
+
+# -- the notebooks on the demo's lake and MLflow ----------------------------------------------------
+
+
+def execute_notebook(path: Path, env: dict[str, str], kernels: Path) -> dict[str, Any]:
+    """Run every cell of the notebook at ``path`` in a fresh kernel of this interpreter; its ``summary``.
+
+    The notebook runs as in Jupyter (working directory ``notebooks/``) with ``env`` as the kernel's
+    environment. One cell is appended that prints the notebook's ``summary`` dict as JSON. Raises
+    ``nbclient.exceptions.CellExecutionError`` (with the cell and its traceback) when a cell fails.
+    """
+    import nbformat
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+
+    # An explicit kernel spec for this interpreter (the venv): a `python3` spec found elsewhere on the
+    # Jupyter path (a user's or the system's) could start another Python without quotewatch.
+    spec_dir = kernels / "quotewatch-e2e"
+    if not spec_dir.exists():
+        write_kernel_spec(spec_dir, overrides={"display_name": "quotewatch e2e"})
+    manager = KernelManager(
+        kernel_name="quotewatch-e2e", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)])
+    )
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells.append(nbformat.v4.new_code_cell("import json\nprint(json.dumps(summary))"))
+    client = NotebookClient(
+        notebook,
+        km=manager,
+        timeout=NOTEBOOK_TIMEOUT,
+        startup_timeout=120,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    client.execute(env=env)
+    printed = "".join(output.get("text", "") for output in notebook.cells[-1].outputs if output.get("name") == "stdout")
+    summary: dict[str, Any] = json.loads(printed.strip().splitlines()[-1])
+    return summary
+
+
+def champion_rows_in_lake(lake_uri: str, prefix: str, version: str) -> int:
+    """Predictions of champion ``version`` in the lake whose label is in the lake too."""
+    from quotewatch.core import lake
+
+    topics = TopicNames(prefix)
+    predictions = lake.read_dataset(
+        lake_uri, topics.predictions, columns=["symbol", "ts_event", "model_role", "model_version"]
+    )
+    labels = lake.read_dataset(lake_uri, topics.labels, columns=["symbol", "t_event"])
+    champion = predictions[(predictions["model_role"] == "CHAMPION") & (predictions["model_version"] == version)]
+    joined = champion.merge(labels, left_on=["symbol", "ts_event"], right_on=["symbol", "t_event"])
+    return len(joined)
+
+
+def test_notebooks_run_on_the_demo_lake_and_mlflow(demo: DemoRun, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    status, version = demo.serving()
+    lake_uri, prefix, tracking_uri = status["lake"], status["topic_prefix"], status["mlflow"]
+    # The lake sink flushes every 10 s: wait until the champion's predictions and their labels are filed.
+    wait_for(
+        lambda: champion_rows_in_lake(lake_uri, prefix, version) >= 100,
+        timeout=90,
+        interval=2,
+        message=f"100 labelled predictions of champion v{version} in the lake",
+    )
+    env = {
+        **os.environ,
+        "LAKE_URI": lake_uri,
+        "TOPIC_PREFIX": prefix,
+        "SYMBOLS": ",".join(SYMBOLS),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "NOTEBOOK_EXPERIMENT": NOTEBOOK_EXPERIMENT,
+    }
+
+    explored = execute_notebook(NOTEBOOKS / "explore_lake.ipynb", env, tmp_path / "kernels")
+    demo.alive_or_fail()
+    assert explored["lake"] == lake_uri
+    assert explored["symbols"] == list(SYMBOLS)
+    assert all(explored["rows"][f"{prefix}.{suffix}"] > 0 for suffix in LAKE_TOPICS), explored["rows"]
+    assert 0.0 < explored["base_rate"] < 1.0
+    assert explored["label_agreement"] == 1.0
+    assert explored["join_coverage"] >= 0.9
+    assert explored["scored_rows"].get(f"CHAMPION v{version}", 0) >= 100, explored["scored_rows"]
+    assert 0.0 <= explored["auc"][f"CHAMPION v{version}"] <= 1.0
+
+    trained = execute_notebook(NOTEBOOKS / "training_walkthrough.ipynb", env, tmp_path / "kernels")
+    demo.alive_or_fail()
+    assert trained["labelled_rows"] >= 200
+    assert 0.0 < trained["base_rate"] < 1.0
+    assert trained["split"]["gap_ms"] >= 500
+    assert trained["split"]["train_end_ns"] < trained["split"]["test_start_ns"]
+    assert set(trained["test_auc"]) >= {"lr", "xgb", "baseline: base_rate", "baseline: changed_last_delta"}
+    # Logged and registered on the demo's MLflow server, without moving an alias.
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(trained["mlflow_run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == NOTEBOOK_EXPERIMENT
+    assert run.data.metrics["test_roc_auc"] == pytest.approx(trained["test_auc"][trained["candidate"]])
+    assert "champion_test_roc_auc" in run.data.metrics, "the champion is scored on the same test window"
+    registered = client.get_model_version("quotewatch", trained["registered_version"])
+    assert registered.run_id == trained["mlflow_run_id"]
+    assert registered.tags["quotewatch.gate"] in {"passed", "refused"}
+    assert champion_version(tracking_uri) == version, "the notebook must not move the champion alias"
+
+
+def test_ctrl_c_stops_everything_and_leaves_nothing_behind(demo: DemoRun) -> None:
+    demo.started()
+    demo.alive_or_fail()
     started_pids = demo.tree()
     assert len(started_pids) >= 9, started_pids  # broker, mlflow (+ worker), feed server, 5 services, dashboard
     os.kill(demo.process.pid, signal.SIGINT)
