@@ -287,7 +287,8 @@ def render(text: str) -> str:
         current_block(text, name)  # the markers exist
         head, rest = text.split(begin_marker(name), 1)
         _, tail = rest.split(end_marker(name), 1)
-        text = f"{head}{begin_marker(name)}\n{build()}\n{end_marker(name)}{tail}"
+        # Blank lines around the content: Markdown then starts a new block after the HTML comment.
+        text = f"{head}{begin_marker(name)}\n\n{build()}\n\n{end_marker(name)}{tail}"
     return text
 
 
