@@ -39,6 +39,13 @@ def refusals_beyond(inference: ServiceProcess, before: float) -> bool:
     return inference.assert_alive() and failures > before
 
 
+def serving_version(inference: ServiceProcess, version: str) -> bool:
+    """Does the process report ``version`` as its champion (on /metrics)?"""
+    if not (inference.assert_alive() and inference.health().healthy):
+        return False
+    return metric_value(inference.metrics(), "quotewatch_model_version", role="champion") == float(version)
+
+
 def bad_versions(uri: str, server: MlflowServerInfo, name: str) -> dict[str, Callable[[], str]]:
     def corrupt() -> str:
         version = register(uri, name, fitted_lr(seed=6))
@@ -87,7 +94,8 @@ def test_a_bad_champion_is_refused_and_the_previous_model_keeps_serving(
     feeder: threading.Thread | None = None
     try:
         inference.start()
-        wait_for(lambda: inference.assert_alive() and inference.health().healthy, timeout=120, message="inference up")
+        # /health answers before the first alias check: wait until the good champion serves.
+        wait_for(partial(serving_version, inference, good), timeout=120, interval=0.3, message=f"v{good} serving")
         # The stream flows at a live-like pace for the whole test, across every promotion.
         feeder = threading.Thread(target=produce, args=(settings, names.features, features, 40.0), daemon=True)
         feeder.start()
