@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import re
 import threading
 import time
@@ -21,7 +22,7 @@ from functools import partial
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from quotewatch.core.clock import SystemClock
@@ -411,6 +412,21 @@ def test_a_capture_replayed_through_the_server_gives_the_reference_book(make_set
     assert service.stats.dead_letters == 0
 
 
+def _refuses_large_records(settings: IngestSettings, topic: str) -> bool:
+    """Produce one 3000-byte random (incompressible) probe to every partition of ``topic``; True if all are refused."""
+    producer = make_producer(settings, "size-probe", **{"enable.idempotence": False, "retries": 0})
+    refused: list[bool] = []
+
+    def report(err: Any, _msg: Any) -> None:
+        refused.append(err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE)
+
+    partitions = producer.list_topics(topic, timeout=10).topics[topic].partitions
+    for partition in partitions:
+        producer.produce(topic, value=os.urandom(3000), partition=partition, on_delivery=report)
+    producer.flush(10)
+    return len(refused) == len(partitions) and all(refused)
+
+
 def test_a_delivery_failure_is_fatal_not_silent(make_settings: Callable[..., Any]) -> None:
     """The broker refuses the events (too large for the topic): the ingest stops with an error."""
     with serve_in_thread(synthetic_server("advanced")) as running:
@@ -424,6 +440,15 @@ def test_a_delivery_failure_is_fatal_not_silent(make_settings: Callable[..., Any
         )
         for future in admin.incremental_alter_configs([resource]).values():
             future.result()
+        # The controller has accepted the change; the partition leaders apply it a moment later.
+        # Wait until the broker actually refuses a large record (else the first, large snapshot
+        # events may still be accepted and the small updates after them never fail).
+        wait_for(
+            partial(_refuses_large_records, settings, topic),
+            timeout=30,
+            interval=0.2,
+            message=f"{topic} refusing records over 2000 bytes",
+        )
         clock = SystemClock()
         service = IngestService(settings, serde=AvroSerde(), clock=clock, liveness=Liveness("ingest", clock, 30))
         with pytest.raises(FatalError, match="not delivered"):
