@@ -11,6 +11,7 @@ from __future__ import annotations
 SCALE_DIGITS = 8
 SCALE = 10**SCALE_DIGITS
 _ZEROS = "0" * SCALE_DIGITS
+_FRACTION_SCALE = tuple(10 ** (SCALE_DIGITS - digits) for digits in range(SCALE_DIGITS + 1))
 
 
 def parse_e8(text: str) -> int:
@@ -23,6 +24,12 @@ def parse_e8(text: str) -> int:
             digit beyond the 8th decimal (which cannot be represented exactly).
     """
     whole, _, frac = text.partition(".")
+    # Fast path (every price and size the exchange sends): ASCII digits around at most one dot and
+    # at most 8 decimals -> one int() of the digits, scaled. Anything else takes the checks below.
+    if len(frac) <= SCALE_DIGITS and text.isascii():
+        digits = whole + frac
+        if digits.isdigit():
+            return int(digits) * _FRACTION_SCALE[len(frac)]
     if not (whole or frac) or not _is_digits(whole) or not _is_digits(frac):
         raise ValueError(f"not a non-negative decimal: {text!r}")
     if len(frac) > SCALE_DIGITS:

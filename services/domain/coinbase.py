@@ -164,6 +164,9 @@ class ParsedMessage:
 _E8_CACHE: dict[str, int] = {}
 _SECONDS_CACHE: dict[str, int] = {}
 _CACHE_LIMIT = 1 << 18
+_LAST_TIME: tuple[str, int] = ("", 0)
+"""The last timestamp parsed (the empty string never parses, so it never matches)."""
+_NANO_SCALE = tuple(10 ** (9 - digits) for digits in range(10))
 
 
 def decimal_e8(text: Any, what: str = "value") -> int:
@@ -200,6 +203,9 @@ def parse_time_ns(text: Any) -> int:
     """
     if type(text) is not str:
         raise ValueError(f"timestamp must be a string, got {type(text).__name__}")
+    last_text, last_ns = _LAST_TIME
+    if text == last_text:
+        return last_ns  # an Advanced envelope's timestamp is read twice per frame
     if text.endswith("Z"):
         body = text[:-1]
     elif text.endswith("+00:00"):
@@ -223,8 +229,15 @@ def parse_time_ns(text: Any) -> int:
     if dot:
         if not (0 < len(frac) <= 9 and frac.isascii() and frac.isdigit()):
             raise ValueError(f"timestamp {text!r:.60} has an invalid fraction")
-        nanos = int(frac) * 10 ** (9 - len(frac))
-    return seconds * 1_000_000_000 + nanos
+        nanos = int(frac) * _NANO_SCALE[len(frac)]
+    ns = seconds * 1_000_000_000 + nanos
+    _set_last_time(text, ns)
+    return ns
+
+
+def _set_last_time(text: str, ns: int) -> None:
+    global _LAST_TIME  # one (text, ns) pair, replaced atomically: safe across threads
+    _LAST_TIME = (text, ns)
 
 
 def format_time_ns(ns: int, digits: int = 6) -> str:
@@ -486,6 +499,7 @@ def parse_advanced_l2_data(message: dict[str, Any]) -> ParsedMessage:
     parsed: list[Parsed] = []
     confirmed: list[str] = []
     sides = ADVANCED_BOOK_SIDES
+    cached = _E8_CACHE.get
     for event in events:
         symbol = event["product_id"]
         if type(symbol) is not str:
@@ -493,7 +507,10 @@ def parse_advanced_l2_data(message: dict[str, Any]) -> ParsedMessage:
         kind = event["type"]
         updates = event["updates"]
         times = {u["event_time"] for u in updates}
-        ts_event = max(parse_time_ns(t) for t in times) if times else ts
+        if len(times) == 1:
+            ts_event = parse_time_ns(next(iter(times)))
+        else:
+            ts_event = max(parse_time_ns(t) for t in times) if times else ts
         if kind == "update":
             changes = []
             for u in updates:
@@ -502,13 +519,17 @@ def parse_advanced_l2_data(message: dict[str, Any]) -> ParsedMessage:
                     raise InvalidFieldError(
                         f"l2_data: unknown side {u['side']!r:.20}", book_affected=True, symbol=symbol
                     )
-                changes.append(
-                    {
-                        "side": side,
-                        "price_e8": decimal_e8(u["price_level"], "price_level"),
-                        "size_e8": decimal_e8(u["new_quantity"], "new_quantity"),
-                    }
-                )
+                # Hot loop: the decimal cache is consulted inline, decimal_e8 only on a miss (or a
+                # value that is not a string, which it rejects).
+                price = u["price_level"]
+                price_e8 = cached(price) if type(price) is str else None
+                if price_e8 is None:
+                    price_e8 = decimal_e8(price, "price_level")
+                size = u["new_quantity"]
+                size_e8 = cached(size) if type(size) is str else None
+                if size_e8 is None:
+                    size_e8 = decimal_e8(size, "new_quantity")
+                changes.append({"side": side, "price_e8": price_e8, "size_e8": size_e8})
             parsed.append(Parsed("UPDATE", symbol, ts_event, {"changes": changes}))
         elif kind == "snapshot":
             bids, asks = [], []

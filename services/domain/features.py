@@ -303,11 +303,10 @@ class FeatureState:
 
         None when a side is empty (mid is undefined); the tick still enters the windows.
         """
-        counters = (self._updates, self._trades, self._ofi, self._best_changes, self._mid_square_sum)
         history = self._history
         if not bids or not asks or bids[0][0] + asks[0][0] <= 0:
             self._previous_mid2 = None
-            history.append(counters)
+            history.append((self._updates, self._trades, self._ofi, self._best_changes, self._mid_square_sum))
             return None
         # Hot path (once per tick and symbol): everything inlined, windows unrolled (3 + 2, asserted
         # at import against the spec).
@@ -315,11 +314,16 @@ class FeatureState:
         ask, ask_size = asks[0]
         mid2 = bid + ask  # 2 x mid, exact
         previous = self._previous_mid2
+        squares = self._mid_square_sum
         if previous is not None and previous != mid2:
-            self._mid_square_sum += (mid2 - previous) ** 2
-            counters = (self._updates, self._trades, self._ofi, self._best_changes, self._mid_square_sum)
+            squares += (mid2 - previous) ** 2
+            self._mid_square_sum = squares
         self._previous_mid2 = mid2
-        updates, trades, ofi, best_changes, squares = counters
+        updates = self._updates
+        trades = self._trades
+        ofi = self._ofi
+        best_changes = self._best_changes
+        counters = (updates, trades, ofi, best_changes, squares)
         length = len(history)
         c1, c2, c3 = self._count_windows
         q1, q2 = self._quote_windows

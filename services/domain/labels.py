@@ -65,6 +65,7 @@ class SymbolLabeler:
         self.delta_ms = delta_ms
         self.tick_ms = tick_ms
         self.delta_ns = delta_ms * _MS
+        self._tick_ns = tick_ms * _MS
         # (t, epoch, best_bid or None, best_ask or None, position) of the ticks of the last Δ.
         self._window: deque[tuple[int, int, int | None, int | None, int | None]] = deque()
         self.last_tick_ns: int | None = None
@@ -86,7 +87,7 @@ class SymbolLabeler:
             raise LabelInputError(f"BookTop of {top['symbol']!r} sent to the labeler of {self.symbol!r}")
         if top["tick_ms"] != self.tick_ms:
             raise LabelInputError(f"BookTop on a {top['tick_ms']} ms grid; the labeler expects TICK_MS={self.tick_ms}")
-        if t % (self.tick_ms * _MS):
+        if t % self._tick_ns:
             raise LabelInputError(f"BookTop of {self.symbol} at t={t} ns is not on the {self.tick_ms} ms grid")
         if self.last_tick_ns is not None and t <= self.last_tick_ns:
             raise LabelInputError(
@@ -119,7 +120,7 @@ class SymbolLabeler:
                     "t_event": then,
                     "delta_ms": self.delta_ms,
                     "epoch": epoch,
-                    "label": label_value(then_bid, then_ask, bid, ask),
+                    "label": 1 if then_bid != bid or then_ask != ask else 0,  # label_value, inlined
                     "best_bid_e8": then_bid,
                     "best_ask_e8": then_ask,
                     "future_best_bid_e8": bid,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 from quotewatch.core.errors import PoisonRecordError
@@ -32,6 +33,9 @@ Level = tuple[int, int]
 
 BID = "BID"
 ASK = "ASK"
+_NO_BID_BOUND = float("-inf")  # fewer than depth+1 levels: every change may touch the top
+_NO_ASK_BOUND = float("inf")
+_CHANGE_FIELDS = itemgetter("side", "price_e8", "size_e8")
 
 
 class BookError(PoisonRecordError, ValueError):
@@ -97,43 +101,48 @@ class OrderBook:
         bid_keys = self._bid_keys
         ask_keys = self._ask_keys
         depth = self.depth
+        # The cached top of a side goes stale when a change touches a price at or better than its
+        # depth-th level. A change below that level leaves the level where it is, so the bound
+        # taken before the batch holds until the first change at or above it (then the side is
+        # stale anyway): one comparison per change instead of a length check and an index.
+        bid_bound: float = bid_keys[-depth] if len(bid_keys) > depth else _NO_BID_BOUND
+        ask_bound: float = -ask_keys[-depth] if len(ask_keys) > depth else _NO_ASK_BOUND
         bid_dirty = ask_dirty = False
-        for change in changes:
-            price = change["price_e8"]
-            size = change["size_e8"]
-            side = change["side"]
+        for side, price, size in map(_CHANGE_FIELDS, changes):  # (C-level field access per change)
             if side == BID:
-                # The cached top goes stale when the price is at or better than the depth-th level.
-                if not bid_dirty and (len(bid_keys) <= depth or price >= bid_keys[-depth]):
+                if price >= bid_bound:
                     bid_dirty = True
                 if size > 0:
                     if price not in bid_sizes:
                         if price < 0:
-                            raise BookError(f"negative price in level change {dict(change)!r}")
+                            raise BookError(
+                                f"negative price in level change {_change_text(changes, side, price, size)}"
+                            )
                         insort(bid_keys, price)
                     bid_sizes[price] = size
                 elif size == 0:
                     if bid_sizes.pop(price, None) is not None:
                         del bid_keys[bisect_left(bid_keys, price)]
                 else:
-                    raise BookError(f"negative size in level change {dict(change)!r}")
+                    raise BookError(f"negative size in level change {_change_text(changes, side, price, size)}")
             elif side == ASK:
-                key = -price
-                if not ask_dirty and (len(ask_keys) <= depth or key >= ask_keys[-depth]):
+                if price <= ask_bound:
                     ask_dirty = True
                 if size > 0:
                     if price not in ask_sizes:
                         if price < 0:
-                            raise BookError(f"negative price in level change {dict(change)!r}")
-                        insort(ask_keys, key)
+                            raise BookError(
+                                f"negative price in level change {_change_text(changes, side, price, size)}"
+                            )
+                        insort(ask_keys, -price)
                     ask_sizes[price] = size
                 elif size == 0:
                     if ask_sizes.pop(price, None) is not None:
-                        del ask_keys[bisect_left(ask_keys, key)]
+                        del ask_keys[bisect_left(ask_keys, -price)]
                 else:
-                    raise BookError(f"negative size in level change {dict(change)!r}")
+                    raise BookError(f"negative size in level change {_change_text(changes, side, price, size)}")
             else:
-                raise BookError(f"unknown side {side!r} in level change {dict(change)!r}")
+                raise BookError(f"unknown side {side!r} in level change {_change_text(changes, side, price, size)}")
         if bid_dirty:
             self._bid_top = None
             self._top = None
@@ -232,6 +241,18 @@ class OrderBook:
 
     def __repr__(self) -> str:
         return f"OrderBook(bids={self.bid_count}, asks={self.ask_count}, top={self.top_bids()}/{self.top_asks()})"
+
+
+def _change_text(changes: Sequence[Mapping[str, Any]], side: Any, price: Any, size: Any) -> str:
+    """The repr of the change of ``changes`` that failed with these fields, for the error message.
+
+    Whether a change fails depends only on its fields (a negative price never enters the book), so
+    the first change with these fields is the one :meth:`OrderBook.apply` stopped at.
+    """
+    for change in changes:
+        if _CHANGE_FIELDS(change) == (side, price, size):
+            return repr(dict(change))
+    return repr({"side": side, "price_e8": price, "size_e8": size})  # pragma: no cover - always found
 
 
 def _levels_to_dict(levels: Iterable[Mapping[str, Any]], side: str) -> dict[int, int]:

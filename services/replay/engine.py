@@ -145,9 +145,24 @@ class BacktestEngine:
 
     def run_events(self, events: Iterable[Mapping[str, Any]]) -> BacktestEngine:
         """Process MarketEvent records (each symbol's in its stream order)."""
-        process_event = self.process_event
+        if self.keep_records:
+            process_event = self.process_event
+            for event in events:
+                process_event(event)
+            return self
+        # Hot loop (once per event): process_event inlined, attributes bound to locals.
+        counts = self.counts
+        route = self.book.process
+        on_ticks = self._ticks
         for event in events:
-            process_event(event)
+            counts.events += 1
+            try:
+                ticks = route(event)
+            except MarketEventError as exc:
+                counts.bad_events += 1
+                ticks = exc.outputs
+            if ticks:
+                on_ticks(ticks)
         return self
 
     def process_event(self, event: Mapping[str, Any]) -> None:
@@ -164,9 +179,11 @@ class BacktestEngine:
             self._ticks(ticks)
 
     def _ticks(self, ticks: list[TickOutput]) -> None:
+        # Hot path (once per tick): attributes bound to locals.
         counts = self.counts
         label_of = self.labeler.process
         keep = self.keep_records
+        symbol_id = self._symbol_id
         for tick in ticks:
             counts.ticks += 1
             top = tick.book_top
@@ -180,7 +197,7 @@ class BacktestEngine:
             if label is not None:
                 counts.labels += 1
                 self._label_t.append(label["t_event"])
-                self._label_symbol.append(self._symbol_id(label["symbol"]))
+                self._label_symbol.append(symbol_id(label["symbol"]))
                 self._label_y.append(label["label"])
                 if keep:
                     self.label_records.append(label)
@@ -193,7 +210,7 @@ class BacktestEngine:
                 elif len(values) != self._width:
                     raise ValueError(f"feature vectors changed width from {self._width} to {len(values)}")
                 self._t.append(vector["ts_event"])
-                self._symbol_index.append(self._symbol_id(vector["symbol"]))
+                self._symbol_index.append(symbol_id(vector["symbol"]))
                 spec = vector["feature_spec_id"]
                 spec_index = self._specs.get(spec)
                 if spec_index is None:

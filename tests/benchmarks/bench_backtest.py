@@ -1,20 +1,27 @@
-"""Backtest throughput: 24 h of 100 ms ticks of one synthetic symbol, raw log -> report, in-process.
+"""Backtest throughput: 24 h of 100 ms ticks of one synthetic symbol, in-process.
 
 Input: 24 h of the seeded synthetic market, one symbol (BTC-USD), at 100 level updates per second
 (the BTC-USD rate of the recorded 2026 Advanced Trade capture: 98.6 per second), as the raw log
-the ingest would have written (frames + CLOCK records; 864,000 grid ticks). **Generating it is
-not part of the backtest**: it is timed apart and reported on its own row.
+the ingest would have written (frames + CLOCK records; 864,000 grid ticks), and the same log
+normalised into the ``MarketEvent`` records stored in ``qw.md.events`` and the lake. **Generating
+the input is not part of the backtest**: it is timed apart and reported on its own row.
 
-Measured (goal: the 864k ticks in <= 30 s):
+Measured (goal of the issue: the 864k ticks of "book -> features -> labels -> predictions" in
+<= 30 s):
 
-1. *24 h window*: :func:`quotewatch.replay.backtest.run_backtest` minus I/O: normaliser -> book and
-   features -> labels (the services' functions) -> scoring with the trainer's LR and XGBoost
-   (batch, row-invariant) -> metrics and the naive baselines. Seconds for the window and ticks/s.
-2. *stages*: the pipeline without scoring from market events (normaliser excluded), per tick, on
-   the first hour; batch scoring per tick next to scoring one vector per call as inference does
-   (the peer), on the same rows.
+1. *Headline, from events* (``quotewatch backtest --input events``: the records as the lake or
+   topic store them; reading them is I/O and not timed): book and features -> labels (the
+   services' functions) -> scoring with the trainer's LR and XGBoost (batch, row-invariant) ->
+   metrics and the naive baselines. Seconds for the window and ticks/s.
+2. *From the raw log* (the default ``--input raw``): the same plus the Coinbase normaliser (JSON
+   frames -> events) in front. Reported on its own row, without the goal: the normaliser is the
+   ingest's work, which the events input has already done.
+3. *Stages*, per tick over the whole window: the normaliser alone, the pipeline alone (events ->
+   ticks and labels, from the headline run), the report; batch scoring next to scoring one vector
+   per call as inference does (the peer), on the same rows.
 
-``--quick``: 2 h instead of 24 h (the window time is then projected to 864k ticks, said in the notes).
+``--quick``: 2 h instead of 24 h (the window times are then projected to 864k ticks, said in the
+notes).
 """
 
 from __future__ import annotations
@@ -62,16 +69,24 @@ def trained_models() -> list[LoadedModel]:
     return models
 
 
-def backtest(raws: list[dict[str, Any]], models: list[LoadedModel]) -> tuple[float, BacktestEngine, report.Evaluation]:
-    """The backtest of ``raws`` (pipeline, scoring, evaluation) and its wall time."""
-    started = time.perf_counter()
-    engine = BacktestEngine(TICK_MS, DELTA_MS).run_raw(raws)
+def evaluate(engine: BacktestEngine, models: list[LoadedModel]) -> report.Evaluation:
+    """Scoring and the report of a finished engine run (as ``quotewatch backtest`` does)."""
     table = engine.feature_table()
     scored = [score_model(table, m, CHAMPION_ROLE if i == 0 else CHALLENGER_ROLE) for i, m in enumerate(models)]
-    evaluation = report.evaluate(
+    return report.evaluate(
         table, engine.label_table(), scored, start_ns=None, end_ns=None, delta_ms=DELTA_MS, baseline_window_ms=10_000
     )
-    return time.perf_counter() - started, engine, evaluation
+
+
+def normalise(raws: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The MarketEvent records of ``raws`` (what ``qw.md.events`` and the lake hold); empties ``raws``
+    as it goes, so the two logs of a 24 h window are never in memory together."""
+    process = Normaliser().process
+    events: list[dict[str, Any]] = []
+    raws.reverse()
+    while raws:
+        events.extend(process(raws.pop()).events)
+    return events
 
 
 def run(ctx: Context) -> list[Result]:
@@ -81,61 +96,93 @@ def run(ctx: Context) -> list[Result]:
     started = time.perf_counter()
     raws = raw_log(hours)
     generation = time.perf_counter() - started
+    raw_records = len(raws)
 
-    seconds, engine, evaluation = backtest(raws, models)
+    # From the raw log: normaliser + pipeline + scoring + report.
+    started = time.perf_counter()
+    raw_engine = BacktestEngine(TICK_MS, DELTA_MS).run_raw(raws)
+    raw_evaluation = evaluate(raw_engine, models)
+    raw_seconds = time.perf_counter() - started
+
+    # The events of the same window, as stored (the normaliser's time is a stage row).
+    started = time.perf_counter()
+    events = normalise(raws)
+    normaliser_seconds = time.perf_counter() - started
+    del raws
+
+    # Headline, from events: pipeline, then scoring + report.
+    started = time.perf_counter()
+    engine = BacktestEngine(TICK_MS, DELTA_MS).run_events(events)
+    pipeline_seconds = time.perf_counter() - started
+    evaluation = evaluate(engine, models)
+    seconds = time.perf_counter() - started
+    event_count = len(events)
+    del events
+
     ticks = engine.counts.ticks
-    projected = seconds * DAY_TICKS / ticks
+    assert raw_engine.counts.ticks == ticks
+    assert raw_engine.counts.labels == engine.counts.labels
+    assert evaluation.scores.keys() == raw_evaluation.scores.keys()
+    scale = DAY_TICKS / ticks
     window = "24 h" if not ctx.quick else f"{hours:g} h projected to 24 h"
     aucs = ", ".join(f"{name} AUC {s.roc_auc:.3f}" for name, s in evaluation.scores.items() if s.roc_auc is not None)
     results = [
         Result(
             SUITE,
-            f"{window} window, 1 symbol: raw log -> predictions (LR + XGB) + report",
-            projected,
+            f"{window} window, 1 symbol: events -> book -> features -> labels -> predictions (LR + XGB) + report",
+            seconds * scale,
             "s",
             goal="<= 30 s for 864k ticks",
-            met=projected <= 30.0,
+            met=seconds * scale <= 30.0,
             notes=(
-                f"{ticks:,} ticks, {engine.counts.raw_records:,} raw records, {engine.counts.events:,} events "
-                f"at {RATE:g} level updates/s, measured {seconds:.1f} s; input generation excluded "
-                f"(its own row); {aucs}"
+                f"{ticks:,} ticks from {event_count:,} MarketEvent records (as qw.md.events / the lake store "
+                f"them; --input events) at {RATE:g} level updates/s, measured {seconds:.1f} s: pipeline "
+                f"{pipeline_seconds:.1f} s, scoring + report {seconds - pipeline_seconds:.1f} s; {aucs}"
             ),
         ),
-        Result(SUITE, "backtest throughput (raw log -> report)", ticks / seconds, "ticks/s"),
+        Result(SUITE, "backtest throughput from events (events -> report)", ticks / seconds, "ticks/s"),
+        Result(
+            SUITE,
+            f"{window} window from the raw log: normaliser + the above (--input raw)",
+            raw_seconds * scale,
+            "s",
+            notes=(
+                f"{raw_records:,} raw records (JSON frames + CLOCK records) -> the same {ticks:,} ticks and "
+                f"labels (asserted), measured {raw_seconds:.1f} s; the issue's goal covers the chain from "
+                "events (the normaliser is the ingest's work, see the stage row)"
+            ),
+        ),
         Result(
             SUITE,
             f"synthetic input generation ({hours:g} h, not part of the backtest)",
             generation,
             "s",
-            notes=f"{len(raws):,} raw records",
+            notes=f"{raw_records:,} raw records",
         ),
-    ]
-
-    # Stages on the first hour: the pipeline from events (normaliser excluded), and scoring.
-    first_hour = [r for r in raws if r["ts_init"] < raws[0]["ts_init"] + HOUR_NS]
-    del raws
-    normaliser_started = time.perf_counter()
-    events, _ = Normaliser().process_all(first_hour)
-    normaliser_seconds = time.perf_counter() - normaliser_started
-    started = time.perf_counter()
-    hour = BacktestEngine(TICK_MS, DELTA_MS).run_events(events)
-    pipeline_seconds = time.perf_counter() - started
-    hour_ticks = hour.counts.ticks
-    results.append(
         Result(
             SUITE,
             "stage: normaliser (raw frames -> events)",
-            normaliser_seconds / hour_ticks * 1e6,
+            normaliser_seconds / ticks * 1e6,
             "µs/tick",
-            notes=f"first hour: {len(first_hour):,} raw records -> {len(events):,} events",
-        )
-    )
-    results.append(
+            notes=f"whole window: {raw_records:,} raw records -> {event_count:,} events",
+        ),
         Result(
-            SUITE, "stage: book + features + labels (events -> ticks)", pipeline_seconds / hour_ticks * 1e6, "µs/tick"
-        )
-    )
-    matrix = hour.feature_table().values
+            SUITE,
+            "stage: book + features + labels (events -> ticks)",
+            pipeline_seconds / ticks * 1e6,
+            "µs/tick",
+            notes="whole window, from the headline run",
+        ),
+        Result(
+            SUITE,
+            "stage: scoring (LR + XGB) + report",
+            (seconds - pipeline_seconds) / ticks * 1e6,
+            "µs/tick",
+            notes="whole window, from the headline run",
+        ),
+    ]
+
+    matrix = engine.feature_table().values
     sample = matrix[:2_000]
     for model in models:
         started = time.perf_counter()
