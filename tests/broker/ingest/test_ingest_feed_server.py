@@ -414,7 +414,8 @@ def test_a_capture_replayed_through_the_server_gives_the_reference_book(make_set
 
 def _refuses_large_records(settings: IngestSettings, topic: str) -> bool:
     """Produce one 3000-byte random (incompressible) probe to every partition of ``topic``; True if all are refused."""
-    producer = make_producer(settings, "size-probe", **{"enable.idempotence": False, "retries": 0})
+    overrides: dict[str, Any] = {"enable.idempotence": False, "retries": 0}
+    producer = make_producer(settings, "size-probe", **overrides)
     refused: list[bool] = []
 
     def report(err: Any, _msg: Any) -> None:
