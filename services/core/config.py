@@ -120,6 +120,10 @@ class CommonSettings(BaseSettings):
     """HEALTH_STALL_SECONDS (default 30): /health turns unhealthy when processing has not advanced for this long while
     input is waiting.
     """
+    stuck_exit_seconds: float = Field(default=120.0, ge=0)
+    """STUCK_EXIT_SECONDS (default 120; 0 disables): a service whose processing loop has not turned for this long exits
+    with status 70 so its supervisor restarts it (a hang a restart cures, e.g. in a transaction after a broker restart).
+    """
 
     @field_validator("symbols", mode="before")
     @classmethod

@@ -7,13 +7,24 @@ METRICS_HOST:METRICS_PORT.
 A service is **stalled** when its loop has not turned for ``stall_seconds`` (a handler is stuck),
 or when input is waiting (lag > 0) and no record was processed for ``stall_seconds``, or when the
 loop has ended while the process lives.
+
+:class:`StuckWatchdog` turns a stuck loop into an exit: a process whose loop has not turned for
+``STUCK_EXIT_SECONDS`` ends itself with :data:`EXIT_STUCK`, so whatever supervises it (``quotewatch
+demo``, compose ``restart:``, Kubernetes) starts it again. Some hangs have no other way out: after
+a broker restart librdkafka can block in ``send_offsets_to_transaction()`` far past its timeout
+(librdkafka issue 5456), and docker compose does not restart an unhealthy container. Exiting is
+safe for every service: the stream services' open transaction is aborted when the restarted
+instance (same transactional id) fences it, and the lake sink commits only renamed files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -76,6 +87,14 @@ class Liveness:
         with self._lock:
             self._running = False
             self._stopped_reason = reason
+
+    def stuck_seconds(self) -> float:
+        """Seconds since the loop last turned; 0 once the loop has ended (stopping is not stuck)."""
+        now = self._clock.monotonic_ns()
+        with self._lock:
+            if not self._running:
+                return 0.0
+            return (now - self._last_beat_ns) / 1e9
 
     def status(self) -> HealthStatus:
         now = self._clock.monotonic_ns()
@@ -147,3 +166,74 @@ class ObservabilityServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+EXIT_STUCK = 70
+"""Exit status of a process ended by :class:`StuckWatchdog` (EX_SOFTWARE)."""
+
+
+def _exit_stuck() -> None:  # pragma: no cover - ends the process (tested in a subprocess)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(EXIT_STUCK)  # the stuck thread never returns: a normal exit would wait for it
+
+
+class StuckWatchdog:
+    """Ends the process when the processing loop has not turned for ``exit_seconds``.
+
+    Who runs it: :func:`~quotewatch.core.service.service_context`, for every service, unless
+    ``STUCK_EXIT_SECONDS=0``. :meth:`check` is the whole decision (tests call it with a manual
+    clock); the thread calls it every second or so.
+
+    Args:
+        on_stuck: what to do (default: log, then ``os._exit(EXIT_STUCK)``); injected by tests.
+    """
+
+    def __init__(self, liveness: Liveness, exit_seconds: float, on_stuck: Callable[[], None] | None = None) -> None:
+        if exit_seconds <= 0:
+            raise ValueError("exit_seconds must be positive (0 means: do not start a watchdog)")
+        self._liveness = liveness
+        self._exit_seconds = exit_seconds
+        self._on_stuck = on_stuck or _exit_stuck
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stuck-watchdog", daemon=True)
+        self.fired = False
+        self._suspect = False
+
+    def check(self) -> bool:
+        """Fire (once) if the loop has been stuck for ``exit_seconds``; True if it fired now.
+
+        Stuck must be seen on two checks in a row: a process resumed after a suspend (SIGSTOP, a
+        paused VM) finds a stale beat at its first check, and its loop gets until the next one.
+        """
+        stuck = self._liveness.stuck_seconds()
+        if self.fired or stuck < self._exit_seconds:
+            self._suspect = False
+            return False
+        if not self._suspect:
+            self._suspect = True
+            return False
+        self.fired = True
+        logger.critical(
+            "processing loop stuck for %.0f s (STUCK_EXIT_SECONDS=%g): exiting with status %d so the "
+            "supervisor restarts the service",
+            stuck,
+            self._exit_seconds,
+            EXIT_STUCK,
+        )
+        self._on_stuck()
+        return True
+
+    def _run(self) -> None:
+        interval = min(1.0, self._exit_seconds / 10)
+        while not self._stop.wait(interval):
+            self.check()
+
+    def start(self) -> StuckWatchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)

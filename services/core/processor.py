@@ -356,8 +356,10 @@ class StreamProcessor:
                 self._producer.produce(topic, value=value, key=key)
                 break
             except BufferError:
-                # The local queue is full: serve delivery reports until there is room (bounded wait).
+                # The local queue is full: serve delivery reports until there is room (bounded wait;
+                # waiting for the broker is not a stuck loop, so the loop still beats).
                 self._producer.poll(0.1)
+                self._liveness.beat()
         self._producer.poll(0)
         RECORDS_OUT.labels(self._service, topic).inc()
 
@@ -365,7 +367,7 @@ class StreamProcessor:
         assert self._producer is not None
         assert self._consumer is not None
         try:
-            self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 60)
+            self._send_offsets_with_retries(offsets)
             self._commit_with_retries()
             TRANSACTIONS.labels(self._service, "committed").inc()
         except KafkaException as exc:
@@ -378,6 +380,22 @@ class StreamProcessor:
                 return
             raise FatalError(f"transaction failed: {error}") from exc
 
+    def _send_offsets_with_retries(self, offsets: list[TopicPartition]) -> None:
+        assert self._producer is not None
+        assert self._consumer is not None
+        for attempt in range(5):
+            try:
+                # The input offsets join the open transaction: committed with the outputs or not at all.
+                self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 60)
+                return
+            except KafkaException as exc:
+                # A retriable error (e.g. a timeout while the coordinator is away) leaves the
+                # transaction open and the call may be repeated (librdkafka's contract).
+                if not exc.args[0].retriable() or attempt == 4:
+                    raise
+                logger.warning("retrying send_offsets_to_transaction", extra={"error": str(exc.args[0])})
+                self._liveness.beat()
+
     def _commit_with_retries(self) -> None:
         assert self._producer is not None
         for attempt in range(5):
@@ -389,6 +407,7 @@ class StreamProcessor:
                 if not exc.args[0].retriable() or attempt == 4:
                     raise
                 logger.warning("retrying transaction commit", extra={"error": str(exc.args[0])})
+                self._liveness.beat()
 
     def _metadata(self, topic: str, partition: int) -> str:
         return json.dumps({"restart": self._task.restart_offset(topic, partition)})

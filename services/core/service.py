@@ -18,7 +18,7 @@ from typing import Any
 from quotewatch import __version__
 from quotewatch.core.clock import Clock, SystemClock
 from quotewatch.core.config import CommonSettings
-from quotewatch.core.health import Liveness, ObservabilityServer
+from quotewatch.core.health import Liveness, ObservabilityServer, StuckWatchdog
 from quotewatch.core.kafka import ShutdownSignal, ensure_topics, make_admin
 from quotewatch.core.logging import configure_logging
 from quotewatch.core.metrics import BUILD_INFO
@@ -51,6 +51,7 @@ def service_context(
     clock: Clock | None = None,
     install_signals: bool = True,
     create_topics: bool = True,
+    watchdog: bool = True,
 ) -> Iterator[ServiceContext]:
     """Set a service process up; tear the endpoint down on exit.
 
@@ -70,6 +71,11 @@ def service_context(
     if install_signals:
         shutdown.install()
     liveness = Liveness(service, clock, settings.health_stall_seconds)
+    stuck_watchdog = (
+        StuckWatchdog(liveness, settings.stuck_exit_seconds).start()
+        if watchdog and settings.stuck_exit_seconds
+        else None
+    )
     observability = None
     if settings.metrics_port:
         observability = ObservabilityServer(settings.metrics_host, settings.metrics_port, liveness).start()
@@ -93,6 +99,8 @@ def service_context(
     try:
         yield context
     finally:
+        if stuck_watchdog is not None:
+            stuck_watchdog.stop()
         if observability is not None:
             observability.stop()
         logger.info("service stopped")

@@ -153,7 +153,8 @@ def run_debug(settings: DashboardSettings) -> None:
     In push mode Dash's dev tools run on uvicorn without the reloader (the FastAPI backend's
     reloader re-imports the app from a module path, which this factory-built app has not).
     """
-    with service_context(SERVICE, settings, install_signals=False):
+    # No stuck watchdog: the development server's runtime has its own liveness, and a person runs it.
+    with service_context(SERVICE, settings, install_signals=False, watchdog=False):
         dashboard = create_app(settings)
         if dashboard.push:
             import uvicorn

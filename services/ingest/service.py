@@ -308,7 +308,9 @@ class RawWriter:
             except BufferError:
                 # librdkafka's queue is full (the broker is slow): the writer waits here, the
                 # reader keeps reading into the bounded queue, which overflows into a gap if need be.
+                # Waiting for the broker is not a stuck loop: the beat keeps the watchdog away.
                 self._producer.poll(0.05)
+                self._liveness.beat()
         self._producer.poll(0)
         self._out[topic].inc()
 
