@@ -396,7 +396,14 @@ def min_heap(heap: str) -> str:
 
 
 def _cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (22 characters)."""
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (22 characters).
+
+    Never one that starts with "-" (1 in 64 would): kafka-storage's argument parser takes it for an
+    option ("--cluster-id: expected one argument"); Kafka's own ``Uuid.randomUuid()`` skips them too.
+    """
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id

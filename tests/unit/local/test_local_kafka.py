@@ -39,3 +39,16 @@ def test_port_in_use_is_reported(tmp_path: Path) -> None:
 def test_status_of_an_unused_data_dir(tmp_path: Path) -> None:
     assert LocalKafka(tmp_path).status() is None
     assert LocalKafka(tmp_path).stop() is False
+
+
+def test_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kafka-storage parses an id starting with "-" as an option (a CI run failed on one)."""
+    import uuid
+
+    dash_first = uuid.UUID(bytes=b"\xf8" + bytes(15))  # base64 "-A..."
+    fine = uuid.UUID(bytes=bytes(16))
+    draws = iter([dash_first, dash_first, fine])
+    monkeypatch.setattr(local_kafka.uuid, "uuid4", lambda: next(draws))
+    cluster_id = local_kafka._cluster_id()
+    assert cluster_id == "AAAAAAAAAAAAAAAAAAAAAA"
+    assert len(cluster_id) == 22
