@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -366,9 +366,15 @@ class StreamProcessor:
     def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
         assert self._producer is not None
         assert self._consumer is not None
+        producer, consumer = self._producer, self._consumer
         try:
-            self._send_offsets_with_retries(offsets)
-            self._commit_with_retries()
+            # The input offsets join the open transaction: committed with the outputs or not at all.
+            self._with_retries(
+                "send_offsets_to_transaction",
+                lambda: producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 60),
+            )
+            # Exactly-once: outputs, dead letters and input offsets become visible together.
+            self._with_retries("commit_transaction", lambda: producer.commit_transaction(60))
             TRANSACTIONS.labels(self._service, "committed").inc()
         except KafkaException as exc:
             error: KafkaError = exc.args[0]
@@ -380,34 +386,21 @@ class StreamProcessor:
                 return
             raise FatalError(f"transaction failed: {error}") from exc
 
-    def _send_offsets_with_retries(self, offsets: list[TopicPartition]) -> None:
-        assert self._producer is not None
-        assert self._consumer is not None
-        for attempt in range(5):
-            try:
-                # The input offsets join the open transaction: committed with the outputs or not at all.
-                self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 60)
-                return
-            except KafkaException as exc:
-                # A retriable error (e.g. a timeout while the coordinator is away) leaves the
-                # transaction open and the call may be repeated (librdkafka's contract).
-                if not exc.args[0].retriable() or attempt == 4:
-                    raise
-                logger.warning("retrying send_offsets_to_transaction", extra={"error": str(exc.args[0])})
-                self._liveness.beat()
+    def _with_retries(self, what: str, call: Callable[[], None], attempts: int = 5) -> None:
+        """Run a transaction call; repeat it on a retriable error, up to ``attempts`` times.
 
-    def _commit_with_retries(self) -> None:
-        assert self._producer is not None
-        for attempt in range(5):
+        A retriable error (e.g. a timeout while the coordinator is away) leaves the transaction
+        open and the call may be repeated (librdkafka's contract); any other error is raised.
+        """
+        for attempt in range(attempts):
             try:
-                # Exactly-once: outputs, dead letters and input offsets become visible together.
-                self._producer.commit_transaction(60)
+                call()
                 return
             except KafkaException as exc:
-                if not exc.args[0].retriable() or attempt == 4:
+                if not exc.args[0].retriable() or attempt == attempts - 1:
                     raise
-                logger.warning("retrying transaction commit", extra={"error": str(exc.args[0])})
-                self._liveness.beat()
+                logger.warning("retrying %s", what, extra={"error": str(exc.args[0])})
+                self._liveness.beat()  # waiting for the broker is not a stuck loop
 
     def _metadata(self, topic: str, partition: int) -> str:
         return json.dumps({"restart": self._task.restart_offset(topic, partition)})
