@@ -201,6 +201,7 @@ def parse_time_ns(text: Any) -> int:
     Raises:
         ValueError: any other shape.
     """
+    global _LAST_TIME
     if type(text) is not str:
         raise ValueError(f"timestamp must be a string, got {type(text).__name__}")
     last_text, last_ns = _LAST_TIME
@@ -231,13 +232,8 @@ def parse_time_ns(text: Any) -> int:
             raise ValueError(f"timestamp {text!r:.60} has an invalid fraction")
         nanos = int(frac) * _NANO_SCALE[len(frac)]
     ns = seconds * 1_000_000_000 + nanos
-    _set_last_time(text, ns)
+    _LAST_TIME = (text, ns)  # one (text, ns) pair, replaced atomically: safe across threads
     return ns
-
-
-def _set_last_time(text: str, ns: int) -> None:
-    global _LAST_TIME  # one (text, ns) pair, replaced atomically: safe across threads
-    _LAST_TIME = (text, ns)
 
 
 def format_time_ns(ns: int, digits: int = 6) -> str:

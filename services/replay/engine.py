@@ -145,24 +145,9 @@ class BacktestEngine:
 
     def run_events(self, events: Iterable[Mapping[str, Any]]) -> BacktestEngine:
         """Process MarketEvent records (each symbol's in its stream order)."""
-        if self.keep_records:
-            process_event = self.process_event
-            for event in events:
-                process_event(event)
-            return self
-        # Hot loop (once per event): process_event inlined, attributes bound to locals.
-        counts = self.counts
-        route = self.book.process
-        on_ticks = self._ticks
+        process_event = self.process_event
         for event in events:
-            counts.events += 1
-            try:
-                ticks = route(event)
-            except MarketEventError as exc:
-                counts.bad_events += 1
-                ticks = exc.outputs
-            if ticks:
-                on_ticks(ticks)
+            process_event(event)
         return self
 
     def process_event(self, event: Mapping[str, Any]) -> None:
