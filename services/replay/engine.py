@@ -243,7 +243,8 @@ def score_model(features: FeatureTable, model: LoadedModel, role: str) -> ModelS
     """
     rows = features.values.shape[0]
     p = np.full(rows, np.nan)
-    matches = np.fromiter((spec == model.feature_spec_id for spec in features.spec_id), dtype=bool, count=rows)
+    # spec ids are Avro strings (never null), so str.__eq__ always answers a bool here.
+    matches = np.fromiter(map(model.feature_spec_id.__eq__, features.spec_id), dtype=bool, count=rows)
     if rows and features.values.shape[1] != len(model.feature_names):
         matches[:] = False
     index = np.flatnonzero(matches)

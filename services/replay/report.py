@@ -78,6 +78,33 @@ def model_label(scores: ModelScores) -> str:
     return f"{scores.model.name} v{scores.model.version}"
 
 
+def join_rows(
+    left_symbol: NDArray[np.str_],
+    left_t: NDArray[np.int64],
+    right_symbol: NDArray[np.str_],
+    right_t: NDArray[np.int64],
+) -> NDArray[np.int64]:
+    """For each left row, the index of the right row with the same (symbol, t), or -1.
+
+    When the right side holds a key twice, the later row wins (as a dict built in order would).
+    Sorted search per symbol: a 24 h window joins in milliseconds, where a Python dict of tuples
+    took a second.
+    """
+    out = np.full(left_t.size, -1, dtype=np.int64)
+    for symbol in np.unique(right_symbol):
+        right_rows = np.flatnonzero(right_symbol == symbol)
+        right_rows = right_rows[np.argsort(right_t[right_rows], kind="stable")]
+        keys = right_t[right_rows]
+        left_rows = np.flatnonzero(left_symbol == symbol)
+        wanted = left_t[left_rows]
+        # The last right row with key <= wanted: among equal keys the stable sort keeps the later row last.
+        at = np.searchsorted(keys, wanted, side="right") - 1
+        found = at >= 0
+        found[found] = keys[at[found]] == wanted[found]
+        out[left_rows[found]] = right_rows[at[found]]
+    return out
+
+
 def evaluate(
     features: FeatureTable,
     labels: LabelTable,
@@ -93,14 +120,7 @@ def evaluate(
     Raises:
         ValueError: no labelled row in the window.
     """
-    lookup = {
-        (s, int(t)): i for i, (s, t) in enumerate(zip(labels.symbol.tolist(), labels.t_event.tolist(), strict=True))
-    }
-    label_row = np.fromiter(
-        (lookup.get((s, t), -1) for s, t in zip(features.symbol.tolist(), features.t.tolist(), strict=True)),
-        dtype=np.int64,
-        count=features.t.size,
-    )
+    label_row = join_rows(features.symbol, features.t, labels.symbol, labels.t_event)
     keep = label_row >= 0
     if start_ns is not None:
         keep &= features.t >= start_ns
