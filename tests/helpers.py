@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, TopicPartition
 
 from quotewatch.core.config import CommonSettings
-from quotewatch.core.kafka import consumer_config, make_admin
+from quotewatch.core.kafka import consumer_config, make_admin, query_watermarks
 from quotewatch.core.serde import AvroSerde
 
 T = TypeVar("T")
@@ -84,7 +84,7 @@ def read_topic(
 
 def _caught_up(consumer: Consumer, topic: str, partitions: list[int]) -> bool:
     for partition in partitions:
-        _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5)
+        _, high = query_watermarks(consumer, TopicPartition(topic, partition), timeout=5)
         position = consumer.position([TopicPartition(topic, partition)])[0].offset
         if high > 0 and (position < 0 or position < high - 1):
             return False

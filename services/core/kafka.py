@@ -17,12 +17,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -338,6 +339,59 @@ def poll_batch(consumer: Consumer, max_records: int, timeout: float) -> list[Mes
     if max_records <= 1:
         return [first]
     return [first, *consumer.consume(max_records - 1, 0)]
+
+
+# Errors a watermark query meets while a partition's leader is being elected (right after the topic
+# was created, or a broker restart): the same query succeeds a moment later. librdkafka does not flag
+# them retriable() on this call, hence the list.
+_TRANSIENT_QUERY_ERRORS = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._UNKNOWN_TOPIC,
+    }
+)
+
+
+def query_watermarks(
+    consumer: Consumer,
+    partition: TopicPartition,
+    timeout: float = 30.0,
+    wait: Callable[[float], object] = time.sleep,
+) -> tuple[int, int]:
+    """The (low, high) offsets of ``partition`` asked of the broker, retrying transient errors.
+
+    A leader not elected yet (a topic created a moment ago) or a broker restarting answers with an
+    error that goes away: the query is repeated with a growing pause until ``timeout`` has passed.
+    ``wait`` pauses between attempts; when it returns True the retries stop (a service passes its
+    shutdown event's ``wait``, so a stop is not held up).
+
+    Raises:
+        KafkaException: a permanent error, or the transient one still there at the deadline (or stop).
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                partition, timeout=max(0.1, deadline - time.monotonic()), cached=False
+            )
+            return int(low), int(high)
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            transient = error.retriable() or error.code() in _TRANSIENT_QUERY_ERRORS
+            if not transient or time.monotonic() + pause >= deadline:
+                raise
+            logger.debug("retrying a watermark query", extra={"partition": str(partition), "error": str(error)})
+            last = exc
+        if wait(pause) is True:
+            raise last
+        pause = min(1.0, pause * 2)
 
 
 def flush_or_fail(producer: Producer, timeout: float = 30.0) -> None:

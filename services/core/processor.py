@@ -40,6 +40,7 @@ from quotewatch.core.kafka import (
     make_consumer,
     make_producer,
     poll_batch,
+    query_watermarks,
 )
 from quotewatch.core.metrics import (
     CONSUMER_LAG,
@@ -248,7 +249,7 @@ class StreamProcessor:
                 self._replay_until[key] = offset
                 offset = restart
             if offset < 0:
-                low, _ = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)
+                low, _ = query_watermarks(self._consumer, TopicPartition(tp.topic, tp.partition), timeout=30)
                 offset = low
             self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
 

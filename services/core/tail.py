@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import BrokerError, SerdeError
-from quotewatch.core.kafka import consumer_config
+from quotewatch.core.kafka import consumer_config, query_watermarks
 from quotewatch.core.serde import serde_from_settings
 
 
@@ -58,7 +58,7 @@ def tail_topic(
         assignment, ends = [], {}
         back = 10 if count is None else count
         for partition in sorted(topic_metadata.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+            low, high = query_watermarks(consumer, TopicPartition(topic, partition), timeout=timeout)
             start = low if from_beginning else max(low, high - back)
             assignment.append(TopicPartition(topic, partition, start))
             if start < high:

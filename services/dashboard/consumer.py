@@ -24,7 +24,7 @@ from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import SerdeError
 from quotewatch.core.health import Liveness
-from quotewatch.core.kafka import make_consumer, poll_batch
+from quotewatch.core.kafka import make_consumer, poll_batch, query_watermarks
 from quotewatch.core.metrics import CONSUMER_LAG, RECORDS_IN
 from quotewatch.core.serde import AvroSerde
 from quotewatch.dashboard.store import SnapshotStore
@@ -151,7 +151,7 @@ class SnapshotConsumer:
         with self._lock:
             self._assigned = True
             for p in partitions:
-                _, high = consumer.get_watermark_offsets(TopicPartition(self._topic, p), timeout=5)
+                _, high = query_watermarks(consumer, TopicPartition(self._topic, p), timeout=5)
                 self._high[p] = high
         logger.info("reading the snapshot topic from the beginning", extra={"topic": self._topic})
         return True

@@ -57,6 +57,7 @@ from quotewatch.core.kafka import (
     flush_or_fail,
     make_consumer,
     make_producer,
+    query_watermarks,
 )
 from quotewatch.core.lake import (
     LAKE_TOPICS,
@@ -468,18 +469,12 @@ class LakeSink:
 
     def _low_watermark(self, consumer: Consumer, buffer: _Buffer) -> int:
         """The partition's log start offset, retrying transient broker errors (e.g. a leader election)."""
-        delay = 0.2
-        for attempt in range(1, 11):
-            try:
-                low, _ = consumer.get_watermark_offsets(TopicPartition(buffer.topic, buffer.partition), timeout=10)
-                return int(low)
-            except KafkaException as exc:
-                if attempt == 10:
-                    raise FatalError(f"cannot read the log start of {buffer.topic}[{buffer.partition}]: {exc}") from exc
-                logger.warning("retrying a watermark query", extra={"attempt": attempt, "error": str(exc)})
-                self._shutdown.wait(random.uniform(0, delay))  # noqa: S311 - jitter, not security
-                delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
+        partition = TopicPartition(buffer.topic, buffer.partition)
+        try:
+            low, _ = query_watermarks(consumer, partition, timeout=60, wait=self._shutdown.wait)
+        except KafkaException as exc:
+            raise FatalError(f"cannot read the log start of {buffer.topic}[{buffer.partition}]: {exc}") from exc
+        return low
 
     def _dead_letter(self, message: Message, error: BaseException, log_traceback: bool) -> None:
         assert self._producer is not None

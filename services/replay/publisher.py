@@ -29,7 +29,15 @@ from confluent_kafka import KafkaException, Producer
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import ConfigError
-from quotewatch.core.kafka import DeliveryTracker, encode_key, ensure_topics, flush_or_fail, make_admin, producer_config
+from quotewatch.core.kafka import (
+    DeliveryTracker,
+    encode_key,
+    ensure_topics,
+    flush_or_fail,
+    make_admin,
+    producer_config,
+    query_watermarks,
+)
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.replay import sources
@@ -130,7 +138,7 @@ def check_fresh(settings: CommonSettings, target: str, source: SourceSpec) -> No
             for partition in metadata[topic].partitions:
                 from confluent_kafka import TopicPartition
 
-                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
+                _, high = query_watermarks(consumer, TopicPartition(topic, partition), timeout=30)
                 if high > 0:
                     raise ReplayError(f"{topic} already holds records: replay into a fresh --prefix")
     finally:

@@ -36,7 +36,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import ConfigError, QuoteWatchError
-from quotewatch.core.kafka import make_admin, make_consumer
+from quotewatch.core.kafka import make_admin, make_consumer, query_watermarks
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 
@@ -194,8 +194,7 @@ class TopicReader:
         self.close()
 
     def watermarks(self, partition: int) -> tuple[int, int]:
-        low, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=self._timeout)
-        return int(low), int(high)
+        return query_watermarks(self._consumer, TopicPartition(self.topic, partition), timeout=self._timeout)
 
     def offset_for_time(self, partition: int, timestamp_ms: int) -> int | None:
         """The first offset whose Kafka timestamp is >= ``timestamp_ms`` (None: no such record)."""

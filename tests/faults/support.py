@@ -38,7 +38,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from quotewatch.core import lake
 from quotewatch.core.config import CommonSettings
-from quotewatch.core.kafka import consumer_config, make_admin
+from quotewatch.core.kafka import consumer_config, make_admin, query_watermarks
 from quotewatch.core.lake import LAKE_TOPICS
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
@@ -428,7 +428,7 @@ def read_all(settings: CommonSettings, topic: str, timeout: float = 120.0) -> li
     out: list[Rec] = []
     try:
         partitions = sorted(make_admin(settings).list_topics(topic, timeout=10).topics[topic].partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        ends = {p: query_watermarks(consumer, TopicPartition(topic, p), timeout=10)[1] for p in partitions}
         pending = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         deadline = time.monotonic() + timeout

@@ -81,3 +81,25 @@ def test_tail_of_a_missing_topic_is_one_clear_error(settings: CommonSettings) ->
     result = CliRunner().invoke(main, ["topics", "tail", f"{settings.topic_prefix}.nope"], env=env)
     assert result.exit_code == 1
     assert "does not exist" in result.output
+
+
+def test_watermarks_of_topics_created_a_moment_ago_are_answered(settings: CommonSettings) -> None:
+    """Right after creation a partition may have no leader yet (NOT_LEADER_FOR_PARTITION): the query
+    waits for it instead of failing (a replay into a namespace the services had just created did)."""
+    from confluent_kafka import TopicPartition
+
+    from quotewatch.core.kafka import make_consumer, query_watermarks
+    from quotewatch.core.topics import split_topic
+    from quotewatch.replay.publisher import check_fresh
+    from quotewatch.replay.sources import SourceSpec
+
+    ensure_topics(make_admin(settings), settings.topic_prefix)
+    names = TopicNames(settings.topic_prefix)
+    consumer = make_consumer(settings, f"{settings.topic_prefix}.wm", "wm")
+    try:
+        for topic in (names.md_raw, names.md_events, names.features):
+            for partition in range(split_topic(topic)[1].partitions):
+                assert query_watermarks(consumer, TopicPartition(topic, partition), timeout=30) == (0, 0)
+    finally:
+        consumer.close()
+    check_fresh(settings, settings.topic_prefix, SourceSpec("topic", "elsewhere"))  # fresh: no error
