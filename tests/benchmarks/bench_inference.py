@@ -9,7 +9,7 @@ on the broker, exactly-once, writing predictions and a snapshot per tick.
   rate is (predictions - 1) / (last - first prediction's Kafka timestamp). Peer: the same process
   with no registered model (the built-in river fallback), i.e. the cost of everything but the model.
 - **Latency**: then vectors are produced one by one at the live rate (2 symbols x 10 ticks/s =
-  20/s), and in a burst at 200/s, each phase by a producer that has already connected and acquired
+  20/s), and in a burst at 200/s, by a producer that has already connected and acquired
   its producer id (a fresh one holds its first records ~500 ms while it starts, with their
   CreateTime already taken: earlier runs counted that as inference latency). The percentiles
   count every live-rate tick; the first ``WARMUP_TICKS`` of them follow the idle gap after the
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from quotewatch.core.config import CommonSettings
@@ -101,13 +101,8 @@ def _ready_producer(settings: CommonSettings) -> Producer:
     a fresh producer then still needs metadata and InitProducerId before it can send: ~500 ms here)."""
     producer = _producer(settings.kafka_bootstrap_servers)
     topic = f"{settings.topic_prefix}.bench-warmup"
-    admin = make_admin(settings)  # kept referenced until the futures are done (its handle owns them)
-    for future in admin.create_topics([NewTopic(topic, 1, 1)]).values():
-        try:
-            future.result(30)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
+    admin = make_admin(settings)  # kept referenced until the future is done (its handle owns it)
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
     producer.produce(topic, value=b"warm-up")
     if producer.flush(30) != 0:
         raise RuntimeError("the warm-up record was not delivered")
@@ -158,11 +153,12 @@ def _read_predictions(settings: CommonSettings, until: Any, timeout: float) -> l
 
 
 def _latency(
-    settings: CommonSettings, vectors: list[dict[str, Any]], per_second: float
+    settings: CommonSettings, producer: Producer, vectors: list[dict[str, Any]], per_second: float
 ) -> tuple[list[float], list[float]]:
-    """(record-timestamp latencies ms, visible latencies ms) of ``vectors`` produced at ``per_second``."""
+    """(record-timestamp latencies ms, visible latencies ms) of ``vectors`` produced at ``per_second``
+    by ``producer`` (a ready one, see :func:`_ready_producer`)."""
     names = TopicNames(settings.topic_prefix)
-    serde, producer = AvroSerde(), _ready_producer(settings)
+    serde = AvroSerde()
     sent_at: dict[tuple[str, int], float] = {}
     created_at: dict[tuple[str, int], int] = {}
     received: list[tuple[str, int, int, float, str]] = []
@@ -264,13 +260,13 @@ def run(ctx: Context) -> list[Result]:
             process = _Process(bootstrap, state.tracking_uri, model, prefix, ctx.scratch / f"inference-{kind}.log")
             try:
                 rate = _throughput(settings, stream, "FALLBACK" if kind == "fallback" else "CHAMPION")
-                all_record_ms, all_visible_ms = _latency(settings, paced, per_second=20.0)
-                if len(all_record_ms) != len(paced) or len(all_visible_ms) != len(paced):
-                    raise RuntimeError("a live-rate tick has no prediction (or no delivery report)")
-                warmup_ms = all_record_ms[:WARMUP_TICKS]
+                producer = _ready_producer(settings)
                 # Every live-rate tick counts in the percentiles, the ones right after the idle gap too.
-                record_ms, visible_ms = all_record_ms, all_visible_ms
-                burst_ms, _ = _latency(settings, burst, per_second=200.0)
+                record_ms, visible_ms = _latency(settings, producer, paced, per_second=20.0)
+                if len(record_ms) != len(paced) or len(visible_ms) != len(paced):
+                    raise RuntimeError("a live-rate tick has no prediction (or no delivery report)")
+                warmup_ms = record_ms[:WARMUP_TICKS]
+                burst_ms, _ = _latency(settings, producer, burst, per_second=200.0)
             finally:
                 process.stop()
             measured[kind] = {

@@ -45,19 +45,16 @@ def test_a_leader_not_elected_yet_is_waited_for() -> None:
     assert pauses == [0.05, 0.1]  # growing pauses between attempts
 
 
-def test_a_permanent_error_is_raised_at_once() -> None:
-    consumer = ScriptedConsumer(_error(KafkaError.TOPIC_AUTHORIZATION_FAILED), (0, 1))
+@pytest.mark.parametrize(
+    ("code", "stop"),
+    [(KafkaError.TOPIC_AUTHORIZATION_FAILED, False), (KafkaError.NOT_LEADER_FOR_PARTITION, True)],
+    ids=["a permanent error", "a transient error when asked to stop"],
+)
+def test_raised_at_once(code: int, stop: bool) -> None:
+    consumer = ScriptedConsumer(_error(code), (0, 1))
     with pytest.raises(KafkaException) as raised:
-        query_watermarks(consumer, TopicPartition("t", 0), timeout=30, wait=lambda _: None)  # type: ignore[arg-type]
-    assert raised.value.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
-    assert consumer.calls == 1
-
-
-def test_a_transient_error_is_raised_when_asked_to_stop() -> None:
-    consumer = ScriptedConsumer(_error(KafkaError.NOT_LEADER_FOR_PARTITION), (0, 1))
-    with pytest.raises(KafkaException) as raised:
-        query_watermarks(consumer, TopicPartition("t", 0), timeout=30, wait=lambda _: True)  # type: ignore[arg-type]
-    assert raised.value.args[0].code() == KafkaError.NOT_LEADER_FOR_PARTITION
+        query_watermarks(consumer, TopicPartition("t", 0), timeout=30, wait=lambda _: stop)  # type: ignore[arg-type]
+    assert raised.value.args[0].code() == code
     assert consumer.calls == 1
 
 
