@@ -34,7 +34,10 @@ def pytest_setup_options() -> Options:
 @pytest.fixture
 def dashboard_settings(make_settings: Callable[..., Any], topics: Any) -> DashboardSettings:
     """Dashboard settings on the session broker, in this test's topic namespace (topics created)."""
-    settings: DashboardSettings = make_settings(DashboardSettings, symbols=("BTC-USD", "ETH-USD"))
+    # DASH_STALE_MS 4 s, not the 2 s default: a record must render LIVE after the produce call
+    # even when the loaded CI machine (browser, broker, dashboard on 2 cores) and the publisher's
+    # fresh idempotent producer (its first send waits for a producer id) take a few seconds.
+    settings: DashboardSettings = make_settings(DashboardSettings, symbols=("BTC-USD", "ETH-USD"), dash_stale_ms=4000)
     return settings
 
 

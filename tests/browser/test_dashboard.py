@@ -265,6 +265,11 @@ def start_dashboard_process(
             "DASH_PORT": str(port),
             "DASH_DEBUG": "false",
             "DASH_PUSH": "true" if push else "false",
+            # The backlog record is 60 s old, so it is stale under any threshold below that. The
+            # live one must stay LIVE while a loaded machine (CI: browser, broker and this process
+            # on 2 cores) takes seconds to produce, fetch and render it: with the 2 s default a
+            # CI run saw 0.654 rendered already STALE.
+            "DASH_STALE_MS": "30000",
         }
         process = subprocess.Popen(
             [sys.executable, "-m", "quotewatch.cli", "run", "dashboard"], env=env, stdout=log, stderr=subprocess.STDOUT
