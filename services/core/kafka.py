@@ -197,7 +197,45 @@ def ensure_topics(
                 future.result()
             except KafkaException as exc:
                 raise BrokerError(f"cannot apply configs to {resource.name}: {exc}") from exc
+    if created:
+        await_topics_visible(admin, created, timeout)
     return created
+
+
+def await_topics_visible(
+    admin: AdminClient, names: Iterable[str], timeout: float = 30.0, wait: Callable[[float], object] = time.sleep
+) -> None:
+    """Return once every topic of ``names`` is in the broker's metadata with a leader on each partition.
+
+    CreateTopics answers when the controller has committed the topics; the broker that serves
+    metadata may apply them a moment later. Until then a metadata request (``topics list``, a
+    producer's first send, a watermark query) does not see them. Asked again with a growing pause.
+
+    Raises:
+        BrokerError: a topic is still missing or leaderless after ``timeout``.
+    """
+    wanted = set(names)
+    deadline = time.monotonic() + timeout
+    pause = 0.02
+    while True:
+        try:
+            metadata = admin.list_topics(timeout=max(0.1, deadline - time.monotonic())).topics
+        except KafkaException as exc:
+            raise BrokerError(f"cannot list topics: {exc}") from exc
+        pending = sorted(
+            name
+            for name in wanted
+            if (topic := metadata.get(name)) is None
+            or topic.error is not None
+            or not topic.partitions
+            or any(partition.leader < 0 for partition in topic.partitions.values())
+        )
+        if not pending:
+            return
+        if time.monotonic() + pause >= deadline:
+            raise BrokerError(f"topics created but not visible in the broker's metadata after {timeout:g} s: {pending}")
+        wait(pause)
+        pause = min(1.0, pause * 2)
 
 
 def describe_topics(admin: AdminClient, names: Iterable[str] | None = None, timeout: float = 30.0) -> list[TopicInfo]:
