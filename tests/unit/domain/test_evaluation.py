@@ -39,6 +39,31 @@ def test_metrics_equal_scikit_learn(data: tuple[list[int], list[float]]) -> None
         assert scores.roc_auc is None
 
 
+@given(
+    st.lists(st.tuples(st.integers(0, 1), st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 1.0])), min_size=2, max_size=300)
+)
+def test_roc_auc_with_many_ties_equals_scikit_learn(pairs: list[tuple[int, float]]) -> None:
+    # Few distinct scores: most rows sit in tie groups, which the rank sum shares out.
+    y = [outcome for outcome, _ in pairs]
+    p = [probability for _, probability in pairs]
+    if len(set(y)) < 2:
+        assert ev.roc_auc(y, p) is None
+    else:
+        assert ev.roc_auc(y, p) == pytest.approx(skm.roc_auc_score(y, p), rel=1e-12, abs=1e-15)
+
+
+def test_roc_auc_of_a_large_window_equals_scikit_learn() -> None:
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 200_000)
+    p = np.round(np.clip(0.3 * y + rng.normal(0.35, 0.2, y.size), 0, 1), 3)  # many ties, some at 0 and 1
+    assert ev.roc_auc(y, p) == pytest.approx(skm.roc_auc_score(y, p), rel=1e-12)
+
+
+def test_roc_auc_refuses_nan() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        ev.roc_auc([0, 1], [0.1, math.nan])
+
+
 def test_tied_scores_count_one_half() -> None:
     assert ev.roc_auc([0, 1, 0, 1], [0.3, 0.3, 0.3, 0.3]) == 0.5
     assert ev.roc_auc([0, 0, 1, 1], [0.1, 0.5, 0.5, 0.9]) == pytest.approx(0.875)
