@@ -12,8 +12,14 @@ PORT ?= 9092
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# setup.py builds the compiled order book (services/domain/_orderbook.pyx): a change to it reinstalls.
+$(STAMP): pyproject.toml setup.py services/domain/_orderbook.pyx
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (QuoteWatch needs Python 3.11)"; exit 1; }
+	@if ! command -v g++ >/dev/null; then \
+		echo "installing g++ with apt (the order book is compiled C++)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq g++ >/dev/null; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
@@ -67,4 +73,4 @@ demo: setup system-deps  ## the whole system locally until Ctrl-C; dashboard on 
 	$(BIN)/quotewatch demo $(DEMO_ARGS)
 
 clean:  ## remove the venv and build artefacts (not the broker's data)
-	rm -rf $(VENV) .build build *.egg-info .mypy_cache .ruff_cache
+	rm -rf $(VENV) .build build *.egg-info .mypy_cache .ruff_cache services/domain/_orderbook.cpp services/domain/_orderbook.*.so

@@ -25,3 +25,14 @@ def test_schemas_ship_as_package_data() -> None:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert config["package-dir"]["quotewatch.schemas"] == "schemas"
     assert "*.avsc" in config["package-data"]["quotewatch.schemas"]
+
+
+def test_the_compiled_order_book_is_built_from_the_current_source() -> None:
+    import quotewatch.domain._orderbook as compiled
+
+    source = REPO / "services" / "domain" / "_orderbook.pyx"
+    built = Path(compiled.__file__ or "")
+    assert built.suffix == ".so", f"not the compiled module: {built}"
+    assert built.stat().st_mtime >= source.stat().st_mtime, (
+        f"{source} changed after {built} was built: run `make setup`"
+    )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quotewatch.core.units import parse_e8
@@ -76,6 +77,59 @@ def test_invalid_changes_are_rejected_with_a_clear_error() -> None:
         book.load([lv(100, -1)], [])
 
 
+def test_values_beyond_64_bits_or_not_integers_are_refused() -> None:
+    # The compiled book keeps int64 prices and sizes: anything else is refused, never truncated.
+    book = OrderBook()
+    book.load([lv(100, 1)], [lv(101, 1)])
+    top = book.top()
+    for bad in (2**63, -(2**63) - 1, 1.5, "100", None):
+        with pytest.raises(BookError, match="not a 64-bit integer"):
+            book.apply([ch("BID", 99, 1), ch("BID", bad, 1)])  # type: ignore[arg-type]
+        with pytest.raises(BookError, match="not a 64-bit integer"):
+            book.apply([ch("ASK", 102, bad)])  # type: ignore[arg-type]
+    with pytest.raises(BookError, match="not a 64-bit integer in BID snapshot level"):
+        book.load([lv(100, 1), lv(2**64, 1)], [])
+    # The load left the book as it was; the changes before the bad one stayed applied and the
+    # cached top was dropped, so it shows them.
+    assert book.bids() == [(100, 1), (99, 1)]
+    assert book.top() is not top
+    assert book.top() == (((100, 1), (99, 1)), ((101, 1),))
+    assert book.size_at("BID", 2**70) == 0
+    assert book.size_at("BID", 100.0) == 0  # type: ignore[arg-type]
+
+
+def test_any_mapping_is_read_and_a_missing_field_is_a_key_error() -> None:
+    book = OrderBook()
+    book.load([MappingProxyType(lv(100, 1))], [])
+    book.apply([MappingProxyType(ch("ASK", 101, 2))])
+    assert book.top() == (((100, 1),), ((101, 2),))
+    with pytest.raises(KeyError, match="size_e8"):
+        book.apply([{"side": "BID", "price_e8": 99}])
+
+
+def test_reading_helpers() -> None:
+    book = OrderBook()
+    book.load([lv(p, p) for p in range(95, 100)], [lv(p, p) for p in range(101, 104)])
+    assert book.bids(2) == [(99, 99), (98, 98)]
+    assert book.bids(0) == []
+    assert book.asks(10) == [(101, 101), (102, 102), (103, 103)]
+    assert book.size_at("BID", 97) == 97
+    assert book.size_at("ASK", 97) == 0
+    assert len(book) == 8
+    assert (
+        repr(book)
+        == "OrderBook(bids=5, asks=3, top=((99, 99), (98, 98), (97, 97))/((101, 101), (102, 102), (103, 103)))"
+    )
+    book.clear()
+    assert (len(book), book.top(), book.best_bid(), book.best_ask(), book.is_crossed()) == (
+        0,
+        ((), ()),
+        None,
+        None,
+        False,
+    )
+
+
 def test_other_depths() -> None:
     book = OrderBook(depth=5)
     book.load([lv(p, p) for p in range(1, 4)], [lv(p, p) for p in range(10, 20)])
@@ -95,12 +149,22 @@ changes = st.lists(st.tuples(st.sampled_from(["BID", "ASK"]), prices, sizes), ma
     bids=st.lists(st.tuples(prices, sizes), max_size=20),
     asks=st.lists(st.tuples(prices, sizes), max_size=20),
     batches=st.lists(changes, max_size=40),
-    depth=st.integers(min_value=1, max_value=5),
+    depth=st.one_of(st.just(3), st.integers(min_value=1, max_value=5)),  # half at the services' depth
+    read_every=st.integers(min_value=1, max_value=4),
 )
+@settings(max_examples=400)
 def test_the_book_equals_a_plain_dict_model_after_any_sequence(
-    bids: list[tuple[int, int]], asks: list[tuple[int, int]], batches: list[list[tuple[str, int, int]]], depth: int
+    bids: list[tuple[int, int]],
+    asks: list[tuple[int, int]],
+    batches: list[list[tuple[str, int, int]]],
+    depth: int,
+    read_every: int,
 ) -> None:
-    """Sizes exact, every level present, deletes of unknown levels harmless, top = sorted model."""
+    """Sizes exact, every level present, deletes of unknown levels harmless, top = sorted model.
+
+    The top is read after every ``read_every``-th batch only (and at the end): batches applied
+    while the cached top is stale must leave it right too.
+    """
     book = OrderBook(depth)
     book.load([lv(p, s) for p, s in bids], [lv(p, s) for p, s in asks])
     model = {"BID": {}, "ASK": {}}  # type: dict[str, dict[int, int]]
@@ -110,7 +174,7 @@ def test_the_book_equals_a_plain_dict_model_after_any_sequence(
                 model[side][price] = size
             else:
                 model[side].pop(price, None)
-    for batch in batches:
+    for number, batch in enumerate(batches, start=1):
         book.apply([ch(side, price, size) for side, price, size in batch])
         for side, price, size in batch:
             if size:
@@ -119,7 +183,8 @@ def test_the_book_equals_a_plain_dict_model_after_any_sequence(
                 model[side].pop(price, None)
         expected_bids = sorted(model["BID"].items(), reverse=True)
         expected_asks = sorted(model["ASK"].items())
-        assert book.top() == (tuple(expected_bids[:depth]), tuple(expected_asks[:depth]))
+        if number % read_every == 0 or number == len(batches):
+            assert book.top() == (tuple(expected_bids[:depth]), tuple(expected_asks[:depth]))
         assert book.bids() == expected_bids
         assert book.asks() == expected_asks
         assert len(book) == len(expected_bids) + len(expected_asks)

@@ -106,7 +106,7 @@ def test_copies_everything_the_wheel_is_built_from() -> None:
     sources = {source.rstrip("/") for parts in copies for source in parts[:-1]}
     package_dirs = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
     assert package_dirs <= sources, f"pyproject package-dir not copied: {package_dirs - sources}"
-    assert {"pyproject.toml", PYPROJECT["project"]["readme"]} <= sources
+    assert {"pyproject.toml", "setup.py", PYPROJECT["project"]["readme"]} <= sources  # setup.py: the compiled book
     ignore = (REPO / "infra" / "Dockerfile.dockerignore").read_text().splitlines()
     assert "*" in ignore, "the context is an allow-list"
     for source in sources:
