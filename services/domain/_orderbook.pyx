@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, embedsignature=True
 # distutils: language = c++
+# (wraparound=False: a negative index is not counted from the end here; index from the front.)
 """The order book's compiled core: :class:`OrderBook` and :class:`BookError`.
 
 Import them from :mod:`quotewatch.domain.orderbook`, which documents the structure and why it
@@ -10,7 +11,7 @@ rebuilds it when this file changes.
 from cpython.dict cimport PyDict_GetItem
 from cpython.long cimport PyLong_Check
 from cpython.object cimport PyObject
-from cython.operator cimport dereference as deref, preincrement as inc
+from cython.operator cimport dereference as deref, predecrement as dec, preincrement as inc
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t
 from libcpp.map cimport map as cmap
 
@@ -113,6 +114,7 @@ cdef class OrderBook:
         cdef bint bid_dirty = False
         cdef bint ask_dirty = False
         cdef object side, price_field, size_field
+        cdef Side* levels
         # A change below a side's depth-th level leaves that level where it is, so the bound kept
         # with the cached top holds until the first change at or above it (then the side is stale
         # anyway): one comparison per change.
@@ -129,34 +131,26 @@ cdef class OrderBook:
                 self._invalidate()
                 raise BookError(f"price or size not a 64-bit integer in level change {dict(change)!r}") from None
             if side == _BID:
+                levels = &self._bids
                 if price >= bid_bound:
                     bid_dirty = True
-                if size > 0:
-                    if price < 0:
-                        self._invalidate()
-                        raise BookError(f"negative price in level change {dict(change)!r}")
-                    self._bids[price] = size
-                elif size == 0:
-                    self._bids.erase(price)
-                else:
-                    self._invalidate()
-                    raise BookError(f"negative size in level change {dict(change)!r}")
             elif side == _ASK:
+                levels = &self._asks
                 if price <= ask_bound:
                     ask_dirty = True
-                if size > 0:
-                    if price < 0:
-                        self._invalidate()
-                        raise BookError(f"negative price in level change {dict(change)!r}")
-                    self._asks[price] = size
-                elif size == 0:
-                    self._asks.erase(price)
-                else:
-                    self._invalidate()
-                    raise BookError(f"negative size in level change {dict(change)!r}")
             else:
                 self._invalidate()
                 raise BookError(f"unknown side {side!r} in level change {dict(change)!r}")
+            if size > 0:
+                if price < 0:
+                    self._invalidate()
+                    raise BookError(f"negative price in level change {dict(change)!r}")
+                levels[0][price] = size
+            elif size == 0:
+                levels.erase(price)
+            else:
+                self._invalidate()
+                raise BookError(f"negative size in level change {dict(change)!r}")
         if bid_dirty:
             self._bid_top = None
             self._top = None
@@ -185,38 +179,20 @@ cdef class OrderBook:
     cpdef tuple top_bids(self):
         """The best ``depth`` bids, best (highest price) first, as (price_e8, size_e8)."""
         cdef object top = self._bid_top
-        cdef Side.reverse_iterator it
-        cdef int count = 0
-        cdef int64_t bound = INT64_MIN
         cdef list levels
         if top is None:
-            levels = []
-            it = self._bids.rbegin()
-            while count < self.depth and it != self._bids.rend():
-                bound = deref(it).first
-                levels.append((bound, deref(it).second))
-                inc(it)
-                count += 1
-            self._bid_bound = bound if count == self.depth else INT64_MIN
+            levels = _best_levels(&self._bids, True, self.depth)
+            self._bid_bound = levels[self.depth - 1][0] if len(levels) == self.depth else INT64_MIN
             top = self._bid_top = tuple(levels)
         return top
 
     cpdef tuple top_asks(self):
         """The best ``depth`` asks, best (lowest price) first, as (price_e8, size_e8)."""
         cdef object top = self._ask_top
-        cdef Side.iterator it
-        cdef int count = 0
-        cdef int64_t bound = INT64_MAX
         cdef list levels
         if top is None:
-            levels = []
-            it = self._asks.begin()
-            while count < self.depth and it != self._asks.end():
-                bound = deref(it).first
-                levels.append((bound, deref(it).second))
-                inc(it)
-                count += 1
-            self._ask_bound = bound if count == self.depth else INT64_MAX
+            levels = _best_levels(&self._asks, False, self.depth)
+            self._ask_bound = levels[self.depth - 1][0] if len(levels) == self.depth else INT64_MAX
             top = self._ask_top = tuple(levels)
         return top
 
@@ -242,23 +218,11 @@ cdef class OrderBook:
 
     def bids(self, levels=None):
         """Bid levels best first (all, or the best ``levels``)."""
-        cdef Py_ssize_t wanted = self._bids.size() if levels is None else max(0, min(levels, self._bids.size()))
-        cdef list out = []
-        cdef Side.reverse_iterator it = self._bids.rbegin()
-        while len(out) < wanted:
-            out.append((deref(it).first, deref(it).second))
-            inc(it)
-        return out
+        return _best_levels(&self._bids, True, _wanted(levels, self._bids.size()))
 
     def asks(self, levels=None):
         """Ask levels best first (all, or the best ``levels``)."""
-        cdef Py_ssize_t wanted = self._asks.size() if levels is None else max(0, min(levels, self._asks.size()))
-        cdef list out = []
-        cdef Side.iterator it = self._asks.begin()
-        while len(out) < wanted:
-            out.append((deref(it).first, deref(it).second))
-            inc(it)
-        return out
+        return _best_levels(&self._asks, False, _wanted(levels, self._asks.size()))
 
     def size_at(self, side, price_e8):
         """The size resting at ``price_e8`` on ``side`` (``BID``/``ASK``), 0 when there is no level."""
@@ -288,6 +252,26 @@ cdef class OrderBook:
 
     def __repr__(self):
         return f"OrderBook(bids={self.bid_count}, asks={self.ask_count}, top={self.top_bids()}/{self.top_asks()})"
+
+
+cdef list _best_levels(Side* levels, bint descending, Py_ssize_t count):
+    # The best `count` levels (fewer when the side has fewer), best first: from the highest
+    # price for bids (descending), from the lowest for asks.
+    cdef list out = []
+    cdef Side.iterator it = levels.end() if descending else levels.begin()
+    count = min(count, <Py_ssize_t>levels.size())
+    while len(out) < count:
+        if descending:
+            dec(it)
+        out.append((deref(it).first, deref(it).second))
+        if not descending:
+            inc(it)
+    return out
+
+
+cdef Py_ssize_t _wanted(object levels, size_t size) except -1:
+    # bids(levels) / asks(levels): all when None, never fewer than none.
+    return size if levels is None else max(0, min(levels, size))
 
 
 cdef void _fill(Side& levels, object source, str side) except *:
