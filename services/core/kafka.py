@@ -151,10 +151,7 @@ def ensure_topics(
         BrokerError: the broker refused a creation or a config change.
     """
     specs = list(specs if specs is not None else CATALOG.values())
-    try:
-        existing = admin.list_topics(timeout=timeout).topics
-    except KafkaException as exc:
-        raise BrokerError(f"cannot list topics: {exc}") from exc
+    existing = _topic_metadata(admin, timeout)
     to_create = [spec for spec in specs if spec.name(prefix) not in existing]
     created: list[str] = []
     if to_create:
@@ -218,10 +215,7 @@ def await_topics_visible(
     deadline = time.monotonic() + timeout
     pause = 0.02
     while True:
-        try:
-            metadata = admin.list_topics(timeout=max(0.1, deadline - time.monotonic())).topics
-        except KafkaException as exc:
-            raise BrokerError(f"cannot list topics: {exc}") from exc
+        metadata = _topic_metadata(admin, max(0.1, deadline - time.monotonic()))
         pending = sorted(
             name
             for name in wanted
@@ -238,12 +232,17 @@ def await_topics_visible(
         pause = min(1.0, pause * 2)
 
 
-def describe_topics(admin: AdminClient, names: Iterable[str] | None = None, timeout: float = 30.0) -> list[TopicInfo]:
-    """Name, partition count and cleanup policy of ``names`` (default: every non-internal topic)."""
+def _topic_metadata(admin: AdminClient, timeout: float) -> dict[str, Any]:
+    """Every topic's metadata by name, as the broker answers now."""
     try:
-        metadata = admin.list_topics(timeout=timeout).topics
+        return dict(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
         raise BrokerError(f"cannot list topics: {exc}") from exc
+
+
+def describe_topics(admin: AdminClient, names: Iterable[str] | None = None, timeout: float = 30.0) -> list[TopicInfo]:
+    """Name, partition count and cleanup policy of ``names`` (default: every non-internal topic)."""
+    metadata = _topic_metadata(admin, timeout)
     wanted = sorted(names if names is not None else (t for t in metadata if not t.startswith("__")))
     wanted = [name for name in wanted if name in metadata]
     policies: dict[str, str] = {}
