@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaException, Message, Producer
 
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
@@ -96,18 +96,16 @@ class ReplaySummary:
 
 
 def open_source(
-    settings: CommonSettings, source: SourceSpec, window: Window, what: str, serde: AvroSerde, decode: bool = True
+    settings: CommonSettings, source: SourceSpec, window: Window, what: str, serde: AvroSerde
 ) -> tuple[RawStart | None, int | None, Iterator[LogRecord]]:
     """(the CONNECTED the window starts at, record count if known, the records) of a replay source.
-
-    ``decode=False``: a raw topic window's records keep only their bytes (forwarded as they are).
 
     Raises:
         ConfigError: ``events`` asked of a capture or the synthetic market (they are raw logs).
     """
     if source.kind == "topic":
         if what == "raw":
-            return sources.topic_raw_records(settings, source.prefix, window, serde, decode)
+            return sources.topic_raw_records(settings, source.prefix, window, serde)
         return sources.topic_event_records(settings, source.prefix, window, serde)
     if source.kind == "lake":
         read_lake = sources.lake_raw_records if what == "raw" else sources.lake_event_records
@@ -165,8 +163,6 @@ def replay(
         ReplayError: the window cannot be read, or the target is not fresh.
         FatalError: a record was not delivered.
     """
-    from tqdm import tqdm
-
     from quotewatch.core.clock import SystemClock
 
     if what not in ("raw", "events"):
@@ -177,8 +173,6 @@ def replay(
     ensure_topics(make_admin(settings), target_prefix)
     names = TopicNames(target_prefix)
     topic = names.md_raw if what == "raw" else names.md_events
-    # At --speed max a raw topic window is forwarded without decoding (its end offset is known).
-    start, total, records = open_source(settings, source, window, what, serde, decode=speed is not None)
     delivery = DeliveryTracker()
     own_producer = producer is None
     # Delivery reports for failures only: a lost record still fails the replay, without a Python
@@ -187,53 +181,129 @@ def replay(
         config = producer_config(settings, f"replay-{target_prefix}", on_delivery=delivery)
         config["delivery.report.only.error"] = True
         producer = Producer(config)
-    count = 0
-    first: LogRecord | None = None
-    last: LogRecord | None = None
-    pace_origin = (0, 0)
+    start: RawStart | None
+    total: int | None
+    batches: Iterator[list[Message]] | None = None
+    records: Iterator[LogRecord] | None = None
+    if speed is None and source.kind == "topic" and what == "raw":
+        # A raw topic window at --speed max: its end offset is known, so the records are forwarded
+        # as the consumer fetched them, bytes and keys unchanged, never decoded.
+        start, total, batches = sources.topic_raw_batches(settings, source.prefix, window, serde)
+    else:
+        start, total, records = open_source(settings, source, window, what, serde)
     started = clock.monotonic_ns()
-    bar = tqdm(total=total, unit="rec", desc=f"replay -> {topic}", disable=not progress, mininterval=0.5)
     try:
-        for record in records:
-            if speed is not None:
-                ts_init = int(record.value["ts_init"])
-                if first is None:
-                    pace_origin = (clock.monotonic_ns(), ts_init)
-                due_ns = pace_origin[0] + int((ts_init - pace_origin[1]) / speed)
-                wait_ns = due_ns - clock.monotonic_ns()
-                if wait_ns > 0:
-                    sleep(wait_ns / 1e9)
-            value = record.data if record.data is not None else serde.encode(topic, record.value)
-            key = record.key if record.key is not None else encode_key(_key_of(what, record.value))
-            _produce(producer, topic, key, value)
-            count += 1
-            if count % _POLL_EVERY == 0:
-                producer.poll(0)  # serve delivery reports (the DeliveryTracker counts failures)
-            first = first or record
-            last = record
-            if count % _CHECK_EVERY == 0:
-                bar.update(_CHECK_EVERY)
-                delivery.raise_if_failed()  # a lost record would make the replay silently differ
-        bar.update(count % _CHECK_EVERY)
+        with _progress(total, topic, progress) as bar:
+            if batches is not None:
+                source_topic = TopicNames(source.prefix).md_raw
+                count, first_ts, last_ts = _forward(producer, topic, batches, bar, delivery, serde, source_topic)
+            else:
+                assert records is not None
+                pacer = _Pacer(speed, clock, sleep) if speed is not None else None
+                count, first_ts, last_ts = _publish(producer, topic, what, records, pacer, bar, delivery, serde)
     finally:
-        bar.close()
         if own_producer:
             # Everything handed to the producer is delivered (or the replay fails) before returning.
             flush_or_fail(producer, 60)
     delivery.raise_if_failed()
     seconds = (clock.monotonic_ns() - started) / 1e9
-    summary = ReplaySummary(topic, count, start, _ts_init(first, topic, serde), _ts_init(last, topic, serde), seconds)
+    summary = ReplaySummary(topic, count, start, first_ts, last_ts, seconds)
     logger.info(summary.describe())
     return summary
 
 
-def _ts_init(record: LogRecord | None, topic: str, serde: AvroSerde) -> int | None:
-    if record is None:
+def _progress(total: int | None, topic: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rec", desc=f"replay -> {topic}", disable=not enabled, mininterval=0.5)
+
+
+class _Pacer:
+    """Waits until a record is due: its ``ts_init`` gap from the first record, divided by the speed."""
+
+    def __init__(self, speed: float, clock: Clock, sleep: Callable[[float], None]) -> None:
+        self._speed = speed
+        self._clock = clock
+        self._sleep = sleep
+        self._origin: tuple[int, int] | None = None
+
+    def wait(self, ts_init: int) -> None:
+        now = self._clock.monotonic_ns()
+        if self._origin is None:
+            self._origin = (now, ts_init)
+        due_ns = self._origin[0] + int((ts_init - self._origin[1]) / self._speed)
+        if due_ns > now:
+            self._sleep((due_ns - now) / 1e9)
+
+
+def _publish(
+    producer: Producer,
+    topic: str,
+    what: str,
+    records: Iterable[LogRecord],
+    pacer: _Pacer | None,
+    bar: Any,
+    delivery: DeliveryTracker,
+    serde: AvroSerde,
+) -> tuple[int, int | None, int | None]:
+    """Produce every record (encoded when it has no bytes), paced: (count, first ts_init, last ts_init)."""
+    count = 0
+    first_ts: int | None = None
+    ts_init: int | None = None
+    for record in records:
+        ts_init = int(record.value["ts_init"])
+        if first_ts is None:
+            first_ts = ts_init
+        if pacer is not None:
+            pacer.wait(ts_init)
+        value = record.data if record.data is not None else serde.encode(topic, record.value)
+        key = record.key if record.key is not None else encode_key(_key_of(what, record.value))
+        _produce(producer, topic, key, value)
+        count += 1
+        if count % _POLL_EVERY == 0:
+            producer.poll(0)  # serve delivery reports (the DeliveryTracker counts failures)
+        if count % _CHECK_EVERY == 0:
+            bar.update(_CHECK_EVERY)
+            delivery.raise_if_failed()  # a lost record would make the replay silently differ
+    bar.update(count % _CHECK_EVERY)
+    return count, first_ts, ts_init
+
+
+def _forward(
+    producer: Producer,
+    topic: str,
+    batches: Iterable[list[Message]],
+    bar: Any,
+    delivery: DeliveryTracker,
+    serde: AvroSerde,
+    source_topic: str,
+) -> tuple[int, int | None, int | None]:
+    """Produce every fetched message's value and key unchanged: (count, first ts_init, last ts_init)."""
+    produce = producer.produce
+    count = 0
+    first: Message | None = None
+    last: Message | None = None
+    for messages in batches:
+        for message in messages:
+            try:
+                produce(topic, message.value(), message.key())
+            except BufferError:
+                _produce(producer, topic, message.key(), message.value() or b"")
+            except KafkaException as exc:
+                raise ReplayError(f"cannot produce to {topic}: {exc}") from exc
+        count += len(messages)
+        first = first or messages[0]
+        last = messages[-1]
+        producer.poll(0)  # serve delivery reports (the DeliveryTracker counts failures)
+        bar.update(len(messages))
+        delivery.raise_if_failed()  # a lost record would make the replay silently differ
+    return count, _message_ts_init(first, serde, source_topic), _message_ts_init(last, serde, source_topic)
+
+
+def _message_ts_init(message: Message | None, serde: AvroSerde, topic: str) -> int | None:
+    if message is None:
         return None
-    if record.value:
-        return int(record.value["ts_init"])
-    assert record.data is not None
-    return int(serde.decode(record.data, topic)["ts_init"])
+    return int(serde.decode(message.value() or b"", topic)["ts_init"])
 
 
 def _key_of(what: str, value: dict[str, Any]) -> str:

@@ -214,6 +214,15 @@ class TopicReader:
 
     def _messages(self, partition: int, start: int, high: int, batch: int = 1) -> Iterator[Message]:
         """Messages of ``partition`` from ``start`` until ``high`` or the end, fetched ``batch`` at a time."""
+        for messages in self.batches(partition, start, high, batch):
+            yield from messages
+
+    def batches(self, partition: int, start: int, high: int, batch: int = 1_000) -> Iterator[list[Message]]:
+        """The messages of ``partition`` from ``start`` until ``high`` or the end, as fetched: lists of up to ``batch``.
+
+        Raises:
+            ReplayError: a consumer error, or no record for ``timeout`` seconds.
+        """
         self._consumer.assign([TopicPartition(self.topic, partition, start)])
         idle = 0
         while True:
@@ -224,15 +233,23 @@ class TopicReader:
                     raise ReplayError(f"{self.topic}[{partition}]: no record arrived from offset {start} in time")
                 continue
             idle = 0
-            for message in messages:
+            last = messages[-1]
+            if last.error() is None and (last.offset() or 0) < high and all(m.error() is None for m in messages):
+                yield messages  # the common case: one check per message, no per-message generator step
+                continue
+            for index, message in enumerate(messages):
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
+                        if index:
+                            yield messages[:index]
                         return
                     raise ReplayError(f"{self.topic}[{partition}]: consumer error: {error}")
                 if (message.offset() or 0) >= high:
+                    if index:
+                        yield messages[:index]
                     return
-                yield message
+            yield messages
 
     def _decode(self, message: Message) -> dict[str, Any]:
         try:
@@ -258,14 +275,14 @@ class TopicReader:
                 low = offset + 1
         return low
 
-    def records(self, partition: int, start: int, end: int, decode: bool = True) -> Iterator[LogRecord]:
-        """Every record of [start, end) with its key and original bytes, decoded unless ``decode`` is False."""
+    def records(self, partition: int, start: int, end: int) -> Iterator[LogRecord]:
+        """Every record of [start, end), decoded, with its key and original bytes."""
         if start >= end:
             return
         last = end - 1
         for message in self._messages(partition, start, end, batch=1000):
             offset = message.offset() or 0
-            yield LogRecord(self._decode(message) if decode else {}, message.key(), message.value(), partition, offset)
+            yield LogRecord(self._decode(message), message.key(), message.value(), partition, offset)
             if offset >= last:
                 return
 
@@ -326,13 +343,44 @@ def find_raw_start(reader: TopicReader, start_ns: int | None) -> RawStart:
 
 
 def topic_raw_records(
-    settings: CommonSettings, prefix: str, window: Window, serde: AvroSerde, decode: bool = True
+    settings: CommonSettings, prefix: str, window: Window, serde: AvroSerde
 ) -> tuple[RawStart, int, Iterator[LogRecord]]:
-    """``<prefix>.md.raw`` from the CONNECTED at or before the window to its end: (start, record count, records).
+    """``<prefix>.md.raw`` from the CONNECTED at or before the window to its end: (start, record count, records)."""
+    reader, start, end = _raw_range(settings, prefix, window, serde)
 
-    The window's end offset is found up front, so the records need no decoding to be forwarded
-    (``decode=False``: their ``value`` is empty, ``data`` holds the bytes).
+    def iterate() -> Iterator[LogRecord]:
+        with reader:
+            yield from reader.records(0, start.offset, end)
+
+    return start, max(0, end - start.offset), iterate()
+
+
+def topic_raw_batches(
+    settings: CommonSettings, prefix: str, window: Window, serde: AvroSerde
+) -> tuple[RawStart, int, Iterator[list[Message]]]:
+    """The records of :func:`topic_raw_records` as the consumer fetched them: lists of undecoded messages.
+
+    What a replay at ``--speed max`` forwards: no Python object per record on top of the
+    consumer's own.
     """
+    reader, start, end = _raw_range(settings, prefix, window, serde)
+
+    def iterate() -> Iterator[list[Message]]:
+        with reader:
+            if start.offset >= end:
+                return
+            for messages in reader.batches(0, start.offset, end):
+                yield messages
+                if (messages[-1].offset() or 0) >= end - 1:
+                    return
+
+    return start, max(0, end - start.offset), iterate()
+
+
+def _raw_range(
+    settings: CommonSettings, prefix: str, window: Window, serde: AvroSerde
+) -> tuple[TopicReader, RawStart, int]:
+    """A reader of ``<prefix>.md.raw``, the CONNECTED the window starts at and the end offset (exclusive)."""
     reader = TopicReader(settings, TopicNames(prefix).md_raw, serde)
     try:
         start = find_raw_start(reader, window.start_ns)
@@ -341,12 +389,7 @@ def topic_raw_records(
     except BaseException:
         reader.close()
         raise
-
-    def iterate() -> Iterator[LogRecord]:
-        with reader:
-            yield from reader.records(0, start.offset, end, decode)
-
-    return start, max(0, end - start.offset), iterate()
+    return reader, start, end
 
 
 def topic_event_records(
