@@ -18,7 +18,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -220,10 +220,8 @@ def await_topics_visible(
         BrokerError: a topic is still missing or leaderless after ``timeout``.
     """
     wanted = set(names)
-    deadline = time.monotonic() + timeout
-    pause = 0.02
-    while True:
-        metadata = _topic_metadata(admin, max(0.1, deadline - time.monotonic()))
+    for time_left in retry_schedule(timeout, 0.02, wait):
+        metadata = _topic_metadata(admin, time_left)
         pending = sorted(
             name
             for name in wanted
@@ -234,9 +232,22 @@ def await_topics_visible(
         )
         if not pending:
             return
-        if time.monotonic() + pause >= deadline:
-            raise BrokerError(f"topics created but not visible in the broker's metadata after {timeout:g} s: {pending}")
-        wait(pause)
+    raise BrokerError(f"topics created but not visible in the broker's metadata after {timeout:g} s: {pending}")
+
+
+def retry_schedule(timeout: float, first_pause: float, wait: Callable[[float], object]) -> Iterator[float]:
+    """The attempts of a bounded retry: yields the seconds left before the deadline (at least 0.1) for each.
+
+    Between attempts it calls ``wait`` with a pause that doubles from ``first_pause`` up to 1 s. It
+    stops when the next pause would pass the deadline, or when ``wait`` returns True (a shutdown
+    event's ``wait``: a stop is not held up). The caller decides what an attempt's failure means.
+    """
+    deadline = time.monotonic() + timeout
+    pause = first_pause
+    while True:
+        yield max(0.1, deadline - time.monotonic())
+        if time.monotonic() + pause >= deadline or wait(pause) is True:
+            return
         pause = min(1.0, pause * 2)
 
 
@@ -419,24 +430,19 @@ def query_watermarks(
     Raises:
         KafkaException: a permanent error, or the transient one still there at the deadline (or stop).
     """
-    deadline = time.monotonic() + timeout
-    pause = 0.05
-    while True:
+    last: KafkaException | None = None
+    for time_left in retry_schedule(timeout, 0.05, wait):
         try:
-            low, high = consumer.get_watermark_offsets(
-                partition, timeout=max(0.1, deadline - time.monotonic()), cached=False
-            )
+            low, high = consumer.get_watermark_offsets(partition, timeout=time_left, cached=False)
             return int(low), int(high)
         except KafkaException as exc:
             error: KafkaError = exc.args[0]
-            transient = error.retriable() or error.code() in _TRANSIENT_QUERY_ERRORS
-            if not transient or time.monotonic() + pause >= deadline:
+            if not (error.retriable() or error.code() in _TRANSIENT_QUERY_ERRORS):
                 raise
             logger.debug("retrying a watermark query", extra={"partition": str(partition), "error": str(error)})
             last = exc
-        if wait(pause) is True:
-            raise last
-        pause = min(1.0, pause * 2)
+    assert last is not None  # the schedule yields at least once, and every failed attempt set it
+    raise last
 
 
 def flush_or_fail(producer: Producer, timeout: float = 30.0) -> None:
