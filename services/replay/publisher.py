@@ -288,11 +288,12 @@ def _forward(
             try:
                 produce(topic, message.value(), message.key())
             except BufferError:
-                _produce(producer, topic, message.key(), message.value() or b"")
+                _produce(producer, topic, message.key(), message.value())  # waits for room, then produces
             except KafkaException as exc:
                 raise ReplayError(f"cannot produce to {topic}: {exc}") from exc
         count += len(messages)
-        first = first or messages[0]
+        if first is None:  # not `first or ...`: a Message's truth is its value's length
+            first = messages[0]
         last = messages[-1]
         producer.poll(0)  # serve delivery reports (the DeliveryTracker counts failures)
         bar.update(len(messages))
@@ -310,7 +311,7 @@ def _key_of(what: str, value: dict[str, Any]) -> str:
     return str(value["feed"] if what == "raw" else value["symbol"])
 
 
-def _produce(producer: Producer, topic: str, key: bytes | None, value: bytes) -> None:
+def _produce(producer: Producer, topic: str, key: bytes | None, value: bytes | None) -> None:
     while True:
         try:
             producer.produce(topic, value=value, key=key)

@@ -206,8 +206,6 @@ class TopicReader:
 
     def read_at(self, partition: int, offset: int, high: int) -> tuple[int, dict[str, Any]] | None:
         """The first record at or after ``offset`` (below ``high``), decoded, with its offset; None past the end."""
-        if offset >= high:
-            return None
         for message in self._messages(partition, offset, high):
             return int(message.offset() or 0), self._decode(message)
         return None
@@ -218,11 +216,15 @@ class TopicReader:
             yield from messages
 
     def batches(self, partition: int, start: int, high: int, batch: int = 1_000) -> Iterator[list[Message]]:
-        """The messages of ``partition`` from ``start`` until ``high`` or the end, as fetched: lists of up to ``batch``.
+        """The messages of ``partition`` in [start, high), as fetched: lists of up to ``batch``.
+
+        Stops after offset ``high - 1`` without asking for more, or at the partition's end.
 
         Raises:
             ReplayError: a consumer error, or no record for ``timeout`` seconds.
         """
+        if start >= high:
+            return
         self._consumer.assign([TopicPartition(self.topic, partition, start)])
         idle = 0
         while True:
@@ -233,23 +235,17 @@ class TopicReader:
                     raise ReplayError(f"{self.topic}[{partition}]: no record arrived from offset {start} in time")
                 continue
             idle = 0
-            last = messages[-1]
-            if last.error() is None and (last.offset() or 0) < high and all(m.error() is None for m in messages):
-                yield messages  # the common case: one check per message, no per-message generator step
-                continue
             for index, message in enumerate(messages):
                 error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        if index:
-                            yield messages[:index]
-                        return
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
                     raise ReplayError(f"{self.topic}[{partition}]: consumer error: {error}")
-                if (message.offset() or 0) >= high:
+                if error is not None or (message.offset() or 0) >= high:
                     if index:
                         yield messages[:index]
                     return
             yield messages
+            if (messages[-1].offset() or 0) >= high - 1:
+                return
 
     def _decode(self, message: Message) -> dict[str, Any]:
         try:
@@ -277,14 +273,8 @@ class TopicReader:
 
     def records(self, partition: int, start: int, end: int) -> Iterator[LogRecord]:
         """Every record of [start, end), decoded, with its key and original bytes."""
-        if start >= end:
-            return
-        last = end - 1
         for message in self._messages(partition, start, end, batch=1000):
-            offset = message.offset() or 0
-            yield LogRecord(self._decode(message), message.key(), message.value(), partition, offset)
-            if offset >= last:
-                return
+            yield LogRecord(self._decode(message), message.key(), message.value(), partition, message.offset() or 0)
 
     def first_offset_at_or_after(self, partition: int, ts_init_ns: int, inclusive: bool = True) -> int:
         """The first offset with ``ts_init >= ts_init_ns`` (``>`` when not ``inclusive``); the high watermark if none.
@@ -367,12 +357,7 @@ def topic_raw_batches(
 
     def iterate() -> Iterator[list[Message]]:
         with reader:
-            if start.offset >= end:
-                return
-            for messages in reader.batches(0, start.offset, end):
-                yield messages
-                if (messages[-1].offset() or 0) >= end - 1:
-                    return
+            yield from reader.batches(0, start.offset, end)
 
     return start, max(0, end - start.offset), iterate()
 
