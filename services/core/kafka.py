@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 FETCH_WAIT_MAX_MS = 500
 """How long the broker may hold a consumer's fetch when there is nothing new (librdkafka's default)."""
 
+FETCH_QUEUE_BACKOFF_MS = 20
+"""How long a consumer whose local queue is full waits before fetching again (librdkafka's default: 1000)."""
+
 
 def client_config(settings: CommonSettings) -> dict[str, Any]:
     """Bootstrap servers and the librdkafka security passthrough (secrets unwrapped here only)."""
@@ -119,6 +122,11 @@ def consumer_config(settings: CommonSettings, group_id: str, client_id: str, **o
             # consumers at 10 cost the broker ~0.4 of a core (docs/benchmarks.md, replay).
             "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
             "fetch.max.bytes": 2 * LARGE_MESSAGE_BYTES,
+            # Once the local queue holds queued.min.messages (100k) or queued.max.messages.kbytes
+            # (64 MiB), librdkafka postpones the next fetch by this much (default 1000 ms). A reader
+            # faster than that refill (a replay forwarding at 200k records/s) drained the queue and
+            # then stalled 0.6-0.8 s mid-window; at 20 ms it does not (docs/benchmarks.md, replay).
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 1_000,
         }

@@ -36,7 +36,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import ConfigError, QuoteWatchError
-from quotewatch.core.kafka import make_admin, make_consumer, query_watermarks
+from quotewatch.core.kafka import make_admin, make_consumer, poll_batch, query_watermarks
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 
@@ -165,10 +165,13 @@ class TopicReader:
     Who uses it: :func:`topic_raw_records` and :func:`topic_event_records`, from one thread.
     """
 
-    def __init__(self, settings: CommonSettings, topic: str, serde: AvroSerde, timeout: float = 30.0) -> None:
+    def __init__(
+        self, settings: CommonSettings, topic: str, serde: AvroSerde, timeout: float = 30.0, poll_timeout: float = 1.0
+    ) -> None:
         self.topic = topic
         self._serde = serde
         self._timeout = timeout
+        self._poll_timeout = poll_timeout
         self._consumer: Consumer = make_consumer(
             settings,
             f"{settings.topic_prefix}.replay-reader-{uuid.uuid4().hex[:8]}",
@@ -228,10 +231,12 @@ class TopicReader:
         self._consumer.assign([TopicPartition(self.topic, partition, start)])
         idle = 0
         while True:
-            messages = self._consumer.consume(batch, 1.0)
+            # As fetched, not consume(batch, poll_timeout): that returns only when `batch` messages
+            # arrived, so the short last batch of every range waited out the whole poll timeout.
+            messages = poll_batch(self._consumer, batch, self._poll_timeout)
             if not messages:
                 idle += 1
-                if idle > self._timeout:
+                if idle * self._poll_timeout > self._timeout:
                     raise ReplayError(f"{self.topic}[{partition}]: no record arrived from offset {start} in time")
                 continue
             idle = 0

@@ -28,7 +28,7 @@ from quotewatch.core.kafka import ShutdownSignal, consumer_config, ensure_topics
 from quotewatch.core.lake import LAKE_TOPICS, lake_info
 from quotewatch.core.serde import AvroSerde
 from quotewatch.lake_sink.sink import LakeSink
-from tests.benchmarks.harness import Context, Result
+from tests.benchmarks.harness import Context, Result, consume_exactly
 from tests.unit.lake_sink.factories import capture_records, produce_records
 
 
@@ -37,20 +37,11 @@ def _plain_consume(settings: LakeSinkSettings, topics: list[str], expected: int)
     consumer = Consumer(consumer_config(settings, f"bench-plain-{uuid.uuid4().hex[:8]}", "bench-plain"))
     metadata = consumer.list_topics(timeout=10).topics
     consumer.assign([TopicPartition(t, p, 0) for t in topics for p in metadata[t].partitions])
-    count = 0
-    size = 0
     started = time.perf_counter()
-    deadline = started + 300
     try:
-        while count < expected and time.perf_counter() < deadline:
-            for message in consumer.consume(1000, 0.1):
-                if message.error() is None:
-                    count += 1
-                    size += len(message.value() or b"")
+        size = consume_exactly(consumer, expected, 300, "plain consumer")
     finally:
         consumer.close()
-    if count < expected:
-        raise RuntimeError(f"plain consumer read {count} of {expected} records")
     return time.perf_counter() - started, size
 
 

@@ -41,7 +41,7 @@ from quotewatch.domain.normaliser import Normaliser
 from quotewatch.domain.synthetic import SyntheticConfig, synthetic_raw_frames
 from quotewatch.local.kafka import free_port
 from quotewatch.replay.engine import BacktestEngine
-from tests.benchmarks.harness import Context, Result
+from tests.benchmarks.harness import Context, Result, consume_exactly
 
 SUITE = "pipeline"
 QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
@@ -76,11 +76,7 @@ def _consume_count(settings: CommonSettings, topic: str, expected: int, timeout:
         partitions = make_admin(settings).list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         started = time.perf_counter()
-        seen = 0
-        while seen < expected:
-            if time.perf_counter() - started > timeout:
-                raise RuntimeError(f"{topic}: {seen} of {expected} records after {timeout:.0f} s")
-            seen += sum(1 for m in consumer.consume(1000, 0.2) if m.error() is None)
+        consume_exactly(consumer, expected, timeout, topic)
         return time.perf_counter() - started
     finally:
         consumer.close()

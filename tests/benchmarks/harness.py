@@ -82,6 +82,26 @@ def best_of(fn: Callable[[], Any], repeat: int = 5, number: int = 1) -> float:
     return best
 
 
+def consume_exactly(consumer: Any, expected: int, timeout: float, what: str) -> int:
+    """Read ``expected`` records (errors and EOF events skipped) from an assigned consumer; their value bytes.
+
+    Asks for at most the records still missing: librdkafka's ``consume(n, t)`` returns only when
+    ``n`` records arrived or ``t`` expired, so asking for a full batch at the end waited out ``t``
+    (an earlier version of these peers timed 1 s of that wait on 0.15 s of reading).
+    """
+    seen = 0
+    size = 0
+    deadline = time.monotonic() + timeout
+    while seen < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: {seen} of {expected} records after {timeout:.0f} s")
+        for message in consumer.consume(min(1000, expected - seen), 0.2):
+            if message.error() is None:
+                seen += 1
+                size += len(message.value() or b"")
+    return size
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from quotewatch.domain.coinbase import FEED_ADVANCED
 from quotewatch.domain.normaliser import Normaliser
 from quotewatch.domain.synthetic import SyntheticConfig, synthetic_raw_frames
 from quotewatch.replay.publisher import replay
-from quotewatch.replay.sources import ReplayError, SourceSpec, Window
+from quotewatch.replay.sources import ReplayError, SourceSpec, TopicReader, Window
 from tests.helpers import read_topic
 
 SECOND = 1_000_000_000
@@ -156,3 +157,20 @@ def test_pacing_follows_ts_init_divided_by_the_speed(source: tuple[CommonSetting
     span = (summary.last_ts_init - summary.first_ts_init) / 1e9
     assert sum(slept) == pytest.approx(span / 4, abs=1e-6)
     assert len(slept) > 10
+
+
+def test_a_range_shorter_than_a_batch_comes_back_as_fetched_not_after_the_poll_timeout(
+    source: tuple[CommonSettings, list[dict[str, Any]]],
+) -> None:
+    settings, log = source
+    topic = TopicNames(settings.topic_prefix).md_raw
+    expected = [AvroSerde().encode(topic, record) for record in log[2:9]]
+    # A poll timeout of a minute: a reader that waited for a full batch of 1000 would sit it out
+    # (every --speed max replay from a topic used to lose its last second this way).
+    with TopicReader(settings, topic, AvroSerde(), timeout=120, poll_timeout=60) as reader:
+        started = time.monotonic()
+        batches = list(reader.batches(0, 2, 9, batch=1000))
+        elapsed = time.monotonic() - started
+    assert [m.value() for batch in batches for m in batch] == expected
+    assert [m.offset() for batch in batches for m in batch] == list(range(2, 9))
+    assert elapsed < 30, f"the short range took {elapsed:.1f} s: the reader waited for a full batch"
