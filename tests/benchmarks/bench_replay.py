@@ -91,6 +91,37 @@ def plain_consume_seconds(settings: CommonSettings, topic: str, count: int) -> f
         consumer.close()
 
 
+def plain_copy_seconds(settings: CommonSettings, source: str, target: str, count: int) -> float:
+    """A plain consume -> produce loop over the same records, with the replay's producer settings.
+
+    What any client-side copy costs here: no window search, no checks but the final flush.
+    """
+    consumer = Consumer(consumer_config(settings, f"bench-copy-{uuid.uuid4().hex[:6]}", "bench-copy"))
+    config = producer_config(settings, "bench-copy")
+    config["delivery.report.only.error"] = True
+    producer = Producer(config)
+    try:
+        consumer.assign([TopicPartition(source, 0, 0)])
+        started = time.perf_counter()
+        seen = 0
+        while seen < count:
+            for message in consumer.consume(min(1000, count - seen), 0.2):
+                if message.error() is None:
+                    seen += 1
+                    while True:
+                        try:
+                            producer.produce(target, message.value(), message.key())
+                            break
+                        except BufferError:
+                            producer.poll(0.1)
+            producer.poll(0)
+        if producer.flush(60):
+            raise RuntimeError(f"{target}: records still undelivered after 60 s")
+        return time.perf_counter() - started
+    finally:
+        consumer.close()
+
+
 def committed_count(settings: CommonSettings, topic: str, expected: int, timeout: float) -> None:
     """Read ``topic`` (read_committed) until ``expected`` records arrived."""
     consumer = Consumer(consumer_config(settings, f"bench-count-{uuid.uuid4().hex[:6]}", "bench-count"))
@@ -122,6 +153,13 @@ def run(ctx: Context) -> list[Result]:
         for i in range(ALONE_RUNS)
     )
     alone = statistics.median(alones)
+    copies = []
+    for i in range(ALONE_RUNS):
+        copy_target = TopicNames(f"{base}-copy{i}")
+        ensure_topics(make_admin(source), copy_target.prefix)
+        copies.append(plain_copy_seconds(source, TopicNames(base).md_raw, copy_target.md_raw, len(log)))
+    copies.sort()
+    copy = statistics.median(copies)
 
     env = {
         **os.environ,
@@ -187,6 +225,18 @@ def run(ctx: Context) -> list[Result]:
             notes=(
                 f"the same window, median of {ALONE_RUNS} ({alones[0]:.2f}-{alones[-1]:.2f} s); "
                 "the services above compete for the 2 cores"
+            ),
+        ),
+        Result(
+            SUITE,
+            "plain confluent-kafka copy (consume -> produce), no service running",
+            updates / copy,
+            "updates/s",
+            peer="plain confluent-kafka consume of the source",
+            peer_value=updates / plain,
+            notes=(
+                f"median of {ALONE_RUNS} ({copies[0]:.2f}-{copies[-1]:.2f} s): what a client-side copy costs "
+                "on this broker, the replay's own floor"
             ),
         ),
         Result(
