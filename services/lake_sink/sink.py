@@ -94,6 +94,8 @@ from quotewatch.core.topics import TopicNames
 logger = logging.getLogger(__name__)
 
 SERVICE = "lake-sink"
+_UNASSIGNED_WARN_SECONDS = 10.0
+"""How long the sink may hold no partition before it says so (a rebalance takes a few seconds)."""
 CONVERT_ROWS = 4096
 """Decoded rows are turned into an Arrow record batch every this many rows (bounds Python objects)."""
 WRITE_ATTEMPTS = 5
@@ -193,6 +195,7 @@ class LakeSink:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._last_lag_check_ns = 0
+        self._unassigned_warned = False
         self._failed = False
         """The loop died: a revoke (from close()) must not write or commit anything more."""
 
@@ -236,7 +239,7 @@ class LakeSink:
         try:
             while not self._shutdown.requested:
                 messages = self._consumer.consume(self._batch_size, self._poll_timeout)
-                self._liveness.beat()
+                self._turned()
                 for message in messages:
                     self._handle(message)
                 self._cut_aged()
@@ -254,6 +257,25 @@ class LakeSink:
         finally:
             self._liveness.stopped(reason)
             self._close()
+
+    def _turned(self) -> None:
+        """One turn of the loop, for the stuck watchdog: it counts only while the sink holds partitions.
+
+        Once, after a broker restart, a sink's consumer lost its partitions (session timeout) and
+        never rejoined its group: its loop kept turning for 4 minutes with nothing assigned and the
+        lake fell behind silently. A turn without partitions is therefore not a sign of life, so the
+        watchdog restarts such a sink after STUCK_EXIT_SECONDS (a new consumer joins afresh). The
+        cost: an instance left without any partition (more sinks than partitions) restarts too.
+        """
+        if self._buffers:
+            self._liveness.beat()
+            self._unassigned_warned = False
+        elif not self._unassigned_warned and self._liveness.stuck_seconds() >= _UNASSIGNED_WARN_SECONDS:
+            self._unassigned_warned = True
+            logger.warning(
+                "no partition assigned for %.0f s; the stuck watchdog restarts the service after STUCK_EXIT_SECONDS",
+                self._liveness.stuck_seconds(),
+            )
 
     def _count_consumed(self) -> None:
         for topic, count in self._consumed.items():

@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from quotewatch.core import lake
 from quotewatch.core.config import CommonSettings
@@ -261,6 +261,16 @@ def committed_everything(settings: CommonSettings, produced: list[ProducedRecord
     consumer = Consumer(consumer_config(settings, group or f"{settings.topic_prefix}.lake-sink", "committed-check"))
     try:
         found = consumer.committed([TopicPartition(topic, partition) for topic, partition in last], timeout=10)
+    except KafkaException as exc:
+        # On a broker just started, __consumer_offsets is still being created and loaded: not yet.
+        if exc.args[0].code() in _COORDINATOR_NOT_READY:
+            return False
+        raise
     finally:
         consumer.close()
     return all(tp.offset > last[(tp.topic, tp.partition)] for tp in found)
+
+
+_COORDINATOR_NOT_READY = frozenset(
+    {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE}
+)

@@ -10,7 +10,13 @@ from click.testing import CliRunner
 
 from quotewatch.cli import main
 from quotewatch.core import lake
-from quotewatch.lake_sink.sink import _group_rows
+from quotewatch.core.clock import FakeClock
+from quotewatch.core.config import LakeSinkSettings
+from quotewatch.core.health import Liveness, StuckWatchdog
+from quotewatch.core.kafka import ShutdownSignal
+from quotewatch.core.serde import AvroSerde
+from quotewatch.core.topics import TopicNames
+from quotewatch.lake_sink.sink import LakeSink, _Buffer, _group_rows
 from tests.unit.core.test_lake import T0, feature_row, write_rows
 
 
@@ -39,3 +45,33 @@ def test_lake_info_prints_coverage_and_exits_1_on_a_hole(tmp_path: Path) -> None
     assert dataset["partitions"][0]["holes"] == [[5, 7]]
     assert dataset["healthy"] is False
     assert lake.lake_info(str(tmp_path))[0].rows == 4
+
+
+SECOND = 1_000_000_000
+
+
+def test_a_loop_turn_counts_for_the_stuck_watchdog_only_while_the_sink_holds_partitions(tmp_path: Path) -> None:
+    clock = FakeClock()
+    liveness = Liveness("lake-sink", clock, 30)
+    settings = LakeSinkSettings(kafka_bootstrap_servers="127.0.0.1:9", lake_uri=str(tmp_path))
+    sink = LakeSink(settings=settings, serde=AvroSerde(), clock=clock, shutdown=ShutdownSignal(), liveness=liveness)
+    fired: list[bool] = []
+    watchdog = StuckWatchdog(liveness, 60, on_stuck=lambda: fired.append(True))
+    # Holding a partition (what _on_assign sets up): every turn is a beat, however long it took.
+    topic = TopicNames(settings.topic_prefix).features
+    sink._buffers[(topic, 0)] = _Buffer(topic, 0, sink._schemas[topic], first_offset=0)
+    clock.advance(90 * SECOND)
+    sink._turned()
+    assert liveness.stuck_seconds() == 0
+    assert not watchdog.check()
+    assert not watchdog.check()
+    # Partitions lost and never assigned again (what _on_revoke/_on_lost leave): the loop still
+    # turns, but that is not a sign of life, and the watchdog restarts the sink.
+    sink._buffers.clear()
+    for _ in range(2):
+        clock.advance(31 * SECOND)
+        sink._turned()
+    assert liveness.stuck_seconds() == 62
+    assert watchdog.check() is False  # suspect on the first check
+    assert watchdog.check() is True
+    assert fired == [True]
