@@ -309,6 +309,10 @@ def test_backpressure_overflow_is_recorded_as_a_gap_and_resynced(make_settings: 
         service_producer = StallingProducer(make_producer(settings, "ingest-test"))
         with running_ingest(settings, producer=service_producer) as service:  # type: ignore[arg-type]
             wait_for(lambda: service.machine.state is FeedState.SUBSCRIBED, message="subscribed")
+            # Clock ticks fall on whole seconds. Stall early in a second: the frames (3000/s) fill the
+            # 30-record queue within milliseconds, long before the next tick could find it full first
+            # (an overflow started by a tick drops no frame, which once failed this test in CI).
+            wait_for(lambda: 0.05 <= time.time() % 1.0 <= 0.4, interval=0.01, message="early in a second")
             service_producer.stalled.set()  # the writer blocks on its next record; the reader keeps reading
             wait_for(lambda: service.stats.overflows >= 1, timeout=20, message="an overflow")
             service_producer.stalled.clear()
