@@ -48,7 +48,7 @@ from quotewatch.local.kafka import free_port
 from quotewatch.local.mlflow import LocalMlflow
 from quotewatch.trainer.publish import publish
 from quotewatch.trainer.training import GateThresholds, TrainingOptions, build_training_set, train
-from tests.benchmarks.harness import Context, Result, best_of
+from tests.benchmarks.harness import Context, Result, best_of, produce_when_room
 from tests.unit.trainer.market_data import DELTA_MS, TICK_MS, kafka_partition, synthetic_ticks
 
 QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
@@ -112,17 +112,13 @@ def _ready_producer(settings: CommonSettings) -> Producer:
 def _produce_backlog(bootstrap: str, topic: str, vectors: list[dict[str, Any]]) -> None:
     serde, producer = AvroSerde(), _producer(bootstrap)
     for vector in vectors:
-        while True:
-            try:
-                producer.produce(
-                    topic,
-                    key=vector["symbol"].encode(),
-                    value=serde.encode(topic, vector),
-                    partition=kafka_partition(vector["symbol"]),
-                )
-                break
-            except BufferError:
-                producer.poll(0.1)
+        produce_when_room(
+            producer,
+            topic,
+            serde.encode(topic, vector),
+            vector["symbol"].encode(),
+            partition=kafka_partition(vector["symbol"]),
+        )
     assert producer.flush(60) == 0
 
 

@@ -41,7 +41,7 @@ from quotewatch.domain.normaliser import Normaliser
 from quotewatch.domain.synthetic import SyntheticConfig, synthetic_raw_frames
 from quotewatch.local.kafka import free_port
 from quotewatch.replay.engine import BacktestEngine
-from tests.benchmarks.harness import Context, Result, consume_exactly
+from tests.benchmarks.harness import Context, Result, consume_exactly, produce_when_room
 
 SUITE = "pipeline"
 QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
@@ -57,12 +57,10 @@ def market_events(minutes: float) -> list[dict[str, Any]]:
 def _produce(producer: Producer, topic: str, values: list[tuple[bytes, bytes]]) -> float:
     started = time.perf_counter()
     for key, value in values:
-        while True:
-            try:
-                producer.produce(topic, value, key)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        try:
+            producer.produce(topic, value, key)
+        except BufferError:
+            produce_when_room(producer, topic, value, key, pause=0.05)
         producer.poll(0)
     if producer.flush(120):
         raise RuntimeError(f"{topic}: records still undelivered after 120 s")

@@ -44,7 +44,7 @@ from quotewatch.domain.synthetic import SyntheticConfig, synthetic_raw_frames
 from quotewatch.replay.engine import BacktestEngine
 from quotewatch.replay.publisher import replay
 from quotewatch.replay.sources import SourceSpec, Window
-from tests.benchmarks.harness import Context, Result, consume_exactly
+from tests.benchmarks.harness import Context, Result, consume_exactly, produce_when_room
 
 SUITE = "replay"
 QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
@@ -67,12 +67,7 @@ def produce(settings: CommonSettings, topic: str, log: list[dict[str, Any]]) -> 
     serde = AvroSerde()
     producer = Producer(producer_config(settings, "bench-replay"))
     for record in log:
-        while True:
-            try:
-                producer.produce(topic, serde.encode(topic, record), key=record["feed"].encode())
-                break
-            except BufferError:
-                producer.poll(0.1)
+        produce_when_room(producer, topic, serde.encode(topic, record), record["feed"].encode())
         producer.poll(0)
     assert producer.flush(60) == 0
 
@@ -108,12 +103,10 @@ def plain_copy_seconds(settings: CommonSettings, source: str, target: str, count
             for message in consumer.consume(min(1000, count - seen), 0.2):
                 if message.error() is None:
                     seen += 1
-                    while True:
-                        try:
-                            producer.produce(target, message.value(), message.key())
-                            break
-                        except BufferError:
-                            producer.poll(0.1)
+                    try:
+                        producer.produce(target, message.value(), message.key())
+                    except BufferError:
+                        produce_when_room(producer, target, message.value(), message.key())
             producer.poll(0)
         if producer.flush(60):
             raise RuntimeError(f"{target}: records still undelivered after 60 s")

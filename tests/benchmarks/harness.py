@@ -102,6 +102,22 @@ def consume_exactly(consumer: Any, expected: int, timeout: float, what: str) -> 
     return size
 
 
+def produce_when_room(
+    producer: Any, topic: str, value: bytes | None, key: bytes | None, pause: float = 0.1, **options: Any
+) -> None:
+    """``producer.produce``, serving delivery reports for ``pause`` s whenever the local queue is full.
+
+    Measured loops call ``produce`` inline first and this only on ``BufferError``, so their fast
+    path stays one call per record.
+    """
+    while True:
+        try:
+            producer.produce(topic, value, key, **options)
+            return
+        except BufferError:
+            producer.poll(pause)
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
