@@ -108,6 +108,8 @@ class CommonSettings(BaseSettings):
     """KAFKA_SSL_KEY_LOCATION (default unset): librdkafka ssl.key.location."""
     kafka_ssl_key_password: SecretStr | None = None
     """KAFKA_SSL_KEY_PASSWORD (default unset): librdkafka ssl.key.password."""
+    kafka_debug: str | None = Field(default=None, pattern=r"^[a-z]+(,[a-z]+)*$")
+    """KAFKA_DEBUG (default unset): librdkafka debug contexts, e.g. cgrp,consumer, logged to stderr by every client."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """LOG_LEVEL (default INFO)."""
     log_format: Literal["text", "json"] = "text"

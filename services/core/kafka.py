@@ -62,6 +62,7 @@ def client_config(settings: CommonSettings) -> dict[str, Any]:
         "ssl.key.password": (
             settings.kafka_ssl_key_password.get_secret_value() if settings.kafka_ssl_key_password else None
         ),
+        "debug": settings.kafka_debug,
     }
     conf.update({key: value for key, value in optional.items() if value is not None})
     return conf

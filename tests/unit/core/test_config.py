@@ -86,3 +86,24 @@ def test_every_field_documents_its_environment_variable() -> None:
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} has no docstring"
             assert field.description.startswith(name.upper()), f"{cls.__name__}.{name}: {field.description!r}"
+
+
+def test_kafka_debug_reaches_every_client_and_librdkafka_accepts_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from confluent_kafka import Consumer
+
+    from quotewatch.core.kafka import client_config, consumer_config, producer_config
+
+    monkeypatch.delenv("KAFKA_DEBUG", raising=False)
+    assert "debug" not in client_config(CommonSettings())
+    monkeypatch.setenv("KAFKA_DEBUG", "cgrp,consumer")
+    settings = CommonSettings()
+    assert consumer_config(settings, "g", "c")["debug"] == "cgrp,consumer"
+    assert producer_config(settings, "p")["debug"] == "cgrp,consumer"
+    # librdkafka checks the contexts when the client is built (no broker needed for that).
+    Consumer(consumer_config(settings, "g", "c")).close()
+
+
+def test_kafka_debug_must_be_a_list_of_contexts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_DEBUG", "cgrp; rm -rf")
+    with pytest.raises(ValueError, match="kafka_debug"):
+        CommonSettings()
