@@ -273,7 +273,8 @@ class LakeSink:
         elif not self._unassigned_warned and self._liveness.stuck_seconds() >= _UNASSIGNED_WARN_SECONDS:
             self._unassigned_warned = True
             logger.warning(
-                "no partition assigned for %.0f s; the stuck watchdog restarts the service after STUCK_EXIT_SECONDS",
+                "no partition assigned for %.0f s (normal while the group rebalances, e.g. after a broker restart); "
+                "the stuck watchdog restarts the service if none is assigned within STUCK_EXIT_SECONDS",
                 self._liveness.stuck_seconds(),
             )
 
