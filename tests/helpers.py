@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, make_admin, query_watermarks
@@ -104,3 +104,29 @@ def shared_data_dir() -> Path:
             f"recorded captures not found at {path}: clone next to ../shared or set QUOTEWATCH_SHARED_DIR"
         )
     return path
+
+
+def committed_past(settings: CommonSettings, group: str, lasts: Mapping[tuple[str, int], int]) -> bool:
+    """Has consumer group ``group`` committed beyond the last offset of each (topic, partition)?
+
+    A coordinator that is not ready yet (on a broker just started or restarted, ``__consumer_offsets``
+    is still being created or loaded) answers "not yet", like an offset not reached.
+    """
+    wanted = {key: last for key, last in lasts.items() if last >= 0}
+    if not wanted:
+        return True
+    consumer = Consumer(consumer_config(settings, group, "committed-check"))
+    try:
+        found = consumer.committed([TopicPartition(topic, partition) for topic, partition in wanted], timeout=10)
+    except KafkaException as exc:
+        if exc.args[0].code() in _COORDINATOR_NOT_READY:
+            return False
+        raise
+    finally:
+        consumer.close()
+    return all(tp.offset > wanted[(tp.topic, tp.partition)] for tp in found)
+
+
+_COORDINATOR_NOT_READY = frozenset(
+    {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE}
+)

@@ -47,7 +47,7 @@ from quotewatch.domain.labels import Labeler
 from quotewatch.domain.synthetic import SyntheticConfig
 from quotewatch.feed_server.server import FeedServer, RunningFeedServer, SyntheticSource
 from quotewatch.local.kafka import free_port
-from tests.helpers import wait_for
+from tests.helpers import committed_past, wait_for
 
 QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
 FULL = os.environ.get("QUOTEWATCH_FAULTS", "").strip().lower() == "full"
@@ -402,7 +402,8 @@ def _healthy(service: ServiceProcess) -> bool:
 def _alive_and_committed(
     service: ServiceProcess, settings: CommonSettings, group: str, ends: Mapping[str, Mapping[int, int]]
 ) -> bool:
-    return service.assert_alive() and committed_past(settings, group, ends)
+    lasts = {(topic, p): last for topic, by_partition in ends.items() for p, last in by_partition.items()}
+    return service.assert_alive() and committed_past(settings, group, lasts)
 
 
 # -- reading topics ------------------------------------------------------------------------------------
@@ -466,20 +467,6 @@ def last_data_offsets(settings: CommonSettings, topic: str) -> dict[int, int]:
     for record in read_all(settings, topic):
         last[record.partition] = max(last.get(record.partition, -1), record.offset)
     return last
-
-
-def committed_past(settings: CommonSettings, group: str, ends: Mapping[str, Mapping[int, int]]) -> bool:
-    """Has consumer group ``group`` committed beyond each given last offset?"""
-    wanted = [(topic, p, last) for topic, lasts in ends.items() for p, last in lasts.items() if last >= 0]
-    if not wanted:
-        return True
-    consumer = Consumer(consumer_config(settings, group, "faults-committed-check"))
-    try:
-        found = consumer.committed([TopicPartition(t, p) for t, p, _ in wanted], timeout=10)
-    finally:
-        consumer.close()
-    committed = {(tp.topic, tp.partition): tp.offset for tp in found}
-    return all(committed[(t, p)] > last for t, p, last in wanted)
 
 
 # -- the exactly-once check ------------------------------------------------------------------------------

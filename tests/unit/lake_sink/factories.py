@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from quotewatch.core import lake
 from quotewatch.core.config import CommonSettings
@@ -33,7 +33,7 @@ from quotewatch.domain.book_pipeline import BookPipeline
 from quotewatch.domain.captures import read_capture
 from quotewatch.domain.labels import Labeler
 from quotewatch.domain.normaliser import Normaliser
-from tests.helpers import shared_data_dir
+from tests.helpers import committed_past, shared_data_dir
 
 CAPTURES = (
     "exchange_level2_BTC-USD_2018-04-17_gdax-orderbook-ml.jsonl",
@@ -258,19 +258,4 @@ def committed_everything(settings: CommonSettings, produced: list[ProducedRecord
     last: dict[tuple[str, int], int] = {}
     for record in produced:
         last[(record.topic, record.partition)] = max(record.offset, last.get((record.topic, record.partition), -1))
-    consumer = Consumer(consumer_config(settings, group or f"{settings.topic_prefix}.lake-sink", "committed-check"))
-    try:
-        found = consumer.committed([TopicPartition(topic, partition) for topic, partition in last], timeout=10)
-    except KafkaException as exc:
-        # On a broker just started, __consumer_offsets is still being created and loaded: not yet.
-        if exc.args[0].code() in _COORDINATOR_NOT_READY:
-            return False
-        raise
-    finally:
-        consumer.close()
-    return all(tp.offset > last[(tp.topic, tp.partition)] for tp in found)
-
-
-_COORDINATOR_NOT_READY = frozenset(
-    {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE}
-)
+    return committed_past(settings, group or f"{settings.topic_prefix}.lake-sink", last)
