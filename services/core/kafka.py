@@ -393,17 +393,24 @@ class DeliveryTracker:
 
 
 def poll_batch(consumer: Consumer, max_records: int, timeout: float) -> list[Message]:
-    """Wait up to ``timeout`` for the first record, then take up to ``max_records`` already fetched.
+    """Take up to ``max_records`` already fetched; when there are none, wait up to ``timeout`` for one.
 
     librdkafka's ``consume(n, timeout)`` returns only when ``n`` records arrived or the timeout
     expired, which at live rates would hold every record back for the whole timeout.
+
+    Every batch is what *one* librdkafka call returned. A rebalance (or seek) served inside a call
+    purges the records that call had already collected for the partitions it resets, but a record
+    handed out by an earlier call is beyond its reach: a batch made of ``poll()`` and then
+    ``consume()`` could hold a record fetched under the old assignment after the callbacks that
+    reset (or gave away) its partition, and the processor would then handle it against the reset
+    state or commit it for a partition it no longer owns.
     """
+    if max_records > 1:
+        fetched = consumer.consume(max_records, 0)
+        if fetched:
+            return fetched
     first = consumer.poll(timeout)
-    if first is None:
-        return []
-    if max_records <= 1:
-        return [first]
-    return [first, *consumer.consume(max_records - 1, 0)]
+    return [] if first is None else [first]
 
 
 # Errors a watermark query meets while a partition's leader is being elected (right after the topic

@@ -284,21 +284,27 @@ class StreamProcessor:
             if key in self._replay_until and offset + 1 >= self._replay_until[key]:
                 del self._replay_until[key]
                 logger.info("state rebuilt; processing live", extra={"topic": topic, "partition": partition})
-        if not next_offsets:
-            if self._exactly_once:
-                self._producer.abort_transaction()
-            return
+        # A partition still rebuilding its state (its records so far all below the offset committed
+        # before, so nothing was produced for them) keeps its commit as it is: committing the replayed
+        # position would move the group's offset back, and a successor would then take the records
+        # between the two for live ones and produce their outputs a second time.
         offsets = [
             TopicPartition(topic, partition, offset, metadata=self._metadata(topic, partition))
             for (topic, partition), offset in next_offsets.items()
+            if (topic, partition) not in self._replay_until
         ]
-        if self._exactly_once:
+        if offsets and self._exactly_once:
             self._commit_transaction(offsets)
-        else:
+        elif offsets:
             # At-least-once: offsets are committed only after every output of the batch is delivered.
             flush_or_fail(self._producer)
             self._delivery.raise_if_failed()
             self._consumer.commit(offsets=offsets, asynchronous=False)
+        elif self._exactly_once:
+            # Nothing was produced (only errors, or only records rebuilding state): nothing to commit.
+            self._producer.abort_transaction()
+        if not next_offsets:
+            return
         self._positions.update(next_offsets)
         self._liveness.progressed(
             processed,

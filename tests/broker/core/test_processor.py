@@ -7,12 +7,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.health import Liveness
-from quotewatch.core.kafka import ShutdownSignal
+from quotewatch.core.kafka import ShutdownSignal, consumer_config
 from quotewatch.core.processor import InRecord, OutRecord, StreamProcessor
 from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde
 from quotewatch.core.topics import TopicNames
@@ -82,9 +82,33 @@ class RunningSumTask:
         self.first_offset.pop((topic, partition), None)
 
 
+class StopWhileRebuilding(RunningSumTask):
+    """Requests shutdown on the first record it re-processes to rebuild state at or past ``at``."""
+
+    def __init__(self, output: str, shutdown: ShutdownSignal, at: int) -> None:
+        super().__init__(output)
+        self.shutdown = shutdown
+        self.at = at
+        self.rebuilt: list[int] = []
+
+    def process(self, record: InRecord) -> Iterable[OutRecord]:
+        if record.replaying:
+            self.rebuilt.append(record.offset)
+            if record.offset >= self.at:
+                self.shutdown.set()
+        return super().process(record)
+
+
 @contextmanager
-def running(settings: CommonSettings, task: RunningSumTask, group: str) -> Iterator[StreamProcessor]:
-    shutdown = ShutdownSignal()
+def running(
+    settings: CommonSettings,
+    task: RunningSumTask,
+    group: str,
+    *,
+    batch_size: int = 50,
+    shutdown: ShutdownSignal | None = None,
+) -> Iterator[StreamProcessor]:
+    shutdown = shutdown or ShutdownSignal()
     processor = StreamProcessor(
         settings=settings,
         service="test",
@@ -95,7 +119,7 @@ def running(settings: CommonSettings, task: RunningSumTask, group: str) -> Itera
         shutdown=shutdown,
         liveness=Liveness("test", SystemClock(), 30),
         group_id=group,
-        batch_size=50,
+        batch_size=batch_size,
     )
     errors: list[BaseException] = []
 
@@ -169,3 +193,42 @@ def test_outputs_are_exactly_once_across_restarts_and_state_is_rebuilt(topics: C
     assert [label["t_event"] for label in labels] == list(range(70))
     uncommitted = read_topic(topics, names.labels, isolation="read_uncommitted")
     assert len(uncommitted) == 70, "no aborted or duplicate output even for read_uncommitted readers"
+
+
+def test_a_stop_while_rebuilding_state_keeps_the_commit_and_outputs_stay_exactly_once(
+    topics: CommonSettings, group_id: str
+) -> None:
+    """Records re-processed only to rebuild state never move the committed offset back.
+
+    The task needs every record from the first one, so a restarted processor re-reads 0-39 before
+    it is live again. Stopped after a few batches of that (batch 5), it must leave the commit at 40:
+    had it committed the rebuilt position, the next run would take 10-39 for live records and
+    write their labels a second time.
+    """
+    names = TopicNames(topics.topic_prefix)
+    produce(topics, [top("BTC-USD", t, 100 + t) for t in range(40)])
+    with running(topics, RunningSumTask(names.labels), group_id):
+        wait_for(lambda: len(read_topic(topics, names.labels)) >= 40, message="first 40 labels")
+    assert committed_offset(topics, group_id, names.book_top3) == 40
+
+    stop = ShutdownSignal()
+    interrupted = StopWhileRebuilding(names.labels, stop, at=7)
+    with running(topics, interrupted, group_id, batch_size=5, shutdown=stop):
+        wait_for(lambda: stop.requested, timeout=60, message="the rebuild to reach offset 7")
+    assert max(interrupted.rebuilt, default=39) < 39, "stopped before the rebuild was over"
+    assert committed_offset(topics, group_id, names.book_top3) == 40, "the commit moved back during the rebuild"
+
+    produce(topics, [top("BTC-USD", t, 100 + t) for t in range(40, 50)])
+    with running(topics, RunningSumTask(names.labels), group_id, batch_size=5):
+        labels = wait_for(lambda: (r := read_topic(topics, names.labels)) and len(r) >= 50 and r, message="50 labels")
+    assert [label["t_event"] for label in labels] == list(range(50)), "a label was written twice or lost"
+    assert [label["label"] for label in labels] == list(range(1, 51))
+
+
+def committed_offset(settings: CommonSettings, group: str, topic: str) -> int:
+    consumer = Consumer(consumer_config(settings, group, "committed-check"))
+    try:
+        (found,) = consumer.committed([TopicPartition(topic, 0)], timeout=10)
+        return int(found.offset)
+    finally:
+        consumer.close()
