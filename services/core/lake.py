@@ -268,6 +268,11 @@ def _hour_dir(hours_since_epoch: int) -> str:
     return f"date={moment:%Y-%m-%d}/hour={moment.hour}"
 
 
+MAX_PARTITION_VALUE_CHARS = 200
+"""Longest percent-encoded ``symbol``/``feed`` a directory is made of (``symbol=`` + it stays well
+under the 255-byte name limit of common filesystems; real product ids are ~10 characters)."""
+
+
 @lru_cache(maxsize=1024)
 def encode_partition_value(value: str) -> str:
     """Percent-encode a hive partition value (everything but ``A-Z a-z 0-9 - _ . ~``).
@@ -277,7 +282,14 @@ def encode_partition_value(value: str) -> str:
     """
     if not value:
         raise LakeRecordError("empty partition value: the record has no symbol/feed to be filed under")
-    return quote(value, safe="")
+    encoded = quote(value, safe="")
+    if len(encoded) > MAX_PARTITION_VALUE_CHARS:
+        # The directory name would pass the filesystem's 255-byte limit (ENAMETOOLONG on every write).
+        raise LakeRecordError(
+            f"partition value of {len(value)} characters ({len(encoded)} percent-encoded, at most "
+            f"{MAX_PARTITION_VALUE_CHARS}): {value[:40]!r}..."
+        )
+    return encoded
 
 
 def partition_dir(topic: str, record: Mapping[str, Any]) -> str:
@@ -784,10 +796,12 @@ class PartitionCoverage:
     """Inclusive offset ranges no chunk covers between the first and the last: missing data."""
     overlaps: list[tuple[int, int]] = field(default_factory=list)
     """Inclusive offset ranges covered by two chunks with different names."""
+    incomplete_chunks: int = 0
+    """Chunks of this partition with files missing (a crash mid-chunk; listed on the dataset)."""
 
     @property
     def complete(self) -> bool:
-        return not self.holes and not self.overlaps
+        return not self.holes and not self.overlaps and not self.incomplete_chunks
 
 
 @dataclass
@@ -868,7 +882,9 @@ def dataset_info(lake: str | LakeLocation, topic: str) -> DatasetInfo:
         if missing:
             info.incomplete_chunks.append(IncompleteChunk(partition, first, last, missing))
     for partition in sorted(by_partition):
-        info.partitions.append(_coverage(partition, sorted(by_partition[partition])))
+        coverage = _coverage(partition, sorted(by_partition[partition]))
+        coverage.incomplete_chunks = sum(1 for c in info.incomplete_chunks if c.partition == partition)
+        info.partitions.append(coverage)
     info.incomplete_chunks.sort(key=lambda c: (c.partition, c.first_offset))
     return info
 

@@ -24,7 +24,9 @@ a chunk's first row is always written first, so if any file of the chunk exists,
   in the same order: a read_committed log does not change below the last stable offset).
 
 So files never overlap, and no range is committed before its files are durable. Dead letters are
-at-least-once: a record dead-lettered after the last commit is dead-lettered again after a crash.
+at-least-once: they are acknowledged before the files of the chunk whose range holds their offsets
+are written (a restarted sink skips a complete chunk's range and would never read them again), and
+a record dead-lettered after the last commit is dead-lettered again after a crash.
 Only if the consumer group has no committed offset does the sink list the whole dataset, to
 resume after the last chunk the lake holds (or from the log start when it holds none).
 
@@ -192,6 +194,7 @@ class LakeSink:
         self._to_commit: dict[TopicPartitionKey, int] = {}
         self._positions: dict[TopicPartitionKey, int] = {}
         self._delivery = DeliveryTracker()
+        self._undelivered_dead_letters = 0
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._last_lag_check_ns = 0
@@ -516,6 +519,7 @@ class LakeSink:
             except BufferError:
                 self._producer.poll(0.1)  # the local queue is full: serve delivery reports (bounded wait)
         self._producer.poll(0)
+        self._undelivered_dead_letters += 1
         RECORDS_OUT.labels(self._service, self._dlq_topic).inc()
         DEAD_LETTERS.labels(self._service, message.topic() or "", type(error).__name__).inc()
 
@@ -572,6 +576,7 @@ class LakeSink:
         started = time.perf_counter()
         table = pa.Table.from_batches(buffer.batches, schema=buffer.schema)
         groups = _group_rows(table, buffer.directories, buffer.first_directory)
+        self._deliver_dead_letters()
         files = self._write(buffer, groups)
         topic = buffer.topic
         LAKE_ROWS_WRITTEN.labels(self._service, topic).inc(table.num_rows)
@@ -617,12 +622,28 @@ class LakeSink:
                 delay = min(delay * 2, 8.0)
         raise AssertionError("unreachable")
 
+    def _deliver_dead_letters(self) -> None:
+        """Wait until every dead letter produced so far is acknowledged.
+
+        Called before a chunk's files are written: a chunk's range includes the offsets it
+        dead-lettered, and once its files exist a restarted sink skips the whole range (it adopts
+        the chunk) and never reads those records again. So the dead letters must be durable first;
+        a crash in between only dead-letters them a second time (at-least-once).
+
+        Raises:
+            FatalError: a dead letter was not delivered (the range is then neither written nor
+                committed, and is read again after the restart).
+        """
+        if self._undelivered_dead_letters and self._producer is not None:
+            flush_or_fail(self._producer)
+            self._delivery.raise_if_failed()
+            self._undelivered_dead_letters = 0
+
     def _commit(self) -> None:
         if not self._to_commit or self._consumer is None or self._producer is None:
             return
         # Dead letters of the committed ranges are delivered before their offsets are committed.
-        flush_or_fail(self._producer)
-        self._delivery.raise_if_failed()
+        self._deliver_dead_letters()
         offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in self._to_commit.items()]
         try:
             # Exactly-once files: every chunk below these offsets is fsynced and renamed (or uploaded)

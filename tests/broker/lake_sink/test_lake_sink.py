@@ -13,13 +13,15 @@ import pandas as pd
 import polars as pl
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from prometheus_client import REGISTRY
 
 from quotewatch.core import lake
 from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import LakeSinkSettings
+from quotewatch.core.errors import FatalError
 from quotewatch.core.health import Liveness
-from quotewatch.core.kafka import ShutdownSignal
+from quotewatch.core.kafka import ShutdownSignal, make_admin
 from quotewatch.core.lake import LakeLocation, publish_file
 from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde
 from quotewatch.core.topics import TopicNames
@@ -49,6 +51,7 @@ def running_sink(
     *,
     publish: Callable[[LakeLocation, str, bytes], None] = publish_file,
     crash_expected: bool = False,
+    fails_with: type[BaseException] = SimulatedCrash,
     liveness: Liveness | None = None,
     group_id: str | None = None,
 ) -> Iterator[LakeSink]:
@@ -80,7 +83,7 @@ def running_sink(
         assert not thread.is_alive(), "sink did not stop"
         if crash_expected:
             assert len(errors) == 1, errors
-            assert isinstance(errors[0], SimulatedCrash), errors
+            assert isinstance(errors[0], fails_with), errors
         else:
             assert not errors, errors
 
@@ -193,6 +196,50 @@ def test_poison_records_go_to_the_dlq_with_coordinates_and_the_sink_carries_on(
     (info,) = [i for i in lake.lake_info(str(root)) if i.topic == names.features]
     assert [(p.partition, p.first_offset, p.last_offset, p.holes) for p in info.partitions] == [(1, 0, 5, [])]
     assert committed_offsets(sink_settings, names.features, 3)[1] == 6
+
+
+def set_topic_config(settings: LakeSinkSettings, topic: str, name: str, value: str | None) -> None:
+    """Set (or, with None, remove) one topic config override, waiting for the broker's answer."""
+    operation = AlterConfigOpType.SET if value is not None else AlterConfigOpType.DELETE
+    entry = ConfigEntry(name, value or "", incremental_operation=operation)
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+    admin = make_admin(settings)  # held until the answer: a collected client cancels its futures
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+
+
+def test_dead_letters_are_acknowledged_before_the_files_of_their_chunk_are_written(
+    sink_settings: LakeSinkSettings,
+) -> None:
+    """A chunk's range holds the offsets it dead-lettered, and a restarted sink skips a chunk it finds
+    complete. Had the files come first, a sink stopped by a dead letter that could not be delivered
+    would leave the chunk, and after the restart the poison record would be in neither the lake nor
+    the DLQ.
+    """
+    names = TopicNames(sink_settings.topic_prefix)
+    serde = AvroSerde()
+    good = [value for _, value in capture_records(600)["features"][:2]]
+    values = [serde.encode(names.features, good[0]), b"not avro at all", serde.encode(names.features, good[1])]
+    producer = Producer({"bootstrap.servers": sink_settings.kafka_bootstrap_servers})
+    for value in values:
+        producer.produce(names.features, key=b"BTC-USD", value=value, partition=1)
+    assert producer.flush(10) == 0
+    root = Path(sink_settings.lake_uri)
+    # The DLQ refuses every record (larger than its max.message.bytes): the dead letter fails.
+    set_topic_config(sink_settings, names.dlq, "max.message.bytes", "64")
+    liveness = Liveness("lake-sink", SystemClock(), 30)
+    with running_sink(sink_settings, crash_expected=True, fails_with=FatalError, liveness=liveness):
+        wait_for(lambda: not liveness.status().healthy, message="the sink to stop on the undelivered dead letter")
+    assert "not delivered" in liveness.status().reason
+    assert lake_offsets(root, names.features) == [], "files written before their dead letter was acknowledged"
+    assert committed_offsets(sink_settings, names.features, 3)[1] < 0
+
+    set_topic_config(sink_settings, names.dlq, "max.message.bytes", None)
+    with running_sink(sink_settings):
+        wait_for(lambda: len(lake_offsets(root, names.features)) >= 2, message="the two good records")
+        (dead,) = read_topic(sink_settings, names.dlq, expected=1)
+    assert (dead["source_topic"], dead["source_partition"], dead["source_offset"]) == (names.features, 1, 1)
+    assert lake_offsets(root, names.features) == [(1, 0), (1, 2)]
 
 
 def produce_features(settings: LakeSinkSettings, count: int, start: int = 0) -> list[ProducedRecord]:

@@ -135,6 +135,15 @@ def test_records_without_a_partition_value_are_poison() -> None:
         partition_dir("qw.features", {"ts_event": T0})
 
 
+@pytest.mark.parametrize("symbol", ["X" * 201, "€" * 23])
+def test_a_partition_value_too_long_for_a_directory_name_is_poison(symbol: str) -> None:
+    # A directory name passes the filesystem's 255-byte limit: every write of the chunk would fail
+    # with ENAMETOOLONG, so the record is dead-lettered instead of stopping the sink.
+    with pytest.raises(LakeRecordError, match="percent-encoded, at most 200"):
+        partition_dir("qw.features", {"symbol": symbol, "ts_event": T0})
+    assert partition_dir("qw.features", {"symbol": "X" * 200, "ts_event": T0}).startswith("symbol=XXX")
+
+
 @given(
     topic=st.from_regex(r"[A-Za-z0-9_\-]{1,12}(\.[a-z0-9]{1,6}){1,3}", fullmatch=True),
     partition=st.integers(0, 10_000),
@@ -328,6 +337,7 @@ def test_lake_info_reports_rows_time_range_coverage_holes_overlaps_and_incomplet
     assert first.holes == [(20, 29)]
     assert first.overlaps == [(35, 39)]
     assert (third.partition, third.holes, third.overlaps) == (2, [], [])
+    assert not third.complete, "a partition with an incomplete chunk is not complete"
     assert [(c.partition, c.first_offset, c.last_offset, c.missing) for c in info.incomplete_chunks] == [
         (2, 0, 1, [incomplete[1]])
     ]
@@ -337,6 +347,7 @@ def test_lake_info_reports_rows_time_range_coverage_holes_overlaps_and_incomplet
     assert "hole: offsets 20..29 missing (10 offsets)" in text
     assert "overlap: offsets 35..39" in text
     assert "incomplete chunk: partition 2 offsets 0..1, missing 1 file(s)" in text
+    assert "partition 2: offsets 0..1 in 1 chunks, 1 rows, INCOMPLETE" in text
     assert "2026-04-17T00:59:59.999999995Z" in text
 
 
