@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,6 +170,7 @@ class LakeSink:
         publish: Publisher = publish_file,
         batch_size: int = 1000,
         poll_timeout: float = 0.1,
+        consumer_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self._settings = settings
         self._serde = serde
@@ -184,6 +186,7 @@ class LakeSink:
         self._publish = publish
         self._batch_size = batch_size
         self._poll_timeout = poll_timeout
+        self._consumer_overrides = dict(consumer_overrides or {})
         self._flush_ns = int(settings.lake_flush_seconds * 1e9)
         self._schemas = {topic: file_schema_for(topic) for topic in self._topics}
         self._columns = {topic: partition_column(topic) for topic in self._topics}
@@ -232,7 +235,7 @@ class LakeSink:
                 delivered, or the broker returned a fatal error.
         """
         client_id = f"{self._service}-{self._settings.instance_id}"
-        self._consumer = make_consumer(self._settings, self._group_id, client_id)
+        self._consumer = make_consumer(self._settings, self._group_id, client_id, **self._consumer_overrides)
         self._producer = make_producer(self._settings, client_id, on_delivery=self._delivery)
         self._consumer.subscribe(
             self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -416,6 +419,9 @@ class LakeSink:
         if buffer.forced_last is not None and offset > buffer.forced_last:
             buffer.last_offset = buffer.forced_last
             self._cut(buffer)
+        expected = buffer.last_offset + 1 if buffer.last_offset >= 0 else buffer.first_offset
+        if offset > expected and buffer.forced_last is None:
+            self._check_gap(buffer, expected, offset)
         self._consumed[topic] += 1
         self._positions[key] = offset + 1
         value = message.value() or b""
@@ -492,6 +498,34 @@ class LakeSink:
             )
             # The chunk starts at the log start, so `lake info` shows the lost range as a hole.
             buffer.first_offset = low
+
+    def _check_gap(self, buffer: _Buffer, expected: int, offset: int) -> None:
+        """Offsets skipped while the partition is assigned: normal, unless retention deleted them.
+
+        Transaction markers and aborted records are never delivered (read_committed), so a gap
+        is usually nothing. But a sink that lags by more than the retention finds its position
+        deleted, and the consumer jumps to the log start (``auto.offset.reset``) in the middle of a
+        chunk: that chunk's name would then claim offsets it never held, and ``lake info`` would
+        show no hole. The log start the last fetch reported (cached, no request) tells the two apart.
+        """
+        assert self._consumer is not None
+        try:
+            low, _ = self._consumer.get_watermark_offsets(TopicPartition(buffer.topic, buffer.partition), cached=True)
+        except KafkaException:
+            return
+        if low <= expected:
+            return  # the skipped offsets still exist: commit markers or aborted records
+        low = min(low, offset)
+        logger.error(
+            "records were deleted by retention before the lake sink read them",
+            extra={"topic": buffer.topic, "partition": buffer.partition, "lost_from": expected, "lost_to": low - 1},
+        )
+        # End the chunk before the loss and start the next one at the log start, so the lost range
+        # is a hole between two chunks. A chunk a crashed predecessor began there is looked for first.
+        if buffer.rows:
+            self._cut(buffer)
+        buffer.restart(low)
+        buffer.verify = True
 
     def _low_watermark(self, consumer: Consumer, buffer: _Buffer) -> int:
         """The partition's log start offset, retrying transient broker errors (e.g. a leader election)."""

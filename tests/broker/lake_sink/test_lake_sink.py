@@ -12,7 +12,7 @@ import duckdb
 import pandas as pd
 import polars as pl
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from prometheus_client import REGISTRY
 
@@ -54,6 +54,7 @@ def running_sink(
     fails_with: type[BaseException] = SimulatedCrash,
     liveness: Liveness | None = None,
     group_id: str | None = None,
+    consumer_overrides: dict[str, Any] | None = None,
 ) -> Iterator[LakeSink]:
     shutdown = ShutdownSignal()
     sink = LakeSink(
@@ -64,6 +65,7 @@ def running_sink(
         liveness=liveness or Liveness("lake-sink", SystemClock(), 30),
         publish=publish,
         group_id=group_id,
+        consumer_overrides=consumer_overrides,
     )
     errors: list[BaseException] = []
 
@@ -240,6 +242,33 @@ def test_dead_letters_are_acknowledged_before_the_files_of_their_chunk_are_writt
         (dead,) = read_topic(sink_settings, names.dlq, expected=1)
     assert (dead["source_topic"], dead["source_partition"], dead["source_offset"]) == (names.features, 1, 1)
     assert lake_offsets(root, names.features) == [(1, 0), (1, 2)]
+
+
+def test_records_deleted_by_retention_while_assigned_show_as_a_hole(sink_settings: LakeSinkSettings) -> None:
+    """A sink lagging behind retention: its position is deleted and the consumer jumps to the log start
+    in the middle of a chunk. The lost range must stay a hole between two chunks, not be claimed by one.
+    """
+    names = TopicNames(sink_settings.topic_prefix)
+    root = Path(sink_settings.lake_uri)
+    produce_features(sink_settings, 5)
+    liveness = Liveness("lake-sink", SystemClock(), 30)
+    # Each fetch waits 5 s at the broker for 1 MB that never comes: the fetch after offsets 0-4 is
+    # still waiting at offset 5 while 5-24 are produced and 5-19 deleted (as retention would).
+    slow_fetch = {"fetch.min.bytes": 1_000_000, "fetch.wait.max.ms": 5000}
+    settings = sink_settings.model_copy(update={"lake_flush_bytes": 10_000_000, "lake_flush_seconds": 3600})
+    with running_sink(settings, liveness=liveness, consumer_overrides=slow_fetch):
+        wait_for(lambda: liveness.status().detail["records_processed"] >= 5, message="offsets 0-4 consumed")
+        produce_features(settings, 20, start=5)
+        admin = make_admin(settings)
+        for future in admin.delete_records([TopicPartition(names.features, 0, 20)]).values():
+            future.result(30)
+        wait_for(lambda: liveness.status().detail["records_processed"] >= 10, message="offsets 20-24 consumed")
+    (info,) = [i for i in lake.lake_info(str(root)) if i.topic == names.features]
+    (coverage,) = info.partitions
+    assert (coverage.first_offset, coverage.last_offset, coverage.rows) == (0, 24, 10)
+    assert coverage.holes == [(5, 19)], lake.format_lake_info([info])
+    assert not info.healthy
+    assert [offset for _, offset in lake_offsets(root, names.features)] == [0, 1, 2, 3, 4, 20, 21, 22, 23, 24]
 
 
 def produce_features(settings: LakeSinkSettings, count: int, start: int = 0) -> list[ProducedRecord]:
