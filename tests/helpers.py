@@ -130,3 +130,21 @@ def committed_past(settings: CommonSettings, group: str, lasts: Mapping[tuple[st
 _COORDINATOR_NOT_READY = frozenset(
     {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE}
 )
+
+
+class RegistryOutage:
+    """confluent-kafka's mock schema registry, unreachable for the first ``failures`` lookups."""
+
+    def __init__(self, registry: Any, failures: int) -> None:
+        self.registry = registry
+        self.failures = failures
+        self.lookups = 0
+
+    def register_schema(self, subject_name: str, schema: Any, normalize_schemas: bool = False) -> int:
+        return int(self.registry.register_schema(subject_name, schema, normalize_schemas))
+
+    def get_schema(self, schema_id: int, subject_name: str | None = None, fmt: str | None = None) -> Any:
+        self.lookups += 1
+        if self.lookups <= self.failures:
+            raise ConnectionError("registry unreachable (simulated outage)")
+        return self.registry.get_schema(schema_id, subject_name, fmt)

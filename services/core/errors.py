@@ -29,6 +29,14 @@ class RetriableError(QuoteWatchError):
     """A transient failure: back off and try again."""
 
 
+class SchemaRegistryUnavailableError(RetriableError):
+    """The schema registry did not answer (connection error, 5xx, timeout): not the record's fault.
+
+    A record whose schema cannot be fetched right now is not poison: processing stops without
+    committing it (the service restarts and reads it again) instead of dead-lettering it.
+    """
+
+
 class PoisonRecordError(QuoteWatchError):
     """One input record cannot be processed; it goes to the dead-letter topic, the rest carry on."""
 

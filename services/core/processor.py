@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
-from quotewatch.core.errors import FatalError, SerdeError
+from quotewatch.core.errors import FatalError, RetriableError, SerdeError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import (
     DeliveryTracker,
@@ -101,6 +102,11 @@ class StreamTask(Protocol):
         ...
 
 
+_RETRY_FIRST_PAUSE = 0.5
+_RETRY_MAX_PAUSE = 10.0
+"""Seconds between retries of a batch that met a transient failure (doubling, with jitter)."""
+
+
 class StreamProcessor:
     """Runs a :class:`StreamTask` over input topics until shutdown is requested.
 
@@ -154,6 +160,7 @@ class StreamProcessor:
         self._replay_until: dict[TopicPartitionKey, int] = {}
         self._positions: dict[TopicPartitionKey, int] = {}
         self._last_lag_check_ns = 0
+        self._retry_pause = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -278,7 +285,11 @@ class StreamProcessor:
             key = (topic, partition)
             replaying = offset < self._replay_until.get(key, -1)
             RECORDS_IN.labels(self._service, topic).inc()
-            self._handle(message, topic, partition, offset, replaying)
+            try:
+                self._handle(message, topic, partition, offset, replaying)
+            except RetriableError as exc:
+                self._retry_batch_later(exc, topic, partition, offset)
+                return
             next_offsets[key] = offset + 1
             processed += 1
             if key in self._replay_until and offset + 1 >= self._replay_until[key]:
@@ -305,12 +316,35 @@ class StreamProcessor:
             self._producer.abort_transaction()
         if not next_offsets:
             return
+        self._retry_pause = 0.0
         self._positions.update(next_offsets)
         self._liveness.progressed(
             processed,
             {f"{topic}[{partition}]": offset for (topic, partition), offset in next_offsets.items()},
         )
         PROCESSING_SECONDS.labels(self._service).observe(time.perf_counter() - started)
+
+    def _retry_batch_later(self, error: RetriableError, topic: str, partition: int, offset: int) -> None:
+        """A transient failure (not the record's fault): drop the batch, back off, read it again.
+
+        Exactly-once: the open transaction is aborted, so nothing of the batch becomes visible.
+        At-least-once: outputs already sent stay, and are sent again with the retry. Either way the
+        consumer goes back to the last commit (and the task's state with it), and nothing is
+        dead-lettered or skipped.
+        """
+        assert self._producer is not None
+        self._retry_pause = min(max(self._retry_pause * 2, _RETRY_FIRST_PAUSE), _RETRY_MAX_PAUSE)
+        logger.warning(
+            "transient failure; retrying the batch: %s",
+            error,
+            extra={"topic": topic, "partition": partition, "offset": offset, "pause_s": self._retry_pause},
+        )
+        if self._exactly_once:
+            self._producer.abort_transaction(60)
+            TRANSACTIONS.labels(self._service, "aborted").inc()
+        self._rewind()
+        self._shutdown.wait(random.uniform(self._retry_pause / 2, self._retry_pause))  # noqa: S311 - jitter
+        self._liveness.beat()  # waiting out a dependency is not a stuck loop
 
     def _handle(self, message: Message, topic: str, partition: int, offset: int, replaying: bool) -> None:
         assert self._producer is not None
@@ -330,6 +364,8 @@ class StreamProcessor:
                 (out.topic, encode_key(out.key), self._serde.encode(out.topic, out.value))
                 for out in self._task.process(record)
             ]
+        except RetriableError:
+            raise  # not the record's fault (e.g. the schema registry is down): the batch is retried
         except SerdeError as exc:
             self._dead_letter(message, exc, replaying, log_traceback=False)
             return

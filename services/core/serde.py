@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import fastavro
 
-from quotewatch.core.errors import DecodeError, EncodeError, UnknownSchemaError
+from quotewatch.core.errors import DecodeError, EncodeError, SchemaRegistryUnavailableError, UnknownSchemaError
 from quotewatch.core.schemas import SchemaStore, SchemaVersion, _version_of, default_store, full_name
 from quotewatch.core.topics import split_topic
 
@@ -42,6 +42,9 @@ class RegistryClient(Protocol):
     def register_schema(self, subject_name: str, schema: Any, normalize_schemas: bool = False) -> int: ...
 
     def get_schema(self, schema_id: int, subject_name: str | None = None, fmt: str | None = None) -> Any: ...
+
+
+_NOT_FOUND = 404
 
 
 def registry_client(url: str, basic_auth_user_info: str | None = None) -> RegistryClient:
@@ -127,7 +130,13 @@ class AvroSerde:
 
             assert self._registry is not None
             with self._lock:
-                schema_id = self._registry.register_schema(subject, Schema(schema.expanded_json, "AVRO"))
+                try:
+                    schema_id = self._registry.register_schema(subject, Schema(schema.expanded_json, "AVRO"))
+                except Exception as exc:
+                    # Unreachable, or refusing the schema (e.g. incompatible): the record is not at fault.
+                    raise SchemaRegistryUnavailableError(
+                        f"cannot register {schema.name} v{schema.version} under {subject!r}: {exc!r}"
+                    ) from exc
                 self._registered[key] = schema_id
                 self._by_registry_id[schema_id] = schema
         return schema_id
@@ -177,6 +186,7 @@ class AvroSerde:
         Raises:
             DecodeError: ``data`` starts with neither framing's magic bytes.
             UnknownSchemaError: the fingerprint or registry id is not known.
+            SchemaRegistryUnavailableError: the registry could not be asked (not the record's fault).
         """
         if data[:2] == SINGLE_OBJECT_MAGIC and len(data) >= _SINGLE_OBJECT_HEADER:
             fingerprint = int.from_bytes(data[2:_SINGLE_OBJECT_HEADER], "little")
@@ -198,7 +208,12 @@ class AvroSerde:
         try:
             registered = self._registry.get_schema(schema_id)
         except Exception as exc:
-            raise UnknownSchemaError(f"schema id {schema_id} not found in the registry: {exc!r}") from exc
+            if getattr(exc, "http_status_code", None) == _NOT_FOUND:
+                raise UnknownSchemaError(f"schema id {schema_id} not found in the registry: {exc}") from exc
+            # Anything else (refused, timed out, 5xx, auth) says nothing about the record.
+            raise SchemaRegistryUnavailableError(
+                f"cannot fetch schema id {schema_id} from the schema registry: {exc!r}"
+            ) from exc
         expanded = json.loads(registered.schema_str)
         version = _version_of(full_name(expanded), 0, expanded)
         known_version = self._store.by_fingerprint(version.fingerprint)

@@ -50,7 +50,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import LakeSinkSettings
-from quotewatch.core.errors import FatalError, SerdeError
+from quotewatch.core.errors import FatalError, RetriableError, SerdeError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import (
     DeliveryTracker,
@@ -102,6 +102,9 @@ _UNASSIGNED_WARN_SECONDS = 10.0
 CONVERT_ROWS = 4096
 """Decoded rows are turned into an Arrow record batch every this many rows (bounds Python objects)."""
 WRITE_ATTEMPTS = 5
+RETRY_FIRST_PAUSE = 0.5
+RETRY_MAX_PAUSE = 10.0
+"""Seconds before reading records again after a transient failure (doubling, with jitter)."""
 
 TopicPartitionKey = tuple[str, int]
 
@@ -198,6 +201,7 @@ class LakeSink:
         self._positions: dict[TopicPartitionKey, int] = {}
         self._delivery = DeliveryTracker()
         self._undelivered_dead_letters = 0
+        self._retry_pause = 0.0
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._last_lag_check_ns = 0
@@ -246,8 +250,14 @@ class LakeSink:
             while not self._shutdown.requested:
                 messages = self._consumer.consume(self._batch_size, self._poll_timeout)
                 self._turned()
-                for message in messages:
-                    self._handle(message)
+                for index, message in enumerate(messages):
+                    try:
+                        self._handle(message)
+                    except RetriableError as exc:
+                        self._retry_later(messages[index:], exc)
+                        break
+                else:
+                    self._retry_pause = 0.0
                 self._cut_aged()
                 self._commit()
                 if messages:
@@ -263,6 +273,30 @@ class LakeSink:
         finally:
             self._liveness.stopped(reason)
             self._close()
+
+    def _retry_later(self, unhandled: list[Message], error: RetriableError) -> None:
+        """A transient failure (e.g. the schema registry is down), not the record's fault.
+
+        The record is neither dead-lettered nor skipped: every partition goes back to its first
+        record not handled yet, and the sink reads them again after a pause (doubling, jitter).
+        What is buffered stays buffered.
+        """
+        assert self._consumer is not None
+        firsts: dict[TopicPartitionKey, int] = {}
+        for message in unhandled:
+            key = (message.topic() or "", message.partition() or 0)
+            if message.error() is None and key in self._buffers:
+                firsts.setdefault(key, message.offset() or 0)
+        self._retry_pause = min(max(self._retry_pause * 2, RETRY_FIRST_PAUSE), RETRY_MAX_PAUSE)
+        logger.warning(
+            "transient failure; reading the records again after a pause: %s",
+            error,
+            extra={"partitions": len(firsts), "pause_s": self._retry_pause},
+        )
+        for (topic, partition), offset in firsts.items():
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+        self._shutdown.wait(random.uniform(self._retry_pause / 2, self._retry_pause))  # noqa: S311 - jitter
+        self._liveness.beat()  # waiting out a dependency is not a stuck loop
 
     def _turned(self) -> None:
         """One turn of the loop, for the stuck watchdog: it counts only while the sink holds partitions.

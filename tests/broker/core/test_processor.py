@@ -14,9 +14,9 @@ from quotewatch.core.config import CommonSettings
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, consumer_config
 from quotewatch.core.processor import InRecord, OutRecord, StreamProcessor
-from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde
+from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde, registry_client
 from quotewatch.core.topics import TopicNames
-from tests.helpers import read_topic, wait_for
+from tests.helpers import RegistryOutage, read_topic, wait_for
 
 
 def top(symbol: str, t: int, bid: int) -> dict[str, Any]:
@@ -107,6 +107,7 @@ def running(
     *,
     batch_size: int = 50,
     shutdown: ShutdownSignal | None = None,
+    serde: AvroSerde | None = None,
 ) -> Iterator[StreamProcessor]:
     shutdown = shutdown or ShutdownSignal()
     processor = StreamProcessor(
@@ -114,7 +115,7 @@ def running(
         service="test",
         task=task,
         input_topics=[TopicNames(settings.topic_prefix).book_top3],
-        serde=AvroSerde(),
+        serde=serde or AvroSerde(),
         clock=SystemClock(),
         shutdown=shutdown,
         liveness=Liveness("test", SystemClock(), 30),
@@ -232,3 +233,21 @@ def committed_offset(settings: CommonSettings, group: str, topic: str) -> int:
         return int(found.offset)
     finally:
         consumer.close()
+
+
+def test_a_schema_registry_outage_retries_the_batch_instead_of_dead_lettering(
+    topics: CommonSettings, group_id: str
+) -> None:
+    names = TopicNames(topics.topic_prefix)
+    registry = registry_client(f"mock://{topics.topic_prefix}")
+    writer = AvroSerde(registry=registry)
+    produce(topics, [writer.encode(names.book_top3, top("BTC-USD", t, 100 + t)) for t in range(3)])
+    outage = RegistryOutage(registry, failures=2)
+    with running(topics, RunningSumTask(names.labels), group_id, serde=AvroSerde(registry=outage)):
+        raw = wait_for(
+            lambda: (r := read_topic(topics, names.labels, decode=False)) and len(r) >= 3 and r, message="3 labels"
+        )
+    labels = [writer.decode(record["_raw"], names.labels) for record in raw]
+    assert [label["label"] for label in labels] == [1, 2, 3], "each record processed once, after the outage"
+    assert outage.lookups == 3, "two failed lookups, then the schema was found and cached"
+    assert read_topic(topics, names.dlq, timeout=2) == [], "a registry outage is not the record's fault"

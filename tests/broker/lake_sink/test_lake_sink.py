@@ -23,10 +23,10 @@ from quotewatch.core.errors import FatalError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, make_admin
 from quotewatch.core.lake import LakeLocation, publish_file
-from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde
+from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde, registry_client
 from quotewatch.core.topics import TopicNames
 from quotewatch.lake_sink.sink import LakeSink
-from tests.helpers import read_topic, wait_for
+from tests.helpers import RegistryOutage, read_topic, wait_for
 from tests.unit.lake_sink.factories import (
     ProducedRecord,
     assert_lake_holds_exactly,
@@ -55,11 +55,12 @@ def running_sink(
     liveness: Liveness | None = None,
     group_id: str | None = None,
     consumer_overrides: dict[str, Any] | None = None,
+    serde: AvroSerde | None = None,
 ) -> Iterator[LakeSink]:
     shutdown = ShutdownSignal()
     sink = LakeSink(
         settings=settings,
-        serde=AvroSerde(),
+        serde=serde or AvroSerde(),
         clock=SystemClock(),
         shutdown=shutdown,
         liveness=liveness or Liveness("lake-sink", SystemClock(), 30),
@@ -269,6 +270,24 @@ def test_records_deleted_by_retention_while_assigned_show_as_a_hole(sink_setting
     assert coverage.holes == [(5, 19)], lake.format_lake_info([info])
     assert not info.healthy
     assert [offset for _, offset in lake_offsets(root, names.features)] == [0, 1, 2, 3, 4, 20, 21, 22, 23, 24]
+
+
+def test_a_schema_registry_outage_is_waited_out_not_dead_lettered(sink_settings: LakeSinkSettings) -> None:
+    names = TopicNames(sink_settings.topic_prefix)
+    registry = registry_client(f"mock://{sink_settings.topic_prefix}")
+    writer = AvroSerde(registry=registry)
+    features = [value for _, value in capture_records(600)["features"][:3]]
+    producer = Producer({"bootstrap.servers": sink_settings.kafka_bootstrap_servers})
+    for value in features:
+        producer.produce(names.features, key=b"BTC-USD", value=writer.encode(names.features, value), partition=2)
+    assert producer.flush(10) == 0
+    root = Path(sink_settings.lake_uri)
+    outage = RegistryOutage(registry, failures=2)
+    with running_sink(sink_settings, serde=AvroSerde(registry=outage)):
+        wait_for(lambda: len(lake_offsets(root, names.features)) >= 3, message="the three records in the lake")
+    assert lake_offsets(root, names.features) == [(2, 0), (2, 1), (2, 2)]
+    assert outage.lookups == 3, "two failed lookups, then the schema was found and cached"
+    assert read_topic(sink_settings, names.dlq, timeout=2) == [], "a registry outage is not the record's fault"
 
 
 def produce_features(settings: LakeSinkSettings, count: int, start: int = 0) -> list[ProducedRecord]:

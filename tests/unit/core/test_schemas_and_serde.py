@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quotewatch.core.errors import DecodeError, UnknownSchemaError
+from quotewatch.core.errors import DecodeError, PoisonRecordError, SchemaRegistryUnavailableError, UnknownSchemaError
 from quotewatch.core.schemas import SchemaStore, crc64_avro, default_store
 from quotewatch.core.serde import CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC, AvroSerde, registry_client
 from quotewatch.core.topics import CATALOG
@@ -150,6 +150,24 @@ def test_unknown_fingerprint_is_a_typed_error() -> None:
 def test_confluent_framing_without_a_registry_is_a_typed_error() -> None:
     with pytest.raises(UnknownSchemaError, match="SCHEMA_REGISTRY_URL"):
         AvroSerde().decode(bytes([CONFLUENT_MAGIC, 0, 0, 0, 9, 1, 2]), "qw.labels")
+
+
+def test_a_registry_that_cannot_be_reached_is_not_the_records_fault(registry_serde: AvroSerde) -> None:
+    """Unknown id (404) -> poison (dead-lettered); registry unreachable -> retriable, never poison."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    record = sample_record(STORE.current("quotewatch.Label").schema)
+    data = registry_serde.encode("qw.labels", record)
+    unknown_id = data[:1] + (2**31 - 1).to_bytes(4, "big") + data[5:]
+    with pytest.raises(UnknownSchemaError, match="not found in the registry"):
+        registry_serde.decode(unknown_id, "qw.labels")
+    # A real client pointed at a closed port (no retries inside the client, so the test is quick).
+    unreachable = SchemaRegistryClient({"url": "http://127.0.0.1:9", "max.retries": 0})
+    with pytest.raises(SchemaRegistryUnavailableError, match="cannot fetch schema id") as caught:
+        AvroSerde(registry=unreachable).decode(data, "qw.labels")
+    assert not isinstance(caught.value, PoisonRecordError)
+    with pytest.raises(SchemaRegistryUnavailableError, match="cannot register"):
+        AvroSerde(registry=unreachable).encode("qw.labels", record)
 
 
 def test_truncated_and_trailing_bytes_are_decode_errors() -> None:
