@@ -28,6 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+_MAX_DOUBLINGS = 60
+"""2**60 times any initial backoff is far past any cap, and still a finite float."""
+
 
 class FeedState(StrEnum):
     INIT = "INIT"
@@ -102,7 +105,10 @@ class ConnectionStateMachine:
 
     def backoff_delay(self) -> float:
         """The full-jitter delay for the current failure count."""
-        cap = min(self._max, self._initial * 2 ** max(0, self.failures - 1))
+        # The exponent is bounded: after ~1,000 failures in a row (hours of a down exchange) an
+        # unbounded 2**n no longer converts to a float (OverflowError) and the ingest would die.
+        doublings = min(max(0, self.failures - 1), _MAX_DOUBLINGS)
+        cap = min(self._max, self._initial * 2.0**doublings)
         return self._rng.uniform(0.0, cap)
 
     # -- events -------------------------------------------------------------------------------

@@ -66,6 +66,17 @@ def test_failures_back_off_exponentially_with_full_jitter_up_to_the_cap() -> Non
     assert min(delays[4:]) < 4.0 < max(delays[4:])
 
 
+def test_hours_of_failures_keep_backing_off_at_the_cap() -> None:
+    # ~1,000 failed connects in a row is ~4 h of a down exchange at 8-30 s each: 2**1024 used to
+    # overflow the float conversion and kill the ingest.
+    m = machine(FakeClock(), seed=5)
+    for _ in range(3000):
+        m.connect()
+        transition = m.failed("refused")
+        assert 0.0 <= transition.delay_seconds <= 8.0
+    assert m.failures == 3000
+
+
 def test_a_stable_connection_resets_the_backoff_and_a_short_one_counts_as_a_failure() -> None:
     clock = FakeClock()
     m = machine(clock)
