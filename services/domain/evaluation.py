@@ -33,8 +33,13 @@ from numpy.typing import ArrayLike, NDArray
 
 DECISION_THRESHOLD = 0.5
 """Balanced accuracy scores the decision ``p >= DECISION_THRESHOLD``."""
-LOG_LOSS_EPSILON = 1e-15
-"""Probabilities are clipped to [eps, 1 - eps] for the log loss (sklearn's convention)."""
+LOG_LOSS_EPSILON = float(np.finfo(np.float64).eps)
+"""The log loss clips p and 1 - p to [eps, 1 - eps], eps the machine epsilon of float64 (2.2e-16).
+
+scikit-learn's convention (``sklearn.metrics.log_loss`` of the pinned 1.9 clips each class's
+probability at the epsilon of the probabilities' dtype): a certain wrong prediction costs
+-log(eps) = 36.04.
+"""
 NS_PER_MS = 1_000_000
 
 BASELINE_BASE_RATE = "base_rate"
@@ -100,7 +105,7 @@ def _brier(y: NDArray[np.int64], p: NDArray[np.float64]) -> float | None:
 
 
 def log_loss(y: ArrayLike, p: ArrayLike) -> float | None:
-    """Mean negative log-likelihood (natural log), probabilities clipped; None for no outcomes."""
+    """Mean negative log-likelihood (natural log), probabilities clipped as sklearn does; None for no outcomes."""
     y_array, p_array = _arrays(y, p)
     return _log_loss(y_array, p_array)
 
@@ -108,8 +113,9 @@ def log_loss(y: ArrayLike, p: ArrayLike) -> float | None:
 def _log_loss(y: NDArray[np.int64], p: NDArray[np.float64]) -> float | None:
     if y.size == 0:
         return None
-    clipped = np.clip(p, LOG_LOSS_EPSILON, 1 - LOG_LOSS_EPSILON)
-    return float(-np.mean(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)))
+    # As sklearn: the probability of each class (p, 1 - p), each clipped, and the log of the observed one.
+    observed = np.where(y == 1, p, 1.0 - p)
+    return float(-np.mean(np.log(np.clip(observed, LOG_LOSS_EPSILON, 1 - LOG_LOSS_EPSILON))))
 
 
 def balanced_accuracy(y: ArrayLike, p: ArrayLike, threshold: float = DECISION_THRESHOLD) -> float | None:

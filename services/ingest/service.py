@@ -9,7 +9,11 @@ Three parts, joined by one bounded queue:
   OVERFLOW control record with the number and indexes of the frames it could not keep, then the
   DISCONNECTED record: the loss is in the log, the normaliser turns it into GAP events, and the
   reconnect's snapshots rebuild the books.
-- the **clock**: every TICK_MS of wall time a CLOCK control record goes on the queue.
+- the **clock**: every TICK_MS of wall time a CLOCK control record goes on the queue. It carries
+  the id of the connection whose CONNECTED record was queued last (also between connections and
+  while the next one is still connecting): every record from a CONNECTED up to the next CONNECTED
+  carries that connection's id (only the DISCONNECTED of a failed connect attempt carries the
+  attempt's own id), which is what a replay's search for a window's CONNECTED record relies on.
 - the **writer** (a thread): takes records in order, writes each to ``qw.md.raw`` (key = feed),
   runs the :class:`~quotewatch.domain.normaliser.Normaliser` over it and writes its events to
   ``qw.md.events`` (key = symbol) and its rejects to ``qw.dlq``. Control records get their
@@ -380,6 +384,9 @@ class IngestService:
         self._ws: ClientConnection | None = None
         self._connection_id = ""
         self._last_connection_id = ""
+        # The connection of the latest CONNECTED record queued (what CLOCK records carry); set only
+        # once that record is on the queue, so no CLOCK carries an id ahead of its CONNECTED.
+        self._clock_connection_id = ""
         self._end_reason: str | None = None
         self._overflow: list[int] | None = None
         self._overflow_ticks = 0
@@ -508,6 +515,9 @@ class IngestService:
         await self._put_control(
             "CONNECTED", connection_id, self.machine.state, f"connected to {self.url}", url=self.url
         )
+        # Not before: a tick during the handshake (or while the CONNECTED waited for room) still
+        # belongs to the previous connection's stretch of the log.
+        self._clock_connection_id = connection_id
         watchdog = asyncio.create_task(self._watchdog())
         frame_index = 0
         try:
@@ -653,7 +663,7 @@ class IngestService:
         while True:
             now = self._clock.now_ns()
             await asyncio.sleep((tick_ns - now % tick_ns) / 1e9)
-            item = QueueItem("CLOCK", "tick", self._connection_id or self._last_connection_id, -1, self._stamp())
+            item = QueueItem("CLOCK", "tick", self._clock_connection_id, -1, self._stamp())
             if not self._offer(item):
                 if self._ws is not None:
                     # A full queue is an overflow whoever finds it; the session records it.

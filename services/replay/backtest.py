@@ -1,8 +1,10 @@
 """``quotewatch backtest``: a past window through book -> features -> labels -> predictions, in-process.
 
 Reads the raw log of the window from the source (``lake``, ``topic:PREFIX``, a capture file or the
-synthetic market; see :mod:`quotewatch.replay.sources`), runs :class:`quotewatch.replay.engine.BacktestEngine`
-(the services' own functions), scores the feature ticks with each ``--model`` (pinned registry
+synthetic market; see :mod:`quotewatch.replay.sources`), from its CONNECTED record to
+:func:`~quotewatch.replay.engine.input_lookahead_ns` past ``--to`` (the labels of the last ticks),
+runs :class:`quotewatch.replay.engine.BacktestEngine` (the services' own functions; it emits the
+ticks before ``--to``), scores the feature ticks with each ``--model`` (pinned registry
 versions, as inference loads them), and reports the models against the naive baselines on the
 window's ticks (:mod:`quotewatch.replay.report`): a table on stdout, ``roc.png``,
 ``calibration.png``, ``metrics.json`` and ``table.md`` in the output directory, and an MLflow
@@ -30,7 +32,13 @@ from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.models import CHALLENGER_ROLE, CHAMPION_ROLE
 from quotewatch.replay import report, sources
-from quotewatch.replay.engine import BacktestEngine, ModelScores, prediction_records, score_model
+from quotewatch.replay.engine import (
+    BacktestEngine,
+    ModelScores,
+    input_lookahead_ns,
+    prediction_records,
+    score_model,
+)
 from quotewatch.replay.sources import RawStart, SourceSpec, Window, format_time
 
 logger = logging.getLogger(__name__)
@@ -141,6 +149,8 @@ def run_backtest(
 ) -> BacktestResult:
     """Run the pipeline over the window, score, evaluate, write the report.
 
+    The source is read :func:`input_lookahead_ns` past the window's end; the engine emits (and
+    the report scores) the ticks before it.
     ``raws`` replaces the source's records (benchmarks feed pre-generated input this way);
     ``lake_out`` = (lake URI, namespace) files the derived records there (:func:`write_lake`).
     ``events``: read the stored market events of a topic or lake source instead of its raw log
@@ -153,9 +163,9 @@ def run_backtest(
     total: int | None = None
     if raws is None:
         read = event_input if events else raw_input
-        start, total, raws = read(settings, source, window, serde)
+        start, total, raws = read(settings, source, window.extended(input_lookahead_ns(settings.delta_ms)), serde)
     keep = records_dir is not None or lake_out is not None
-    engine = BacktestEngine(settings.tick_ms, settings.delta_ms, keep_records=keep)
+    engine = BacktestEngine(settings.tick_ms, settings.delta_ms, keep_records=keep, end_ns=window.end_ns)
     began = time.perf_counter()
     if progress:
         raws = tqdm(raws, total=total, unit="rec", desc="backtest", mininterval=0.5)

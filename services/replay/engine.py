@@ -16,6 +16,16 @@ The services see a symbol's records in the same order (one partition per key) an
 per symbol, so the outputs are identical. Only the fallback model is not reproduced: it learns
 from labels in the order inference happens to consume them.
 
+**The window's end.** With ``end_ns`` (``--to``), the engine emits the ticks ``t < end_ns`` (their
+BookTop, FeatureVector and Label records; a label is the record of its tick ``t_event``), and
+its input may run past ``end_ns``: the label of tick ``t`` is made when tick ``t + Δ`` closes, i.e.
+when the first event after ``t + Δ`` arrives. A backtest reads :func:`input_lookahead_ns` past
+``--to`` (Δ plus :data:`~quotewatch.domain.book_pipeline.MAX_CARRIED_MS`, the 5 s that also
+cover receive delay), so its ticks and labels are the live services' for every tick before
+``--to``, and the rows of ``[A, C)`` are those of ``[A, B)`` plus those of ``[B, C)``. Only a
+symbol without any event (CLOCK events included: live they come every tick) for more than those
+5 s across ``--to + Δ`` could still lose a label there.
+
 Memory: features are kept as compact columns (t, symbol, spec, a float64 matrix: ~210 bytes a
 tick), labels likewise; full records only with ``keep_records`` (parity tests, small windows).
 No I/O, no clock.
@@ -32,13 +42,20 @@ import numpy as np
 from numpy.typing import NDArray
 
 from quotewatch.core.registry import LoadedModel
-from quotewatch.domain.book_pipeline import BookPipeline, MarketEventError, TickOutput
+from quotewatch.domain.book_pipeline import MAX_CARRIED_MS, BookPipeline, MarketEventError, TickOutput
 from quotewatch.domain.labels import Labeler, LabelInputError
 from quotewatch.domain.models import is_valid_probability, prediction_record
 from quotewatch.domain.normaliser import Normaliser
 
 SCORE_CHUNK_ROWS = 65_536
 """Rows scored per call (bounds the temporary matrices; results do not depend on it)."""
+_NS_PER_MS = 1_000_000
+_NO_END = 2**63  # past every int64 ts
+
+
+def input_lookahead_ns(delta_ms: int) -> int:
+    """How far past ``--to`` a backtest reads its input: Δ, then :data:`MAX_CARRIED_MS` (see the module doc)."""
+    return (delta_ms + MAX_CARRIED_MS) * _NS_PER_MS
 
 
 @dataclass
@@ -54,6 +71,7 @@ class PipelineCounts:
     bad_tops: int = 0
     """BookTop records the labeler rejected."""
     ticks: int = 0
+    """Ticks emitted (``t < end_ns``); ``raw_records`` and ``events`` count the whole input."""
     feature_vectors: int = 0
     labels: int = 0
 
@@ -101,11 +119,13 @@ class BacktestEngine:
     Args:
         tick_ms, delta_ms: the grid step and the label horizon (TICK_MS, DELTA_MS).
         keep_records: also keep every MarketEvent, BookTop, FeatureVector and Label dict.
+        end_ns: emit only ticks ``t < end_ns`` (and their labels); None: every tick.
     """
 
     tick_ms: int
     delta_ms: int
     keep_records: bool = False
+    end_ns: int | None = None
     counts: PipelineCounts = field(default_factory=PipelineCounts)
     events: list[dict[str, Any]] = field(default_factory=list)
     book_tops: list[dict[str, Any]] = field(default_factory=list)
@@ -169,17 +189,21 @@ class BacktestEngine:
         label_of = self.labeler.process
         keep = self.keep_records
         symbol_id = self._symbol_id
+        end = _NO_END if self.end_ns is None else self.end_ns
         for tick in ticks:
-            counts.ticks += 1
             top = tick.book_top
-            if keep:
-                self.book_tops.append(top)
+            # Past the end the ticks still go to the labeler (they label the ticks before it).
+            inside = top["ts_event"] < end
+            if inside:
+                counts.ticks += 1
+                if keep:
+                    self.book_tops.append(top)
             try:
                 label = label_of(top)
             except LabelInputError:
-                counts.bad_tops += 1
+                counts.bad_tops += int(inside)
                 label = None
-            if label is not None:
+            if label is not None and label["t_event"] < end:
                 counts.labels += 1
                 self._label_t.append(label["t_event"])
                 self._label_symbol.append(symbol_id(label["symbol"]))
@@ -187,7 +211,7 @@ class BacktestEngine:
                 if keep:
                     self.label_records.append(label)
             vector = tick.features
-            if vector is not None:
+            if vector is not None and inside:
                 counts.feature_vectors += 1
                 values = vector["values"]
                 if self._width is None:

@@ -8,8 +8,9 @@ complete input), then book, labeler and inference produce what they produced liv
 
 Records read from Kafka are forwarded byte for byte (value and key); records from the lake, a
 capture or the synthetic market are encoded with the topic's current schema. Pacing
-(``--speed``) follows ``ts_init``: ``1x`` keeps the original gaps between records, ``Nx`` divides
-them by N, ``max`` does not wait.
+(``--speed``) follows ``ts_init`` from ``--from`` on: ``1x`` keeps the original gaps between
+records, ``Nx`` divides them by N, ``max`` does not wait; the warm-up before ``--from`` (from the
+CONNECTED record on) always goes at full speed.
 
 **Delivery.** One idempotent producer (acks=all, no reordering on retry); every delivery
 report is checked and the replay fails (exit 1) if any record was not delivered, after flushing
@@ -199,7 +200,7 @@ def replay(
                 count, first_ts, last_ts = _forward(producer, topic, batches, bar, delivery, serde, source_topic)
             else:
                 assert records is not None
-                pacer = _Pacer(speed, clock, sleep) if speed is not None else None
+                pacer = _Pacer(speed, clock, sleep, window.start_ns) if speed is not None else None
                 count, first_ts, last_ts = _publish(producer, topic, what, records, pacer, bar, delivery, serde)
     finally:
         if own_producer:
@@ -219,18 +220,26 @@ def _progress(total: int | None, topic: str, enabled: bool) -> Any:
 
 
 class _Pacer:
-    """Waits until a record is due: its ``ts_init`` gap from the first record, divided by the speed."""
+    """Waits until a record is due: its ``ts_init`` gap from the window start, divided by the speed.
 
-    def __init__(self, speed: float, clock: Clock, sleep: Callable[[float], None]) -> None:
+    Records before ``start_ns`` (the warm-up from the CONNECTED record on) are due at once; the
+    first record at or after it fixes the origin, ``start_ns`` at that moment (without a window
+    start: the first record's ``ts_init``).
+    """
+
+    def __init__(self, speed: float, clock: Clock, sleep: Callable[[float], None], start_ns: int | None = None) -> None:
         self._speed = speed
         self._clock = clock
         self._sleep = sleep
+        self._start_ns = start_ns
         self._origin: tuple[int, int] | None = None
 
     def wait(self, ts_init: int) -> None:
-        now = self._clock.monotonic_ns()
         if self._origin is None:
-            self._origin = (now, ts_init)
+            if self._start_ns is not None and ts_init < self._start_ns:
+                return
+            self._origin = (self._clock.monotonic_ns(), ts_init if self._start_ns is None else self._start_ns)
+        now = self._clock.monotonic_ns()
         due_ns = self._origin[0] + int((ts_init - self._origin[1]) / self._speed)
         if due_ns > now:
             self._sleep((due_ns - now) / 1e9)

@@ -17,6 +17,9 @@ number. The records between that CONNECTED and ``--from`` are read too (the warm
 snapshot and everything the book and feature windows need). An events window starts at the first
 event made from that CONNECTED record (``ts_init`` >= its ``ts_init``), in every partition.
 
+A replay reads up to ``--to``. A backtest reads further (:meth:`Window.extended`): the label of a
+tick just before ``--to`` is known only Δ later.
+
 A source yields :class:`LogRecord` items (decoded value, plus the original bytes when they come
 from Kafka, so a topic-to-topic replay forwards them unchanged) in log order.
 """
@@ -25,12 +28,13 @@ from __future__ import annotations
 
 import heapq
 import logging
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -58,24 +62,43 @@ class ReplayError(QuoteWatchError):
     """A window cannot be read as asked (no CONNECTED record before it, empty log, bad source)."""
 
 
+_SECONDS_FRACTION = re.compile(r"^(?P<head>[^T ]+[T ][\d:]+)[.,](?P<fraction>\d+)(?P<zone>.*)$")
+"""Date, time to the second | the fraction of the second | the zone, if any."""
+
+
 def parse_time(text: str) -> int:
     """ISO 8601 (``2018-04-13T21:00:00Z``, ``2018-04-13 21:00:00.5+02:00``; no zone = UTC) -> ns since the epoch.
+
+    Exact to the nanosecond (``ts_*`` fields are integer ns): the fraction of the second is read
+    here, as ``datetime`` keeps microseconds only; digits past the ninth are dropped.
 
     Raises:
         ConfigError: not an ISO 8601 date-time.
     """
+    stripped = text.strip()
+    fraction_ns = 0
+    split = _SECONDS_FRACTION.match(stripped)
+    if split is not None:
+        stripped = split["head"] + split["zone"]
+        fraction_ns = int(split["fraction"][:9].ljust(9, "0"))
     try:
-        moment = datetime.fromisoformat(text.strip())
+        moment = datetime.fromisoformat(stripped)
     except ValueError as exc:
         raise ConfigError(f"{text!r} is not an ISO 8601 date-time (e.g. 2018-04-13T21:00:00Z)") from exc
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // timedelta(microseconds=1) * 1_000
+    return (moment - _EPOCH) // timedelta(microseconds=1) * 1_000 + fraction_ns
 
 
 def format_time(ts_ns: int) -> str:
-    """ns since the epoch -> ISO 8601 UTC with microseconds."""
-    return (_EPOCH + timedelta(microseconds=ts_ns // 1_000)).isoformat().replace("+00:00", "Z")
+    """ns since the epoch -> ISO 8601 UTC: whole seconds, microseconds or nanoseconds, as exact as needed."""
+    seconds, fraction_ns = divmod(ts_ns, 1_000_000_000)
+    text = (_EPOCH + timedelta(seconds=seconds)).isoformat().replace("+00:00", "")
+    if fraction_ns % 1_000:
+        text += f".{fraction_ns:09d}"
+    elif fraction_ns:
+        text += f".{fraction_ns // 1_000:06d}"
+    return text + "Z"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +117,10 @@ class Window:
 
     def contains(self, ts_ns: int) -> bool:
         return (self.start_ns is None or ts_ns >= self.start_ns) and self.before_end(ts_ns)
+
+    def extended(self, past_end_ns: int) -> Window:
+        """This window with its end ``past_end_ns`` later (a backtest's input: see :mod:`quotewatch.replay.engine`)."""
+        return self if self.end_ns is None else Window(self.start_ns, self.end_ns + past_end_ns)
 
     def describe(self) -> str:
         start = format_time(self.start_ns) if self.start_ns is not None else "the start"
@@ -305,36 +332,79 @@ class RawStart:
 
 
 def find_raw_start(reader: TopicReader, start_ns: int | None) -> RawStart:
-    """The CONNECTED record of the connection live at ``start_ns`` (the latest one at or before it).
+    """The CONNECTED record of the connection live at ``start_ns``: the latest one at or before it.
+
+    Without ``start_ns`` (or with one before the retained log), the CONNECTED that starts the log.
+
+    The ingest stamps every record from a CONNECTED up to the next CONNECTED with that
+    connection's id (CLOCK ticks between connections included), so a binary search on the id of
+    the last record at or before ``start_ns`` finds where its stretch begins. Stretches that do not
+    open with a CONNECTED are stepped over, back to the stretch before: the DISCONNECTED of a
+    failed connect attempt (it carries the attempt's own id), and, in logs written before the
+    ingest stamped CLOCKs this way, the ticks of a reconnect handshake or a backoff, which carried
+    the id of the connection being attempted. CLOCKs ahead of a CONNECTED with its id are
+    skipped: its stretch starts at the CONNECTED.
 
     Raises:
-        ReplayError: the retained log does not start that connection with a CONNECTED record.
+        ReplayError: the log is empty, or the retained log has no CONNECTED record at or before
+            ``start_ns`` (retention removed the connection's start).
     """
     low, high = reader.watermarks(0)
     if high <= low:
         raise ReplayError(f"{reader.topic} is empty")
-    if start_ns is None:
-        last_before = low
-    else:
-        after = reader.first_offset_at_or_after(0, start_ns, inclusive=False)
-        last_before = max(low, after - 1)
-    found = reader.read_at(0, last_before, high)
-    if found is None:
-        raise ReplayError(f"{reader.topic}: no record at or after offset {last_before}")
+    after = low if start_ns is None else reader.first_offset_at_or_after(0, start_ns, inclusive=False)
+    if after <= low:
+        # The log's own start: its first stretch (leading CLOCKs skipped) must be a connection's.
+        found = _connected_of_stretch(reader, low, high)
+        if found is not None:
+            return found
+        _no_connected(reader, low, high, start_ns)
+    position = after - 1
+    while position >= low:
+        record = reader.read_at(0, position, high)
+        if record is None:
+            raise ReplayError(f"{reader.topic}: no record at or after offset {position}")
+        offset, value = record
+        connection = value["connection_id"]
+        first = reader.first_offset_where(0, low, offset, lambda v, wanted=connection: v["connection_id"] == wanted)
+        found = _connected_of_stretch(reader, first, offset + 1)
+        if found is not None:
+            return found
+        position = first - 1
+    _no_connected(reader, low, high, start_ns)
+
+
+def _connected_of_stretch(reader: TopicReader, first: int, end: int) -> RawStart | None:
+    """The CONNECTED record that opens the stretch of one ``connection_id`` at ``first``, CLOCKs skipped.
+
+    Looks at offsets [first, end) only; None when the first record there that is not one of the
+    connection's CLOCKs is not its CONNECTED, or when there is no such record.
+    """
+    connection: str | None = None
+    for record in reader.records(0, first, end):
+        value = record.value
+        if connection is None:
+            connection = str(value["connection_id"])
+        if value["connection_id"] != connection:
+            return None
+        if value["kind"] == "CONNECTED":
+            return RawStart(record.offset, int(value["ts_init"]), connection)
+        if value["kind"] != "CLOCK":
+            return None
+    return None
+
+
+def _no_connected(reader: TopicReader, low: int, high: int, start_ns: int | None) -> NoReturn:
+    found = reader.read_at(0, low, high)
+    assert found is not None
     offset, value = found
-    connection = value["connection_id"]
-    if value["kind"] != "CONNECTED":
-        offset = reader.first_offset_where(0, low, offset, lambda v: v["connection_id"] == connection)
-        found = reader.read_at(0, offset, high)
-        assert found is not None
-        offset, value = found
-    if value["kind"] != "CONNECTED":
-        raise ReplayError(
-            f"{reader.topic}: the log's first record of connection {connection!r} (offset {offset}, "
-            f"{format_time(value['ts_init'])}) is a {value['kind']}, not CONNECTED: the normaliser cannot start "
-            "clean there (retention removed the connection's start?). Choose --from at or after the next CONNECTED."
-        )
-    return RawStart(offset, int(value["ts_init"]), str(connection))
+    at = format_time(start_ns) if start_ns is not None else "the start of the log"
+    raise ReplayError(
+        f"{reader.topic}: no CONNECTED record at or before {at}; the retained log starts (offset {offset}, "
+        f"{format_time(value['ts_init'])}) with a {value['kind']} of connection {value['connection_id']!r}, "
+        "not CONNECTED: the normaliser cannot start clean there (retention removed the connection's start?). "
+        "Choose --from at or after the next CONNECTED."
+    )
 
 
 def topic_raw_records(
@@ -442,9 +512,12 @@ def lake_raw_start(lake_uri: str, prefix: str, start_ns: int | None) -> RawStart
             rows = [row for row in rows if row["ts_init"] <= start_ns]
         connected = [row for row in rows if row["kind"] == "CONNECTED"]
         if start_ns is None and rows:
-            first = rows[0]
-            if first["kind"] != "CONNECTED":
-                raise ReplayError(f"the lake's {topic} starts with a {first['kind']}, not a CONNECTED record")
+            # CLOCK ticks ahead of the first CONNECTED (stamped with its id while it was connecting,
+            # by ingests before that was fixed) are skipped, as in the topic search.
+            opening = rows[0]["connection_id"]
+            first = next((row for row in rows if row["kind"] != "CLOCK" or row["connection_id"] != opening), rows[0])
+            if first["kind"] != "CONNECTED" or first["connection_id"] != opening:
+                raise ReplayError(f"the lake's {topic} starts with a {rows[0]['kind']}, not a CONNECTED record")
             return RawStart(first["_offset"], first["ts_init"], first["connection_id"])
         if connected:
             last = connected[-1]

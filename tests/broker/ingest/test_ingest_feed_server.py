@@ -46,6 +46,7 @@ from quotewatch.feed_server.server import (
 from quotewatch.ingest.service import IngestService
 from quotewatch.ingest.state_machine import FeedState
 from quotewatch.ingest.topic_mode import NormaliseTask
+from quotewatch.replay.sources import TopicReader, find_raw_start
 from tests.helpers import shared_data_dir, wait_for
 from tests.unit.domain.test_normaliser_golden import books_from_events, reference_books
 
@@ -337,6 +338,82 @@ def test_backpressure_overflow_is_recorded_as_a_gap_and_resynced(make_settings: 
     assert named == service.stats.dropped_frames > 0
     assert gaps(events)["BUFFER_OVERFLOW"] >= 1
     assert (FeedState.SUBSCRIBED.value, FeedState.RECONNECTING.value) in transitions(service)
+
+
+class RawKindRecorder:
+    """A real producer that also records the kind and connection of every ``md.raw`` record it is given."""
+
+    def __init__(self, producer: Producer, raw_topic: str) -> None:
+        self._producer = producer
+        self._raw_topic = raw_topic
+        self._serde = AvroSerde()
+        self.raw: list[tuple[str, str]] = []
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, **kwargs: Any) -> None:
+        self._producer.produce(topic, value=value, key=key, **kwargs)
+        if topic == self._raw_topic:
+            record = self._serde.decode(value or b"", topic)
+            self.raw.append((record["kind"], record["connection_id"]))
+
+    def clocks(self) -> int:
+        return sum(1 for kind, _ in self.raw if kind == "CLOCK")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+
+def test_clock_ticks_during_a_reconnect_belong_to_the_previous_connection_and_windows_start_in_either(
+    make_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconnect handshake takes several ticks (a TLS handshake to Coinbase takes ~250 ms; loopback
+    ~1 ms, so the second connect here waits until three CLOCK records were written first). Those
+    ticks carry the previous connection's id, never the id of a connection that has not connected
+    yet, and a replay window starting inside the new connection or inside the handshake finds its
+    CONNECTED record."""
+    import quotewatch.ingest.service as ingest_module
+
+    real_connect = ingest_module.connect
+    recorder: list[RawKindRecorder] = []
+    connects: list[int] = []
+
+    async def slow_reconnect(*args: Any, **kwargs: Any) -> Any:
+        connects.append(1)
+        if len(connects) > 1:
+            wanted = recorder[0].clocks() + 3
+            async with asyncio.timeout(20):
+                while recorder[0].clocks() < wanted:
+                    await asyncio.sleep(0.01)
+        return await real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "connect", slow_reconnect)
+    with serve_in_thread(synthetic_server("advanced", FaultPlan(drop_after=150))) as running:
+        settings = ingest_settings(make_settings, running.url, "advanced")
+        names = TopicNames(settings.topic_prefix)
+        recorder.append(RawKindRecorder(make_producer(settings, "ingest-test"), names.md_raw))
+        with running_ingest(settings, producer=recorder[0]) as service:  # type: ignore[arg-type]
+            wait_for_books_to_match(settings, running)
+    assert service.stats.connections == 2
+    raw = read_to_end(settings, names.md_raw)
+    connected = [i for i, r in enumerate(raw) if r["kind"] == "CONNECTED"]
+    assert len(connected) == 2
+    first, second = raw[connected[0]]["connection_id"], raw[connected[1]]["connection_id"]
+    # Every CLOCK carries the connection of the latest CONNECTED record before it.
+    latest = ""
+    for record in raw:
+        if record["kind"] == "CONNECTED":
+            latest = record["connection_id"]
+        elif record["kind"] == "CLOCK":
+            assert record["connection_id"] == latest, (record["ts_init"], record["connection_id"], latest)
+    disconnected = next(i for i, r in enumerate(raw) if r["kind"] == "DISCONNECTED")
+    handshake = raw[disconnected + 1 : connected[1]]
+    assert len(handshake) >= 3
+    assert {(r["kind"], r["connection_id"]) for r in handshake} == {("CLOCK", first)}
+
+    with TopicReader(settings, names.md_raw, AvroSerde()) as reader:
+        inside_second = find_raw_start(reader, raw[connected[1] + 20]["ts_init"])
+        inside_handshake = find_raw_start(reader, handshake[1]["ts_init"])
+    assert (inside_second.offset, inside_second.connection_id) == (raw[connected[1]]["_offset"], second)
+    assert (inside_handshake.offset, inside_handshake.connection_id) == (raw[connected[0]]["_offset"], first)
 
 
 def test_topic_mode_renormalises_the_raw_log_byte_for_byte(

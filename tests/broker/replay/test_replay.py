@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -17,10 +18,10 @@ from quotewatch.core.kafka import ensure_topics, make_admin, producer_config
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.coinbase import FEED_ADVANCED
-from quotewatch.domain.normaliser import Normaliser
+from quotewatch.domain.normaliser import Normaliser, control_text
 from quotewatch.domain.synthetic import SyntheticConfig, synthetic_raw_frames
 from quotewatch.replay.publisher import replay
-from quotewatch.replay.sources import ReplayError, SourceSpec, TopicReader, Window
+from quotewatch.replay.sources import ReplayError, SourceSpec, TopicReader, Window, find_raw_start
 from tests.helpers import read_topic
 
 SECOND = 1_000_000_000
@@ -28,26 +29,44 @@ S1 = 1_786_300_000_000_000_000
 S2 = S1 + 20 * SECOND
 
 
-def clock_record(ts: int) -> dict[str, Any]:
+def control_record(ts: int, connection: str = "", kind: str = "CLOCK") -> dict[str, Any]:
     return {
         "ts_event": ts,
         "ts_init": ts,
         "exchange": "coinbase",
         "feed": FEED_ADVANCED,
-        "symbols": ["BTC-USD"],
-        "connection_id": "",
+        "symbols": ["BTC-USD", "ETH-USD"],
+        "connection_id": connection,
         "frame_index": -1,
-        "kind": "CLOCK",
-        "text": "tick",
+        "kind": kind,
+        "text": "tick" if kind == "CLOCK" else control_text("RECONNECTING", "connection closed"),
     }
 
 
+def connection(seed: int, start: int, seconds: int, connection_id: str) -> list[dict[str, Any]]:
+    config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=seed, start_ns=start)
+    return list(synthetic_raw_frames(FEED_ADVANCED, config, seconds * SECOND, connection_id=connection_id))
+
+
+TICK = 100_000_000
+
+
 def raw_log() -> list[dict[str, Any]]:
-    """Clock records before any connection, then connection c1 (5 s), then c2 (10 s) of two symbols."""
-    log = [clock_record(S1 - 3 * SECOND + i * 100_000_000) for i in range(3)]
-    for seed, start, seconds, connection in ((1, S1, 5, "c1"), (2, S2, 10, "c2")):
-        config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=seed, start_ns=start)
-        log.extend(synthetic_raw_frames(FEED_ADVANCED, config, seconds * SECOND, connection_id=connection))
+    """Clock records of no connection, then c1 (5 s), its loss, a failed attempt c2x, then c2 (10 s).
+
+    Between the connections the CLOCK records are those of an ingest before CLOCKs carried the
+    last connection that connected: the id of the attempt in progress, ahead of its CONNECTED
+    (during the failed attempt and its backoff: c2x; during c2's 300 ms handshake: c2).
+    """
+    log = [control_record(S1 - 3 * SECOND + i * TICK) for i in range(3)]
+    log += connection(1, S1, 5, "c1")
+    lost = S1 + 5 * SECOND + 5 * TICK
+    log += [control_record(lost, "c1", "DISCONNECTED"), control_record(lost + TICK, "c1")]
+    log += [control_record(lost + 20 * TICK, "c2x"), control_record(lost + 21 * TICK, "c2x", "DISCONNECTED")]
+    log += [control_record(lost + i * TICK, "c2x") for i in range(22, 50)]  # the backoff
+    log += [control_record(S2 - i * TICK, "c2") for i in (3, 2, 1)]  # c2's handshake
+    log += connection(2, S2, 10, "c2")
+    assert all(a["ts_init"] < b["ts_init"] for a, b in itertools.pairwise(log))
     return log
 
 
@@ -113,6 +132,30 @@ def test_between_connections_the_window_starts_at_the_previous_one_and_before_an
         replay(settings, SourceSpec("topic", a.prefix), Window(S1 - 2 * SECOND, S1), f"{a.prefix}-c", progress=False)
 
 
+def test_ticks_stamped_with_a_connection_ahead_of_its_connected_record_do_not_stop_a_window(
+    source: tuple[CommonSettings, list[dict[str, Any]]],
+) -> None:
+    """Logs of an ingest whose CLOCKs carried the connection being attempted: windows inside the
+    failed attempt's backoff and inside the handshake start at c1, windows inside c2 at its CONNECTED."""
+    settings, log = source
+    a = TopicNames(settings.topic_prefix)
+    with TopicReader(settings, a.md_raw, AvroSerde()) as reader:
+        c2 = next(i for i, r in enumerate(log) if r["kind"] == "CONNECTED" and r["connection_id"] == "c2")
+        starts = {
+            name: find_raw_start(reader, log[index]["ts_init"])
+            for name, index in (("backoff", c2 - 10), ("handshake", c2 - 2), ("c2", c2 + 30))
+        }
+    assert {name: (start.offset, start.connection_id) for name, start in starts.items()} == {
+        "backoff": (3, "c1"),
+        "handshake": (3, "c1"),
+        "c2": (c2, "c2"),
+    }
+    window = Window(log[c2 + 30]["ts_init"], log[c2 + 60]["ts_init"])
+    summary = replay(settings, SourceSpec("topic", a.prefix), window, f"{a.prefix}-h", progress=False)
+    assert summary.start is not None
+    assert (summary.start.offset, summary.records) == (c2, 60)
+
+
 def test_an_events_window_starts_at_the_events_of_the_connected_record_in_every_partition(
     source: tuple[CommonSettings, list[dict[str, Any]]], make_settings: Callable[..., CommonSettings]
 ) -> None:
@@ -138,8 +181,10 @@ def test_an_events_window_starts_at_the_events_of_the_connected_record_in_every_
     assert wanted["BTC-USD"][0]["kind"] == "STATUS"  # the CONNECTED record's events come first
 
 
-def test_pacing_follows_ts_init_divided_by_the_speed(source: tuple[CommonSettings, list[dict[str, Any]]]) -> None:
-    settings, _ = source
+def test_pacing_follows_ts_init_divided_by_the_speed_from_the_window_start(
+    source: tuple[CommonSettings, list[dict[str, Any]]],
+) -> None:
+    settings, log = source
     clock = FakeClock()
     slept: list[float] = []
 
@@ -147,15 +192,17 @@ def test_pacing_follows_ts_init_divided_by_the_speed(source: tuple[CommonSetting
         slept.append(seconds)
         clock.advance(int(seconds * 1e9))
 
+    # --from falls in c2's handshake: the replay starts at c1's CONNECTED, 20 s of warm-up earlier,
+    # which goes out at full speed; the window's 4 s are paced at 4x.
     window = Window(S2, S2 + 4 * SECOND)
     summary = replay(
         settings, SourceSpec("topic", settings.topic_prefix), window, f"{settings.topic_prefix}-p", speed=4.0,
         clock=clock, sleep=sleep, progress=False,
     )  # fmt: skip
-    assert summary.first_ts_init is not None
+    assert summary.start is not None
+    assert summary.first_ts_init == log[3]["ts_init"] == summary.start.ts_init < S2 - 19 * SECOND
     assert summary.last_ts_init is not None
-    span = (summary.last_ts_init - summary.first_ts_init) / 1e9
-    assert sum(slept) == pytest.approx(span / 4, abs=1e-6)
+    assert sum(slept) == pytest.approx((summary.last_ts_init - S2) / 1e9 / 4, abs=1e-6)
     assert len(slept) > 10
 
 

@@ -12,8 +12,10 @@ of both symbols on a new connection) is written to ``A.md.raw``. Then, as real p
     and ``quotewatch backtest --source capture:FILE`` (in-process, the capture through the same parser).
 
 Records are compared as bytes after serde (the backtest's records re-encoded with the topic serde),
-``ts_init`` included, per symbol in stream order: (c) on the window = (b); (b) = the start of (a)'s
-synthetic session; (c) on the capture = (a)'s capture session.
+``ts_init`` included, per symbol in stream order: (c) on the window = (a)'s synthetic session on
+every tick before Y (the backtest reads on past Y for the labels of the last Δ); (b) = the start of
+(a)'s synthetic session and of (c) (the replayed services see nothing past Y, so they lack those
+labels); (c) on the capture = (a)'s capture session.
 """
 
 from __future__ import annotations
@@ -118,15 +120,15 @@ def file_bytes(path: Path, topic: str) -> dict[str, list[bytes]]:
 
 
 def split_at(
-    values: dict[str, list[bytes]], topic: str, ts_ns: int
+    values: dict[str, list[bytes]], topic: str, ts_ns: int, field: str = "ts_event"
 ) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
-    """(records with ts_event < ts_ns, the rest), per symbol."""
+    """(records with ``field`` < ts_ns, the rest), per symbol."""
     serde = AvroSerde()
     before: dict[str, list[bytes]] = defaultdict(list)
     after: dict[str, list[bytes]] = defaultdict(list)
     for symbol, items in values.items():
         for item in items:
-            (before if serde.decode(item, topic)["ts_event"] < ts_ns else after)[symbol].append(item)
+            (before if serde.decode(item, topic)[field] < ts_ns else after)[symbol].append(item)
     return before, after
 
 
@@ -199,15 +201,21 @@ def test_live_replay_and_backtest_give_byte_identical_records(
             ],
             {**env, "BACKTEST_EXPERIMENT": f"backtest-{name}"},
         )
-        window_predictions = len(read_records(tmp_path / "window" / "predictions.avro"))
+        # What the services on B make of the replayed raw records (the synthetic CONNECTED .. --to).
+        replayed_raw = [r for r in log if SYNTHETIC_START_NS <= r["ts_init"] < window_to]
+        assert replayed_raw[0]["kind"] == "CONNECTED"
+        expected_b = BacktestEngine(100, 500).run_raw(replayed_raw).counts  # only to know when B is done
 
         def done(settings: CommonSettings, topic: str, total: int) -> bool:
             alive()
             return len(read_topic(settings, topic, decode=False, timeout=20)) >= total
 
         wait_for(lambda: done(live, a.predictions, expected.feature_vectors), timeout=240, interval=2, message="A")
-        wait_for(lambda: done(replayed, b.predictions, window_predictions), timeout=120, interval=2, message="B")
+        wait_for(
+            lambda: done(replayed, b.predictions, expected_b.feature_vectors), timeout=120, interval=2, message="B"
+        )
         wait_for(lambda: done(live, a.labels, expected.labels), timeout=60, interval=2, message="A labels")
+        wait_for(lambda: done(replayed, b.labels, expected_b.labels), timeout=60, interval=2, message="B labels")
 
     # The capture backtest's evaluation run: metrics per model and baseline, the plots.
     client = MlflowClient(tracking_uri=mlflow_server.tracking_uri)
@@ -229,12 +237,22 @@ def test_live_replay_and_backtest_give_byte_identical_records(
 
         assert count(window_records) > 0, suffix
         assert set(window_records) == {"BTC-USD", "ETH-USD"}, suffix
-        # (c) = (b): the backtest of the window and the services on the replayed window.
-        assert dict(replay_records) == dict(window_records), f"{suffix}: replay != backtest"
-        # (b) = (a): the replay starts at the synthetic connection, so it is the start of the live session.
+        # (c) = (a): the backtest of the window gives the live records of every tick t < --to (a
+        # label is its tick's record: t_event) from the synthetic connection on.
+        tick = "t_event" if suffix == "labels" else "ts_event"
+        live_before_to, _ = split_at(live_synthetic, topic_a, window_to, tick)
+        assert dict(window_records) == dict(live_before_to), f"{suffix}: backtest != live before --to"
+        # (b) = (a) and (c): the replay starts at the synthetic connection, so it is the start of the
+        # live session, and of the backtest's records; --to cut it.
         for symbol, items in replay_records.items():
             assert items == live_synthetic[symbol][: len(items)], f"{suffix} {symbol}: replay != live"
+            assert items == window_records[symbol][: len(items)], f"{suffix} {symbol}: replay != backtest"
             assert len(items) < len(live_synthetic[symbol]), f"{suffix} {symbol}: --to cut the window"
+        if suffix == "labels":
+            # The labels of the ticks of the last Δ before --to are known after it: the backtest
+            # reads on for them, the services on the replayed window never see that input.
+            for symbol, items in replay_records.items():
+                assert len(items) < len(window_records[symbol]), symbol
         # (c) on the capture file = (a) on the capture's connection.
         assert count(capture_records) > 0, suffix
         assert dict(capture_records) == dict(live_capture), f"{suffix}: capture backtest != live"

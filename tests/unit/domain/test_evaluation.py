@@ -29,7 +29,7 @@ def test_metrics_equal_scikit_learn(data: tuple[list[int], list[float]]) -> None
     assert scores.n == len(y)
     assert scores.base_rate == pytest.approx(np.mean(y))
     assert scores.brier == pytest.approx(np.mean((np.array(p) - np.array(y)) ** 2))
-    assert scores.log_loss == pytest.approx(skm.log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1]))
+    assert scores.log_loss == pytest.approx(skm.log_loss(y, p, labels=[0, 1]), rel=1e-12)
     if len(set(y)) == 2:
         assert scores.brier == pytest.approx(skm.brier_score_loss(y, p))
         assert scores.roc_auc == pytest.approx(skm.roc_auc_score(y, p))
@@ -89,7 +89,22 @@ def test_log_loss_is_finite_for_certain_wrong_predictions() -> None:
     loss = ev.log_loss([1, 0], [0.0, 1.0])
     assert loss is not None
     assert math.isfinite(loss)
-    assert loss == pytest.approx(-math.log(1e-15), rel=1e-4)
+    assert loss == -math.log(np.finfo(np.float64).eps)
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        [0.0, 1.0, 0.0, 1.0],  # certain and right or wrong
+        [1e-17, 1 - 1e-17, 1e-300, 5e-324],  # inside the clip on both sides
+        [2.220446049250313e-16, 1 - 2.220446049250313e-16, 1e-15, 1 - 1e-15],  # at and just past eps
+        [0.3, 0.999999999999999, 1e-16, 0.5],
+    ],
+)
+def test_log_loss_clips_as_scikit_learn_does_at_exactly_zero_and_one(p: list[float]) -> None:
+    for y in ([1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0]):
+        assert ev.log_loss(y, p) == skm.log_loss(y, p, labels=[0, 1]), (y, p)
+        assert ev.score(y, p).log_loss == skm.log_loss(y, p, labels=[0, 1])
 
 
 def test_finite_items_skip_undefined_metrics() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ from quotewatch.domain.captures import read_capture
 from quotewatch.domain.evaluation import BASELINES
 from quotewatch.domain.normaliser import Normaliser
 from quotewatch.replay.backtest import read_records, run_backtest
-from quotewatch.replay.engine import BacktestEngine
+from quotewatch.replay.engine import BacktestEngine, input_lookahead_ns
 from quotewatch.replay.sources import SourceSpec, Window, parse_time, synthetic_raw_records
 from tests.helpers import shared_data_dir
 from tests.unit.replay.test_sources import write_dataset
 
 CAPTURE = "advanced_trade_level2_BTC-USD_ETH-USD_2026-08-09_cryptofeed.jsonl.gz"
+MS = 1_000_000
 
 
 def settings() -> BacktestSettings:
@@ -117,12 +119,47 @@ def test_a_lake_backtest_from_raw_frames_or_stored_events_equals_the_capture_bac
         expected = read_records(tmp_path / "b" / f"{name}.avro")
         assert read_records(tmp_path / "a" / f"{name}.avro") == expected, name
         assert read_records(tmp_path / "c" / f"{name}.avro") == expected, f"{name} from the stored events"
-    in_window = [e for e in events if window.before_end(e["ts_init"])]
+    in_window = [e for e in events if window.extended(input_lookahead_ns(500)).before_end(e["ts_init"])]
     assert (from_events.engine.counts.raw_records, from_events.engine.counts.events) == (0, len(in_window))
     assert from_events.engine.counts.events == from_file.engine.counts.events
     assert from_lake.evaluation is not None
     assert from_file.evaluation is not None
     assert from_lake.evaluation.as_dict() == from_file.evaluation.as_dict()
+
+
+def test_windows_split_in_two_score_the_rows_of_the_whole_and_stop_their_records_at_to(tmp_path: Path) -> None:
+    """The label of a tick just before --to is known Δ later: the backtest reads on past --to
+    (and emits nothing from --to on), so no tick near the split is lost."""
+    capture = shared_data_dir() / "exchange_level2_ticker_matches_10products_2021-04-17_cryptofeed.jsonl"
+    a, b, c = (parse_time(f"2021-04-17T16:{moment}Z") for moment in ("43:42", "43:52", "44:02"))
+
+    def rows(window: Window, records: Path) -> Any:
+        result = run_backtest(
+            settings(), SourceSpec("capture", path=capture), window, [], records_dir=records, log_mlflow=False
+        )
+        assert result.evaluation is not None
+        return result.evaluation
+
+    whole, left, right = (
+        rows(Window(a, c), tmp_path / "ac"),
+        rows(Window(a, b), tmp_path / "ab"),
+        rows(Window(b, c), tmp_path / "bc"),
+    )
+    key = lambda e: Counter(zip(e.t.tolist(), e.y.tolist(), strict=True))  # noqa: E731
+    assert key(whole) == key(left) + key(right)
+    assert whole.y.size == left.y.size + right.y.size > 1900
+    assert left.t.max() == b - 100 * MS  # the last tick before --to is scored...
+    labels = read_records(tmp_path / "ab" / "labels.avro")
+    assert max(label["t_event"] for label in labels) == b - 100 * MS  # ...with the label made after --to
+    for name in ("book.top3", "features", "predictions"):
+        assert all(record["ts_event"] < b for record in read_records(tmp_path / "ab" / f"{name}.avro")), name
+    # Per symbol, the records of [A, B) are the start of those of [A, C).
+    for name in ("book.top3", "features", "labels"):
+        first, longer = read_records(tmp_path / "ab" / f"{name}.avro"), read_records(tmp_path / "ac" / f"{name}.avro")
+        for symbol in {record["symbol"] for record in longer}:
+            mine = [record for record in first if record["symbol"] == symbol]
+            assert mine == [record for record in longer if record["symbol"] == symbol][: len(mine)], (name, symbol)
+        assert 0 < len(first) < len(longer), name
 
 
 def test_baselines_fit_in_sample_when_nothing_is_known_before_the_window(model: LoadedModel) -> None:

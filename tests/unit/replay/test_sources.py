@@ -1,7 +1,8 @@
-"""Parsing the command line's times, sources and speeds; reading windows from the lake."""
+"""Parsing the command line's times, sources and speeds; reading windows from the lake; the topic window search."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ from quotewatch.domain.normaliser import Normaliser
 from quotewatch.domain.synthetic import SyntheticConfig, synthetic_raw_frames
 from quotewatch.replay.publisher import parse_speed
 from quotewatch.replay.sources import (
+    LogRecord,
     ReplayError,
     SourceSpec,
+    TopicReader,
     Window,
+    find_raw_start,
     format_time,
     lake_event_records,
     lake_raw_records,
@@ -29,12 +33,25 @@ SECOND = 1_000_000_000
 HOUR = 3_600 * SECOND
 
 
-def test_times_are_iso_8601_utc_unless_zoned_exact_to_the_microsecond() -> None:
+def test_times_are_iso_8601_utc_unless_zoned_exact_to_the_nanosecond() -> None:
     assert parse_time("1970-01-01T00:00:01Z") == SECOND
     assert parse_time("1970-01-01 00:00:01.000002") == SECOND + 2_000
     assert parse_time("1970-01-01T02:00:00+02:00") == 0
     assert parse_time("2018-04-17T00:55:00Z") == 1_523_926_500 * SECOND
     assert format_time(1_523_926_500 * SECOND + 123_456_000) == "2018-04-17T00:55:00.123456Z"
+    # ts fields are integer ns: a --from/--to given to the ns is kept to the ns (datetime keeps µs).
+    assert parse_time("2018-04-17T00:55:00.123456789Z") == 1_523_926_500 * SECOND + 123_456_789
+    assert parse_time("2018-04-17 02:55:00,000000001+02:00") == 1_523_926_500 * SECOND + 1
+    assert parse_time("2018-04-17T00:55:00.0000000019") == 1_523_926_500 * SECOND + 1  # past the 9th: dropped
+    assert parse_time("1969-12-31T23:59:59.9999995Z") == -500
+    assert parse_time("20180417T005500.5Z") == 1_523_926_500 * SECOND + SECOND // 2
+    for ns in (1_523_926_500 * SECOND + 123_456_789, -500, 0, 1_000, 1):
+        assert parse_time(format_time(ns)) == ns
+    assert format_time(1_523_926_500 * SECOND + 123_456_789) == "2018-04-17T00:55:00.123456789Z"
+    assert format_time(-500) == "1969-12-31T23:59:59.999999500Z"
+    for bad in ("2018-04-17T00:55:00.123x", "2018-04-17T00:55:00.123456789+25:00"):
+        with pytest.raises(ConfigError, match="not an ISO 8601"):
+            parse_time(bad)
     with pytest.raises(ConfigError, match="not an ISO 8601"):
         parse_time("yesterday")
     with pytest.raises(ConfigError, match="must be after"):
@@ -119,3 +136,104 @@ def test_lake_windows_start_at_the_connected_record_found_across_hour_partitions
     assert start.connection_id == "c2"
     with pytest.raises(ReplayError, match="no CONNECTED record"):
         lake_raw_records(str(tmp_path), "qw", Window(9 * HOUR, None))
+
+
+# -- the CONNECTED search of a topic window, over logs as the ingest writes them --------------------
+
+
+class ListReader(TopicReader):
+    """The window search over an in-memory log (the real search code; offsets = list indexes)."""
+
+    def __init__(self, log: list[dict[str, Any]]) -> None:  # no consumer: nothing of the base __init__
+        self.topic = "qw.md.raw"
+        self.partitions = [0]
+        self._log = log
+
+    def watermarks(self, partition: int) -> tuple[int, int]:
+        return 0, len(self._log)
+
+    def offset_for_time(self, partition: int, timestamp_ms: int) -> int | None:
+        return next((i for i, r in enumerate(self._log) if r["ts_init"] // 1_000_000 >= timestamp_ms), None)
+
+    def read_at(self, partition: int, offset: int, high: int) -> tuple[int, dict[str, Any]] | None:
+        return (offset, self._log[offset]) if offset < min(high, len(self._log)) else None
+
+    def records(self, partition: int, start: int, end: int) -> Any:
+        return (LogRecord(self._log[i], None, None, 0, i) for i in range(start, min(end, len(self._log))))
+
+
+S0 = 1_786_300_000 * SECOND
+
+
+def control(kind: str, connection: str, ts: int) -> dict[str, Any]:
+    """A control record as the ingest writes it (CLOCK: text ``tick``)."""
+    return {
+        "ts_event": ts,
+        "ts_init": ts,
+        "exchange": "coinbase",
+        "feed": FEED_ADVANCED,
+        "symbols": ["BTC-USD"],
+        "connection_id": connection,
+        "frame_index": -1,
+        "kind": kind,
+        "text": "tick" if kind == "CLOCK" else '{"reason":"test","state":"RECONNECTING"}',
+    }
+
+
+def session(connection: str, start: int, seconds: int = 3) -> list[dict[str, Any]]:
+    config = SyntheticConfig(symbols=("BTC-USD",), seed=3, start_ns=start, rate=40.0)
+    return list(synthetic_raw_frames(FEED_ADVANCED, config, seconds * SECOND, connection_id=connection))
+
+
+def reconnect_log(clock_of_pending: bool) -> list[dict[str, Any]]:
+    """c1 (3 s), its loss, a connect attempt c2 that fails, a backoff, then c3 after a 300 ms handshake.
+
+    ``clock_of_pending``: ticks carry the connection being attempted (the ingest before the fix),
+    else the last one that connected (the ingest now).
+    """
+    t = S0 + 3 * SECOND + 100_000_000
+    log = session("c1", S0)
+    log.append(control("DISCONNECTED", "c1", t))
+    pending = "c2" if clock_of_pending else "c1"
+    log += [control("CLOCK", pending, t + 100_000_000), control("DISCONNECTED", "c2", t + 150_000_000)]
+    log += [control("CLOCK", pending, t + i * 100_000_000) for i in range(2, 10)]  # the backoff
+    pending = "c3" if clock_of_pending else "c1"
+    log += [control("CLOCK", pending, t + i * 100_000_000) for i in range(10, 13)]  # c3's handshake
+    log += session("c3", t + 13 * 100_000_000)
+    assert all(a["ts_init"] < b["ts_init"] for a, b in itertools.pairwise(log))
+    return log
+
+
+@pytest.mark.parametrize("clock_of_pending", [True, False], ids=["written-before-the-fix", "written-now"])
+def test_a_window_finds_the_latest_connected_record_around_reconnects(clock_of_pending: bool) -> None:
+    log = reconnect_log(clock_of_pending)
+    reader = ListReader(log)
+    c1 = 0
+    c3 = next(i for i, r in enumerate(log) if r["kind"] == "CONNECTED" and r["connection_id"] == "c3")
+
+    def start_at(index: int) -> tuple[int, str]:
+        found = find_raw_start(reader, log[index]["ts_init"])
+        return found.offset, found.connection_id
+
+    for index in (c1, c1 + 5, c3 - 14):  # inside c1, at its last frame
+        assert start_at(index) == (c1, "c1")
+    disconnected = next(i for i, r in enumerate(log) if r["kind"] == "DISCONNECTED")
+    for index in range(disconnected, c3):  # the loss, the failed attempt, the backoff, the handshake
+        assert start_at(index) == (c1, "c1"), index
+    for index in (c3, c3 + 1, c3 + 30, len(log) - 1):
+        assert start_at(index) == (c3, "c3")
+    assert find_raw_start(reader, None).offset == c1
+    assert find_raw_start(reader, log[0]["ts_init"] - SECOND).offset == c1  # --from before the log
+
+
+def test_clocks_ahead_of_the_first_connected_are_skipped_and_a_log_without_its_connected_is_refused() -> None:
+    log = [control("CLOCK", "c1", S0 - (3 - i) * 100_000_000) for i in range(3)] + session("c1", S0)
+    reader = ListReader(log)
+    assert find_raw_start(reader, None).offset == 3
+    assert find_raw_start(reader, log[20]["ts_init"]).offset == 3
+    with pytest.raises(ReplayError, match=r"starts \(offset 0.*with a CLOCK of connection 'c1', not CONNECTED"):
+        find_raw_start(reader, log[1]["ts_init"])  # the handshake, before any connection in the log
+    cut = ListReader(session("c1", S0)[5:] + session("c2", S0 + 5 * SECOND))  # retention cut c1's start
+    with pytest.raises(ReplayError, match="of connection 'c1', not CONNECTED"):
+        find_raw_start(cut, S0 + 2 * SECOND)
+    assert find_raw_start(cut, S0 + 6 * SECOND).connection_id == "c2"
