@@ -49,6 +49,7 @@ FEED_EXCHANGE: Final = "coinbase-exchange"
 FEEDS: Final = (FEED_ADVANCED, FEED_EXCHANGE)
 
 _MAX_LONG = 2**63 - 1
+_MIN_LONG = -(2**63)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +233,9 @@ def parse_time_ns(text: Any) -> int:
             raise ValueError(f"timestamp {text!r:.60} has an invalid fraction")
         nanos = int(frac) * _NANO_SCALE[len(frac)]
     ns = seconds * 1_000_000_000 + nanos
+    if not _MIN_LONG <= ns <= _MAX_LONG:
+        # Past 2262 (or before 1677): no int64 ns timestamp can hold it, and no record could carry it.
+        raise ValueError(f"timestamp {text!r:.60} is outside the 64-bit nanosecond range")
     _LAST_TIME = (text, ns)  # one (text, ns) pair, replaced atomically: safe across threads
     return ns
 
@@ -372,7 +376,7 @@ def parse_exchange_match(message: dict[str, Any]) -> ParsedMessage:
                 },
             )
         ],
-        sequence=sequence if type(sequence) is int else -1,
+        sequence=_valid_sequence(sequence),
     )
 
 
@@ -388,7 +392,7 @@ def parse_exchange_heartbeat(message: dict[str, Any]) -> ParsedMessage:
     sequence = message.get("sequence")
     return ParsedMessage(
         events=[Parsed("HEARTBEAT", symbol, parse_time_ns(message["time"]))],
-        sequence=sequence if type(sequence) is int else -1,
+        sequence=_valid_sequence(sequence),
     )
 
 
@@ -466,8 +470,12 @@ def advanced_envelope(message: Any) -> tuple[int, int | None]:
 
 
 def _sequence(message: dict[str, Any]) -> int:
-    sequence = message.get("sequence_num")
-    return sequence if type(sequence) is int and sequence >= 0 else -1
+    return _valid_sequence(message.get("sequence_num"))
+
+
+def _valid_sequence(sequence: Any) -> int:
+    """A sequence number that a record can carry (0 .. 2**63-1), else -1 (none)."""
+    return sequence if type(sequence) is int and 0 <= sequence <= _MAX_LONG else -1
 
 
 def _advanced_envelope_required(message: dict[str, Any], where: str) -> tuple[int, int, list[Any]]:

@@ -47,7 +47,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import IngestSettings
-from quotewatch.core.errors import FatalError
+from quotewatch.core.errors import EncodeError, FatalError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import DeliveryTracker, dead_letter, flush_or_fail, make_producer
 from quotewatch.core.metrics import DEAD_LETTERS, FEED_STATE, GAPS, RECONNECTS, RECORDS_IN, RECORDS_OUT
@@ -264,12 +264,16 @@ class RawWriter:
                 self._exchange_clock.observe(event["ts_event"], item.ts_init)
             elif kind == "GAP":
                 GAPS.labels(SERVICE, event["symbol"], event["gap"]["reason"]).inc()
-            self._produce(
-                events_topic,
-                event["symbol"],
-                self._serde.encode_with(self._event_schema, event, f"{events_topic}-value"),
-            )
-        self._stats.events_written += len(out.events)
+            try:
+                value = self._serde.encode_with(self._event_schema, event, f"{events_topic}-value")
+            except EncodeError as exc:
+                # A value the parser let through but no record can carry: the frame goes to the
+                # DLQ and, as its event is missing downstream, the books are rebuilt (resync).
+                self._dead_letter(Reject(f"event not encodable: {exc}", "EncodeError", raw, event["symbol"]))
+                self._on_resync(item.connection_id, f"frame {item.frame_index}: an event could not be encoded")
+                continue
+            self._produce(events_topic, event["symbol"], value)
+            self._stats.events_written += 1
         for reject in out.rejects:
             self._dead_letter(reject)
         if out.resync is not None:

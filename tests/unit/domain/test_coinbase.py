@@ -47,7 +47,17 @@ def test_timestamps_parse_exactly_to_ns(text: str, ns: int) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "2026-08-09", "2026-08-09T21:05:48.1234567890Z", "2026-13-09T21:05:48Z", "2026-08-09T21:05:48+01:00", 5, None],
+    [
+        "",
+        "2026-08-09",
+        "2026-08-09T21:05:48.1234567890Z",
+        "2026-13-09T21:05:48Z",
+        "2026-08-09T21:05:48+01:00",
+        "2263-01-01T00:00:00Z",  # past int64 ns: no record could carry it
+        "1600-01-01T00:00:00Z",
+        5,
+        None,
+    ],
 )
 def test_bad_timestamps_are_value_errors(text: object) -> None:
     with pytest.raises(ValueError, match="timestamp"):
@@ -234,6 +244,34 @@ def test_advanced_subscriptions_confirm_level2_products_only() -> None:
                                 "side": "bid",
                                 "event_time": "2026-08-09T21:05:48Z",
                                 "price_level": "1,5",
+                                "new_quantity": "1",
+                            }
+                        ],
+                    }
+                ],
+            },
+            InvalidFieldError,
+            True,
+        ),
+        (
+            {"channel": "l2_data", "sequence_num": 2**63, "timestamp": "2026-08-09T21:05:48Z", "events": []},
+            InvalidFieldError,
+            True,
+        ),
+        (
+            {
+                "channel": "l2_data",
+                "sequence_num": 1,
+                "timestamp": "2026-08-09T21:05:48Z",
+                "events": [
+                    {
+                        "type": "update",
+                        "product_id": "BTC-USD",
+                        "updates": [
+                            {
+                                "side": "bid",
+                                "event_time": "2263-01-01T00:00:00Z",
+                                "price_level": "1",
                                 "new_quantity": "1",
                             }
                         ],
