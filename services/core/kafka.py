@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import (
@@ -34,7 +34,7 @@ from confluent_kafka.admin import (
 
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
-from quotewatch.core.errors import BrokerError, FatalError
+from quotewatch.core.errors import BrokerError, ConfigError, FatalError
 from quotewatch.core.topics import CATALOG, LARGE_MESSAGE_BYTES, TopicSpec
 
 logger = logging.getLogger(__name__)
@@ -101,8 +101,12 @@ def producer_config(
 def make_producer(
     settings: CommonSettings, client_id: str, transactional_id: str | None = None, **overrides: Any
 ) -> Producer:
-    """Build a producer (see :func:`producer_config`)."""
-    return Producer(producer_config(settings, client_id, transactional_id, **overrides))
+    """Build a producer (see :func:`producer_config`).
+
+    Raises:
+        ConfigError: librdkafka refused the configuration (e.g. an SSL file that does not exist).
+    """
+    return _build("producer", Producer, producer_config(settings, client_id, transactional_id, **overrides))
 
 
 def consumer_config(settings: CommonSettings, group_id: str, client_id: str, **overrides: Any) -> dict[str, Any]:
@@ -137,12 +141,32 @@ def consumer_config(settings: CommonSettings, group_id: str, client_id: str, **o
 
 
 def make_consumer(settings: CommonSettings, group_id: str, client_id: str, **overrides: Any) -> Consumer:
-    """Build a consumer (see :func:`consumer_config`)."""
-    return Consumer(consumer_config(settings, group_id, client_id, **overrides))
+    """Build a consumer (see :func:`consumer_config`).
+
+    Raises:
+        ConfigError: librdkafka refused the configuration.
+    """
+    return _build("consumer", Consumer, consumer_config(settings, group_id, client_id, **overrides))
 
 
 def make_admin(settings: CommonSettings) -> AdminClient:
-    return AdminClient(client_config(settings))
+    """Build an admin client (see :func:`client_config`).
+
+    Raises:
+        ConfigError: librdkafka refused the configuration.
+    """
+    return _build("admin client", AdminClient, client_config(settings))
+
+
+_Client = TypeVar("_Client", Producer, Consumer, AdminClient)
+
+
+def _build(kind: str, factory: Callable[[dict[str, Any]], _Client], config: dict[str, Any]) -> _Client:
+    """A client, or a ConfigError naming what librdkafka refused (one clear line, not a traceback)."""
+    try:
+        return factory(config)
+    except KafkaException as exc:
+        raise ConfigError(f"cannot create a Kafka {kind} with these settings: {exc.args[0].str()}") from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import BrokerError, SerdeError
-from quotewatch.core.kafka import consumer_config, query_watermarks
+from quotewatch.core.kafka import make_consumer, query_watermarks
 from quotewatch.core.serde import serde_from_settings
 
 
@@ -46,7 +46,7 @@ def tail_topic(
         else None
     )
     serde = serde_from_settings(settings.schema_registry_url, registry_auth)
-    consumer = Consumer(consumer_config(settings, group_id=f"quotewatch-tail-{time.time_ns()}", client_id="tail"))
+    consumer = make_consumer(settings, group_id=f"quotewatch-tail-{time.time_ns()}", client_id="tail")
     try:
         try:
             metadata = consumer.list_topics(topic, timeout=timeout)

@@ -36,7 +36,7 @@ from quotewatch.core.kafka import (
     ensure_topics,
     flush_or_fail,
     make_admin,
-    producer_config,
+    make_producer,
     query_watermarks,
 )
 from quotewatch.core.serde import AvroSerde
@@ -179,9 +179,8 @@ def replay(
     # Delivery reports for failures only: a lost record still fails the replay, without a Python
     # callback per delivered record.
     if producer is None:
-        config = producer_config(settings, f"replay-{target_prefix}", on_delivery=delivery)
-        config["delivery.report.only.error"] = True
-        producer = Producer(config)
+        only_errors: dict[str, Any] = {"delivery.report.only.error": True}
+        producer = make_producer(settings, f"replay-{target_prefix}", None, on_delivery=delivery, **only_errors)
     start: RawStart | None
     total: int | None
     batches: Iterator[list[Message]] | None = None
