@@ -9,8 +9,11 @@ masked. ``quotewatch config show SERVICE`` prints the effective settings.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -54,6 +57,74 @@ class _TomlFileSource(PydanticBaseSettingsSource):
         return merged
 
 
+# -- value checks shared by several settings --------------------------------------------------------
+
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*):")
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_\-]{1,63}(?<!-)$")
+SASL_MECHANISMS = ("GSSAPI", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+"""What librdkafka's sasl.mechanism accepts."""
+MLFLOW_URI_SCHEMES = frozenset(
+    {"http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc"}
+)
+"""Schemes of the tracking URIs MLflow accepts (a database URI may name a driver: postgresql+psycopg2)."""
+
+
+def _no_whitespace(value: str) -> None:
+    if any(character.isspace() for character in value):
+        raise ValueError(f"{value!r} contains whitespace (a stray space or quote in an env file?)")
+
+
+def check_url(value: str, schemes: tuple[str, ...]) -> str:
+    """``value`` as a URL with one of ``schemes``, a host and a valid port (if any); else ValueError."""
+    _no_whitespace(value)
+    parts = urllib.parse.urlsplit(value)
+    wanted = " or ".join(f"{scheme}://" for scheme in schemes)
+    if value.partition(":")[0] not in schemes or not parts.netloc:  # lower case: the registry client insists
+        raise ValueError(f"{value!r} is not a URL starting with {wanted} (e.g. {schemes[0]}://host:port)")
+    if not parts.hostname:
+        raise ValueError(f"{value!r} names no host")
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise ValueError(f"{value!r} has an invalid port: {exc}") from exc
+    return value
+
+
+def check_host(value: str) -> str:
+    """``value`` as a bind address: an IP address or a host name, nothing around it; else ValueError."""
+    _no_whitespace(value)
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not value or len(value) > 253 or not all(_HOST_LABEL.match(label) for label in value.split(".")):
+        raise ValueError(f"{value!r} is neither an IP address nor a host name")
+    return value
+
+
+def check_mlflow_tracking_uri(value: str) -> str:
+    """A tracking URI MLflow accepts: http(s)://host[:port], file:, sqlite:, a database URI,
+    databricks[://profile], or a plain local path; else ValueError.
+    """
+    _no_whitespace(value)
+    if not value:
+        raise ValueError("is empty")
+    match = _SCHEME.match(value)
+    if match is None or len(match["scheme"]) == 1:  # no scheme (or a drive letter): a local path
+        return value
+    scheme = match["scheme"].lower()
+    if scheme in ("http", "https"):
+        return check_url(value, ("http", "https"))
+    if scheme.split("+", 1)[0] not in MLFLOW_URI_SCHEMES:
+        hint = f" (did you mean http://{value}?)" if re.match(r"^[^/:]+:\d+", value) else ""
+        raise ValueError(
+            f"{value!r}: MLflow does not know the scheme {scheme!r}{hint}; use http(s)://host:port, file:/path, "
+            "sqlite:///path, a database URI (postgresql://, mysql://, mssql://), databricks, or a local path"
+        )
+    return value
+
+
 class CommonSettings(BaseSettings):
     """Settings every QuoteWatch process shares."""
 
@@ -83,19 +154,23 @@ class CommonSettings(BaseSettings):
     model_uri: str = "models:/quotewatch@champion"
     """MODEL_URI (default models:/quotewatch@champion): the model inference serves."""
     mlflow_tracking_uri: str | None = None
-    """MLFLOW_TRACKING_URI (default unset): the MLflow tracking and registry server."""
+    """MLFLOW_TRACKING_URI (default unset): the MLflow tracking and registry server, http(s)://host:port, or any
+    tracking URI MLflow takes (file:, sqlite:, a database URI, databricks, a local path).
+    """
     lake_uri: str = "data/lake"
     """LAKE_URI (default data/lake): root of the Parquet lake, a local path or s3://bucket/prefix."""
     schema_registry_url: str | None = None
-    """SCHEMA_REGISTRY_URL (default unset): when set, records use the Confluent wire format and schemas are registered
-    under <topic>-value.
+    """SCHEMA_REGISTRY_URL (default unset): http(s)://host:port of the schema registry (several comma-separated); when
+    set, records use the Confluent wire format and schemas are registered under <topic>-value.
     """
     schema_registry_basic_auth_user_info: SecretStr | None = None
     """SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO (default unset): user:password for the schema registry."""
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     """KAFKA_SECURITY_PROTOCOL (default PLAINTEXT): librdkafka security.protocol."""
     kafka_sasl_mechanism: str | None = None
-    """KAFKA_SASL_MECHANISM (default unset): librdkafka sasl.mechanism, e.g. SCRAM-SHA-512."""
+    """KAFKA_SASL_MECHANISM (default unset): librdkafka sasl.mechanism: GSSAPI, PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or
+    OAUTHBEARER.
+    """
     kafka_sasl_username: str | None = None
     """KAFKA_SASL_USERNAME (default unset): librdkafka sasl.username."""
     kafka_sasl_password: SecretStr | None = None
@@ -138,6 +213,37 @@ class CommonSettings(BaseSettings):
                 raise ValueError("SYMBOLS must name at least one product")
             return symbols
         return value
+
+    @field_validator("schema_registry_url")
+    @classmethod
+    def _check_schema_registry_url(cls, value: str | None) -> str | None:
+        # What the registry client accepts: comma-separated base URLs (mock:// is its in-memory test double).
+        if value is not None:
+            for url in value.split(","):
+                url = url.strip()
+                if not url.lower().startswith("mock://"):
+                    check_url(url, ("http", "https"))
+        return value
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _check_mlflow_tracking_uri(cls, value: str | None) -> str | None:
+        return check_mlflow_tracking_uri(value) if value is not None else None
+
+    @field_validator("kafka_sasl_mechanism")
+    @classmethod
+    def _check_sasl_mechanism(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        mechanism = value.upper()  # librdkafka compares case-sensitively, in upper case
+        if mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"{value!r} is not one of {', '.join(SASL_MECHANISMS)}")
+        return mechanism
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        return check_host(value)
 
     @model_validator(mode="after")
     def _delta_is_a_multiple_of_tick(self) -> CommonSettings:
@@ -206,6 +312,21 @@ class IngestSettings(CommonSettings):
     markets.
     """
 
+    @field_validator("coinbase_ws_url")
+    @classmethod
+    def _check_ws_url(cls, value: str | None) -> str | None:
+        return check_url(value, ("wss", "ws")) if value is not None else None
+
+    @model_validator(mode="after")
+    def _backoff_initial_is_at_most_max(self) -> IngestSettings:
+        if self.backoff_initial_seconds > self.backoff_max_seconds:
+            raise ValueError(
+                f"BACKOFF_INITIAL_SECONDS={self.backoff_initial_seconds} is above "
+                f"BACKOFF_MAX_SECONDS={self.backoff_max_seconds}: the first reconnect delay cap cannot exceed the "
+                "largest one"
+            )
+        return self
+
 
 class BookSettings(CommonSettings):
     """``quotewatch run book``: qw.md.events -> qw.book.top3 + qw.features (exactly-once)."""
@@ -251,6 +372,16 @@ class InferenceSettings(CommonSettings):
     """
     snapshot_interval_ms: int = Field(default=0, ge=0)
     """SNAPSHOT_INTERVAL_MS (default 0 = every tick): least event time between two snapshots of a symbol."""
+
+    @field_validator("webhook_host")
+    @classmethod
+    def _check_webhook_host(cls, value: str) -> str:
+        return check_host(value)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str | None) -> str | None:
+        return check_url(value, ("http", "https")) if value is not None else None
 
 
 class LakeSinkSettings(CommonSettings):
@@ -344,6 +475,11 @@ class DashboardSettings(CommonSettings):
     instead of polling every DASH_POLL_MS.
     """
 
+    @field_validator("dash_host")
+    @classmethod
+    def _check_dash_host(cls, value: str) -> str:
+        return check_host(value)
+
 
 SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {
     cls.service_name: cls
@@ -376,5 +512,5 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
         problems = []
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"]).upper() or cls.__name__
-            problems.append(f"{where}: {error['msg']}")
+            problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
         raise ConfigError(f"invalid {cls.service_name} settings: " + "; ".join(problems)) from exc

@@ -10,6 +10,13 @@ which is what a compacted "latest state" topic is for). It reads only committed 
 A record that does not decode is logged with its coordinates and counted, never dead-lettered:
 every dashboard process re-reads the topic from the start, so each would write the same dead
 letter again at every start; the producer of the record (inference) owns it.
+
+Lag is the consumer's position against the partition's **last stable offset**: what a
+``read_committed`` reader can still get. The position moves past transaction markers and aborted
+records, which are never delivered, so a topic that ends in a commit marker or in a transaction
+inference aborted (killed mid-transaction) reads as caught up; records of a transaction still
+open are not lag either. The dashboard only reads: it never creates a topic, and waits for its
+topic to appear (a TOPIC_PREFIX nobody writes to shows the empty state, it creates nothing).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import SerdeError
 from quotewatch.core.health import Liveness
-from quotewatch.core.kafka import make_consumer, poll_batch, query_watermarks
+from quotewatch.core.kafka import make_consumer, poll_batch
 from quotewatch.core.metrics import CONSUMER_LAG, RECORDS_IN
 from quotewatch.core.serde import AvroSerde
 from quotewatch.dashboard.store import SnapshotStore
@@ -35,6 +42,8 @@ SERVICE = "dashboard"
 BATCH_SIZE = 500
 POLL_SECONDS = 0.05
 LAG_CHECK_NS = 500_000_000
+LAG_QUERY_SECONDS = 2.0
+"""Timeout of one partition's last-stable-offset query; a failed check is retried at the next one."""
 ASSIGN_RETRY_SECONDS = 1.0
 
 
@@ -42,9 +51,12 @@ class SnapshotConsumer:
     """Reads the snapshot topic on a daemon thread until :meth:`stop`.
 
     Liveness semantics (:mod:`quotewatch.core.health`): the loop beats on every poll, reports
-    progress with its positions after every batch, and sets its lag (high watermark minus
-    position) twice a second, so ``/health`` turns unhealthy when the loop is stuck, when
-    snapshots wait but are not read, or when the thread has died.
+    progress with its positions after every batch, and sets its lag (last stable offset minus
+    position, see the module docstring) twice a second, so ``/health`` turns unhealthy when the
+    loop is stuck, when snapshots wait but are not read, or when the thread has died.
+
+    Thread safety: :meth:`lag` and :meth:`caught_up` are called by every UI callback; they read
+    what the loop's last check stored, under a lock that is never held across a call to the broker.
     """
 
     def __init__(
@@ -64,12 +76,16 @@ class SnapshotConsumer:
         self._liveness = liveness
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._positions: dict[int, int] = {}
-        self._high: dict[int, int] = {}
-        self._assigned = False
+        # Guarded by _lock (written by the loop, read by UI callbacks):
+        self._positions: dict[int, int] = {}  # next offset after the last record delivered
+        self._lag: dict[int, int] = {}  # per partition, at the last successful check
+        self._caught_up = False
+        # The loop's own:
+        self._partitions: list[int] = []
         self._thread = threading.Thread(target=self._run, name=f"snapshot-consumer-{topic}", daemon=True)
-        self._last_lag_check_ns = 0
+        self._last_lag_check_ns: int | None = None
         self._warned_missing = False
+        self._lag_check_failures = 0
 
     @property
     def topic(self) -> str:
@@ -90,18 +106,18 @@ class SnapshotConsumer:
         return self._thread.is_alive()
 
     def lag(self) -> int:
-        """Records of the topic not read yet (0 before the first watermark check)."""
+        """Committed records of the topic not read yet, at the last check (0 before the first)."""
         with self._lock:
-            return sum(max(0, high - self._positions.get(p, 0) - 1) for p, high in self._high.items())
+            return sum(self._lag.values())
 
     def caught_up(self) -> bool:
-        """True once every partition was read up to the high watermark seen at the last check.
+        """True once the last check found the position at the last stable offset of every partition.
 
-        Within one record: the last offset of a transactional topic is a commit marker that is
-        never delivered (see :meth:`_check_lag`).
+        False until the topic exists and was checked once. Markers and aborted transactions count
+        as read (the position moves past them), so a topic ending in either is caught up.
         """
         with self._lock:
-            return self._assigned and all(self._positions.get(p, 0) >= high - 1 for p, high in self._high.items())
+            return self._caught_up
 
     # -- the loop (consumer thread) ---------------------------------------------------------------
 
@@ -148,11 +164,8 @@ class SnapshotConsumer:
         partitions = sorted(topic.partitions)
         # Manual assignment from the beginning: no group membership, no committed offsets.
         consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
-        with self._lock:
-            self._assigned = True
-            for p in partitions:
-                _, high = query_watermarks(consumer, TopicPartition(self._topic, p), timeout=5)
-                self._high[p] = high
+        self._partitions = partitions
+        self._last_lag_check_ns = None  # check at once: caught_up() stays False until then
         logger.info("reading the snapshot topic from the beginning", extra={"topic": self._topic})
         return True
 
@@ -186,26 +199,44 @@ class SnapshotConsumer:
             self._liveness.progressed(read, positions)
 
     def _check_lag(self, consumer: Consumer) -> None:
+        """Every LAG_CHECK_NS: the position of every partition against its last stable offset.
+
+        One query per partition to the broker (read_committed: ``get_watermark_offsets`` answers
+        the last stable offset), made without holding the lock. A failed query (the broker
+        restarting, a timeout) keeps the last check's values and is retried at the next check;
+        the loop carries on polling either way.
+        """
         now = self._clock.monotonic_ns()
-        if now - self._last_lag_check_ns < LAG_CHECK_NS:
+        if self._last_lag_check_ns is not None and now - self._last_lag_check_ns < LAG_CHECK_NS:
             return
         self._last_lag_check_ns = now
-        total = 0
+        if not self._partitions:
+            return
+        lags: dict[int, int] = {}
+        try:
+            # The position moves past markers and aborted records (never delivered); negative
+            # (OFFSET_INVALID) until the partition's first fetch.
+            positions = {
+                tp.partition: tp.offset
+                for tp in consumer.position([TopicPartition(self._topic, p) for p in self._partitions])
+            }
+            for partition in self._partitions:
+                low, stable = consumer.get_watermark_offsets(
+                    TopicPartition(self._topic, partition), timeout=LAG_QUERY_SECONDS, cached=False
+                )
+                position = positions.get(partition, -1)
+                lags[partition] = max(0, stable - (position if position >= 0 else low))
+        except KafkaException as exc:
+            self._lag_check_failures += 1
+            log = logger.warning if self._lag_check_failures == 1 else logger.debug
+            log("cannot check the lag; retrying at the next check", extra={"topic": self._topic, "error": str(exc)})
+            return
+        if self._lag_check_failures:
+            logger.info("lag check answered again", extra={"topic": self._topic, "failed": self._lag_check_failures})
+            self._lag_check_failures = 0
         with self._lock:
-            partitions = list(self._high)
-        for partition in partitions:
-            try:
-                _, high = consumer.get_watermark_offsets(TopicPartition(self._topic, partition), cached=True)
-            except KafkaException:
-                continue
-            if high < 0:
-                continue
-            with self._lock:
-                # The last offset of a transactional topic is a commit marker, never delivered:
-                # a gap of one record past our position is caught up, not lag.
-                position = self._positions.get(partition, 0)
-                self._high[partition] = high
-                lag = max(0, high - position - 1)
+            self._lag = lags
+            self._caught_up = all(lag == 0 for lag in lags.values())
+        for partition, lag in lags.items():
             CONSUMER_LAG.labels(SERVICE, self._topic, str(partition)).set(lag)
-            total += lag
-        self._liveness.set_lag(total)
+        self._liveness.set_lag(sum(lags.values()))

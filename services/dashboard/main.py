@@ -11,6 +11,11 @@ tools; the state is built lazily in the serving child only.
 
 Several processes behind one address: ``gunicorn -w 2 'quotewatch.dashboard.wsgi:server'``
 (each worker reads the topic on its own; see :mod:`quotewatch.dashboard.runtime`).
+
+The dashboard is a reader: it never creates or alters topics (that needs admin rights on the
+broker, and a mistyped TOPIC_PREFIX would create a whole catalog of empty topics). It serves at
+once, with the broker down or the topic missing, and its consumer waits for the snapshot topic;
+``quotewatch topics create`` (the demo, compose's ``topics-init``) creates it.
 """
 
 from __future__ import annotations
@@ -118,7 +123,8 @@ def run_production(settings: DashboardSettings) -> None:
     WebSocket). Either runs on a thread while the main thread watches the shutdown signal and
     the consumer.
     """
-    with service_context(SERVICE, settings) as context:
+    # create_topics=False: a read-only UI; its consumer waits for <prefix>.snapshot to exist.
+    with service_context(SERVICE, settings, create_topics=False) as context:
         dashboard = create_app(settings, runtime_factory=lambda: _runtime_factory(settings, context))
         runtime = dashboard.runtime.get()  # this process serves: build its state now
         server: _Server = (
@@ -154,7 +160,7 @@ def run_debug(settings: DashboardSettings) -> None:
     reloader re-imports the app from a module path, which this factory-built app has not).
     """
     # No stuck watchdog: the development server's runtime has its own liveness, and a person runs it.
-    with service_context(SERVICE, settings, install_signals=False, watchdog=False):
+    with service_context(SERVICE, settings, install_signals=False, create_topics=False, watchdog=False):
         dashboard = create_app(settings)
         if dashboard.push:
             import uvicorn

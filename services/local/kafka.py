@@ -7,7 +7,10 @@ run from Maven Central jars on a machine without Docker.
   (``QUOTEWATCH_CACHE_DIR`` or the per-user cache);
 - the storage is formatted on first start (``kafka.tools.StorageTool format --standalone``);
 - ``start`` waits until the broker answers metadata requests; ``stop`` ends the process by its
-  recorded PID and waits for it.
+  recorded PID and waits for it;
+- ``start(die_with_parent=True)`` (what ``quotewatch demo`` uses) makes the kernel SIGTERM the
+  broker should the starting process die, even by SIGKILL (:mod:`quotewatch.local.lifetime`);
+  ``quotewatch broker start`` leaves it running on its own, which is that command's point.
 
 Everything about one broker lives in its data directory: properties, data, PID, log, ports.
 """
@@ -31,6 +34,7 @@ import platformdirs
 import psutil
 
 from quotewatch.core.errors import BrokerError
+from quotewatch.local.lifetime import die_with_parent as _die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -221,10 +225,17 @@ class LocalKafka:
 
     # -- start ------------------------------------------------------------------------------
 
-    def start(self, port: int = 9092, timeout: float = 90.0, heap: str = "768m") -> BrokerState:
+    def start(
+        self, port: int = 9092, timeout: float = 90.0, heap: str = "768m", *, die_with_parent: bool = False
+    ) -> BrokerState:
         """Start the broker (formatting its storage on first start) and wait until it answers.
 
         Idempotent: a broker already running from this data directory is left alone.
+
+        Args:
+            die_with_parent: the kernel sends the broker SIGTERM when the thread that called this
+                ends, i.e. when its process dies, however it dies (a supervisor that owns the broker
+                calls this from its main thread); False leaves the broker running on its own.
 
         Raises:
             BrokerError: java/mvn missing, the port is taken, or the broker did not come up.
@@ -252,7 +263,7 @@ class LocalKafka:
         if not (self._log_dirs / "meta.properties").exists():
             self._format(libs, state)
         self._save_state(state)
-        self._launch(libs, heap)
+        self._launch(libs, heap, die_with_parent=die_with_parent)
         self._wait_until_up(state, timeout)
         state.pid, state.running = self._running_pid(), True
         return state
@@ -324,7 +335,7 @@ class LocalKafka:
         if result.returncode != 0:
             raise BrokerError(f"formatting the broker storage failed: {(result.stdout + result.stderr).strip()[-400:]}")
 
-    def _launch(self, libs: Path, heap: str) -> None:
+    def _launch(self, libs: Path, heap: str, *, die_with_parent: bool = False) -> None:
         stdout = (self.data_dir / "broker.stdout").open("ab")
         process = subprocess.Popen(
             self._java(libs, heap, "kafka.Kafka", str(self._properties)),
@@ -333,6 +344,7 @@ class LocalKafka:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             cwd=self.data_dir,
+            preexec_fn=_die_with_parent() if die_with_parent else None,
         )
         stdout.close()
         self._pid_file.write_text(f"{process.pid}\n")
@@ -357,6 +369,14 @@ class LocalKafka:
                 continue
         self.stop()
         raise BrokerError(f"the broker did not answer within {timeout:.0f}s; last log lines: {self.log_tail()}")
+
+    def exit_code(self) -> int | None:
+        """The exit code of the broker this object launched, once it has exited (and is reaped).
+
+        None while it runs, and when this object did not launch one (a broker found running).
+        Who calls this: the demo's supervisor, every half second, to notice a dead broker.
+        """
+        return self._launched.poll() if self._launched is not None else None
 
     def log_tail(self, lines: int = 8) -> str:
         """The last lines of the broker's logs, joined with ' | '."""

@@ -16,15 +16,26 @@ then supervises them: a child that exits is restarted with exponential backoff, 
 is **bootstrapped**: while the registry has no ``champion``, ``quotewatch train`` runs every
 ``bootstrap_interval`` seconds on the lake the running stack is filling, until a trained model has
 been registered and promoted; inference's alias polling then serves it, so within a few minutes
-the dashboard shows live p_change from a registered champion.
+the dashboard shows live p_change from a registered champion. A registry that answers with an
+error (a 5xx, a timeout, a refused connection) is logged and asked again at the next check; it
+neither stops the stack nor counts as "no champion yet" (which would start a training run).
+
+The broker is supervised too, but not restarted: it is the system of record, and a broker that
+died on its own (the OOM killer, a full disk, a corrupt log segment) would most likely die again
+and take the services' transactions with it each time. When the local broker exits, the
+supervisor stops the whole stack with an error naming the broker's log; its data stays in
+``RUN_DIR/kafka``, so ``quotewatch demo`` with the same ``--run-dir`` resumes from it (the
+services continue from their committed offsets).
 
 One log file per process in ``RUN_DIR/logs/<name>.log`` (``kafka.log`` links to the broker's own);
 ``RUN_DIR/stack.json`` lists every PID, port and URL while the stack runs. Ctrl-C (SIGINT) or
 SIGTERM stops everything in reverse order and leaves no process behind: every child runs in its
 own process group (its own session), is sent SIGTERM as a group, is waited for together with
 every descendant it spawned (MLflow's server workers), and is killed when it does not exit in
-time. Each child also asks the kernel for SIGTERM should the supervisor itself die
-(``PR_SET_PDEATHSIG``).
+time. The group is signalled even when the child itself has already exited: what it spawned
+(``mlflow server``'s uvicorn worker, holding the port) would otherwise outlive it and make every
+restart fail. Each child, the broker included, also asks the kernel for SIGTERM should the
+supervisor itself die (``PR_SET_PDEATHSIG``, :mod:`quotewatch.local.lifetime`).
 
 Why not a supervisor library. The candidates in the package index were weighed: honcho runs a
 Procfile but neither restarts a crashed process nor orders start-up by readiness (it stops
@@ -41,7 +52,7 @@ the registry's state, and a Ctrl-C that provably leaves nothing behind — is a 
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import http.client
 import json
 import logging
 import os
@@ -62,9 +73,10 @@ from typing import IO, Literal
 import click
 import psutil
 
-from quotewatch.core.errors import FatalError
+from quotewatch.core.errors import FatalError, RetriableError
 from quotewatch.core.kafka import ShutdownSignal
 from quotewatch.local.kafka import LocalKafka, port_is_free
+from quotewatch.local.lifetime import die_with_parent
 from quotewatch.local.mlflow import LocalMlflow
 
 logger = logging.getLogger(__name__)
@@ -84,7 +96,15 @@ FeedMode = Literal["synthetic", "capture", "live"]
 
 
 class StackError(FatalError):
-    """The local stack could not start (a port is taken, a process did not become ready)."""
+    """The local stack could not start (a port is taken, a process did not become ready), or its
+    broker died."""
+
+
+class RegistryUnavailableError(RetriableError):
+    """The MLflow registry did not give an answer (5xx, timeout, refused connection, not JSON).
+
+    Not the same as "no champion yet": the caller asks again at its next check.
+    """
 
 
 @dataclass(frozen=True)
@@ -150,13 +170,6 @@ class StackConfig:
 # -- one supervised child -------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child before exec
-    """Ask Linux to SIGTERM this child when the supervisor dies (even by SIGKILL)."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 @dataclass
 class ProcessSpec:
     """A child process of the stack and how to tell it is ready."""
@@ -207,7 +220,7 @@ class ManagedProcess:
             cwd=self._cwd,
             env=env,
             start_new_session=True,  # its own process group: Ctrl-C reaches only the supervisor
-            preexec_fn=_die_with_parent,  # forked from the main thread only
+            preexec_fn=die_with_parent(),  # forked from the main thread only
         )
         self.started_at = time.monotonic()
         self.next_restart_at = None
@@ -226,11 +239,16 @@ class ManagedProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout: float) -> None:
-        """SIGTERM the child's process group and every descendant; kill what outlives ``timeout``."""
+        """SIGTERM the child's process group and every descendant; kill what outlives ``timeout``.
+
+        The group is stopped even when the child has exited already: what it spawned may still run
+        in its group (``mlflow server`` dies, its uvicorn worker keeps the port).
+        """
         if self._popen is None:
             return
-        if self._popen.poll() is None:
-            terminate_tree(self._popen.pid, timeout)
+        # Not reaped yet (poll() is None): the PID is still the child's, its descendants can be found.
+        leader_running = self._popen.poll() is None
+        terminate_tree(self._popen.pid, timeout, leader_running=leader_running)
         self._popen.wait()  # reap the direct child
         if self._log is not None:
             self._log.close()
@@ -245,31 +263,80 @@ def _process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def terminate_tree(pid: int, timeout: float) -> None:
-    """Stop process ``pid`` (a session leader), its process group and every descendant.
+def _group_members(pgid: int) -> list[psutil.Process]:
+    """The processes of process group ``pgid`` that have not exited."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (OSError, psutil.Error):  # gone while listing
+            continue
+    return members
+
+
+_EXIT_POLL_SECONDS = 0.05
+
+
+def _running(process: psutil.Process) -> bool:
+    """True until ``process`` has exited (a zombie has: it only waits to be reaped)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _still_running(pgid: int, tracked: dict[int, psutil.Process]) -> list[psutil.Process]:
+    """What is left of ``tracked`` and of group ``pgid`` (members forked meanwhile included)."""
+    tracked.update({process.pid: process for process in _group_members(pgid)})
+    return [process for process in tracked.values() if _running(process)]
+
+
+def _wait_until_gone(pgid: int, tracked: dict[int, psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` for every tracked process and group member to exit; those still running.
+
+    Most of them are not this process's children (a group member whose parent exited belongs to
+    init now), so they cannot be waited for: their state is polled every 50 ms.
+    """
+    deadline = time.monotonic() + timeout
+    alive = _still_running(pgid, tracked)
+    while alive and time.monotonic() < deadline:
+        time.sleep(_EXIT_POLL_SECONDS)
+        alive = _still_running(pgid, tracked)
+    return alive
+
+
+def terminate_tree(pid: int, timeout: float, *, leader_running: bool = True) -> None:
+    """Stop process group ``pid`` (a session leader's) and every descendant of ``pid``.
 
     SIGTERM first (services flush, commit and close on it), SIGKILL for whatever is still alive
-    after ``timeout``; returns once every one of them is gone.
+    after ``timeout`` (then up to 10 s more for the kernel to end them); returns once every one of
+    them is gone. The group is signalled whether or not its leader still runs.
+
+    Args:
+        leader_running: False when ``pid`` has exited and was reaped already: its number may
+            belong to an unrelated process by now, so only its group is stopped (a group's id is
+            not reused while any member of the group lives). Descendants that left the group
+            (setsid) after their parent exited cannot be found any more.
     """
-    tree = _process_tree(pid)
+    tracked = {process.pid: process for process in _process_tree(pid)} if leader_running else {}
+    tracked.update({process.pid: process for process in _group_members(pid)})
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
-    for process in tree[1:]:  # descendants that left the group (setsid) get it too
-        try:
+    for process in tracked.values():  # descendants that left the group (setsid) get it too
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    alive = _wait_until_gone(pid, tracked, timeout)
     if alive:
         logger.warning("killing processes that ignored SIGTERM: %s", [p.pid for p in alive])
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         for process in alive:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-            except psutil.NoSuchProcess:
-                continue
-        psutil.wait_procs(alive, timeout=10)
+        left = _wait_until_gone(pid, tracked, 10.0)
+        if left:
+            logger.error("processes still running after SIGKILL: %s", [p.pid for p in left])
 
 
 # -- readiness probes ------------------------------------------------------------------------------
@@ -299,19 +366,24 @@ def tcp_open(port: int, host: str = HOST) -> bool:
 
 
 def champion_version(mlflow_url: str, model_name: str = MODEL_NAME) -> str | None:
-    """The registry version behind ``models:/<model_name>@champion``, or None while there is none."""
+    """The registry version behind ``models:/<model_name>@champion``, or None while there is none.
+
+    Raises:
+        RegistryUnavailableError: the registry gave no answer (any HTTP error but "does not
+            exist", a timeout, a refused connection, a reply that is not the expected JSON).
+    """
     query = urllib.parse.urlencode({"name": model_name, "alias": CHAMPION})
     url = f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?{query}"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - http on 127.0.0.1
             payload = json.loads(response.read())
+        version = payload.get("model_version", {}).get("version")
     except urllib.error.HTTPError as exc:
         if exc.code in (400, 404):  # RESOURCE_DOES_NOT_EXIST: no such model or alias yet
             return None
-        raise
-    except (OSError, urllib.error.URLError):
-        return None
-    version = payload.get("model_version", {}).get("version")
+        raise RegistryUnavailableError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+    except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:  # URLError is an OSError
+        raise RegistryUnavailableError(f"{url}: {type(exc).__name__}: {exc}") from exc
     return str(version) if version is not None else None
 
 
@@ -332,12 +404,17 @@ class LocalStack:
         self.run_dir = config.run_dir.expanduser().resolve()
         self.log_dir = self.run_dir / "logs"
         self.lake_dir = self.run_dir / "lake"
-        self.kafka: LocalKafka | None = None
         self.processes: dict[str, ManagedProcess] = {}
+        # The supervisor's cwd is not the children's (run_dir): a relative capture is resolved here.
+        self.capture = config.capture.expanduser().resolve() if config.capture is not None else None
+        self.kafka: LocalKafka | None = None
         self.champion: str | None = None
         self._trainer: ManagedProcess | None = None
+        # A bootstrap run that ended (and its exit code): what it achieved is known once the registry answers.
+        self._finished_training: tuple[ManagedProcess, int] | None = None
         self._next_training_at = 0.0
         self._training_attempts = 0
+        self._registry_failures = 0
         self.webhook_secret = secrets.token_urlsafe(32)
 
     # -- what runs --------------------------------------------------------------------------
@@ -371,7 +448,7 @@ class LocalStack:
         config = self.config
         if config.feed == "live":
             return None
-        source = ["--synthetic"] if config.feed == "synthetic" else ["--capture", str(config.capture)]
+        source = ["--synthetic"] if config.feed == "synthetic" else ["--capture", str(self.capture)]
         return ProcessSpec(
             name="feed-server",
             argv=_cli(
@@ -476,12 +553,13 @@ class LocalStack:
             link = self.log_dir / "kafka.log"  # the broker writes its own log; list it with the others
             if not link.is_symlink():
                 link.symlink_to(self.kafka.log_file)
-            self.kafka.start(port=self.config.kafka_port)
+            # SIGTERM from the kernel should this supervisor die, like every other child.
+            self.kafka.start(port=self.config.kafka_port, die_with_parent=True)
             self._write_status()
         self._run_once(ProcessSpec("topics", _cli("topics", "create"), self.common_env(), restart=False))
         self._wait_ready(independent)
         self._start_and_wait(self.service_specs())
-        self.champion = champion_version(self.config.mlflow_url)
+        self._look_up_champion()  # None on a registry error too: supervise() asks again
         self._write_status()
         logger.info(
             "QuoteWatch is running: dashboard %s, MLflow %s, logs %s (Ctrl-C stops everything)",
@@ -547,9 +625,23 @@ class LocalStack:
         """
         while not self.shutdown.wait(0.5):
             now = time.monotonic()
+            self._check_broker()
             for process in self.processes.values():
                 self._restart_if_exited(process, now)
             self._bootstrap_model(now)
+
+    def _check_broker(self) -> None:
+        """Raise StackError once the local broker has exited (not restarted: see the module docstring)."""
+        if self.kafka is None:
+            return
+        code = self.kafka.exit_code()
+        if code is None:
+            return
+        raise StackError(
+            f"the Kafka broker exited with code {code}; stopping the stack. Its data is kept in "
+            f"{self.kafka.data_dir}: `quotewatch demo` with the same --run-dir resumes from it. "
+            f"Broker log {self.kafka.log_file}: {self.kafka.log_tail()}"
+        )
 
     def _restart_if_exited(self, process: ManagedProcess, now: float) -> None:
         code = process.poll()
@@ -575,8 +667,31 @@ class LocalStack:
             process.start()
             self._write_status()
 
+    def _look_up_champion(self) -> bool:
+        """Ask the registry for the champion into ``self.champion``; False when it gave no answer.
+
+        A registry error is logged (a warning on the first of a run of them) and changes nothing:
+        the caller asks again at its next check.
+        """
+        try:
+            champion = champion_version(self.config.mlflow_url)
+        except RegistryUnavailableError as exc:
+            self._registry_failures += 1
+            log = logger.warning if self._registry_failures == 1 else logger.debug
+            log("the MLflow registry did not answer (%s); asking again at the next check", exc)
+            return False
+        if self._registry_failures:
+            logger.info("the MLflow registry answers again (after %d failed checks)", self._registry_failures)
+            self._registry_failures = 0
+        self.champion = champion
+        return True
+
     def _bootstrap_model(self, now: float) -> None:
-        """Train and promote a first model once the lake has data; stop once a champion exists."""
+        """Train and promote a first model once the lake has data; stop once a champion exists.
+
+        Who calls this: :meth:`supervise`, every half second. Whenever the registry gives no answer
+        it returns and the next call asks again; nothing is decided on a registry error.
+        """
         if self.champion is not None:
             return
         trainer = self._trainer
@@ -587,11 +702,19 @@ class LocalStack:
             trainer.stop(self.config.stop_timeout)
             self._trainer = None
             self.processes.pop("trainer", None)
-            self.champion = champion_version(self.config.mlflow_url)
-            if self.champion is not None:
-                logger.info("bootstrap: %s@%s is version %s; inference serves it", MODEL_NAME, CHAMPION, self.champion)
-                self._write_status()
-                return
+            self._finished_training = (trainer, code)
+        if self._finished_training is None and now < self._next_training_at:
+            return
+        if not self._look_up_champion():
+            return
+        if self.champion is not None:
+            logger.info("bootstrap: %s@%s is version %s; inference serves it", MODEL_NAME, CHAMPION, self.champion)
+            self._finished_training = None
+            self._write_status()
+            return
+        if self._finished_training is not None:
+            finished, code = self._finished_training
+            self._finished_training = None
             why = (
                 "the gate refused the candidate"
                 if code == 0
@@ -601,16 +724,10 @@ class LocalStack:
                 "bootstrap: attempt %d: %s, see %s; retrying with more data in %.0fs",
                 self._training_attempts,
                 why,
-                trainer.log_path,
+                finished.log_path,
                 self.config.bootstrap_interval,
             )
             self._next_training_at = now + self.config.bootstrap_interval
-            return
-        if now < self._next_training_at:
-            return
-        self.champion = champion_version(self.config.mlflow_url)
-        if self.champion is not None:
-            self._write_status()
             return
         if self._next_training_at == 0.0:  # first look: let the lake fill with labelled data first
             self._next_training_at = now + self.config.bootstrap_interval

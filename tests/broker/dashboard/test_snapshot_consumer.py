@@ -5,17 +5,23 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
-from quotewatch.core.config import DashboardSettings
-from quotewatch.core.kafka import make_producer
+from quotewatch.core.config import CommonSettings, DashboardSettings
+from quotewatch.core.kafka import ensure_topics, make_admin, make_producer
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.dashboard.app import DashboardApp, create_app
 from quotewatch.dashboard.runtime import DashboardRuntime
+from quotewatch.local.kafka import free_port
 from tests.helpers import wait_for
 from tests.unit.dashboard.factories import T0_NS, make_snapshot, produce_snapshots
 
@@ -126,3 +132,91 @@ def test_each_forked_worker_builds_its_own_state(dashboard_settings: DashboardSe
         assert app.runtime.get().pid == os.getpid()
     finally:
         app.runtime.stop()
+
+
+def test_a_topic_ending_in_an_aborted_transaction_reads_as_caught_up(dashboard_settings: DashboardSettings) -> None:
+    """Inference killed mid-transaction: its open transaction is aborted and no snapshot follows."""
+    topic = TopicNames(dashboard_settings.topic_prefix).snapshot
+    serde = AvroSerde()
+    producer = make_producer(dashboard_settings, "test-inference", transactional_id=f"test-{uuid.uuid4().hex[:8]}")
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for index in range(3):
+        record = make_snapshot("BTC-USD", ts_event=T0_NS + index * 100_000_000, p_change=0.1 * index)
+        producer.produce(topic, key=b"BTC-USD", value=serde.encode(topic, record))
+    producer.commit_transaction(30)
+    producer.begin_transaction()
+    for _ in range(5):
+        producer.produce(topic, key=b"BTC-USD", value=serde.encode(topic, make_snapshot("BTC-USD", p_change=0.99)))
+    producer.flush(10)
+    producer.abort_transaction(30)  # the last offset of the topic is now an abort marker
+
+    runtime = DashboardRuntime.build(dashboard_settings).start()
+    try:
+        wait_for(runtime.consumer.caught_up, timeout=20, message="caught up past the aborted transaction")
+        assert runtime.consumer.lag() == 0
+        assert runtime.store.counts() == (3, 0)
+        latest = runtime.store.latest("BTC-USD")
+        assert latest is not None
+        assert latest.snapshot["p_change"] == pytest.approx(0.2)
+        assert runtime.feed().caught_up
+        health = runtime.health()
+        assert health.healthy, health
+        assert health.detail["lag"] == 0
+    finally:
+        runtime.stop()
+
+
+def _topics_named(settings: CommonSettings) -> list[str]:
+    metadata = make_admin(settings).list_topics(timeout=10)
+    return sorted(name for name in metadata.topics if name.startswith(f"{settings.topic_prefix}."))
+
+
+def _health(url: str) -> dict[str, Any] | None:
+    try:
+        return dict(requests.get(f"{url}/health", timeout=2).json())
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def test_the_dashboard_process_creates_no_topic_and_reads_its_topic_once_it_exists(
+    make_settings: Callable[..., Any], tmp_path: Path
+) -> None:
+    settings: DashboardSettings = make_settings(DashboardSettings)  # no `topics` fixture: nothing exists
+    port = free_port()
+    env = {
+        **{key: value for key, value in os.environ.items() if key != "QUOTEWATCH_CONFIG_FILE"},
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "TOPIC_PREFIX": settings.topic_prefix,
+        "DASH_HOST": "127.0.0.1",
+        "DASH_PORT": str(port),
+        "METRICS_PORT": "0",
+    }
+    log_path = tmp_path / "dashboard.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "quotewatch.cli", "run", "dashboard"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: process.poll() is None and _health(url), timeout=60, message=f"/health ({log_path})")
+        # Its consumer has asked the broker for the topic (and been told it is missing) by now.
+        wait_for(lambda: "does not exist yet" in log_path.read_text(), timeout=20, message="the missing-topic warning")
+        assert _topics_named(settings) == [], "a read-only UI created topics"
+
+        ensure_topics(make_admin(settings), settings.topic_prefix)  # what `quotewatch topics create` does
+        publish(settings, make_snapshot("BTC-USD", p_change=0.77))
+        body = wait_for(
+            lambda: (reply := _health(url)) is not None and reply["snapshots_read"] == 1 and reply,
+            timeout=30,
+            message="the snapshot read once the topic exists",
+        )
+        assert body["symbols"] == ["BTC-USD"]
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)

