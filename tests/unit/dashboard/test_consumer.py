@@ -86,7 +86,7 @@ class ScriptedConsumer:
     def consume(self, count: int, timeout: float) -> list[Message]:
         if not self.fetching.is_set():
             return []
-        delivered = []
+        delivered: list[Message] = []
         while self._next < self.stable and len(delivered) < count:
             kind, value = self.entries[self._next]
             if kind == RECORD:
