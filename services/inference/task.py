@@ -23,6 +23,20 @@ learnt by the fallback from the feature vector it labels.
 Topics are co-partitioned (same key = symbol, same partition count; the default range assignor
 gives partition k of both topics to the same instance), so a symbol's labels reach the instance
 that scored its features.
+
+**Re-processing after an aborted transaction.** The processor then calls
+:meth:`InferenceTask.reset` for every partition and hands the records since each partition's last
+commit over again (so it does after a transient failure mid-batch). The state (live metrics, the
+fallback, the last snapshot times, the warm-up sample) is shared by all symbols and partitions, so
+it can neither be forgotten per partition nor rebuilt from a bounded stretch of input; instead
+each record changes it **once**. The task keeps the outputs of every record processed since its
+partition's last commit, keyed by (topic, partition, offset); the same record handed over again
+gets those outputs back (or raises its error again, to be dead-lettered again) and changes
+nothing. The committed outputs and the state are then exactly those of an uninterrupted run that
+took the records in the order they were first processed. Cost: one dict entry per record
+(references to outputs built anyway), dropped when a commit of its partition past it goes
+through. (A commit covers only the partitions of its batch: records of another partition
+processed in an aborted batch may come again after it.)
 """
 
 from __future__ import annotations
@@ -31,11 +45,13 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from quotewatch.core.clock import Clock
+from quotewatch.core.errors import RetriableError
 from quotewatch.core.processor import InRecord, OutRecord
 from quotewatch.core.registry import LoadedModel
 from quotewatch.core.topics import TopicNames
@@ -61,6 +77,22 @@ _UPDATES_FEATURE = "updates_1000ms"
 PENDING_VECTORS_MAX = 10_000
 """Feature vectors kept for the fallback to learn from when their label arrives."""
 NS_PER_MS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Processed:
+    """What one record gave: its outputs, or the error it raised."""
+
+    identity: tuple[Any, ...]
+    outputs: tuple[OutRecord, ...]
+    error: Exception | None = None
+
+
+def _identity(record: InRecord) -> tuple[Any, ...]:
+    # Features and labels both carry these: another record at the same offset (a topic deleted
+    # and created again) is not taken for the one processed before.
+    value = record.value
+    return (value.get("symbol"), value.get("ts_event"), value.get("ts_init"))
 
 
 class InferenceTask:
@@ -94,6 +126,12 @@ class InferenceTask:
         self._lag = 0
         self._lag_read_ns = -(10**18)
         self._names_cache: dict[tuple[str, int], list[str]] = {}
+        # What each record handed over since its partition's last commit gave, per partition and
+        # offset, for re-processing after an aborted transaction (see the module docstring).
+        self._uncommitted: dict[tuple[str, int], dict[int, _Processed]] = {}
+        self._batch_last: dict[tuple[str, int], int] = {}  # last offset per partition in this batch
+        self._committing: dict[tuple[str, int], int] = {}  # offset being committed, per partition
+        self._batch_over = False
         self.spec_mismatches = 0
         self.invalid_outputs = 0
 
@@ -108,21 +146,75 @@ class InferenceTask:
     # -- StreamTask ---------------------------------------------------------------------------------
 
     def process(self, record: InRecord) -> Iterable[OutRecord]:
+        if self._batch_over:
+            self._start_batch()
+        partition = (record.topic, record.partition)
+        self._batch_last[partition] = record.offset
+        kept = self._uncommitted.setdefault(partition, {})
+        identity = _identity(record)
+        done = kept.get(record.offset)
+        if done is None or done.identity != identity:
+            try:
+                outputs = tuple(self._process(record))
+            except RetriableError:
+                raise  # not the record's fault: it is processed afresh when it comes again
+            except Exception as exc:
+                kept[record.offset] = _Processed(identity, (), exc)
+                raise
+            kept[record.offset] = done = _Processed(identity, outputs)
+        elif done.error is not None:
+            raise done.error
+        return done.outputs
+
+    def restart_offset(self, topic: str, partition: int) -> int | None:
+        """None: nothing before the committed offset is re-read.
+
+        Predictions need no state (a version and a record); the live metrics and the fallback start
+        afresh after a restart rather than re-reading the labels' history. Who calls it: the
+        processor, for each partition of a batch it is about to commit.
+        """
+        last = self._batch_last.get((topic, partition))
+        if last is not None:
+            self._committing[(topic, partition)] = last + 1
+        self._batch_over = True
+        return None
+
+    def reset(self, topic: str, partition: int) -> None:
+        """Keep the state: every record already processed has changed it once, and only once.
+
+        Who calls it: the processor, on a rebalance (after the last batch was committed: nothing is
+        handed over again, the state carries on) and after an aborted transaction (the records since
+        each partition's last commit are handed over again: :meth:`process` gives their outputs back
+        unchanged). What was kept for a partition goes when a later commit of it goes through (at
+        most a batch stays behind for a partition given away). Buffers are keyed by (symbol, t) and
+        bounded; entries of a partition given away age out.
+        """
+        self._committing.clear()  # the commit may not have gone through
+        self._batch_over = True
+
+    def _start_batch(self) -> None:
+        """Called at the first record after a commit or a reset: drop what commits made obsolete.
+
+        A commit went through when ``restart_offset`` was called for it and no ``reset`` came after
+        it. It covers only the partitions of its batch, up to their last offset in it: records of
+        other partitions, or further records of the same partition, processed in an aborted batch
+        are still to come again.
+        """
+        for partition, end in self._committing.items():
+            kept = self._uncommitted.get(partition)
+            if kept and min(kept) < end:
+                self._uncommitted[partition] = {offset: done for offset, done in kept.items() if offset >= end}
+        self._committing.clear()
+        self._batch_last.clear()
+        self._batch_over = False
+
+    def _process(self, record: InRecord) -> Iterable[OutRecord]:
         if record.topic == self._topics.features:
             return self._on_features(record.value)
         if record.topic == self._topics.labels:
             self._on_label(record.value)
             return ()
         raise ValueError(f"inference does not consume {record.topic}")
-
-    def restart_offset(self, topic: str, partition: int) -> int | None:
-        # Predictions need no state (a version and a record); the live metrics and the fallback
-        # start afresh after a restart rather than re-reading the labels' history.
-        return None
-
-    def reset(self, topic: str, partition: int) -> None:
-        # Buffers are keyed by (symbol, t) and bounded; entries of a revoked partition age out.
-        return None
 
     # -- features -> predictions + snapshot -----------------------------------------------------------
 

@@ -4,6 +4,9 @@ Who calls this: :mod:`quotewatch.trainer.main` after :func:`quotewatch.trainer.t
 
 The gate scores the current ``champion`` on the **same test window** as the candidate (it is
 loaded with :func:`quotewatch.core.registry.load_model_version`, exactly as inference loads it).
+A champion that exists but cannot be scored is never taken for "no champion": if it cannot be
+loaded the gate refuses; if its feature spec is not the candidate's, the candidate replaces it only
+when it is for the spec the stream carries now (:func:`quotewatch.trainer.training.gate` has the rule).
 The candidate is always registered as a new version (tagged ``gate=passed|refused`` and why);
 only a passing candidate moves the alias (``champion``, or ``challenger`` with ``--challenger``).
 """
@@ -16,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -35,11 +38,24 @@ from quotewatch.core.registry import (
 from quotewatch.domain import evaluation
 from quotewatch.domain.evaluation import Scores
 from quotewatch.domain.models import FeatureSpecMismatchError, probability_problems
-from quotewatch.trainer.training import Candidate, GateDecision, GateThresholds, TrainingResult, gate
+from quotewatch.trainer.training import (
+    Candidate,
+    GateDecision,
+    GateThresholds,
+    TrainingResult,
+    UnscoredChampion,
+    champion_of_another_spec,
+    gate,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
+TEST_WINDOW_TAG = "quotewatch.test_window_ns"
+"""Version tag ``<first t>..<last t>`` (ns) of the test window a version was trained and scored on."""
 
 
 @dataclass(frozen=True)
@@ -56,39 +72,73 @@ class PublishOutcome:
     champion_scores: Scores | None
 
 
-def champion_scores(
+def assess_champion(
     tracking_uri: str, model_name: str, result: TrainingResult
-) -> tuple[str | None, Scores | None, str | None]:
-    """(version, test scores, note) of the current champion on the candidate's test window.
+) -> tuple[str | None, Scores | UnscoredChampion | None]:
+    """(version, what the gate gets) for the current champion, on the candidate's test window.
 
-    Scores are None when there is no champion, or it cannot score these features (another
-    feature spec, an unloadable artifact, invalid outputs); the note says which.
+    What the gate gets (see :func:`quotewatch.trainer.training.gate`): None when no champion is
+    registered; its scores when it loads and scores the candidate's vectors; otherwise an
+    :class:`UnscoredChampion` saying why and whether it may be replaced without a comparison:
+
+    - it cannot be loaded (:class:`ModelLoadError`, which includes a download failing for a moment):
+      not replaceable;
+    - it uses another feature spec: :func:`champion_of_another_spec` decides from the champion's
+      spec and data window (its ``quotewatch.test_window_ns`` tag);
+    - it gives invalid outputs on vectors of its own spec: replaceable (inference refuses it too).
+
+    Raises:
+        RegistryUnavailableError: the tracking server could not be reached.
+        RegistryError: the registry refused a lookup.
     """
     client = make_client(tracking_uri)
     version = resolve_version(client, ModelUri(model_name, alias=CHAMPION))
     if version is None:
-        return None, None, "no champion registered"
+        return None, None
+    label = f"champion v{version}"
     try:
         champion = load_model_version(tracking_uri, model_name, version)
     except ModelLoadError as exc:
-        return version, None, f"champion v{version} cannot be loaded ({exc}); it cannot serve either"
-    if champion.feature_spec_id != result.data.feature_spec_id:
-        return (
+        return version, UnscoredChampion(
             version,
-            None,
-            (
-                f"champion v{version} uses feature spec {champion.feature_spec_id}, "
-                f"the candidate {result.data.feature_spec_id}"
-            ),
+            f"{label} exists but cannot be loaded ({exc}), so the candidate was not compared with it and does not "
+            f"replace it (train again if the error was transient; move the alias by hand if v{version} is broken)",
+            replaceable=False,
         )
+    if champion.feature_spec_id != result.data.feature_spec_id:
+        end_ns = _test_window_end(client, model_name, version)
+        return version, champion_of_another_spec(version, champion.feature_spec_id, end_ns, result)
     try:
         p = champion.predict(result.x_test)
     except (ValueError, FeatureSpecMismatchError) as exc:
-        return version, None, f"champion v{version} cannot score the test window: {exc}"
-    problems = probability_problems(p, len(result.y_test))
+        problems = [f"it cannot score them: {exc}"]
+    else:
+        problems = probability_problems(p, len(result.y_test))
     if problems:
-        return version, None, f"champion v{version} gives invalid outputs: {'; '.join(problems)}"
-    return version, evaluation.score(result.y_test, p), None
+        return version, UnscoredChampion(
+            version,
+            f"{label} gives no valid outputs on the test window ({'; '.join(problems)}), so inference cannot serve "
+            "it either: not compared, the candidate replaces it on the thresholds alone",
+            replaceable=True,
+        )
+    return version, evaluation.score(result.y_test, p)
+
+
+def _test_window_end(client: MlflowClient, model_name: str, version: str) -> int | None:
+    """The last t (ns) of the test window of ``model_name`` v``version`` (its tag), or None without the tag."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_model_version(model_name, version).tags or {}
+    except MlflowException as exc:
+        raise RegistryError(f"models:/{model_name}/{version}: {exc.message}") from exc
+    except OSError as exc:  # requests' ConnectionError is an OSError
+        raise RegistryUnavailableError(f"models:/{model_name}/{version}: tracking server unreachable: {exc}") from exc
+    _, _, end = str(tags.get(TEST_WINDOW_TAG, "")).partition("..")
+    try:
+        return int(end)
+    except ValueError:
+        return None
 
 
 def publish(
@@ -115,15 +165,18 @@ def publish(
     mlflow.set_tracking_uri(tracking_uri)
     client = make_client(tracking_uri)
     say("scoring the current champion on the same test window")
-    champion_version, champion, note = champion_scores(tracking_uri, model_name, result)
-    if note:
-        say(note)
+    champion_version, champion = assess_champion(tracking_uri, model_name, result)
+    if champion_version is None:
+        say("no champion registered")
+    elif isinstance(champion, UnscoredChampion):
+        say(champion.reason)
     decision = gate(candidate.scores, result.baselines, champion, thresholds, champion_version)
+    champion_scores = champion if isinstance(champion, Scores) else None
     try:
         mlflow.set_experiment(experiment_name)
         with mlflow.start_run(run_name=f"train-{candidate.kind}") as run:
             say(f"logging run {run.info.run_id} (params, metrics, plots, feature spec)")
-            _log_run(result, candidate, champion, champion_version, decision, thresholds, context)
+            _log_run(result, candidate, champion_scores, champion_version, decision, thresholds, context)
             say("logging and registering the model")
             model_info = _log_model(result, candidate, context)
             tags = _version_tags(result, candidate, decision, context)
@@ -152,7 +205,7 @@ def publish(
         raise RegistryError(f"MLflow refused an operation: {exc.message}") from exc
     except OSError as exc:
         raise RegistryUnavailableError(f"tracking server {tracking_uri} unreachable: {exc}") from exc
-    return PublishOutcome(run.info.run_id, model_name, version, moved, decision, champion_version, champion)
+    return PublishOutcome(run.info.run_id, model_name, version, moved, decision, champion_version, champion_scores)
 
 
 def _log_run(
@@ -199,6 +252,7 @@ def _log_run(
     mlflow.log_dict(
         {
             "feature_spec_id": result.data.feature_spec_id,
+            "current_feature_spec_id": result.data.current_feature_spec_id,
             "feature_names": list(result.data.feature_names),
             "dropped_vectors_of_other_specs": result.data.dropped_other_spec,
         },
@@ -328,7 +382,7 @@ def _version_tags(
         "quotewatch.feature_spec_id": result.data.feature_spec_id,
         "quotewatch.model_kind": candidate.kind,
         "quotewatch.train_window_ns": f"{split['train_start_ns']}..{split['train_end_ns']}",
-        "quotewatch.test_window_ns": f"{split['test_start_ns']}..{split['test_end_ns']}",
+        TEST_WINDOW_TAG: f"{split['test_start_ns']}..{split['test_end_ns']}",
         "quotewatch.test_auc": f"{scores.roc_auc:.6f}" if scores.roc_auc is not None else "",
         "quotewatch.test_brier": f"{scores.brier:.6f}" if scores.brier is not None else "",
         "quotewatch.gate": "passed" if decision.passed else "refused",

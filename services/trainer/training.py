@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -85,6 +86,9 @@ class TrainingSet:
     y: NDArray[np.int64]
     labels: pd.DataFrame
     """Every label row (symbol, t_event, label), for the baselines' history."""
+    current_feature_spec_id: str
+    """The spec of the newest feature vector among the rows: the spec the stream carries now, as far
+    as the lake shows. ``feature_spec_id`` is this one unless another was asked for."""
     dropped_other_spec: int = 0
 
 
@@ -152,7 +156,12 @@ def build_training_set(features: pd.DataFrame, labels: pd.DataFrame, feature_spe
 
     ``features.ts_event`` is the tick t; ``labels.t_event`` is the tick it labels. Duplicated
     rows (the same (symbol, t) twice) are kept once. Feature vectors of a spec other than
-    ``feature_spec_id`` (default: the most frequent spec among the rows) are dropped and counted.
+    ``feature_spec_id`` are dropped and counted.
+
+    The default ``feature_spec_id`` is :func:`current_feature_spec`, the spec of the newest vector:
+    the one the stream carries now, which the model will be asked to score. (The most frequent spec
+    would be the old one for a while after a feature-spec upgrade: a model of it is refused by
+    inference at warm-up, and the gate could not compare it with a champion of the new spec.)
 
     Raises:
         TrainingDataError: nothing joins.
@@ -166,7 +175,8 @@ def build_training_set(features: pd.DataFrame, labels: pd.DataFrame, feature_spe
             raise TrainingDataError(f"{name} rows lack column(s) {missing}")
     if features.empty or labels.empty:
         raise TrainingDataError(f"nothing to train on: {len(features)} feature rows, {len(labels)} label rows")
-    spec = feature_spec_id or str(features["feature_spec_id"].value_counts().idxmax())
+    current = current_feature_spec(features)
+    spec = feature_spec_id or current
     same_spec = features[features["feature_spec_id"] == spec]
     dropped = len(features) - len(same_spec)
     if dropped:
@@ -195,8 +205,23 @@ def build_training_set(features: pd.DataFrame, labels: pd.DataFrame, feature_spe
         x=x,
         y=joined["label"].to_numpy(dtype=np.int64),
         labels=label_rows.reset_index(drop=True),
+        current_feature_spec_id=current,
         dropped_other_spec=dropped,
     )
+
+
+def current_feature_spec(features: pd.DataFrame) -> str:
+    """The spec of the newest feature vector (largest ``ts_event``): the spec the stream carries now.
+
+    When vectors of several specs share that instant (old and new feature services running side
+    by side during an upgrade), the spec that appeared last among the rows wins: the newer one.
+    """
+    newest = features["ts_event"].max()
+    at_newest = sorted(str(spec) for spec in features.loc[features["ts_event"] == newest, "feature_spec_id"].unique())
+    if len(at_newest) == 1:
+        return at_newest[0]
+    first_seen = features.groupby("feature_spec_id")["ts_event"].min()
+    return max(at_newest, key=lambda spec: int(first_seen[spec]))
 
 
 def time_split(data: TrainingSet, options: TrainingOptions) -> Split:
@@ -347,17 +372,107 @@ class GateDecision:
     """Why it failed, or what it beat when it passed."""
 
 
+@dataclass(frozen=True)
+class UnscoredChampion:
+    """A registered champion that could not be scored on the candidate's test window, and what follows.
+
+    Built by :func:`quotewatch.trainer.publish.assess_champion` (and :func:`champion_of_another_spec`).
+    """
+
+    version: str
+    reason: str
+    """Why it was not scored and what the gate does about it (one of the gate's reasons)."""
+    replaceable: bool
+    """True: it cannot serve the stream anyway, so the candidate may replace it on the thresholds
+    alone. False: it might be better than the candidate, so the gate refuses."""
+
+
+def champion_of_another_spec(
+    version: str, champion_spec: str | None, champion_test_end_ns: int | None, result: TrainingResult
+) -> UnscoredChampion:
+    """The rule for a champion whose feature spec is not the candidate's (see :func:`gate`).
+
+    Their scores cannot be compared (the champion cannot score the candidate's vectors). The
+    candidate may replace it only when the candidate is for the spec the stream carries **now**:
+
+    1. the candidate's spec is the spec of the newest vector in its rows
+       (:attr:`TrainingSet.current_feature_spec_id`), and
+    2. its rows are newer than the champion's: its test window ends after the champion's (the
+       ``quotewatch.test_window_ns`` tag of the champion's version, in the same event time).
+
+    Then the newest evidence says the stream moved from the champion's spec to the candidate's: the
+    champion scores no live vector (inference serves the fallback instead) and the candidate is
+    judged on the thresholds alone. Otherwise (an older spec asked for, a ``--to`` window that ends
+    before the champion's data, a champion without the tag) the stream may well carry the
+    champion's spec, a model of the candidate's spec would be refused at warm-up, and the champion
+    stays. A champion that declares no spec can serve no vector: it is replaceable.
+    """
+    data = result.data
+    candidate_spec, current = data.feature_spec_id, data.current_feature_spec_id
+    label = f"champion v{version}"
+    if champion_spec is None:
+        return UnscoredChampion(
+            version,
+            f"{label} declares no feature spec, so inference scores no vector with it: "
+            "not compared, the candidate replaces it on the thresholds alone",
+            replaceable=True,
+        )
+    differ = f"{label} uses feature spec {champion_spec}, the candidate {candidate_spec}, so they cannot be compared"
+    if candidate_spec != current:
+        return UnscoredChampion(
+            version,
+            f"{differ}; the candidate's spec is not the one the stream carries now ({current}, that of the "
+            "newest vectors), and only a candidate of the current spec may replace a champion of another spec",
+            replaceable=False,
+        )
+    if champion_test_end_ns is None:
+        return UnscoredChampion(
+            version,
+            f"{differ}; {label} has no data window (tag quotewatch.test_window_ns) to tell whether "
+            f"{candidate_spec} is newer than its spec: it stays (move the alias by hand if {champion_spec} is retired)",
+            replaceable=False,
+        )
+    candidate_end_ns = int(data.t[result.split.test].max())
+    if candidate_end_ns <= champion_test_end_ns:
+        return UnscoredChampion(
+            version,
+            f"{differ}; the candidate's data end at {_when(candidate_end_ns)}, not after {label}'s "
+            f"({_when(champion_test_end_ns)}), so {candidate_spec} may not be the spec the stream carries now: "
+            "the champion stays",
+            replaceable=False,
+        )
+    return UnscoredChampion(
+        version,
+        f"{differ}; the stream has moved on to {candidate_spec} (the newest vectors are of that spec, and the "
+        f"candidate's data run to {_when(candidate_end_ns)}, past {label}'s, which end at "
+        f"{_when(champion_test_end_ns)}), so {label} scores no live vector: the candidate replaces it on the "
+        "thresholds alone",
+        replaceable=True,
+    )
+
+
 def gate(
     candidate: Scores,
     baselines: Mapping[str, Scores],
-    champion: Scores | None,
+    champion: Scores | UnscoredChampion | None,
     thresholds: GateThresholds,
     champion_version: str | None = None,
 ) -> GateDecision:
     """Does ``candidate`` pass the thresholds and beat the champion on the same test window?
 
-    ``champion`` None means there is no champion to beat (none registered, or it cannot score
-    these features); ``champion_version`` only labels the reasons.
+    ``champion`` is what :func:`quotewatch.trainer.publish.assess_champion` found:
+
+    - None: no champion is registered; the thresholds alone decide ("no champion to beat").
+    - :class:`~quotewatch.domain.evaluation.Scores`: the champion's scores on the candidate's test
+      window; the candidate must also beat them on ``thresholds.metric``.
+    - :class:`UnscoredChampion`: a champion exists but could not be scored. The gate never takes
+      that for "no champion": it refuses, unless the champion cannot serve the stream anyway
+      (``replaceable``: a feature spec the stream no longer carries, see
+      :func:`champion_of_another_spec`; invalid outputs on vectors of its own spec; no spec). A
+      champion that could not be loaded is never replaceable: the error may be transient (a
+      download failing), and a candidate that was not compared must not pass for one that won.
+
+    ``champion_version`` only labels the reasons.
     """
     failures = []
     successes = []
@@ -386,7 +501,11 @@ def gate(
                 f"test Brier {_fmt(candidate.brier)} is not below {thresholds.max_brier_ratio:g} x the base-rate "
                 f"Brier ({limit:.6f})"
             )
-    if champion is not None:
+    if champion is None:
+        successes.append("no champion to beat")
+    elif isinstance(champion, UnscoredChampion):
+        (successes if champion.replaceable else failures).append(champion.reason)
+    else:
         mine, theirs = metric_value(candidate, thresholds.metric), metric_value(champion, thresholds.metric)
         label = f"champion v{champion_version}" if champion_version else "the champion"
         if mine <= theirs:
@@ -395,9 +514,11 @@ def gate(
             )
         else:
             successes.append(f"beats {label} on test {thresholds.metric}: {_fmt(abs(mine))} vs {_fmt(abs(theirs))}")
-    else:
-        successes.append("no champion to beat")
     return GateDecision(not failures, tuple(failures or successes))
+
+
+def _when(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat(timespec="milliseconds")
 
 
 def _fmt(value: float | None) -> str:

@@ -7,25 +7,27 @@ registered on the session's MLflow server under a name of the test's own.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
+from quotewatch.core import processor as processor_module
 from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import CommonSettings, InferenceSettings
 from quotewatch.core.health import Liveness
-from quotewatch.core.kafka import ShutdownSignal, ensure_topics, make_admin
+from quotewatch.core.kafka import ShutdownSignal, ensure_topics, make_admin, make_producer
 from quotewatch.core.metrics import MODEL_RELOADS
-from quotewatch.core.processor import StreamProcessor
+from quotewatch.core.processor import InRecord, OutRecord, StreamProcessor, StreamTask
 from quotewatch.core.registry import ensure_webhook, make_client, parse_model_uri
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
@@ -78,7 +80,14 @@ def inference_settings(
 
 
 @contextmanager
-def running(settings: InferenceSettings, poll_seconds: float | None = None) -> Iterator[Running]:
+def running(
+    settings: InferenceSettings,
+    poll_seconds: float | None = None,
+    *,
+    snapshot_interval_ms: int = 0,
+    wrap: Callable[[InferenceTask], StreamTask] | None = None,
+) -> Iterator[Running]:
+    """The inference task in the exactly-once processor, on a thread; ``wrap`` stands between them."""
     clock = SystemClock()
     sample = FeatureSample()
     manager = ModelManager(
@@ -97,12 +106,13 @@ def running(settings: InferenceSettings, poll_seconds: float | None = None) -> I
         sample=sample,
         clock=clock,
         live_metrics_window=settings.live_metrics_window,
+        snapshot_interval_ms=snapshot_interval_ms,
     )
     shutdown = ShutdownSignal()
     processor = StreamProcessor(
         settings=settings,
         service=SERVICE,
-        task=task,
+        task=task if wrap is None else wrap(task),
         input_topics=[names.features, names.labels],
         serde=AvroSerde(),
         clock=clock,
@@ -344,3 +354,156 @@ def test_live_metrics_equal_metrics_computed_offline_on_the_same_predictions_and
         assert live[model]["brier"] == pytest.approx(offline.brier, abs=1e-12)
         assert live[model]["balanced_accuracy"] == pytest.approx(offline.balanced_accuracy, abs=1e-12)
         assert live[model]["base_rate"] == pytest.approx(offline.base_rate, abs=1e-12)
+
+
+class RecordingTask:
+    """The inference task as the processor drives it, noting every record handed over, in order."""
+
+    def __init__(self, task: InferenceTask) -> None:
+        self.task = task
+        self.handed_over: list[InRecord] = []
+
+    def process(self, record: InRecord) -> Iterable[OutRecord]:
+        self.handed_over.append(record)
+        return self.task.process(record)
+
+    def restart_offset(self, topic: str, partition: int) -> int | None:
+        return self.task.restart_offset(topic, partition)
+
+    def reset(self, topic: str, partition: int) -> None:
+        self.task.reset(topic, partition)
+
+    def distinct(self) -> list[InRecord]:
+        """Each record once, in the order it was first handed over."""
+        first: dict[tuple[str, int, int], InRecord] = {}
+        for record in list(self.handed_over):
+            first.setdefault((record.topic, record.partition, record.offset), record)
+        return list(first.values())
+
+
+def taken(recording: RecordingTask, count: int) -> bool:
+    return len(recording.distinct()) >= count
+
+
+class AbortingProducer:
+    """The processor's transactional producer, except that the commits numbered in ``fail`` (from 1)
+    fail as librdkafka reports an abortable transaction error: the processor aborts and rewinds."""
+
+    def __init__(self, producer: Producer, fail: set[int]) -> None:
+        self._producer = producer
+        self._fail = fail
+        self.commits = 0
+        self.failed = 0
+
+    def commit_transaction(self, timeout: float = -1) -> None:
+        self.commits += 1
+        if self.commits in self._fail:
+            self.failed += 1
+            error = KafkaError(KafkaError._TIMED_OUT, "injected: the transaction timed out", txn_requires_abort=True)
+            raise KafkaException(error)
+        self._producer.commit_transaction(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+
+def test_an_aborted_transaction_changes_neither_the_outputs_nor_the_state(
+    inference_settings: InferenceSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an abort the processor hands the records since the last commit over again.
+
+    Served by the fallback (no champion registered), whose version names the labels it learnt, with
+    a snapshot every 500 ms of event time. The committed predictions and snapshots, and the state,
+    must be those of a task that took each record once, in the order it first came.
+    """
+    settings = inference_settings
+    names = TopicNames(settings.topic_prefix)
+    features, labels = synthetic_ticks(30)
+    arrivals = sorted(
+        [(f["ts_event"], 0, names.features, f) for f in features]
+        + [(lb["ts_event"], 1, names.labels, lb) for lb in labels],
+        key=lambda event: (event[0], event[1]),
+    )
+    producers: list[AbortingProducer] = []
+
+    def aborting_producer(*args: Any, **kwargs: Any) -> AbortingProducer:
+        producers.append(AbortingProducer(make_producer(*args, **kwargs), fail={2, 3, 5, 8, 9, 12}))
+        return producers[-1]
+
+    monkeypatch.setattr(processor_module, "make_producer", aborting_producer)
+    recordings: list[RecordingTask] = []
+
+    def recording(task: InferenceTask) -> RecordingTask:
+        recordings.append(RecordingTask(task))
+        return recordings[-1]
+
+    serde = AvroSerde()
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 1})
+    with running(settings, snapshot_interval_ms=500, wrap=recording) as run:
+        # In chunks, each taken before the next is sent: batches mix features with the labels of
+        # earlier ticks, as live.
+        chunk = len(arrivals) // 15 + 1
+        for start in range(0, len(arrivals), chunk):
+            for _, _, topic, value in arrivals[start : start + chunk]:
+                producer.produce(
+                    topic,
+                    key=value["symbol"].encode(),
+                    value=serde.encode(topic, value),
+                    partition=kafka_partition(value["symbol"]),
+                )
+            assert producer.flush(30) == 0
+            sent = min(start + chunk, len(arrivals))
+            wait_for(partial(taken, recordings[0], sent), timeout=60, message=f"{sent} records taken")
+        champion_predictions(settings, len(features))
+        live = run.task
+    (aborting,) = producers
+    assert aborting.failed == 6, f"{aborting.commits} commits"
+    handed_over = recordings[0].handed_over
+    distinct = recordings[0].distinct()
+    assert len(distinct) == len(arrivals)
+    assert len(handed_over) > len(distinct), "records were handed over again"
+    attempted = read_topic(settings, names.predictions, isolation="read_uncommitted")
+    assert len(attempted) > len(features), "aborted transactions held predictions"
+
+    reference = InferenceTask(
+        topics=names,
+        manager=ModelManager(
+            service=SERVICE,
+            tracking_uri=None,
+            champion_uri=parse_model_uri(settings.model_uri),
+            challenger_uri=None,
+            poll_seconds=60,
+            clock=SystemClock(),
+            sample=FeatureSample(),
+        ),
+        sample=FeatureSample(),
+        clock=SystemClock(),
+        live_metrics_window=settings.live_metrics_window,
+        snapshot_interval_ms=500,
+    )
+    expected: dict[tuple[str, str, int], Any] = {}
+    for record in distinct:
+        for out in reference.process(record):
+            output = out.value
+            key = (out.topic, output["symbol"], output["ts_event"])
+            assert key not in expected
+            if out.topic == names.predictions:
+                expected[key] = (output["model_version"], output["p_change"])
+            else:
+                metrics = [(m["model_version"], m["n_labels"], m["brier"]) for m in output["live_metrics"]]
+                expected[key] = (output["model_version"], output["p_change"], metrics)
+    assert reference.fallback.learned > 100, "the fallback learnt from labels that came after their vector"
+    committed: dict[tuple[str, str, int], Any] = {}
+    for prediction in read_topic(settings, names.predictions):
+        key = (names.predictions, prediction["symbol"], prediction["ts_event"])
+        assert key not in committed, f"prediction {key} twice"
+        committed[key] = (prediction["model_version"], prediction["p_change"])
+    for snapshot in read_topic(settings, names.snapshot):
+        key = (names.snapshot, snapshot["symbol"], snapshot["ts_event"])
+        assert key not in committed, f"snapshot {key} twice"
+        metrics = [(m["model_version"], m["n_labels"], m["brier"]) for m in snapshot["live_metrics"]]
+        committed[key] = (snapshot["model_version"], snapshot["p_change"], metrics)
+    assert len(committed) == len(expected)
+    assert committed == expected
+    assert live.fallback.learned == reference.fallback.learned
+    assert json.dumps(live.tracker.summary(), sort_keys=True) == json.dumps(reference.tracker.summary(), sort_keys=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +20,7 @@ from quotewatch.domain.models import FALLBACK_MODEL_NAME, positive_probability
 from quotewatch.inference.models import FeatureSample, ModelManager
 from quotewatch.inference.task import InferenceTask
 from tests.unit.inference.conftest import FakeRegistry, loaded
-from tests.unit.trainer.market_data import synthetic_ticks
+from tests.unit.trainer.market_data import kafka_partition, synthetic_ticks
 
 NAMES = TopicNames("qw")
 
@@ -208,3 +210,204 @@ def test_the_warm_up_batch_comes_from_the_stream(make_manager: Callable[..., Any
     assert spec_id == spec.FEATURE_SPEC_ID
     assert batch.shape == (32 + 4, len(spec.FEATURE_NAMES))
     assert batch[31].tolist() == features[39]["values"]
+
+
+# -- re-processing after an aborted transaction -------------------------------------------------------
+
+Coordinates = tuple[str, int, int]
+
+
+def arrivals(seconds: int = 60) -> list[InRecord]:
+    """Feature vectors and labels as inference consumes them live: in event time, a label Δ after its
+    tick; each symbol on its Kafka partition, offsets counting per (topic, partition)."""
+    features, labels = synthetic_ticks(seconds)
+    events = sorted(
+        [(f["ts_event"], 0, NAMES.features, f) for f in features]
+        + [(lb["ts_event"], 1, NAMES.labels, lb) for lb in labels],
+        key=lambda event: (event[0], event[1]),
+    )
+    offsets: dict[tuple[str, int], int] = defaultdict(int)
+    records = []
+    for _, _, topic, value in events:
+        partition = kafka_partition(value["symbol"])
+        records.append(InRecord(topic, partition, offsets[(topic, partition)], value["symbol"], value, 0))
+        offsets[(topic, partition)] += 1
+    return records
+
+
+class Processor:
+    """The calls :class:`quotewatch.core.processor.StreamProcessor` makes on its task, without a broker.
+
+    A batch: ``process`` per record (an exception dead-letters it), then, while committing,
+    ``restart_offset`` for each partition in the batch. When the transaction aborts, ``_rewind``
+    calls ``reset`` for every assigned partition and the records since the last commit come again.
+    Only the outputs of committed batches are kept, per input record.
+    """
+
+    def __init__(self, task: InferenceTask, assigned: list[tuple[str, int]]) -> None:
+        self.task = task
+        self.assigned = assigned
+        self.committed: dict[Coordinates, list[Any]] = {}
+        self.handed_over = 0
+
+    def batch(self, records: list[InRecord], *, aborts: bool = False) -> None:
+        outputs: dict[Coordinates, list[Any]] = {}
+        for record in records:
+            self.handed_over += 1
+            try:
+                produced = [(out.topic, out.key, canonical(out.value)) for out in self.task.process(record)]
+            except ValueError as exc:
+                produced = [("dead letter", type(exc).__name__, str(exc))]
+            outputs[(record.topic, record.partition, record.offset)] = produced
+        for topic, partition in sorted({(record.topic, record.partition) for record in records}):
+            self.task.restart_offset(topic, partition)
+        if aborts:
+            for topic, partition in self.assigned:
+                self.task.reset(topic, partition)
+            return
+        for coordinates, produced in outputs.items():
+            assert coordinates not in self.committed, f"{coordinates} committed twice"
+            self.committed[coordinates] = produced
+
+
+def canonical(value: Any) -> str:
+    """A record's value for comparison (NaN compares equal to NaN here)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def assigned_partitions(records: list[InRecord]) -> list[tuple[str, int]]:
+    return sorted({(record.topic, record.partition) for record in records})
+
+
+def state(task: InferenceTask, probe: list[float]) -> dict[str, Any]:
+    return {
+        "fallback": (task.fallback.version, task.fallback.predict(probe)),
+        "joined": task.tracker.joined,
+        "live_metrics": canonical(task.tracker.summary()),
+        "spec_mismatches": task.spec_mismatches,
+    }
+
+
+def uninterrupted(records: list[InRecord], snapshot_interval_ms: int, make_manager: Callable[..., Any]) -> Processor:
+    """The same records, each processed once, one committed batch each, by a task of its own."""
+    manager, _, sample = make_manager()
+    task = task_for(manager, sample, snapshot_interval_ms=snapshot_interval_ms)
+    processor = Processor(task, assigned_partitions(records))
+    for record in records:
+        processor.batch([record])
+    return processor
+
+
+@pytest.mark.parametrize("batch_size", [1, 500], ids=["live batches of 1", "catch-up batches of 500"])
+@pytest.mark.parametrize("snapshot_interval_ms", [0, 500])
+def test_records_handed_over_again_after_an_aborted_transaction_give_the_outputs_and_state_of_an_uninterrupted_run(
+    make_manager: Callable[..., Any], batch_size: int, snapshot_interval_ms: int
+) -> None:
+    records = arrivals()
+    reference = uninterrupted(records, snapshot_interval_ms, make_manager)
+    manager, _, sample = make_manager()
+    processor = Processor(
+        task_for(manager, sample, snapshot_interval_ms=snapshot_interval_ms), assigned_partitions(records)
+    )
+    batches = [records[start : start + batch_size] for start in range(0, len(records), batch_size)]
+    aborted = set(range(1, len(batches), max(1, len(batches) // 6)))
+    for index, batch in enumerate(batches):
+        if index in aborted:
+            processor.batch(batch, aborts=True)
+            if index % 2:
+                processor.batch(batch, aborts=True)  # the transaction of the re-processing aborts too
+        processor.batch(batch)
+    assert processor.handed_over > len(records), "records were handed over again"
+    assert processor.task.fallback.learned > 100, "the fallback learnt from the labels"
+    assert processor.committed == reference.committed, "the committed outputs are those of an uninterrupted run"
+    probe = records[0].value["values"]
+    assert state(processor.task, probe) == state(reference.task, probe)
+
+
+def test_a_rebalance_after_a_commit_keeps_the_state(make_manager: Callable[..., Any]) -> None:
+    """reset() after a commit that went through (a rebalance): nothing comes again, nothing is lost."""
+    records = arrivals(20)
+    reference = uninterrupted(records, 500, make_manager)
+    manager, _, sample = make_manager()
+    processor = Processor(task_for(manager, sample, snapshot_interval_ms=500), assigned_partitions(records))
+    half = len(records) // 2
+    processor.batch(records[:half])
+    for topic, partition in processor.assigned:  # revoked, then assigned again
+        processor.task.reset(topic, partition)
+    processor.batch(records[half:])
+    assert processor.committed == reference.committed
+    probe = records[0].value["values"]
+    assert state(processor.task, probe) == state(reference.task, probe)
+
+
+def test_after_an_abort_the_records_may_come_back_in_another_order_with_new_ones(
+    make_manager: Callable[..., Any],
+) -> None:
+    """Each record changes the state once, in the order it was first processed; a new record comes after."""
+    records = arrivals(30)
+    first, aborted, rest = records[:600], records[600:900], records[900:]
+    more, rest = rest[:100], rest[100:]
+    # Re-read from the committed offsets: the consumer may serve the partitions in another order.
+    again = sorted(aborted + more, key=lambda record: (record.topic != NAMES.labels, record.partition))
+    manager, _, sample = make_manager()
+    processor = Processor(task_for(manager, sample, snapshot_interval_ms=500), assigned_partitions(records))
+    processor.batch(first)
+    processor.batch(aborted, aborts=True)
+    processor.batch(again)
+    processor.batch(rest)
+    reference = uninterrupted(
+        first + aborted + [record for record in again if record in more] + rest, 500, make_manager
+    )
+    assert processor.committed == reference.committed
+    probe = records[0].value["values"]
+    assert state(processor.task, probe) == state(reference.task, probe)
+
+
+def test_records_of_an_aborted_batch_may_come_again_after_commits_of_other_partitions(
+    make_manager: Callable[..., Any],
+) -> None:
+    """A commit covers only the partitions of its batch, up to their last offset in it.
+
+    The aborted batch held labels, served first, and the features they label (so the fallback did
+    not learn them: their vectors came later). Then the consumer serves the features (their batch
+    commits), half the labels (cut inside a partition), then the rest: every label of the aborted
+    batch comes again after a commit went through, and must not be learnt now.
+    """
+    records = arrivals(30)
+    first, aborted, rest = records[:600], records[600:900], records[900:]
+    aborted = sorted(aborted, key=lambda record: record.topic != NAMES.labels)
+    features_again = [record for record in aborted if record.topic == NAMES.features]
+    labels_again = [record for record in aborted if record.topic == NAMES.labels]
+    half = len(labels_again) // 2
+    manager, _, sample = make_manager()
+    processor = Processor(task_for(manager, sample, snapshot_interval_ms=500), assigned_partitions(records))
+    processor.batch(first)
+    processor.batch(aborted, aborts=True)
+    processor.batch(features_again)
+    processor.batch(labels_again[:half])
+    processor.batch(labels_again[half:] + rest)
+    reference = uninterrupted(first + aborted + rest, 500, make_manager)
+    assert processor.committed == reference.committed
+    probe = records[0].value["values"]
+    assert state(processor.task, probe) == state(reference.task, probe)
+
+
+def test_a_record_dead_lettered_in_an_aborted_batch_is_refused_again_and_changes_nothing(
+    make_manager: Callable[..., Any],
+) -> None:
+    records = arrivals(20)
+    label_at = next(i for i, record in enumerate(records) if record.topic == NAMES.labels)
+    bad = records[label_at]
+    records[label_at] = InRecord(bad.topic, bad.partition, bad.offset, bad.key, {**bad.value, "label": 2}, 0)
+    reference = uninterrupted(records, 0, make_manager)
+    manager, _, sample = make_manager()
+    processor = Processor(task_for(manager, sample), assigned_partitions(records))
+    processor.batch(records[: label_at + 50], aborts=True)
+    processor.batch(records[: label_at + 50])
+    processor.batch(records[label_at + 50 :])
+    assert processor.committed[(bad.topic, bad.partition, bad.offset)] == [
+        ("dead letter", "ValueError", f"label 2 of {bad.value['symbol']} at t={bad.value['t_event']} is not 0 or 1")
+    ]
+    assert processor.committed == reference.committed
+    probe = records[0].value["values"]
+    assert state(processor.task, probe) == state(reference.task, probe)

@@ -16,7 +16,9 @@ from quotewatch.trainer.training import (
     GateThresholds,
     TrainingDataError,
     TrainingOptions,
+    UnscoredChampion,
     build_training_set,
+    champion_of_another_spec,
     gate,
     time_split,
     train,
@@ -174,3 +176,113 @@ def test_gate_on_a_lower_is_better_metric_and_without_champion() -> None:
     assert refused.reasons == ("does not beat the champion on test log_loss: 0.3500 vs 0.3000",)
     assert gate(scores(0.7, 0.1), BASELINES, None, thresholds).reasons[-1] == "no champion to beat"
     assert not gate(scores(None, 0.1), BASELINES, None, thresholds).passed
+
+
+# -- feature-spec upgrades and champions that cannot be scored -----------------------------------------
+
+
+def upgraded_frames(
+    old_ticks: int = 600, new_ticks: int = 400, old_spec: str = "spec-old", new_spec: str = "spec-new"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A lake across a feature-spec upgrade: ``old_ticks`` of the old spec (3 values), then the new (4).
+
+    The label is learnable from the first value, so a model beats the naive baselines.
+    """
+    rng = np.random.default_rng(1)
+    feature_rows: list[dict[str, Any]] = []
+    label_rows: list[dict[str, Any]] = []
+    for k in range(old_ticks + new_ticks):
+        t = k * 100 * MS
+        upgraded = k >= old_ticks
+        values = rng.normal(size=4 if upgraded else 3)
+        spec = new_spec if upgraded else old_spec
+        feature_rows.append({"symbol": "A", "ts_event": t, "feature_spec_id": spec, "values": values})
+        label_rows.append({"symbol": "A", "t_event": t, "ts_event": t + 500 * MS, "label": int(values[0] > 0.3)})
+    return pd.DataFrame(feature_rows), pd.DataFrame(label_rows)
+
+
+def test_the_training_set_is_of_the_spec_of_the_newest_vectors_not_the_most_frequent() -> None:
+    features, labels = upgraded_frames(old_ticks=600, new_ticks=400)
+    data = build_training_set(features, labels)
+    assert (data.feature_spec_id, data.current_feature_spec_id) == ("spec-new", "spec-new")
+    assert data.dropped_other_spec == 600
+    assert data.x.shape == (400, 4)
+    older = build_training_set(features, labels, feature_spec_id="spec-old")
+    assert (older.feature_spec_id, older.current_feature_spec_id) == ("spec-old", "spec-new")
+    assert older.x.shape == (600, 3)
+
+
+def test_when_specs_share_the_newest_instant_the_one_that_appeared_last_wins() -> None:
+    old, labels = small_frames(100, spec="z-old")
+    new = pd.DataFrame(
+        [{"symbol": "A", "ts_event": t, "feature_spec_id": "a-new", "values": np.zeros(4)} for t in old.ts_event[60:]]
+    )
+    data = build_training_set(pd.concat([old, new], ignore_index=True), labels)
+    assert data.current_feature_spec_id == data.feature_spec_id == "a-new"
+
+
+UNLOADABLE = UnscoredChampion("7", "champion v7 exists but cannot be loaded (503)", replaceable=False)
+RETIRED = UnscoredChampion("7", "champion v7 uses a spec the stream no longer carries", replaceable=True)
+
+
+def test_gate_refuses_when_a_champion_exists_but_could_not_be_scored_and_may_be_better() -> None:
+    good = scores(0.70, 0.12)
+    assert gate(good, BASELINES, None, GateThresholds(), None).passed, "the thresholds alone pass"
+    decision = gate(good, BASELINES, UNLOADABLE, GateThresholds(), "7")
+    assert not decision.passed
+    assert decision.reasons == (UNLOADABLE.reason,)
+
+
+def test_gate_judges_on_the_thresholds_alone_a_champion_that_cannot_serve() -> None:
+    decision = gate(scores(0.70, 0.12), BASELINES, RETIRED, GateThresholds(), "7")
+    assert decision.passed
+    assert decision.reasons[-1] == RETIRED.reason
+    assert not gate(scores(0.55, 0.12), BASELINES, RETIRED, GateThresholds(), "7").passed, "below a baseline"
+
+
+@pytest.fixture(scope="module")
+def upgraded() -> Any:
+    """A candidate of the new spec, trained after the upgrade (test window to 99.9 s)."""
+    return train(build_training_set(*upgraded_frames()), TrainingOptions(delta_ms=DELTA_MS), kinds=("lr",))
+
+
+def test_a_champion_of_the_spec_the_stream_left_is_replaced_on_the_thresholds(upgraded: Any) -> None:
+    verdict = champion_of_another_spec("7", "spec-old", 59_900 * MS, upgraded)
+    assert verdict.replaceable
+    assert verdict.reason == (
+        "champion v7 uses feature spec spec-old, the candidate spec-new, so they cannot be compared; the stream has "
+        "moved on to spec-new (the newest vectors are of that spec, and the candidate's data run to "
+        "1970-01-01T00:01:39.900+00:00, past champion v7's, which end at 1970-01-01T00:00:59.900+00:00), so "
+        "champion v7 scores no live vector: the candidate replaces it on the thresholds alone"
+    )
+    assert gate(upgraded.best("auc").scores, upgraded.baselines, verdict, GateThresholds(), "7").passed
+
+
+def test_a_champion_with_data_as_new_as_the_candidates_is_not_replaced_by_another_spec(upgraded: Any) -> None:
+    """E.g. trained with --to before the champion's data: the stream may carry the champion's spec."""
+    verdict = champion_of_another_spec("7", "spec-newer", 99_900 * MS, upgraded)
+    assert not verdict.replaceable
+    assert "the candidate's data end at 1970-01-01T00:01:39.900+00:00, not after champion v7's" in verdict.reason
+    assert "the champion stays" in verdict.reason
+    assert not gate(upgraded.best("auc").scores, upgraded.baselines, verdict, GateThresholds(), "7").passed
+
+
+def test_a_champion_of_another_spec_without_a_data_window_is_not_replaced(upgraded: Any) -> None:
+    verdict = champion_of_another_spec("7", "spec-old", None, upgraded)
+    assert not verdict.replaceable
+    assert "has no data window (tag quotewatch.test_window_ns)" in verdict.reason
+    assert "move the alias by hand if spec-old is retired" in verdict.reason
+
+
+def test_a_candidate_of_an_older_spec_than_the_streams_does_not_replace_a_champion_of_another_spec() -> None:
+    features, labels = upgraded_frames(old_ticks=1000, new_ticks=100)
+    older = train(build_training_set(features, labels, "spec-old"), TrainingOptions(delta_ms=DELTA_MS), kinds=("lr",))
+    verdict = champion_of_another_spec("7", "spec-new", 0, older)
+    assert not verdict.replaceable
+    assert "not the one the stream carries now (spec-new, that of the newest vectors)" in verdict.reason
+
+
+def test_a_champion_without_a_feature_spec_can_serve_nothing_and_is_replaceable(upgraded: Any) -> None:
+    verdict = champion_of_another_spec("7", None, None, upgraded)
+    assert verdict.replaceable
+    assert verdict.reason.startswith("champion v7 declares no feature spec")
