@@ -25,8 +25,17 @@ CONNECTED and give what an uninterrupted run gives from there):
   estimate.
 
 Event times: a frame's events carry the exchange's times. Events made from control records carry
-the record's ``ts_event`` (the ingest's exchange-time estimate); a gap found in a frame carries the
-frame's own time when readable, else the latest exchange time seen on the connection.
+the record's ``ts_event`` (the ingest's exchange-time estimate). A GAP for lost book changes
+(``SEQUENCE_JUMP``, ``PARSE_ERROR``, ``BUFFER_OVERFLOW``) carries, per symbol, the time of the
+latest event emitted for that symbol on the connection: its last good event. The book pipeline
+closes a tick only on an event later than the tick, so such a GAP closes none: the ticks before
+it were already closed by the symbol's own events, and no later tick is emitted, as synced, from a
+book known to miss changes whose time is unknown. Later times are no bound on that time: the
+revealing frame's ``timestamp`` is its send time, later than its own updates' ``event_time``, and
+the latest time on the connection may be another product's, stamped later than the lost update
+though sent before it (in the 2026 capture, sequence 161 is a BTC-USD update at 21:05:52.108 and 162
+an ETH-USD one at 21:05:51.982). A RECONNECT GAP carries its control record's time, like the
+STATUS that comes with it.
 """
 
 from __future__ import annotations
@@ -118,6 +127,8 @@ class Normaliser:
         self._synced: set[str] = set()
         self._subscribed: set[str] = set()
         self._last_ts_event = -1
+        self._symbol_ts: dict[str, int] = {}
+        """The latest ``ts_event`` emitted per symbol on the current connection."""
         self.frames = 0
         self.rejected = 0
 
@@ -147,6 +158,7 @@ class Normaliser:
         self._last_sequence = -1
         self._synced.clear()
         self._subscribed.clear()
+        self._symbol_ts.clear()
 
     # -- processing --------------------------------------------------------------------------
 
@@ -167,7 +179,7 @@ class Normaliser:
                 self._disconnected(raw, out)
             elif kind == "OVERFLOW":
                 detail = f"local buffer overflow on {raw['connection_id']}: {raw['text']}"
-                self._gap(raw, out, "BUFFER_OVERFLOW", detail, raw["ts_event"], self._synced_sorted())
+                self._gap(raw, out, "BUFFER_OVERFLOW", detail, raw["ts_event"], self._synced_sorted(), lost=True)
                 out.resync = detail
             else:
                 out.rejects.append(Reject(f"unknown raw record kind {kind!r:.40}", "InvalidRawRecord", raw))
@@ -175,6 +187,11 @@ class Normaliser:
             # A raw record that is not shaped like a RawFrame (a foreign producer): reject it whole.
             out.events.clear()
             out.rejects.append(Reject(f"invalid raw record: {exc!r:.300}", "InvalidRawRecord", raw))
+        symbol_ts = self._symbol_ts
+        for event in out.events:
+            ts = event["ts_event"]
+            if ts > symbol_ts.get(event["symbol"], -1):
+                symbol_ts[event["symbol"]] = ts
         self.rejected += len(out.rejects)
         return out
 
@@ -225,11 +242,10 @@ class Normaliser:
         try:
             message = orjson.loads(raw["text"])
         except orjson.JSONDecodeError as exc:
-            self._rejected(raw, out, MalformedFrameError(f"not JSON: {exc}", book_affected=True), None)
+            self._rejected(raw, out, MalformedFrameError(f"not JSON: {exc}", book_affected=True))
             return
-        frame_ts: int | None = None
         if feed == FEED_ADVANCED:
-            sequence, frame_ts = advanced_envelope(message)
+            sequence, _ = advanced_envelope(message)
             if sequence >= 0:
                 expected = self._last_sequence + 1
                 if self._last_sequence >= 0 and sequence != expected:
@@ -237,14 +253,23 @@ class Normaliser:
                         f"sequence_num jumped from {self._last_sequence} to {sequence} on {raw['connection_id']} "
                         f"(frame {raw['frame_index']})"
                     )
-                    ts = frame_ts if frame_ts is not None else self._last_ts_event
-                    self._gap(raw, out, "SEQUENCE_JUMP", detail, ts, self._synced_sorted(), expected, sequence)
+                    self._gap(
+                        raw,
+                        out,
+                        "SEQUENCE_JUMP",
+                        detail,
+                        self._last_ts_event,
+                        self._synced_sorted(),
+                        expected,
+                        sequence,
+                        lost=True,
+                    )
                     out.resync = detail
                 self._last_sequence = sequence
         try:
             parsed = parser(message)
         except FrameError as exc:
-            self._rejected(raw, out, exc, frame_ts)
+            self._rejected(raw, out, exc)
             return
         self._emit(raw, parsed, out)
 
@@ -283,7 +308,7 @@ class Normaliser:
         detail = f"book subscription confirmed on {raw['connection_id']}"
         out.events.append(self._status(raw, symbol, SUBSCRIBED, detail, ts))
 
-    def _rejected(self, raw: RawRecord, out: Normalised, error: FrameError, frame_ts: int | None) -> None:
+    def _rejected(self, raw: RawRecord, out: Normalised, error: FrameError) -> None:
         out.rejects.append(Reject(str(error), error.error_type, raw, error.symbol))
         if not error.book_affected:
             return
@@ -295,8 +320,7 @@ class Normaliser:
             f"frame {raw.get('connection_id')}:{raw.get('frame_index')} may have carried book changes "
             f"and was rejected: {error!s:.200}"
         )
-        ts = frame_ts if frame_ts is not None else self._last_ts_event
-        self._gap(raw, out, "PARSE_ERROR", detail, ts, affected)
+        self._gap(raw, out, "PARSE_ERROR", detail, self._last_ts_event, affected, lost=True)
         out.resync = detail
 
     # -- building events ---------------------------------------------------------------------
@@ -314,10 +338,16 @@ class Normaliser:
         symbols: Iterable[str],
         expected: int = -1,
         received: int = -1,
+        *,
+        lost: bool = False,
     ) -> None:
+        """GAP events for ``symbols`` at ``ts_event``; when book changes were ``lost``, each at the
+        time of its symbol's latest event instead (``ts_event`` only if it has none), see the module doc.
+        """
         for symbol in symbols:
             self._synced.discard(symbol)
-            event = self._event(raw, symbol, "GAP", ts_event if ts_event >= 0 else raw["ts_init"])
+            ts = self._symbol_ts.get(symbol, ts_event) if lost else ts_event
+            event = self._event(raw, symbol, "GAP", ts if ts >= 0 else raw["ts_init"])
             event["gap"] = {
                 "reason": reason,
                 "detail": detail,

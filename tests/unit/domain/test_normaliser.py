@@ -9,9 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quotewatch.core.serde import AvroSerde
+from quotewatch.domain.book_pipeline import BookPipeline
 from quotewatch.domain.normaliser import Normaliser, control_text, parse_control_text
 
 T0 = 1_786_309_548_000_000_000
+MS = 1_000_000
 SYMBOLS = ["BTC-USD", "ETH-USD"]
 
 
@@ -125,6 +127,89 @@ def test_sequence_jump_is_a_gap_for_synced_symbols_and_a_resync() -> None:
     assert _kinds(normaliser.process(log.l2("update", "BTC-USD", ("bid", "10", "3"))).events) == [("BTC-USD", "UPDATE")]
 
 
+def _at(ms: int) -> str:
+    """An RFC 3339 time ``ms`` milliseconds after 21:05:48 (T0)."""
+    return f"2026-08-09T21:05:{48 + ms // 1000:02d}.{ms % 1000:03d}Z"
+
+
+def _l2_at(
+    log: Log, symbol: str, kind: str, event_ms: int, sent_ms: int, sequence: int | None = None, quantity: str = "1"
+) -> dict[str, Any]:
+    """An Advanced l2_data frame whose update is at ``event_ms`` and whose envelope is sent at ``sent_ms``."""
+    if sequence is None:
+        sequence = log.sequence
+    log.sequence = sequence + 1
+    update = {"side": "bid", "event_time": _at(event_ms), "price_level": "10", "new_quantity": quantity}
+    event = {"type": kind, "product_id": symbol, "updates": [update]}
+    return log.frame({"channel": "l2_data", "timestamp": _at(sent_ms), "sequence_num": sequence, "events": [event]})
+
+
+def _synced_log() -> tuple[Log, Normaliser, BookPipeline, dict[str, int]]:
+    """BTC-USD and ETH-USD synced, through a book pipeline; returns each symbol's latest event time."""
+    log = Log()
+    normaliser = Normaliser()
+    pipeline = BookPipeline(100)
+    records = [
+        log.connected("c1"),
+        _l2_at(log, "BTC-USD", "snapshot", 100, 200),  # STATUS SUBSCRIBED at the send time, 200
+        _l2_at(log, "ETH-USD", "snapshot", 300, 400),
+        _l2_at(log, "BTC-USD", "update", 1_500, 1_600),
+        _l2_at(log, "ETH-USD", "update", 1_250, 1_700),  # older than BTC-USD's latest update
+    ]
+    for record in records:
+        for event in normaliser.process(record).events:
+            pipeline.process(event)
+    assert normaliser.synced == {"BTC-USD", "ETH-USD"}
+    return log, normaliser, pipeline, {"BTC-USD": T0 + 1_500 * MS, "ETH-USD": T0 + 1_250 * MS}
+
+
+def _gaps_close_no_tick(pipeline: BookPipeline, events: list[dict[str, Any]]) -> None:
+    for event in events:
+        if event["kind"] == "GAP":
+            assert pipeline.process(event) == [], "a GAP for lost changes closes no tick with the stale book"
+            assert not pipeline.pipelines[event["symbol"]].synced
+
+
+def test_sequence_gap_is_stamped_per_symbol_at_its_last_good_event_not_at_the_revealing_frame() -> None:
+    log, normaliser, pipeline, last = _synced_log()
+    # Frames 4 and 5 are lost; frame 6 (sent at 2.9 s, its update at 2.0 s) reveals it.
+    out = normaliser.process(_l2_at(log, "BTC-USD", "update", 2_000, 2_900, sequence=6))
+    gaps = {e["symbol"]: e["ts_event"] for e in out.events if e["kind"] == "GAP"}
+    # Not the revealing frame's time (2.9 s), nor the connection's latest (1.5 s) for ETH-USD.
+    assert gaps == last
+    _gaps_close_no_tick(pipeline, out.events)
+
+
+def test_unreadable_book_frame_with_a_readable_timestamp_is_a_gap_at_the_last_good_event() -> None:
+    log, normaliser, pipeline, last = _synced_log()
+    out = normaliser.process(_l2_at(log, "ETH-USD", "update", 2_000, 2_900, quantity="one"))
+    assert [r.error_type for r in out.rejects] == ["InvalidField"]
+    assert {e["gap"]["reason"] for e in out.events} == {"PARSE_ERROR"}
+    assert {e["symbol"]: e["ts_event"] for e in out.events} == last  # not the frame's timestamp, 2.9 s
+    _gaps_close_no_tick(pipeline, out.events)
+
+
+def test_overflow_gap_is_at_the_last_kept_event_not_at_the_overflow_record() -> None:
+    log, normaliser, pipeline, last = _synced_log()
+    out = normaliser.process(log.record("OVERFLOW", "queue full", ts_event=T0 + 9_000 * MS))
+    assert {e["symbol"]: e["ts_event"] for e in out.events} == last
+    _gaps_close_no_tick(pipeline, out.events)
+
+
+def test_malformed_exchange_frame_is_a_gap_at_each_symbols_last_good_event() -> None:
+    log = Log(feed="coinbase-exchange")
+    normaliser = Normaliser()
+    records = [log.connected("c1")]
+    for symbol in ("BTC-USD", "ETH-USD"):
+        records.append(log.frame({"type": "snapshot", "product_id": symbol, "bids": [["1", "1"]], "asks": []}))
+    for symbol, ms in (("BTC-USD", 1_500), ("ETH-USD", 1_250)):
+        change = {"type": "l2update", "product_id": symbol, "time": _at(ms), "changes": [["buy", "1", "2"]]}
+        records.append(log.frame(change))
+    normaliser.process_all(records)
+    out = normaliser.process(log.frame('{"type":"l2update","product_id":"ETH-USD","chan'))
+    assert {e["symbol"]: e["ts_event"] for e in out.events} == {"BTC-USD": T0 + 1_500 * MS, "ETH-USD": T0 + 1_250 * MS}
+
+
 def test_clock_records_become_one_clock_event_per_symbol_at_the_estimate() -> None:
     log = Log()
     normaliser = Normaliser()
@@ -186,6 +271,21 @@ def test_state_is_reset_at_connected_so_a_replay_can_start_there() -> None:
     full, _ = Normaliser().process_all(records)
     tail, _ = Normaliser().process_all(records[3:])
     assert full[-len(tail) :] == tail
+
+
+def test_gap_times_do_not_depend_on_an_earlier_connection() -> None:
+    """The per-symbol times that stamp a GAP restart at CONNECTED, so a replay from there stamps it alike."""
+    log = Log()
+    records = [log.connected("c1"), _l2_at(log, "BTC-USD", "snapshot", 5_000, 5_100)]
+    records += [log.connected("c2"), _l2_at(log, "BTC-USD", "snapshot", 1_000, 1_100)]
+    records.append(_l2_at(log, "BTC-USD", "update", 1_200, 1_300))
+    records.append(_l2_at(log, "BTC-USD", "update", 1_400, 1_500, sequence=5))
+    full, _ = Normaliser().process_all(records)
+    tail, _ = Normaliser().process_all(records[2:])
+    assert full[-len(tail) :] == tail
+    assert [e["ts_event"] for e in tail if e["kind"] == "GAP" and e["gap"]["reason"] == "SEQUENCE_JUMP"] == [
+        T0 + 1_200 * MS
+    ]
 
 
 def test_control_text_round_trip_and_foreign_text() -> None:
