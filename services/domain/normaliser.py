@@ -209,7 +209,9 @@ class Normaliser:
         self._start(raw)
         state, detail = parse_control_text(raw["text"], CONNECTING)
         ts = raw["ts_event"]
-        self._last_ts_event = max(self._last_ts_event, ts)
+        # Restart from the CONNECTED record's time, not the max with the previous connection's: a
+        # replay (or the topic-mode ingest) starting at this record then stamps every event alike.
+        self._last_ts_event = ts
         symbols = self._symbols
         out.events.extend(self._status(raw, symbol, state, detail, ts) for symbol in symbols)
         self._gap(raw, out, "RECONNECT", f"connection {raw['connection_id']} opened: {detail}", ts, symbols)

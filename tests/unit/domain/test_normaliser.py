@@ -288,6 +288,22 @@ def test_gap_times_do_not_depend_on_an_earlier_connection() -> None:
     ]
 
 
+def test_event_times_after_connected_do_not_depend_on_an_earlier_connection() -> None:
+    """An Exchange subscriptions frame has no time: its STATUS takes the latest time known, which
+    restarts at the CONNECTED record's, so a replay from that CONNECTED (or the topic-mode ingest
+    restarted there) gives the events an uninterrupted run gave."""
+    log = Log(feed="coinbase-exchange")
+    late = "2026-08-09T21:06:40Z"  # the first connection's exchange times run past the second CONNECTED's
+    first = {"type": "l2update", "product_id": "BTC-USD", "time": late, "changes": [["buy", "1", "1"]]}
+    subscriptions = {"type": "subscriptions", "channels": [{"name": "level2", "product_ids": SYMBOLS}]}
+    records = [log.connected("c1"), log.frame(subscriptions), log.frame(first)]
+    records += [log.connected("c2"), log.frame(subscriptions)]
+    full, _ = Normaliser().process_all(records)
+    tail, _ = Normaliser().process_all(records[3:])
+    assert full[-len(tail) :] == tail
+    assert {e["ts_event"] for e in tail} == {records[3]["ts_event"]}
+
+
 def test_control_text_round_trip_and_foreign_text() -> None:
     assert parse_control_text(control_text("BACKOFF", "connect refused", attempt=3), "X") == (
         "BACKOFF",
