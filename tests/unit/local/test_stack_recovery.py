@@ -172,6 +172,13 @@ def stack_on(tmp_path: Path, mlflow_url: str, **options: Any) -> LocalStack:
     return stack
 
 
+def status_champion(run_dir: Path) -> str | None:
+    path = run_dir / "stack.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("champion_version")  # type: ignore[no-any-return]
+
+
 def test_a_registry_error_is_asked_again_at_the_next_check_not_fatal(tmp_path: Path, registry: FakeRegistry) -> None:
     registry.reply = (503, b"busy")
     stack = stack_on(tmp_path, registry.url, bootstrap_interval=0.1)
@@ -181,9 +188,12 @@ def test_a_registry_error_is_asked_again_at_the_next_check_not_fatal(tmp_path: P
         assert supervisor.error is None, f"supervise() ended on a registry error: {supervisor.error!r}"
         assert stack._training_attempts == 0, "an unanswered look-up is not 'no champion': nothing to train yet"
         registry.champion("7")
-        wait_for(lambda: stack.champion == "7" or supervisor.error, timeout=20, message="the champion")
+        # stack.json is replaced atomically after the champion is found: wait for the file itself.
+        wait_for(
+            lambda: status_champion(tmp_path) == "7" or supervisor.error, timeout=20, message="stack.json champion"
+        )
         assert supervisor.error is None
-        assert json.loads((tmp_path / "stack.json").read_text())["champion_version"] == "7"
+        assert stack.champion == "7"
     finally:
         supervisor.finish()
 
