@@ -176,7 +176,8 @@ def status_champion(run_dir: Path) -> str | None:
     path = run_dir / "stack.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text()).get("champion_version")  # type: ignore[no-any-return]
+    champion = json.loads(path.read_text()).get("champion_version")
+    return None if champion is None else str(champion)
 
 
 def test_a_registry_error_is_asked_again_at_the_next_check_not_fatal(tmp_path: Path, registry: FakeRegistry) -> None:
