@@ -288,14 +288,25 @@ def state(task: InferenceTask, probe: list[float]) -> dict[str, Any]:
     }
 
 
+def fresh_processor(records: list[InRecord], make_manager: Callable[..., Any], **options: Any) -> Processor:
+    """A task of its own (``options`` as for :func:`task_for`) over the partitions of ``records``."""
+    manager, _, sample = make_manager()
+    return Processor(task_for(manager, sample, **options), assigned_partitions(records))
+
+
 def uninterrupted(records: list[InRecord], snapshot_interval_ms: int, make_manager: Callable[..., Any]) -> Processor:
     """The same records, each processed once, one committed batch each, by a task of its own."""
-    manager, _, sample = make_manager()
-    task = task_for(manager, sample, snapshot_interval_ms=snapshot_interval_ms)
-    processor = Processor(task, assigned_partitions(records))
+    processor = fresh_processor(records, make_manager, snapshot_interval_ms=snapshot_interval_ms)
     for record in records:
         processor.batch([record])
     return processor
+
+
+def assert_as_uninterrupted(processor: Processor, reference: Processor, records: list[InRecord]) -> None:
+    """The committed outputs and the task's state are those of the uninterrupted ``reference``."""
+    assert processor.committed == reference.committed, "the committed outputs are those of an uninterrupted run"
+    probe = records[0].value["values"]
+    assert state(processor.task, probe) == state(reference.task, probe)
 
 
 @pytest.mark.parametrize("batch_size", [1, 500], ids=["live batches of 1", "catch-up batches of 500"])
@@ -305,10 +316,7 @@ def test_records_handed_over_again_after_an_aborted_transaction_give_the_outputs
 ) -> None:
     records = arrivals()
     reference = uninterrupted(records, snapshot_interval_ms, make_manager)
-    manager, _, sample = make_manager()
-    processor = Processor(
-        task_for(manager, sample, snapshot_interval_ms=snapshot_interval_ms), assigned_partitions(records)
-    )
+    processor = fresh_processor(records, make_manager, snapshot_interval_ms=snapshot_interval_ms)
     batches = [records[start : start + batch_size] for start in range(0, len(records), batch_size)]
     aborted = set(range(1, len(batches), max(1, len(batches) // 6)))
     for index, batch in enumerate(batches):
@@ -319,25 +327,20 @@ def test_records_handed_over_again_after_an_aborted_transaction_give_the_outputs
         processor.batch(batch)
     assert processor.handed_over > len(records), "records were handed over again"
     assert processor.task.fallback.learned > 100, "the fallback learnt from the labels"
-    assert processor.committed == reference.committed, "the committed outputs are those of an uninterrupted run"
-    probe = records[0].value["values"]
-    assert state(processor.task, probe) == state(reference.task, probe)
+    assert_as_uninterrupted(processor, reference, records)
 
 
 def test_a_rebalance_after_a_commit_keeps_the_state(make_manager: Callable[..., Any]) -> None:
     """reset() after a commit that went through (a rebalance): nothing comes again, nothing is lost."""
     records = arrivals(20)
     reference = uninterrupted(records, 500, make_manager)
-    manager, _, sample = make_manager()
-    processor = Processor(task_for(manager, sample, snapshot_interval_ms=500), assigned_partitions(records))
+    processor = fresh_processor(records, make_manager, snapshot_interval_ms=500)
     half = len(records) // 2
     processor.batch(records[:half])
     for topic, partition in processor.assigned:  # revoked, then assigned again
         processor.task.reset(topic, partition)
     processor.batch(records[half:])
-    assert processor.committed == reference.committed
-    probe = records[0].value["values"]
-    assert state(processor.task, probe) == state(reference.task, probe)
+    assert_as_uninterrupted(processor, reference, records)
 
 
 def test_after_an_abort_the_records_may_come_back_in_another_order_with_new_ones(
@@ -349,8 +352,7 @@ def test_after_an_abort_the_records_may_come_back_in_another_order_with_new_ones
     more, rest = rest[:100], rest[100:]
     # Re-read from the committed offsets: the consumer may serve the partitions in another order.
     again = sorted(aborted + more, key=lambda record: (record.topic != NAMES.labels, record.partition))
-    manager, _, sample = make_manager()
-    processor = Processor(task_for(manager, sample, snapshot_interval_ms=500), assigned_partitions(records))
+    processor = fresh_processor(records, make_manager, snapshot_interval_ms=500)
     processor.batch(first)
     processor.batch(aborted, aborts=True)
     processor.batch(again)
@@ -358,9 +360,7 @@ def test_after_an_abort_the_records_may_come_back_in_another_order_with_new_ones
     reference = uninterrupted(
         first + aborted + [record for record in again if record in more] + rest, 500, make_manager
     )
-    assert processor.committed == reference.committed
-    probe = records[0].value["values"]
-    assert state(processor.task, probe) == state(reference.task, probe)
+    assert_as_uninterrupted(processor, reference, records)
 
 
 def test_records_of_an_aborted_batch_may_come_again_after_commits_of_other_partitions(
@@ -379,17 +379,14 @@ def test_records_of_an_aborted_batch_may_come_again_after_commits_of_other_parti
     features_again = [record for record in aborted if record.topic == NAMES.features]
     labels_again = [record for record in aborted if record.topic == NAMES.labels]
     half = len(labels_again) // 2
-    manager, _, sample = make_manager()
-    processor = Processor(task_for(manager, sample, snapshot_interval_ms=500), assigned_partitions(records))
+    processor = fresh_processor(records, make_manager, snapshot_interval_ms=500)
     processor.batch(first)
     processor.batch(aborted, aborts=True)
     processor.batch(features_again)
     processor.batch(labels_again[:half])
     processor.batch(labels_again[half:] + rest)
     reference = uninterrupted(first + aborted + rest, 500, make_manager)
-    assert processor.committed == reference.committed
-    probe = records[0].value["values"]
-    assert state(processor.task, probe) == state(reference.task, probe)
+    assert_as_uninterrupted(processor, reference, records)
 
 
 def test_a_record_dead_lettered_in_an_aborted_batch_is_refused_again_and_changes_nothing(
@@ -400,14 +397,11 @@ def test_a_record_dead_lettered_in_an_aborted_batch_is_refused_again_and_changes
     bad = records[label_at]
     records[label_at] = InRecord(bad.topic, bad.partition, bad.offset, bad.key, {**bad.value, "label": 2}, 0)
     reference = uninterrupted(records, 0, make_manager)
-    manager, _, sample = make_manager()
-    processor = Processor(task_for(manager, sample), assigned_partitions(records))
+    processor = fresh_processor(records, make_manager)
     processor.batch(records[: label_at + 50], aborts=True)
     processor.batch(records[: label_at + 50])
     processor.batch(records[label_at + 50 :])
     assert processor.committed[(bad.topic, bad.partition, bad.offset)] == [
         ("dead letter", "ValueError", f"label 2 of {bad.value['symbol']} at t={bad.value['t_event']} is not 0 or 1")
     ]
-    assert processor.committed == reference.committed
-    probe = records[0].value["values"]
-    assert state(processor.task, probe) == state(reference.task, probe)
+    assert_as_uninterrupted(processor, reference, records)
