@@ -1,19 +1,24 @@
-"""Small test utilities shared by the tiers: waiting on conditions and reading topics."""
+"""Small test utilities shared by the tiers: waiting on conditions, reading topics, child processes."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import requests
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, make_admin, query_watermarks
 from quotewatch.core.serde import AvroSerde
+from quotewatch.local.kafka import free_port
 
 T = TypeVar("T")
 
@@ -148,3 +153,50 @@ class RegistryOutage:
         if self.lookups <= self.failures:
             raise ConnectionError("registry unreachable (simulated outage)")
         return self.registry.get_schema(schema_id, subject_name, fmt)
+
+
+def get_health(url: str) -> requests.Response | None:
+    """``GET url/health``, or None while nothing answers there."""
+    try:
+        return requests.get(f"{url}/health", timeout=2)
+    except requests.RequestException:
+        return None
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL: a child process of a test never outlives it."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+@contextmanager
+def dashboard_process(
+    bootstrap_servers: str, topic_prefix: str, log_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``quotewatch run dashboard`` as a real process on a free 127.0.0.1 port: yields (url, process).
+
+    Its output goes to ``log_path``; it is stopped on exit.
+    """
+    port = free_port()
+    env = {
+        **{key: value for key, value in os.environ.items() if key != "QUOTEWATCH_CONFIG_FILE"},
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
+        "TOPIC_PREFIX": topic_prefix,
+        "DASH_HOST": "127.0.0.1",
+        "DASH_PORT": str(port),
+        "DASH_DEBUG": "false",
+        "METRICS_PORT": "0",
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "quotewatch.cli", "run", "dashboard"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        stop_process(process)

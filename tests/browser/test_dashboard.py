@@ -23,7 +23,7 @@ from quotewatch.core.kafka import make_producer
 from quotewatch.core.serde import AvroSerde
 from quotewatch.dashboard.app import DashboardApp
 from quotewatch.local.kafka import free_port
-from tests.helpers import wait_for
+from tests.helpers import get_health, stop_process, wait_for
 from tests.unit.dashboard.factories import T0_NS, history, level, make_snapshot, produce_snapshots
 
 # Page load (first render, Chromium cold start) gets more time than a live update, which must
@@ -281,21 +281,8 @@ def start_dashboard_process(
         yield start
     finally:
         for process in started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(5)
+            stop_process(process)
         log.close()
-
-
-def _health(url: str) -> requests.Response | None:
-    try:
-        return requests.get(f"{url}/health", timeout=2)
-    except requests.RequestException:
-        return None
 
 
 @pytest.mark.parametrize("push", [False, True], ids=["waitress-polling", "uvicorn-push"])
@@ -316,7 +303,9 @@ def test_production_server_shows_the_compacted_backlog_as_stale_then_live(
         timestamp_ms=time.time_ns() // 1_000_000 - 60_000,
     )
     url, process = start_dashboard_process(push)
-    health = wait_for(lambda: _health(url), timeout=PROCESS_START_TIMEOUT, message="dashboard process answers /health")
+    health = wait_for(
+        lambda: get_health(url), timeout=PROCESS_START_TIMEOUT, message="dashboard process answers /health"
+    )
     assert health.headers["Server"] == "quotewatch-dashboard"  # waitress or uvicorn, not a development server
 
     dash_br.server_url = url

@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from quotewatch.core.config import CommonSettings, DashboardSettings
 from quotewatch.core.kafka import ensure_topics, make_admin, make_producer
@@ -21,8 +18,7 @@ from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.dashboard.app import DashboardApp, create_app
 from quotewatch.dashboard.runtime import DashboardRuntime
-from quotewatch.local.kafka import free_port
-from tests.helpers import wait_for
+from tests.helpers import dashboard_process, get_health, wait_for
 from tests.unit.dashboard.factories import T0_NS, make_snapshot, produce_snapshots
 
 
@@ -173,9 +169,10 @@ def _topics_named(settings: CommonSettings) -> list[str]:
 
 
 def _health(url: str) -> dict[str, Any] | None:
+    reply = get_health(url)
     try:
-        return dict(requests.get(f"{url}/health", timeout=2).json())
-    except (requests.RequestException, ValueError):
+        return None if reply is None else dict(reply.json())
+    except ValueError:
         return None
 
 
@@ -183,22 +180,8 @@ def test_the_dashboard_process_creates_no_topic_and_reads_its_topic_once_it_exis
     make_settings: Callable[..., Any], tmp_path: Path
 ) -> None:
     settings: DashboardSettings = make_settings(DashboardSettings)  # no `topics` fixture: nothing exists
-    port = free_port()
-    env = {
-        **{key: value for key, value in os.environ.items() if key != "QUOTEWATCH_CONFIG_FILE"},
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "TOPIC_PREFIX": settings.topic_prefix,
-        "DASH_HOST": "127.0.0.1",
-        "DASH_PORT": str(port),
-        "METRICS_PORT": "0",
-    }
     log_path = tmp_path / "dashboard.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "quotewatch.cli", "run", "dashboard"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with dashboard_process(settings.kafka_bootstrap_servers, settings.topic_prefix, log_path) as (url, process):
         wait_for(lambda: process.poll() is None and _health(url), timeout=60, message=f"/health ({log_path})")
         # Its consumer has asked the broker for the topic (and been told it is missing) by now.
         wait_for(lambda: "does not exist yet" in log_path.read_text(), timeout=20, message="the missing-topic warning")
@@ -213,10 +196,3 @@ def test_the_dashboard_process_creates_no_topic_and_reads_its_topic_once_it_exis
         )
         assert body["symbols"] == ["BTC-USD"]
         assert process.poll() is None
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
