@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -209,6 +210,17 @@ def test_advanced_subscriptions_confirm_level2_products_only() -> None:
     assert parsed.confirmed == ("BTC-USD", "ETH-USD")
 
 
+def l2_bid_update(event_time: str, price_level: str) -> dict[str, Any]:
+    """An Advanced ``l2_data`` frame with one bid update."""
+    update = {"side": "bid", "event_time": event_time, "price_level": price_level, "new_quantity": "1"}
+    return {
+        "channel": "l2_data",
+        "sequence_num": 1,
+        "timestamp": "2026-08-09T21:05:48Z",
+        "events": [{"type": "update", "product_id": "BTC-USD", "updates": [update]}],
+    }
+
+
 @pytest.mark.parametrize(
     ("message", "error", "book_affected"),
     [
@@ -230,57 +242,13 @@ def test_advanced_subscriptions_confirm_level2_products_only() -> None:
             InvalidFieldError,
             True,
         ),
-        (
-            {
-                "channel": "l2_data",
-                "sequence_num": 1,
-                "timestamp": "2026-08-09T21:05:48Z",
-                "events": [
-                    {
-                        "type": "update",
-                        "product_id": "BTC-USD",
-                        "updates": [
-                            {
-                                "side": "bid",
-                                "event_time": "2026-08-09T21:05:48Z",
-                                "price_level": "1,5",
-                                "new_quantity": "1",
-                            }
-                        ],
-                    }
-                ],
-            },
-            InvalidFieldError,
-            True,
-        ),
+        (l2_bid_update("2026-08-09T21:05:48Z", "1,5"), InvalidFieldError, True),
         (
             {"channel": "l2_data", "sequence_num": 2**63, "timestamp": "2026-08-09T21:05:48Z", "events": []},
             InvalidFieldError,
             True,
         ),
-        (
-            {
-                "channel": "l2_data",
-                "sequence_num": 1,
-                "timestamp": "2026-08-09T21:05:48Z",
-                "events": [
-                    {
-                        "type": "update",
-                        "product_id": "BTC-USD",
-                        "updates": [
-                            {
-                                "side": "bid",
-                                "event_time": "2263-01-01T00:00:00Z",
-                                "price_level": "1",
-                                "new_quantity": "1",
-                            }
-                        ],
-                    }
-                ],
-            },
-            InvalidFieldError,
-            True,
-        ),
+        (l2_bid_update("2263-01-01T00:00:00Z", "1"), InvalidFieldError, True),
         (
             {
                 "channel": "market_trades",
