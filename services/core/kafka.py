@@ -15,6 +15,7 @@ The consume-transform-produce loop with exactly-once semantics is
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
@@ -282,6 +283,32 @@ def retry_schedule(timeout: float, first_pause: float, wait: Callable[[float], o
         if time.monotonic() + pause >= deadline or wait(pause) is True:
             return
         pause = min(1.0, pause * 2)
+
+
+class TransientBackoff:
+    """The pause after a transient failure (a dependency down, not the record's fault), unbounded in time.
+
+    0.5 s, doubling up to 10 s, each waited with jitter in [pause/2, pause]; :meth:`reset` after a
+    success. The stream processor and the lake sink pause this way before reading a batch again.
+    """
+
+    FIRST_PAUSE = 0.5
+    MAX_PAUSE = 10.0
+
+    def __init__(self) -> None:
+        self.pause = 0.0
+        """The pause the last :meth:`wait` was drawn under (0 after a success)."""
+
+    def next_pause(self) -> float:
+        self.pause = min(max(self.pause * 2, self.FIRST_PAUSE), self.MAX_PAUSE)
+        return self.pause
+
+    def wait(self, shutdown: ShutdownSignal) -> None:
+        """Wait out :attr:`pause` (with jitter), or less if a shutdown is requested."""
+        shutdown.wait(random.uniform(self.pause / 2, self.pause))  # noqa: S311 - jitter, not security
+
+    def reset(self) -> None:
+        self.pause = 0.0
 
 
 def _topic_metadata(admin: AdminClient, timeout: float) -> dict[str, Any]:

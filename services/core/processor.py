@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import (
     DeliveryTracker,
     ShutdownSignal,
+    TransientBackoff,
     dead_letter_for_message,
     encode_key,
     flush_or_fail,
@@ -102,11 +102,6 @@ class StreamTask(Protocol):
         ...
 
 
-_RETRY_FIRST_PAUSE = 0.5
-_RETRY_MAX_PAUSE = 10.0
-"""Seconds between retries of a batch that met a transient failure (doubling, with jitter)."""
-
-
 class StreamProcessor:
     """Runs a :class:`StreamTask` over input topics until shutdown is requested.
 
@@ -160,7 +155,7 @@ class StreamProcessor:
         self._replay_until: dict[TopicPartitionKey, int] = {}
         self._positions: dict[TopicPartitionKey, int] = {}
         self._last_lag_check_ns = 0
-        self._retry_pause = 0.0
+        self._backoff = TransientBackoff()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -316,7 +311,7 @@ class StreamProcessor:
             self._producer.abort_transaction()
         if not next_offsets:
             return
-        self._retry_pause = 0.0
+        self._backoff.reset()
         self._positions.update(next_offsets)
         self._liveness.progressed(
             processed,
@@ -333,17 +328,17 @@ class StreamProcessor:
         dead-lettered or skipped.
         """
         assert self._producer is not None
-        self._retry_pause = min(max(self._retry_pause * 2, _RETRY_FIRST_PAUSE), _RETRY_MAX_PAUSE)
+        pause = self._backoff.next_pause()
         logger.warning(
             "transient failure; retrying the batch: %s",
             error,
-            extra={"topic": topic, "partition": partition, "offset": offset, "pause_s": self._retry_pause},
+            extra={"topic": topic, "partition": partition, "offset": offset, "pause_s": pause},
         )
         if self._exactly_once:
             self._producer.abort_transaction(60)
             TRANSACTIONS.labels(self._service, "aborted").inc()
         self._rewind()
-        self._shutdown.wait(random.uniform(self._retry_pause / 2, self._retry_pause))  # noqa: S311 - jitter
+        self._backoff.wait(self._shutdown)
         self._liveness.beat()  # waiting out a dependency is not a stuck loop
 
     def _handle(self, message: Message, topic: str, partition: int, offset: int, replaying: bool) -> None:

@@ -55,6 +55,7 @@ from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import (
     DeliveryTracker,
     ShutdownSignal,
+    TransientBackoff,
     dead_letter_for_message,
     encode_key,
     flush_or_fail,
@@ -102,9 +103,6 @@ _UNASSIGNED_WARN_SECONDS = 10.0
 CONVERT_ROWS = 4096
 """Decoded rows are turned into an Arrow record batch every this many rows (bounds Python objects)."""
 WRITE_ATTEMPTS = 5
-RETRY_FIRST_PAUSE = 0.5
-RETRY_MAX_PAUSE = 10.0
-"""Seconds before reading records again after a transient failure (doubling, with jitter)."""
 
 TopicPartitionKey = tuple[str, int]
 
@@ -201,7 +199,7 @@ class LakeSink:
         self._positions: dict[TopicPartitionKey, int] = {}
         self._delivery = DeliveryTracker()
         self._undelivered_dead_letters = 0
-        self._retry_pause = 0.0
+        self._backoff = TransientBackoff()
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._last_lag_check_ns = 0
@@ -257,7 +255,7 @@ class LakeSink:
                         self._retry_later(messages[index:], exc)
                         break
                 else:
-                    self._retry_pause = 0.0
+                    self._backoff.reset()
                 self._cut_aged()
                 self._commit()
                 if messages:
@@ -287,15 +285,15 @@ class LakeSink:
             key = (message.topic() or "", message.partition() or 0)
             if message.error() is None and key in self._buffers:
                 firsts.setdefault(key, message.offset() or 0)
-        self._retry_pause = min(max(self._retry_pause * 2, RETRY_FIRST_PAUSE), RETRY_MAX_PAUSE)
+        pause = self._backoff.next_pause()
         logger.warning(
             "transient failure; reading the records again after a pause: %s",
             error,
-            extra={"partitions": len(firsts), "pause_s": self._retry_pause},
+            extra={"partitions": len(firsts), "pause_s": pause},
         )
         for (topic, partition), offset in firsts.items():
             self._consumer.seek(TopicPartition(topic, partition, offset))
-        self._shutdown.wait(random.uniform(self._retry_pause / 2, self._retry_pause))  # noqa: S311 - jitter
+        self._backoff.wait(self._shutdown)
         self._liveness.beat()  # waiting out a dependency is not a stuck loop
 
     def _turned(self) -> None:

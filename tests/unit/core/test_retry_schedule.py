@@ -28,3 +28,15 @@ def test_it_stops_when_the_next_pause_would_pass_the_deadline() -> None:
 def test_a_wait_that_answers_true_stops_the_retries() -> None:
     attempts = list(retry_schedule(60, 0.05, lambda _: True))
     assert len(attempts) == 1
+
+
+def test_transient_backoff_doubles_from_half_a_second_to_ten_and_resets() -> None:
+    from quotewatch.core.kafka import ShutdownSignal, TransientBackoff
+
+    backoff = TransientBackoff()
+    assert [backoff.next_pause() for _ in range(7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    stopping = ShutdownSignal()
+    stopping.set()
+    backoff.wait(stopping)  # a requested shutdown is not held up by the pause
+    backoff.reset()
+    assert backoff.next_pause() == 0.5
