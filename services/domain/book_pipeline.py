@@ -18,6 +18,16 @@ emits only the first ``MAX_CARRIED_MS / TICK_MS`` ticks and skips the rest; the 
 are advanced exactly as if every skipped tick had been closed, so later values do not depend on
 the bound.
 
+**One clock.** Only events stamped with the exchange's time move the grid: SNAPSHOT, UPDATE,
+TRADE, HEARTBEAT and CLOCK (the ingest's exchange-time estimate). GAP and STATUS events come from
+the ingest's control records (a connection opened or closed, a buffer overflow), which may be
+stamped before the connection's exchange time is known, with the local clock, which may be
+months ahead of a recorded session or minutes ahead of a live one; they take effect at the
+current watermark and close no tick. So a GAP never closes, as synced, a tick it may already
+have invalidated (at most the open tick is lost, live CLOCKs close ticks every ``TICK_MS``), and
+no local clock can push a symbol's time past what the exchange later says
+(docs/architecture.md, "Time").
+
 **Out-of-order event times** never move time backwards: an event older than the newest one seen
 (the watermark) is applied at the watermark, i.e. it counts in the currently open tick.
 
@@ -151,6 +161,17 @@ class SymbolPipeline:
         body_field = _BODY_OF.get(kind)
         if body_field is not None and event.get(body_field) is None:
             raise MarketEventError(f"{kind} event without its {body_field!r} body")
+        if kind == "GAP" or kind == "STATUS":
+            # Control events never move time (module doc, "One clock"): apply at the watermark.
+            if not self.exchange:
+                self.exchange = event["exchange"]
+            if kind == "GAP":
+                gap = event["gap"]
+                self._unsync(f"gap {gap['reason']}: {gap['detail']}")
+            else:
+                self.feed_state = event["status"]["state"]
+                self._status_position = position
+            return []
         ts: int = event["ts_event"]
         previous = self.watermark_ns
         if previous is None or ts >= previous:
@@ -207,12 +228,6 @@ class SymbolPipeline:
             self._top = self.book.top()
             if self.book.is_crossed():
                 self._unsync("crossed snapshot")
-        elif kind == "GAP":
-            gap = event["gap"]
-            self._unsync(f"gap {gap['reason']}: {gap['detail']}")
-        elif kind == "STATUS":
-            self.feed_state = event["status"]["state"]
-            self._status_position = position
         # HEARTBEAT and CLOCK: time only (handled above).
         return outputs
 

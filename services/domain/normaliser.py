@@ -24,18 +24,21 @@ CONNECTED and give what an uninterrupted run gives from there):
 - **CLOCK** -> one CLOCK event per symbol of the record, ``ts_event`` = the record's exchange-time
   estimate.
 
-Event times: a frame's events carry the exchange's times. Events made from control records carry
-the record's ``ts_event`` (the ingest's exchange-time estimate). A GAP for lost book changes
+Event times (one clock, the exchange's; docs/architecture.md, "Time"): a frame's events carry the
+exchange's times. A snapshot without one (Coinbase Exchange snapshots have no ``time``) is
+**held** until the next event of its symbol on the connection that has one (its first update,
+trade, heartbeat or CLOCK) and emitted just before it, at that event's time: its receive time is
+the local clock, which may be months ahead of a recorded session. A held snapshot is dropped when
+its connection ends or changes are lost after it (the resync brings a new one). Events made from
+control records (STATUS, RECONNECT GAP) carry the record's ``ts_event``: the ingest's exchange-time
+estimate, or, before the connection's first exchange time, the latest one known or local time;
+the book pipeline never takes its time from them. A GAP for lost book changes
 (``SEQUENCE_JUMP``, ``PARSE_ERROR``, ``BUFFER_OVERFLOW``) carries, per symbol, the time of the
-latest event emitted for that symbol on the connection: its last good event. The book pipeline
-closes a tick only on an event later than the tick, so such a GAP closes none: the ticks before
-it were already closed by the symbol's own events, and no later tick is emitted, as synced, from a
-book known to miss changes whose time is unknown. Later times are no bound on that time: the
-revealing frame's ``timestamp`` is its send time, later than its own updates' ``event_time``, and
-the latest time on the connection may be another product's, stamped later than the lost update
-though sent before it (in the 2026 capture, sequence 161 is a BTC-USD update at 21:05:52.108 and 162
-an ETH-USD one at 21:05:51.982). A RECONNECT GAP carries its control record's time, like the
-STATUS that comes with it.
+latest event emitted for that symbol on the connection: its last good event. Later times are no
+bound on the time of the lost change: the revealing frame's ``timestamp`` is its send time, later
+than its own updates' ``event_time``, and the latest time on the connection may be another
+product's, stamped later than the lost update though sent before it (in the 2026 capture,
+sequence 161 is a BTC-USD update at 21:05:52.108 and 162 an ETH-USD one at 21:05:51.982).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ RECONNECTING: Final = "RECONNECTING"
 BACKOFF: Final = "BACKOFF"
 STOPPED: Final = "STOPPED"
 FEED_STATES: Final = (INIT, CONNECTING, SUBSCRIBED, RECONNECTING, BACKOFF, STOPPED)
+_CONTROL_KINDS: Final = frozenset(("GAP", "STATUS"))
 
 RawRecord = Mapping[str, Any]
 Event = dict[str, Any]
@@ -127,8 +131,13 @@ class Normaliser:
         self._synced: set[str] = set()
         self._subscribed: set[str] = set()
         self._last_ts_event = -1
+        """The latest exchange time seen on the connection (frames and CLOCKs), -1 before the first."""
+        self._control_ts = -1
+        """The ``ts_event`` of the connection's CONNECTED record (the ingest's best guess, maybe local time)."""
         self._symbol_ts: dict[str, int] = {}
-        """The latest ``ts_event`` emitted per symbol on the current connection."""
+        """The latest exchange time emitted per symbol on the current connection (GAP/STATUS not counted)."""
+        self._held: dict[str, Event] = {}
+        """Snapshots without an exchange time, per symbol, waiting for the symbol's next timed event."""
         self.frames = 0
         self.rejected = 0
 
@@ -159,6 +168,7 @@ class Normaliser:
         self._synced.clear()
         self._subscribed.clear()
         self._symbol_ts.clear()
+        self._held.clear()
 
     # -- processing --------------------------------------------------------------------------
 
@@ -172,7 +182,10 @@ class Normaliser:
             elif kind == "CLOCK":
                 ts = raw["ts_event"]
                 self._last_ts_event = max(self._last_ts_event, ts)
-                out.events.extend(self._event(raw, symbol, "CLOCK", ts) for symbol in raw["symbols"])
+                for symbol in raw["symbols"]:
+                    if self._held:
+                        self._release(symbol, ts, out.events)
+                    out.events.append(self._event(raw, symbol, "CLOCK", ts))
             elif kind == "CONNECTED":
                 self._connected(raw, out)
             elif kind == "DISCONNECTED":
@@ -190,6 +203,8 @@ class Normaliser:
         symbol_ts = self._symbol_ts
         for event in out.events:
             ts = event["ts_event"]
+            if event["kind"] in _CONTROL_KINDS:
+                continue  # a control event's time may be another clock's, never a good event's
             if ts > symbol_ts.get(event["symbol"], -1):
                 symbol_ts[event["symbol"]] = ts
         self.rejected += len(out.rejects)
@@ -209,9 +224,11 @@ class Normaliser:
         self._start(raw)
         state, detail = parse_control_text(raw["text"], CONNECTING)
         ts = raw["ts_event"]
-        # Restart from the CONNECTED record's time, not the max with the previous connection's: a
-        # replay (or the topic-mode ingest) starting at this record then stamps every event alike.
-        self._last_ts_event = ts
+        # The connection's exchange time is not known yet: a replay (or the topic-mode ingest)
+        # starting at this record then stamps every event alike, and no control record's time
+        # (maybe the local clock) is taken for an exchange time.
+        self._last_ts_event = -1
+        self._control_ts = ts
         symbols = self._symbols
         out.events.extend(self._status(raw, symbol, state, detail, ts) for symbol in symbols)
         self._gap(raw, out, "RECONNECT", f"connection {raw['connection_id']} opened: {detail}", ts, symbols)
@@ -220,6 +237,8 @@ class Normaliser:
         state, detail = parse_control_text(raw["text"], RECONNECTING)
         ts = raw["ts_event"]
         symbols = self._symbols if raw["connection_id"] == self._connection else tuple(raw["symbols"])
+        if raw["connection_id"] == self._connection:
+            self._held.clear()  # snapshots still waiting for an exchange time: their connection is gone
         out.events.extend(self._status(raw, symbol, state, detail, ts) for symbol in symbols)
         self._gap(
             raw, out, "RECONNECT", f"connection {raw['connection_id']} closed: {detail}", ts, self._synced_sorted()
@@ -235,7 +254,7 @@ class Normaliser:
             self._start(raw)
             if previously_synced:
                 detail = f"frames of connection {raw['connection_id']} without its CONNECTED record"
-                self._gap(raw, out, "RECONNECT", detail, self._last_ts_event, previously_synced)
+                self._gap(raw, out, "RECONNECT", detail, self._latest_ts(), previously_synced)
         feed = raw["feed"]
         parser = PARSERS.get(feed)
         if parser is None:
@@ -260,7 +279,7 @@ class Normaliser:
                         out,
                         "SEQUENCE_JUMP",
                         detail,
-                        self._last_ts_event,
+                        self._latest_ts(),
                         self._synced_sorted(),
                         expected,
                         sequence,
@@ -280,17 +299,30 @@ class Normaliser:
             self._confirm(raw, symbol, out, parsed.ts_event)
         events = out.events
         sequence = parsed.sequence
+        held = self._held
         for item in parsed.events:
             ts = item.ts_event
-            if ts < 0:
-                # No exchange time in the message (2018 Exchange snapshots): the receive time.
-                ts = raw["ts_init"]
-            if ts > self._last_ts_event:
-                self._last_ts_event = ts
             kind = item.kind
+            if ts < 0:
+                if kind == "SNAPSHOT" and item.symbol is not None:
+                    # No exchange time in the message (Exchange snapshots): held until the symbol's
+                    # next event with one (module doc, "Event times"); a later snapshot replaces it.
+                    snapshot = self._event(raw, item.symbol, kind, -1, sequence)
+                    snapshot["snapshot"] = item.body
+                    held[item.symbol] = snapshot
+                    self._synced.discard(item.symbol)
+                    continue
+                ts = self._latest_ts()  # no such message today; never taken for an exchange time
+            elif ts > self._last_ts_event:
+                self._last_ts_event = ts
             if item.symbol is None:
-                events.extend(self._event(raw, symbol, kind, ts, sequence) for symbol in self._symbols)
+                for symbol in self._symbols:
+                    if held:
+                        self._release(symbol, ts, events)
+                    events.append(self._event(raw, symbol, kind, ts, sequence))
                 continue
+            if held:
+                self._release(item.symbol, ts, events)
             event = self._event(raw, item.symbol, kind, ts, sequence)
             if kind == "UPDATE":
                 event["update"] = item.body
@@ -301,12 +333,20 @@ class Normaliser:
                 event["trade"] = item.body
             events.append(event)
 
+    def _release(self, symbol: str, ts: int, events: list[Event]) -> None:
+        """Emit the held snapshot of ``symbol`` (if any) at ``ts``, the symbol's next exchange time."""
+        snapshot = self._held.pop(symbol, None)
+        if snapshot is not None:
+            snapshot["ts_event"] = ts
+            self._synced.add(symbol)
+            events.append(snapshot)
+
     def _confirm(self, raw: RawRecord, symbol: str, out: Normalised, ts: int | None) -> None:
         if symbol in self._subscribed:
             return
         self._subscribed.add(symbol)
         if ts is None:
-            ts = self._last_ts_event
+            ts = self._latest_ts()
         detail = f"book subscription confirmed on {raw['connection_id']}"
         out.events.append(self._status(raw, symbol, SUBSCRIBED, detail, ts))
 
@@ -315,6 +355,7 @@ class Normaliser:
         if not error.book_affected:
             return
         if error.symbol is not None:
+            self._held.pop(error.symbol, None)
             affected: Sequence[str] = [error.symbol] if error.symbol in self._synced else []
         else:
             affected = self._synced_sorted()
@@ -322,10 +363,16 @@ class Normaliser:
             f"frame {raw.get('connection_id')}:{raw.get('frame_index')} may have carried book changes "
             f"and was rejected: {error!s:.200}"
         )
-        self._gap(raw, out, "PARSE_ERROR", detail, self._last_ts_event, affected, lost=True)
+        self._gap(
+            raw, out, "PARSE_ERROR", detail, self._latest_ts(), affected, lost=True, affected_all=error.symbol is None
+        )
         out.resync = detail
 
     # -- building events ---------------------------------------------------------------------
+
+    def _latest_ts(self) -> int:
+        """The latest exchange time of the connection; before the first, its CONNECTED record's time."""
+        return self._last_ts_event if self._last_ts_event >= 0 else self._control_ts
 
     def _synced_sorted(self) -> list[str]:
         return sorted(self._synced)
@@ -342,10 +389,19 @@ class Normaliser:
         received: int = -1,
         *,
         lost: bool = False,
+        affected_all: bool = True,
     ) -> None:
         """GAP events for ``symbols`` at ``ts_event``; when book changes were ``lost``, each at the
         time of its symbol's latest event instead (``ts_event`` only if it has none), see the module doc.
         """
+        if lost and self._held:
+            # A held snapshot is followed by lost changes: it is no base any more (the resync
+            # requested with the GAP brings a new one). Never emitted, so no GAP is owed for it.
+            if affected_all:
+                self._held.clear()
+            else:
+                for symbol in symbols:
+                    self._held.pop(symbol, None)
         for symbol in symbols:
             self._synced.discard(symbol)
             ts = self._symbol_ts.get(symbol, ts_event) if lost else ts_event

@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 @click.option("--protocol", type=click.Choice(["advanced", "exchange"]), default="advanced", show_default=True)
 @click.option("--capture", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Replay this capture.")
 @click.option("--speed", default="1x", show_default=True, help="Capture pace: max, 1x or Nx.")
+@click.option(
+    "--timestamps",
+    type=click.Choice(["original", "now"]),
+    default="original",
+    show_default=True,
+    help="Capture exchange times: as recorded, or moved so each connection starts now.",
+)
 @click.option("--synthetic", is_flag=True, help="Serve the deterministic synthetic market.")
 @click.option("--symbols", default="BTC-USD,ETH-USD", show_default=True, help="Synthetic products (comma-separated).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Synthetic market seed.")
@@ -58,6 +65,7 @@ def command(
     protocol: str,
     capture: Path | None,
     speed: str,
+    timestamps: str,
     synthetic: bool,
     symbols: str,
     seed: int,
@@ -93,7 +101,7 @@ def command(
     )
     try:
         if capture is not None:
-            source: SyntheticSource | CaptureSource = capture_source(capture, speed)
+            source: SyntheticSource | CaptureSource = capture_source(capture, speed, timestamps)
         else:
             products = tuple(s.strip().upper() for s in symbols.split(",") if s.strip())
             source = SyntheticSource(SyntheticConfig(symbols=products, seed=seed, rate=rate), max_updates=max_updates)

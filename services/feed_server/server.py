@@ -12,7 +12,9 @@ Sources:
   advanced with the wall clock (event time = wall time from the server start); every
   connection gets a snapshot of the current book on subscribing, then the live batches.
 - :class:`CaptureSource`: a recorded capture replayed from its start for each connection, at the
-  original pace, x N, or as fast as possible (Advanced ``sequence_num`` renumbered per connection).
+  original pace, x N, or as fast as possible (Advanced ``sequence_num`` renumbered per connection),
+  with its original exchange timestamps (default) or moved to the connection's start
+  (``--timestamps now``, :mod:`quotewatch.feed_server.retime`).
 
 Faults (:class:`FaultPlan`) apply to the first ``connections`` connections (0 = all), counting
 frames sent on the connection: drop the TCP connection, go silent, skip a sequence number (drop
@@ -50,6 +52,7 @@ from quotewatch.domain.captures import Capture, read_capture
 from quotewatch.domain.coinbase import EXCHANGE_SIGNATURE_PATH, FEED_ADVANCED, FEED_EXCHANGE, parse_time_ns
 from quotewatch.domain.coinbase_messages import TradePrint
 from quotewatch.domain.synthetic import SyntheticBatch, SyntheticConfig, SyntheticMarket
+from quotewatch.feed_server.retime import TIMESTAMPS, Timestamps, first_exchange_time, shift_for, shifted
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +153,9 @@ class _Connection:
         self.capture_clock_ns = 0
         """Capture replay: event time of the last frame queued (heartbeats are stamped from it)."""
         self.capture_clock_at = time.monotonic_ns()
+        source = server.source
+        self.capture_shift_ns = source.shift_at(time.time_ns()) if isinstance(source, CaptureSource) else 0
+        """Capture replay: added to every recorded exchange time (``--timestamps now``), else 0."""
 
     # -- subscriptions ------------------------------------------------------------------------
 
@@ -272,13 +278,28 @@ class SyntheticSource:
 
 
 class CaptureSource:
-    """A recorded capture, replayed per connection."""
+    """A recorded capture, replayed per connection.
 
-    def __init__(self, capture: Capture, speed: float | None) -> None:
+    Args:
+        speed: None = as fast as possible; 1.0 = original pace; N = N times faster.
+        timestamps: ``original`` (the default: exchange times as recorded) or ``now`` (moved so
+            that each connection's replay starts at its own wall-clock start; :mod:`.retime`).
+    """
+
+    def __init__(self, capture: Capture, speed: float | None, timestamps: Timestamps = "original") -> None:
+        if timestamps not in TIMESTAMPS:
+            raise FeedServerError(f"--timestamps must be one of {', '.join(TIMESTAMPS)}, not {timestamps!r}")
         self.capture = capture
         self.speed = speed
-        """None = as fast as possible; 1.0 = original pace; N = N times faster."""
+        self.timestamps: Timestamps = timestamps
         self._messages = [_decode(line) for line in capture.lines]
+        first = first_exchange_time(self._messages)
+        self.first_exchange_ns = first if first is not None else (capture.recv_ns[0] if capture.recv_ns else 0)
+        """The capture's first exchange time (its first receive time if no message has one)."""
+
+    def shift_at(self, wall_ns: int) -> int:
+        """The offset added to every exchange time of a connection that starts at ``wall_ns``."""
+        return shift_for(wall_ns, self.first_exchange_ns) if self.timestamps == "now" else 0
 
     @property
     def symbols(self) -> tuple[str, ...]:
@@ -606,7 +627,7 @@ class FeedServer:
         if isinstance(self.source, SyntheticSource):
             market = self.source.market
             return market.now_ns if market is not None else time.time_ns()
-        return conn.capture_clock_ns or self.source.capture.recv_ns[0]
+        return conn.capture_clock_ns or self.source.first_exchange_ns + conn.capture_shift_ns
 
     async def _heartbeats(self, conn: _Connection) -> None:
         counter = 0
@@ -628,7 +649,7 @@ class FeedServer:
         if isinstance(self.source, SyntheticSource):
             return self._now_ns(conn)
         # Capture replay: the capture's clock, moved on by the wall time since the last frame.
-        base = conn.capture_clock_ns or self.source.capture.recv_ns[0]
+        base = conn.capture_clock_ns or self.source.first_exchange_ns + conn.capture_shift_ns
         return base + time.monotonic_ns() - conn.capture_clock_at
 
     # -- capture replay -----------------------------------------------------------------------
@@ -656,11 +677,17 @@ class FeedServer:
                 await asyncio.sleep(0)
             while len(conn.queue) > 1000:
                 await asyncio.sleep(0.001)
-            event_ns = _event_time(message) or capture.recv_ns[index]
-            conn.capture_clock_ns = event_ns
-            conn.capture_clock_at = time.monotonic_ns()
+            shift = conn.capture_shift_ns
+            if shift:
+                message = shifted(message, shift)
+            event_ns = _event_time(message)
+            if event_ns is not None:
+                conn.capture_clock_ns = event_ns
+                conn.capture_clock_at = time.monotonic_ns()
             if advanced:
                 conn.enqueue(_Item(partial(_renumber, message), book_update=book_update))
+            elif shift:
+                conn.enqueue(_Item(_fixed(orjson.dumps(message).decode()), book_update=book_update))
             else:
                 conn.enqueue(_Item(_fixed(line), book_update=book_update))
         conn.stats.replay_finished = True
@@ -786,13 +813,15 @@ def serve_in_thread(server: FeedServer) -> Iterator[RunningFeedServer]:
         running.stop()
 
 
-def capture_source(path: Path | str, speed: str) -> CaptureSource:
-    """A capture source from a file and a ``--speed`` value: ``max``, ``1x`` or ``Nx``.
+def capture_source(path: Path | str, speed: str, timestamps: str = "original") -> CaptureSource:
+    """A capture source from a file, a ``--speed`` value (``max``, ``1x`` or ``Nx``) and ``--timestamps``.
 
     Raises:
-        FeedServerError: the speed is not one of those.
+        FeedServerError: the speed or the timestamps mode is not one of those.
     """
-    return CaptureSource(read_capture(path), parse_speed(speed))
+    if timestamps not in TIMESTAMPS:
+        raise FeedServerError(f"--timestamps must be one of {', '.join(TIMESTAMPS)}, not {timestamps!r}")
+    return CaptureSource(read_capture(path), parse_speed(speed), timestamps)  # type: ignore[arg-type]  # checked above
 
 
 def parse_speed(speed: str) -> float | None:

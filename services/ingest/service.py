@@ -88,14 +88,32 @@ class ExchangeClock:
 
     Offset samples are ``ts_event - ts_init`` of the frames' market events; the estimate uses the
     smallest offset of the last ``window_ns`` of samples (the slowest recent delivery), so CLOCK
-    ticks trail the exchange rather than run ahead of events still in flight. The estimate never
-    goes backwards. Pure and deterministic in the order of its calls.
+    ticks trail the exchange rather than run ahead of events still in flight. Pure and
+    deterministic in the order of its calls.
+
+    **One clock.** The estimate is made only from exchange times, never from the local clock
+    alone: the local clock may be off by any amount (a VM after suspend, no NTP) and a feed may
+    serve a session recorded long ago with its own times. So:
+
+    - the samples are per connection (:meth:`new_connection` forgets them): a new connection's
+      exchange may be a different clock (a feed server replaying a recording from its start);
+    - :meth:`estimate` goes back never within a connection;
+    - before the connection's first exchange time (``not ready``) there is no estimate:
+      :meth:`last_known` gives the latest estimate of an earlier connection, or ``None``.
     """
 
     def __init__(self, window_ns: int = 10_000_000_000) -> None:
         self._window_ns = window_ns
         self._samples: deque[tuple[int, int]] = deque()  # (ts_init, offset), offsets increasing
-        self._last = 0
+        self._last = -1
+        self._last_known: int | None = None
+
+    def new_connection(self) -> None:
+        """A new connection starts: forget the samples (its exchange time is not known yet)."""
+        if self._last >= 0:
+            self._last_known = self._last
+        self._samples.clear()
+        self._last = -1
 
     def observe(self, ts_event: int, ts_init: int) -> None:
         offset = ts_event - ts_init
@@ -108,13 +126,19 @@ class ExchangeClock:
 
     @property
     def ready(self) -> bool:
-        """True once an exchange time has been seen (before that there is nothing to estimate from)."""
+        """True once an exchange time has been seen on this connection."""
         return bool(self._samples)
 
     def estimate(self, ts_init: int) -> int:
-        offset = self._samples[0][1] if self._samples else 0
-        self._last = max(self._last, ts_init + offset)
+        """Exchange time at local time ``ts_init`` (only while :attr:`ready`)."""
+        if not self._samples:
+            raise ValueError("no exchange time has been seen on this connection")
+        self._last = max(self._last, ts_init + self._samples[0][1])
         return self._last
+
+    def last_known(self) -> int | None:
+        """The latest exchange-time estimate made, on this connection or an earlier one, or None."""
+        return self._last if self._last >= 0 else self._last_known
 
 
 @dataclass
@@ -222,12 +246,25 @@ class RawWriter:
     def write(self, item: QueueItem) -> None:
         """Log one record to ``md.raw`` and publish what the normaliser makes of it.
 
-        CLOCK ticks before the first exchange time is known are not logged: they would carry
+        CLOCK ticks before the first exchange time of the connection are not logged: they would carry
         local time, possibly ahead of the exchange, and move downstream grids past events to come.
         """
-        if item.kind == "CLOCK" and not self._exchange_clock.ready:
+        exchange_clock = self._exchange_clock
+        if item.kind == "CONNECTED":
+            exchange_clock.new_connection()
+        if item.kind == "FRAME":
+            ts_event = item.ts_init
+        elif exchange_clock.ready:
+            ts_event = exchange_clock.estimate(item.ts_init)
+        elif item.kind == "CLOCK":
             return
-        ts_event = item.ts_init if item.kind == "FRAME" else self._exchange_clock.estimate(item.ts_init)
+        else:
+            # A control record before this connection's first exchange time (CONNECTED, the
+            # DISCONNECTED of a failed attempt): the latest exchange time known, else the local
+            # time, the only one there is. Either way the book never takes its time from it
+            # (GAP and STATUS move no grid; docs/architecture.md, "Time").
+            last_known = exchange_clock.last_known()
+            ts_event = item.ts_init if last_known is None else last_known
         raw = {
             "ts_event": ts_event,
             "ts_init": item.ts_init,

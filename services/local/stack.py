@@ -75,6 +75,7 @@ import psutil
 
 from quotewatch.core.errors import FatalError, RetriableError
 from quotewatch.core.kafka import ShutdownSignal
+from quotewatch.domain.captures import CaptureError, read_capture
 from quotewatch.local.kafka import LocalKafka, port_is_free
 from quotewatch.local.lifetime import die_with_parent
 from quotewatch.local.mlflow import LocalMlflow
@@ -115,6 +116,10 @@ class StackConfig:
     feed: FeedMode = "synthetic"
     capture: Path | None = None
     """The recorded capture the feed server replays (feed="capture")."""
+    capture_timestamps: Literal["original", "now"] = "original"
+    """Its exchange times as recorded, or moved to each connection's start (``feed serve --timestamps``)."""
+    capture_feed: str = "coinbase-advanced"
+    """The capture's protocol (detected from its content): the feed server speaks it, the ingest reads it."""
     symbols: tuple[str, ...] = ("BTC-USD", "ETH-USD")
     topic_prefix: str = "qw"
     bootstrap_servers: str | None = None
@@ -448,7 +453,12 @@ class LocalStack:
         config = self.config
         if config.feed == "live":
             return None
-        source = ["--synthetic"] if config.feed == "synthetic" else ["--capture", str(self.capture)]
+        if config.feed == "synthetic":
+            source = ["--synthetic"]
+        else:
+            protocol = "exchange" if config.capture_feed == "coinbase-exchange" else "advanced"
+            source = ["--capture", str(self.capture), "--timestamps", config.capture_timestamps]
+            source += ["--protocol", protocol]
         return ProcessSpec(
             name="feed-server",
             argv=_cli(
@@ -474,6 +484,8 @@ class LocalStack:
             env = {**self.common_env(), "METRICS_PORT": str(port)}
             if name == "ingest" and config.feed != "live":
                 env["COINBASE_WS_URL"] = config.feed_url
+                if config.feed == "capture":
+                    env["FEED"] = config.capture_feed
             if name == "lake-sink":
                 env["LAKE_FLUSH_SECONDS"] = str(config.lake_flush_seconds)
             if name == "inference":
@@ -829,7 +841,18 @@ def free_ports(count: int) -> list[int]:
     default=None,
     help="A recorded capture for the local feed server to replay (implies --feed capture).",
 )
-@click.option("--symbols", default="BTC-USD,ETH-USD", show_default=True, help="Comma-separated products.")
+@click.option(
+    "--timestamps",
+    type=click.Choice(["original", "now"]),
+    default="original",
+    show_default=True,
+    help="With --capture: its exchange times as recorded, or moved so each connection starts now.",
+)
+@click.option(
+    "--symbols",
+    default=None,
+    help="Comma-separated products [default: BTC-USD,ETH-USD; with --capture, the capture's].",
+)
 @click.option("--topic-prefix", default="qw", show_default=True, help="Topic namespace.")
 @click.option(
     "--bootstrap-servers",
@@ -869,7 +892,8 @@ def command(
     run_dir: Path,
     feed: str | None,
     capture: Path | None,
-    symbols: str,
+    timestamps: str,
+    symbols: str | None,
     topic_prefix: str,
     bootstrap_servers: str | None,
     kafka_port: int,
@@ -893,11 +917,23 @@ def command(
     if pick_free_ports:
         kafka_port, mlflow_port, feed_port, dash_port, webhook_port, *rest = free_ports(5 + len(STREAM_SERVICES))
         metrics_ports = dict(zip(STREAM_SERVICES, rest, strict=True))
+    capture_feed = "coinbase-advanced"
+    products: tuple[str, ...] = ("BTC-USD", "ETH-USD")
+    if capture is not None:
+        try:
+            recorded = read_capture(capture)
+        except CaptureError as exc:
+            raise click.BadParameter(str(exc), param_hint="--capture") from exc
+        capture_feed, products = recorded.feed, recorded.symbols
+    if symbols is not None:
+        products = tuple(part.strip().upper() for part in symbols.split(",") if part.strip())
     config = StackConfig(
         run_dir=run_dir,
         feed=mode,
         capture=capture,
-        symbols=tuple(part.strip().upper() for part in symbols.split(",") if part.strip()),
+        capture_timestamps=timestamps,  # type: ignore[arg-type]  # click.Choice guarantees the literal
+        capture_feed=capture_feed,
+        symbols=products,
         topic_prefix=topic_prefix,
         bootstrap_servers=bootstrap_servers,
         kafka_port=kafka_port,

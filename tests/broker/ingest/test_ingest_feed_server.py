@@ -25,7 +25,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
-from quotewatch.core.clock import SystemClock
+from quotewatch.core.clock import Clock, SystemClock
 from quotewatch.core.config import IngestSettings
 from quotewatch.core.errors import FatalError
 from quotewatch.core.health import Liveness
@@ -110,8 +110,10 @@ def ingest_settings(make_settings: Callable[..., Any], url: str, protocol: str, 
 
 
 @contextmanager
-def running_ingest(settings: IngestSettings, producer: Producer | None = None) -> Iterator[IngestService]:
-    clock = SystemClock()
+def running_ingest(
+    settings: IngestSettings, producer: Producer | None = None, clock: Clock | None = None
+) -> Iterator[IngestService]:
+    clock = clock or SystemClock()
     service = IngestService(
         settings, serde=AvroSerde(), clock=clock, liveness=Liveness("ingest", clock, 30), producer=producer
     )

@@ -120,12 +120,36 @@ def test_out_of_order_events_count_in_the_open_tick_and_time_never_goes_back() -
     assert pipeline.watermark_ns == T0 + 310 * MS
 
 
+def test_gap_and_status_stamped_by_another_clock_move_no_time() -> None:
+    """One clock: control events stamped months ahead (local time, a recorded session) close no tick."""
+    months = 120 * 24 * 3600 * 1000 * MS
+    pipeline = SymbolPipeline("BTC-USD", 100)
+    out = run(
+        pipeline,
+        [
+            status(T0 + months, "CONNECTING"),  # stamped with the ingest's local clock
+            gap(T0 + months),  # the RECONNECT GAP of the same CONNECTED record
+            snapshot(T0 + 10 * MS, *BOOK),
+            update(T0 + 120 * MS, ("BID", 100 * E8, 9 * E8)),
+            clock(T0 + 230 * MS),
+            gap(T0 + months + 1),  # the connection ends: unsynced; the open tick 300 stays open
+            status(T0 + months + 1, "RECONNECTING"),
+            clock(T0 + 310 * MS),
+        ],
+    )
+    assert ticks(out) == [100, 200], "tick 300 closes after the GAP, so it is not emitted as synced"
+    assert pipeline.watermark_ns == T0 + 310 * MS
+    assert pipeline.next_tick_ns == T0 + 400 * MS
+    assert pipeline.feed_state == "RECONNECTING", "STATUS still sets the feed state"
+
+
 def test_gap_unsyncs_until_the_next_snapshot_which_starts_a_new_epoch() -> None:
     pipeline = SymbolPipeline("BTC-USD", 100)
     out = run(
         pipeline,
         [
             snapshot(T0 + 10 * MS, *BOOK),
+            clock(T0 + 120 * MS),  # closes tick 100 (a GAP closes none: it moves no time)
             gap(T0 + 150 * MS),
             update(T0 + 160 * MS, ("BID", 100 * E8, 9 * E8)),  # ignored: unsynced
             clock(T0 + 420 * MS),
@@ -151,6 +175,7 @@ def test_status_sets_the_feed_state_carried_in_the_features() -> None:
         [
             status(T0 + MS, "SUBSCRIBED"),
             snapshot(T0 + 10 * MS, *BOOK),
+            clock(T0 + 120 * MS),  # closes tick 100 (a STATUS closes none: it moves no time)
             status(T0 + 150 * MS, "RECONNECTING"),
             clock(T0 + 210 * MS),
         ],
@@ -254,9 +279,9 @@ def test_an_out_of_order_snapshot_keeps_the_restart_before_the_watermark() -> No
     ]
     pipeline = BookPipeline(100)
     run(pipeline, events[:5])
-    assert pipeline.restart_position() == 2, "the gap set the watermark the late snapshot was applied at"
+    assert pipeline.restart_position() == 1, "the clock set the watermark the late snapshot was applied at"
     for position in (5, 6):
         pipeline.process(events[position], position)
-    assert pipeline.restart_position() == 2
+    assert pipeline.restart_position() == 1
     for cut in range(len(events)):
         _replay_equivalence(events, cut)

@@ -96,6 +96,9 @@ def expected_ticks(events: list[dict[str, Any]], symbol: str, max_carried: int) 
     for record in events:
         if record["symbol"] != symbol:
             continue
+        if record["kind"] in ("GAP", "STATUS"):  # control events move no time (one clock)
+            synced = synced and record["kind"] != "GAP"
+            continue
         watermark = record["ts_event"] if watermark is None else max(watermark, record["ts_event"])
         if next_tick is None:
             next_tick = -(-watermark // TICK_NS) * TICK_NS
@@ -107,8 +110,6 @@ def expected_ticks(events: list[dict[str, Any]], symbol: str, max_carried: int) 
             ticks.extend(closed[:max_carried])
         if record["kind"] == "SNAPSHOT":
             synced = True
-        elif record["kind"] == "GAP":
-            synced = False
     return ticks
 
 

@@ -244,7 +244,7 @@ def test_malformed_book_frame_is_a_reject_a_gap_and_a_resync_on_the_exchange_fee
     log = Log(feed="coinbase-exchange")
     normaliser = Normaliser()
     normaliser.process(log.connected("c1"))
-    normaliser.process(log.frame({"type": "snapshot", "product_id": "BTC-USD", "bids": [["1", "1"]], "asks": []}))
+    normaliser.process(log.frame(_exchange_snapshot("BTC-USD", bids=[["1", "1"]])))
     out = normaliser.process(log.frame('{"type":"l2update","product_id":"BTC-USD","chan'))
     assert [(r.error_type, r.source_ref) for r in out.rejects] == [("MalformedFrame", "c1:1")]
     assert _kinds(out.events) == [("BTC-USD", "GAP")]
@@ -252,11 +252,93 @@ def test_malformed_book_frame_is_a_reject_a_gap_and_a_resync_on_the_exchange_fee
     assert out.resync is not None
 
 
+EXCHANGE_TIME = "2026-08-09T21:05:48.250000Z"
+EXCHANGE_NS = 1_786_309_548_250_000_000
+
+
+def _exchange_snapshot(symbol: str, *, bids: list[list[str]] | None = None, timed: bool = True) -> dict[str, Any]:
+    """An Exchange snapshot; real ones have no ``time`` (``timed=False``), the synthetic market's do."""
+    message: dict[str, Any] = {"type": "snapshot", "product_id": symbol, "bids": bids or [], "asks": []}
+    if timed:
+        message["time"] = EXCHANGE_TIME
+    return message
+
+
+def _l2update(symbol: str, time: str, price: str = "2") -> dict[str, Any]:
+    return {"type": "l2update", "product_id": symbol, "time": time, "changes": [["sell", price, "1"]]}
+
+
+def test_a_snapshot_without_exchange_time_is_held_until_its_symbols_next_timed_event() -> None:
+    """One clock: its receive time (the local clock, months after a recording) never stamps it."""
+    log = Log(feed="coinbase-exchange")
+    log.ts = T0 + 120 * 24 * 3600 * 1000 * MS  # local time far ahead of the exchange's
+    normaliser = Normaliser()
+    normaliser.process(log.connected("c1"))
+    out = normaliser.process(log.frame(_exchange_snapshot("BTC-USD", bids=[["1", "1"]], timed=False)))
+    assert _kinds(out.events) == [("BTC-USD", "STATUS")], "confirmed at once, emitted later"
+    assert normaliser.synced == frozenset()
+    other = normaliser.process(log.frame(_l2update("ETH-USD", "2026-08-09T21:05:48.100Z")))
+    assert _kinds(other.events) == [("ETH-USD", "UPDATE")], "another symbol's time does not release it"
+    out = normaliser.process(log.frame(_l2update("BTC-USD", "2026-08-09T21:05:48.300Z")))
+    assert _kinds(out.events) == [("BTC-USD", "SNAPSHOT"), ("BTC-USD", "UPDATE")]
+    held, update = out.events
+    assert held["ts_event"] == update["ts_event"] == 1_786_309_548_300_000_000
+    assert held["snapshot"]["bids"] == [{"price_e8": 100_000_000, "size_e8": 100_000_000}]
+    assert held["ts_init"] < update["ts_init"], "ts_init stays the snapshot frame's own"
+    assert normaliser.synced == {"BTC-USD"}
+
+
+def test_a_held_snapshot_is_released_by_a_clock_record_and_replaced_by_a_later_one() -> None:
+    log = Log(feed="coinbase-exchange")
+    normaliser = Normaliser()
+    normaliser.process(log.connected("c1"))
+    normaliser.process(log.frame(_exchange_snapshot("BTC-USD", bids=[["1", "1"]], timed=False)))
+    normaliser.process(log.frame(_exchange_snapshot("BTC-USD", bids=[["3", "1"]], timed=False)))
+    out = normaliser.process(log.record("CLOCK", "tick", ts_event=EXCHANGE_NS))
+    assert _kinds(out.events) == [("BTC-USD", "SNAPSHOT"), ("BTC-USD", "CLOCK"), ("ETH-USD", "CLOCK")]
+    assert out.events[0]["ts_event"] == EXCHANGE_NS
+    assert out.events[0]["snapshot"]["bids"][0]["price_e8"] == 300_000_000
+
+
+def test_a_held_snapshot_is_dropped_when_changes_are_lost_after_it_or_the_connection_ends() -> None:
+    log = Log(feed="coinbase-exchange")
+    normaliser = Normaliser()
+    normaliser.process(log.connected("c1"))
+    normaliser.process(log.frame(_exchange_snapshot("BTC-USD", timed=False)))
+    out = normaliser.process(log.frame('{"type":"l2update","product_id":"BTC-USD","chan'))
+    assert out.events == [], "never emitted, so no GAP is owed"
+    assert out.resync is not None, "a new snapshot is asked for"
+    assert _kinds(normaliser.process(log.frame(_l2update("BTC-USD", EXCHANGE_TIME))).events) == [("BTC-USD", "UPDATE")]
+    normaliser.process(log.frame(_exchange_snapshot("ETH-USD", timed=False)))
+    normaliser.process(log.record("DISCONNECTED", control_text("RECONNECTING", "test")))
+    normaliser.process(log.connected("c2"))
+    out = normaliser.process(log.frame(_l2update("ETH-USD", EXCHANGE_TIME)))
+    assert _kinds(out.events) == [("ETH-USD", "UPDATE")]
+    assert normaliser.synced == frozenset()
+
+
+def test_control_events_before_the_first_exchange_time_keep_the_records_time_and_take_none() -> None:
+    """The CONNECTED record's time (maybe local) stamps its STATUS/GAP but is never the exchange's time."""
+    log = Log()
+    ahead = T0 + 600_000 * MS  # the ingest's clock 10 minutes ahead
+    normaliser = Normaliser()
+    connected = log.connected("c1")
+    connected["ts_event"] = ahead
+    out = normaliser.process(connected)
+    assert {e["ts_event"] for e in out.events} == {ahead}
+    out = normaliser.process(log.l2("snapshot", "BTC-USD", ("bid", "1", "1")))
+    snapshot = next(e for e in out.events if e["kind"] == "SNAPSHOT")
+    assert snapshot["ts_event"] == 1_786_309_548_250_000_000
+    out = normaliser.process(log.frame("not json"))
+    gap = next(e for e in out.events if e["kind"] == "GAP")
+    assert gap["ts_event"] == snapshot["ts_event"], "the last exchange time, not the CONNECTED record's"
+
+
 def test_unknown_message_is_a_reject_without_a_gap() -> None:
     log = Log(feed="coinbase-exchange")
     normaliser = Normaliser()
     normaliser.process(log.connected("c1"))
-    normaliser.process(log.frame({"type": "snapshot", "product_id": "BTC-USD", "bids": [], "asks": []}))
+    normaliser.process(log.frame(_exchange_snapshot("BTC-USD")))
     out = normaliser.process(log.frame({"type": "rfq_match", "product_id": "BTC-USD"}))
     assert [r.error_type for r in out.rejects] == ["UnknownMessage"]
     assert out.events == []
@@ -427,7 +509,7 @@ def test_text_that_is_not_json_is_always_a_malformed_reject_and_a_gap(feed: str,
     snapshot = (
         log.l2("snapshot", "BTC-USD", ("bid", "1", "1"))
         if feed == "coinbase-advanced"
-        else log.frame({"type": "snapshot", "product_id": "BTC-USD", "bids": [["1", "1"]], "asks": []})
+        else log.frame(_exchange_snapshot("BTC-USD", bids=[["1", "1"]]))
     )
     normaliser.process(snapshot)
     out = normaliser.process(log.frame(text))

@@ -15,7 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from quotewatch.domain.captures import capture_files, read_capture
-from quotewatch.domain.coinbase import ExchangeCredentials, subscribe_messages
+from quotewatch.domain.coinbase import ExchangeCredentials, parse_time_ns, subscribe_messages
 from quotewatch.domain.synthetic import SyntheticConfig
 from quotewatch.feed_server.server import (
     CaptureSource,
@@ -279,3 +279,92 @@ def test_configuration_errors_are_clear() -> None:
     assert parse_speed("20x") == 20.0
     with pytest.raises(FeedServerError):
         parse_speed("fast")
+
+
+def _exchange_times(frame: Any) -> list[int]:
+    """Every exchange time in a frame (envelope, updates, trades), as ns."""
+    found: list[int] = []
+    if isinstance(frame, dict):
+        for key, value in frame.items():
+            if key in ("timestamp", "time", "event_time") and isinstance(value, str):
+                found.append(parse_time_ns(value))
+            else:
+                found.extend(_exchange_times(value))
+    elif isinstance(frame, list):
+        for item in frame:
+            found.extend(_exchange_times(item))
+    return found
+
+
+@pytest.mark.parametrize("protocol", ["advanced", "exchange"])
+def test_capture_timestamps_are_the_recorded_ones_by_default_and_move_to_now_on_request(protocol: str) -> None:
+    prefix = "advanced_trade" if protocol == "advanced" else "exchange_level2_BTC-USD_2018"
+    path = next(p for p in capture_files(shared_data_dir()) if p.name.startswith(prefix))
+    capture = read_capture(path)
+    products = list(capture.symbols)
+
+    async def client(url: str) -> list[Any]:
+        async with connect(url, max_size=2**26, close_timeout=0.2) as ws:
+            for message in subscribe_messages(f"coinbase-{protocol}", products):
+                await ws.send(json.dumps(message))
+            return await collect(ws, count=400, seconds=5.0)
+
+    original = run(FeedServer(protocol, CaptureSource(capture, speed=None)), client)  # type: ignore[arg-type]
+    before = time.time_ns()
+    moved = run(FeedServer(protocol, CaptureSource(capture, None, "now")), client)  # type: ignore[arg-type]
+    after = time.time_ns()
+    recorded = [t for line in capture.lines[:2000] for t in _exchange_times(json.loads(line))]
+    original_times = [t for f in original for t in _exchange_times(f) if not _server_own(f)]
+    assert original_times and set(original_times) <= set(recorded), "served as recorded"
+    moved_times = [t for f in moved for t in _exchange_times(f) if not _server_own(f)]
+    assert len(moved_times) == len(original_times)
+    shifts = {m - o for m, o in zip(moved_times, original_times, strict=True)}
+    assert len(shifts) == 1, "one offset per connection: the spacing is unchanged"
+    shift = shifts.pop()
+    assert shift % 1_000_000 == 0
+    first = next(min(ts) for line in capture.lines if (ts := _exchange_times(json.loads(line))))
+    assert before - 1_000_000 <= first + shift <= after, "the connection's replay starts now"
+    # Besides the times, every message is unchanged (precision of each time included).
+    for o, m in zip(original, moved, strict=True):
+        if not _server_own(o):
+            assert _without_times(o) == _without_times(m)
+            assert _time_texts_lengths(o) == _time_texts_lengths(m)
+
+
+def _server_own(frame: Any) -> bool:
+    """Frames the server makes itself (subscriptions, heartbeats), not the capture's."""
+    return isinstance(frame, dict) and (
+        frame.get("channel") in ("subscriptions", "heartbeats") or frame.get("type") in ("subscriptions", "heartbeat")
+    )
+
+
+def _without_times(frame: Any) -> Any:
+    if isinstance(frame, dict):
+        return {
+            k: (None if k in ("timestamp", "time", "event_time") else _without_times(v))
+            for k, v in frame.items()
+            if k != "sequence_num"
+        }
+    if isinstance(frame, list):
+        return [_without_times(v) for v in frame]
+    return frame
+
+
+def _time_texts_lengths(frame: Any) -> list[int]:
+    if isinstance(frame, dict):
+        return [
+            n
+            for k, v in frame.items()
+            for n in (
+                [len(v)] if k in ("timestamp", "time", "event_time") and isinstance(v, str) else _time_texts_lengths(v)
+            )
+        ]
+    if isinstance(frame, list):
+        return [n for v in frame for n in _time_texts_lengths(v)]
+    return []
+
+
+def test_an_unknown_timestamps_mode_is_a_clear_error() -> None:
+    path = next(p for p in capture_files(shared_data_dir()) if p.name.startswith("advanced_trade"))
+    with pytest.raises(FeedServerError, match="--timestamps must be one of original, now"):
+        CaptureSource(read_capture(path), None, "later")  # type: ignore[arg-type]  # the point of the test

@@ -138,7 +138,7 @@ def test_the_exchange_clock_never_goes_backwards_and_trails_the_slowest_recent_d
 ) -> None:
     clock = ExchangeClock(window_ns=10 * S)
     ts_init = 1_700_000_000 * S
-    last = 0
+    last = -1
     window: list[tuple[int, int]] = []
     for offset, step in samples:
         ts_init += step
@@ -151,5 +151,24 @@ def test_the_exchange_clock_never_goes_backwards_and_trails_the_slowest_recent_d
         last = estimate
 
 
-def test_the_exchange_clock_without_samples_is_local_time() -> None:
-    assert ExchangeClock().estimate(123) == 123
+def test_the_exchange_clock_has_no_estimate_before_an_exchange_time() -> None:
+    clock = ExchangeClock()
+    assert not clock.ready
+    assert clock.last_known() is None
+    with pytest.raises(ValueError, match="no exchange time"):
+        clock.estimate(123)
+
+
+def test_a_new_connection_forgets_the_offset_and_keeps_the_last_known_time() -> None:
+    """A feed whose clock goes back (a recording served again from its start) is followed at once."""
+    clock = ExchangeClock(window_ns=10 * S)
+    local = 1_800_000_000 * S
+    recorded = 1_500_000_000 * S  # the exchange times are years behind the local clock
+    clock.observe(recorded, local)
+    assert clock.estimate(local + S) == recorded + S
+    clock.new_connection()
+    assert not clock.ready
+    assert clock.last_known() == recorded + S, "control records of the new connection get it"
+    clock.observe(recorded - 60 * S, local + 2 * S)  # the new connection starts a minute earlier
+    assert clock.estimate(local + 3 * S) == recorded - 59 * S, "no floor from the previous connection"
+    assert clock.last_known() == recorded - 59 * S
