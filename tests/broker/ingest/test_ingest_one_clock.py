@@ -9,6 +9,7 @@ exchange's times.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +61,7 @@ def book_ticks(events: list[dict[str, Any]]) -> dict[str, list[TickOutput]]:
 
 def on_the_grid(ticks: list[TickOutput]) -> bool:
     times = [t.book_top["ts_event"] for t in ticks]
-    return all(t % TICK_NS == 0 for t in times) and all(a < b for a, b in zip(times, times[1:], strict=False))
+    return all(t % TICK_NS == 0 for t in times) and all(a < b for a, b in itertools.pairwise(times))
 
 
 def replay_finished(running: RunningFeedServer, server: FeedServer) -> bool:
@@ -108,7 +109,8 @@ def test_a_recording_served_with_its_original_timestamps_gives_the_reference_boo
         times = [t.book_top["ts_event"] for t in ticks[symbol]]
         # The exchange's clock, not today's: every tick lies within the recording (the end of the
         # window: the ticks that CLOCKs close after the last frame, estimated from the feed's heartbeats).
-        assert first - SECOND <= times[0] and times[-1] <= last + 600 * SECOND, symbol
+        assert first - SECOND <= times[0], symbol
+        assert times[-1] <= last + 600 * SECOND, symbol
         top = ticks[symbol][-1].book_top
         assert (top["bids"], top["asks"]) == reference.top3(symbol), f"{symbol}: last top-3 = the raw JSON's book"
         assert any(t.features is not None for t in ticks[symbol]), symbol
