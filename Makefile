@@ -12,8 +12,8 @@ PORT ?= 9092
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-# setup.py builds the compiled order book (services/domain/_orderbook.pyx): a change to it reinstalls.
-$(STAMP): pyproject.toml setup.py services/domain/_orderbook.pyx
+# setup.py builds the compiled order book (src/quotewatch/domain/market/_orderbook.pyx): a change to it reinstalls.
+$(STAMP): pyproject.toml setup.py src/quotewatch/domain/market/_orderbook.pyx
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (QuoteWatch needs Python 3.11)"; exit 1; }
 	@if ! command -v g++ >/dev/null; then \
 		echo "installing g++ with apt (the order book is compiled C++)"; \
@@ -45,15 +45,14 @@ test-unit: setup  ## the unit tier only (no broker)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: setup  ## ruff + mypy (disallow_untyped_defs)
-	$(BIN)/ruff check services tests
-	$(BIN)/ruff format --check services tests
-	@mkdir -p .build/mypy && ln -sfn ../../services .build/mypy/quotewatch
-	MYPYPATH=.build/mypy $(BIN)/mypy -p quotewatch
-	MYPYPATH=.build/mypy $(BIN)/mypy tests
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy -p quotewatch
+	$(BIN)/mypy tests
 
 format: setup  ## apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix services tests
-	$(BIN)/ruff format services tests
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
 
 bench: setup system-deps browser-deps  ## benchmarks side by side in one run -> docs/benchmarks.md (+ README's table)
 	$(BIN)/python -m tests.benchmarks $(BENCH_ARGS)
@@ -73,4 +72,4 @@ demo: setup system-deps  ## the whole system locally until Ctrl-C; dashboard on 
 	$(BIN)/quotewatch demo $(DEMO_ARGS)
 
 clean:  ## remove the venv and build artefacts (not the broker's data)
-	rm -rf $(VENV) .build build *.egg-info .mypy_cache .ruff_cache services/domain/_orderbook.cpp services/domain/_orderbook.*.so
+	rm -rf $(VENV) .build build *.egg-info .mypy_cache .ruff_cache src/quotewatch/domain/market/_orderbook.cpp src/quotewatch/domain/market/_orderbook.*.so

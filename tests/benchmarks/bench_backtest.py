@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from quotewatch.core.registry import LoadedModel
-from quotewatch.domain import features as spec
-from quotewatch.domain.coinbase import FEED_ADVANCED
-from quotewatch.domain.models import CHALLENGER_ROLE, CHAMPION_ROLE
-from quotewatch.domain.normaliser import Normaliser
-from quotewatch.domain.synthetic import SyntheticConfig, synthetic_raw_frames
-from quotewatch.replay import report
-from quotewatch.replay.engine import BacktestEngine, score_model
+from quotewatch.domain.market import features as spec
+from quotewatch.domain.ml.models import CHALLENGER_ROLE, CHAMPION_ROLE
+from quotewatch.domain.ml.registry import LoadedModel
+from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
+from quotewatch.domain.venue.coinbase import FEED_ADVANCED
+from quotewatch.domain.venue.normaliser import Normaliser
+from quotewatch.services.replay import report
+from quotewatch.services.replay.engine import BacktestEngine, score_model
 from tests.benchmarks.harness import Context, Result
 
 SUITE = "backtest"
@@ -57,7 +57,7 @@ def raw_log(hours: float, seed: int = 11) -> list[dict[str, Any]]:
 
 def trained_models() -> list[LoadedModel]:
     """The trainer's LR and XGBoost fitted on 20 min of another seed of the same market."""
-    from quotewatch.trainer.training import MODEL_KINDS, TrainingOptions, build_training_set, fit_model
+    from quotewatch.services.trainer.training import MODEL_KINDS, TrainingOptions, build_training_set, fit_model
 
     engine = BacktestEngine(TICK_MS, DELTA_MS, keep_records=True).run_raw(raw_log(1 / 3, seed=5))
     data = build_training_set(pd.DataFrame(engine.feature_records), pd.DataFrame(engine.label_records))

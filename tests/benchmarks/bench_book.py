@@ -20,9 +20,9 @@ from typing import Any
 from order_book import OrderBook as CBook
 from sortedcontainers import SortedDict
 
-from quotewatch.domain.captures import capture_files, read_capture
-from quotewatch.domain.normaliser import Normaliser
-from quotewatch.domain.orderbook import OrderBook
+from quotewatch.domain.market.orderbook import OrderBook
+from quotewatch.domain.venue.captures import capture_files, read_capture
+from quotewatch.domain.venue.normaliser import Normaliser
 from tests.benchmarks.harness import Context, Result
 
 Snapshot = dict[str, tuple[list[dict[str, int]], list[dict[str, int]]]]

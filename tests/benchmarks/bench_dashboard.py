@@ -37,11 +37,11 @@ from quotewatch.core.kafka import ensure_topics, make_admin, make_consumer, make
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.core.units import parse_e8
-from quotewatch.dashboard.view import format_price
 from quotewatch.local.kafka import free_port
+from quotewatch.services.dashboard.view import format_price
 from tests.benchmarks.harness import Context, Result
 from tests.browser.chromium import chromium_options
-from tests.unit.dashboard.factories import T0_NS, make_snapshot
+from tests.unit.services.dashboard.factories import T0_NS, make_snapshot
 
 POLL_MS = 300
 GOAL_P95_MS = 400.0

@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from quotewatch.domain.book_pipeline import BookPipeline
-from quotewatch.domain.captures import capture_files, read_capture
-from quotewatch.domain.features import FEATURES, FeatureState
-from quotewatch.domain.normaliser import Normaliser
-from quotewatch.domain.orderbook import OrderBook
+from quotewatch.domain.market.book_pipeline import BookPipeline
+from quotewatch.domain.market.features import FEATURES, FeatureState
+from quotewatch.domain.market.orderbook import OrderBook
+from quotewatch.domain.venue.captures import capture_files, read_capture
+from quotewatch.domain.venue.normaliser import Normaliser
 from tests.benchmarks.harness import Context, Result
 
 TICK_MS = 100

@@ -40,16 +40,16 @@ from confluent_kafka.admin import NewTopic
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, ensure_topics, make_admin
-from quotewatch.core.registry import make_client
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
-from quotewatch.domain.models import positive_probability
+from quotewatch.domain.ml.models import positive_probability
+from quotewatch.domain.ml.registry import make_client
 from quotewatch.local.kafka import free_port
 from quotewatch.local.mlflow import LocalMlflow
-from quotewatch.trainer.publish import publish
-from quotewatch.trainer.training import GateThresholds, TrainingOptions, build_training_set, train
+from quotewatch.services.trainer.publish import publish
+from quotewatch.services.trainer.training import GateThresholds, TrainingOptions, build_training_set, train
 from tests.benchmarks.harness import Context, Result, best_of, produce_when_room
-from tests.unit.trainer.market_data import DELTA_MS, TICK_MS, kafka_partition, synthetic_ticks
+from tests.unit.services.trainer.market_data import DELTA_MS, TICK_MS, kafka_partition, synthetic_ticks
 
 QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
 SUITE = "inference"

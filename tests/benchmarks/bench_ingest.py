@@ -7,7 +7,7 @@ synthetic market's generation capacity.
   market in each protocol. "level updates" = level changes in UPDATE events (snapshot levels are
   counted separately in the notes). Peer: the same frames parsed naively (stdlib ``json`` +
   ``decimal.Decimal`` per price/size, no encoding), i.e. what a straightforward parser costs.
-- ``writer -> broker``: the ingest's :class:`~quotewatch.ingest.service.RawWriter` writing raw +
+- ``writer -> broker``: the ingest's :class:`~quotewatch.services.ingest.service.RawWriter` writing raw +
   events to the real broker with the idempotent producer, flushed. Peer: producing only the raw
   frames (the normaliser's and the events' share is the difference).
 - ``synthetic market``: generation + Coinbase-protocol encoding of the feed server's market.
@@ -29,10 +29,10 @@ from quotewatch.core.config import IngestSettings
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import DeliveryTracker, ensure_topics, flush_or_fail, make_admin, make_producer
 from quotewatch.core.serde import AvroSerde
-from quotewatch.domain.captures import capture_files, read_capture
-from quotewatch.domain.normaliser import Normaliser
-from quotewatch.domain.synthetic import SyntheticConfig, SyntheticMarket, batch_frames, synthetic_raw_frames
-from quotewatch.ingest.service import IngestStats, QueueItem, RawWriter
+from quotewatch.domain.simulation.synthetic import SyntheticConfig, SyntheticMarket, batch_frames, synthetic_raw_frames
+from quotewatch.domain.venue.captures import capture_files, read_capture
+from quotewatch.domain.venue.normaliser import Normaliser
+from quotewatch.services.ingest.service import IngestStats, QueueItem, RawWriter
 from tests.benchmarks.harness import Context, Result
 
 SUITE = "ingest"

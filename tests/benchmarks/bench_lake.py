@@ -6,7 +6,7 @@ features and labeler (plus predictions), produced once to a fresh namespace: ``m
 
 - **peer**: a plain confluent-kafka consumer (read_committed, the sink's consumer config) reads
   every record of the six topics and touches its bytes;
-- **lake sink**: :class:`~quotewatch.lake_sink.sink.LakeSink` (decode, Arrow, zstd Parquet,
+- **lake sink**: :class:`~quotewatch.services.lake_sink.sink.LakeSink` (decode, Arrow, zstd Parquet,
   fsync + rename, commit) from the same records until every one is written and committed.
 
 rows/s and MB/s count the Avro record bytes consumed; the Parquet bytes written are in the notes.
@@ -27,9 +27,9 @@ from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, consumer_config, ensure_topics, make_admin
 from quotewatch.core.lake import LAKE_TOPICS, lake_info
 from quotewatch.core.serde import AvroSerde
-from quotewatch.lake_sink.sink import LakeSink
+from quotewatch.services.lake_sink.sink import LakeSink
 from tests.benchmarks.harness import Context, Result, consume_exactly
-from tests.unit.lake_sink.factories import capture_records, produce_records
+from tests.unit.services.lake_sink.factories import capture_records, produce_records
 
 
 def _plain_consume(settings: LakeSinkSettings, topics: list[str], expected: int) -> tuple[float, int]:

@@ -36,11 +36,11 @@ from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, ensure_topics, make_admin, producer_config
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
-from quotewatch.domain.coinbase import FEED_ADVANCED
-from quotewatch.domain.normaliser import Normaliser
-from quotewatch.domain.synthetic import SyntheticConfig, synthetic_raw_frames
+from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
+from quotewatch.domain.venue.coinbase import FEED_ADVANCED
+from quotewatch.domain.venue.normaliser import Normaliser
 from quotewatch.local.kafka import free_port
-from quotewatch.replay.engine import BacktestEngine
+from quotewatch.services.replay.engine import BacktestEngine
 from tests.benchmarks.harness import Context, Result, consume_exactly, produce_when_room
 
 SUITE = "pipeline"

@@ -6,7 +6,7 @@ In the same run, side by side:
 - **peer**: a plain confluent-kafka consumer reading ``S.md.raw`` from the first to the last
   offset (no decoding): the broker's read rate for this topic on this machine. It reads the window
   in ~0.15 s, so the median of several reads;
-- **replay**: :func:`quotewatch.replay.publisher.replay` of the whole window of ``S`` into a fresh
+- **replay**: :func:`quotewatch.services.replay.publisher.replay` of the whole window of ``S`` into a fresh
   namespace ``T`` at ``--speed max`` (read, forward, produce, every delivery checked), while
   ``quotewatch run ingest`` (INGEST_SOURCE=topic), ``book``, ``labeler`` and ``inference``
   (fallback model) run on ``T`` as processes and consume it. The rate is over the forwarding
@@ -38,12 +38,12 @@ from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, ensure_topics, make_admin, producer_config
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
-from quotewatch.domain.coinbase import FEED_ADVANCED
-from quotewatch.domain.normaliser import Normaliser
-from quotewatch.domain.synthetic import SyntheticConfig, synthetic_raw_frames
-from quotewatch.replay.engine import BacktestEngine
-from quotewatch.replay.publisher import replay
-from quotewatch.replay.sources import SourceSpec, Window
+from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
+from quotewatch.domain.venue.coinbase import FEED_ADVANCED
+from quotewatch.domain.venue.normaliser import Normaliser
+from quotewatch.services.replay.engine import BacktestEngine
+from quotewatch.services.replay.publisher import replay
+from quotewatch.services.replay.sources import SourceSpec, Window
 from tests.benchmarks.harness import Context, Result, consume_exactly, produce_when_room
 
 SUITE = "replay"

@@ -20,9 +20,9 @@ from quotewatch.core.config import DashboardSettings
 from quotewatch.core.kafka import make_producer
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
-from quotewatch.dashboard.app import DashboardApp, create_app
+from quotewatch.services.dashboard.app import DashboardApp, create_app
 from tests.browser.chromium import chromium_options
-from tests.unit.dashboard.factories import produce_snapshots
+from tests.unit.services.dashboard.factories import produce_snapshots
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -21,10 +21,10 @@ import requests
 from quotewatch.core.config import DashboardSettings
 from quotewatch.core.kafka import make_producer
 from quotewatch.core.serde import AvroSerde
-from quotewatch.dashboard.app import DashboardApp
 from quotewatch.local.kafka import free_port
+from quotewatch.services.dashboard.app import DashboardApp
 from tests.helpers import get_health, stop_process, wait_for
-from tests.unit.dashboard.factories import T0_NS, history, level, make_snapshot, produce_snapshots
+from tests.unit.services.dashboard.factories import T0_NS, history, level, make_snapshot, produce_snapshots
 
 # Page load (first render, Chromium cold start) gets more time than a live update, which must
 # show within a poll interval or two (300 ms each); the margin is for a loaded 2-core CI machine.

@@ -42,11 +42,11 @@ from quotewatch.core.kafka import consumer_config, make_admin, query_watermarks
 from quotewatch.core.lake import LAKE_TOPICS
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
-from quotewatch.domain.book_pipeline import BookPipeline
-from quotewatch.domain.labels import Labeler
-from quotewatch.domain.synthetic import SyntheticConfig
-from quotewatch.feed_server.server import FeedServer, RunningFeedServer, SyntheticSource
+from quotewatch.domain.market.book_pipeline import BookPipeline
+from quotewatch.domain.market.labels import Labeler
+from quotewatch.domain.simulation.synthetic import SyntheticConfig
 from quotewatch.local.kafka import free_port
+from quotewatch.services.feed_server.server import FeedServer, RunningFeedServer, SyntheticSource
 from tests.helpers import committed_past, wait_for
 
 QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))

@@ -24,13 +24,13 @@ from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import ensure_topics, make_admin
 from quotewatch.core.topics import TopicNames
 from quotewatch.local.kafka import free_port
-from tests.broker.inference.registry_models import corrupt_artifact, fitted_lr, nan_model, register, set_alias
-from tests.broker.inference.test_inference_stream import produce
+from tests.broker.services.inference.registry_models import corrupt_artifact, fitted_lr, nan_model, register, set_alias
+from tests.broker.services.inference.test_inference_stream import produce
 from tests.conftest import MlflowServerInfo
 from tests.faults.conftest import FaultReport
 from tests.faults.support import ServiceProcess, metric_value, read_all, trials
 from tests.helpers import wait_for
-from tests.unit.trainer.market_data import synthetic_ticks
+from tests.unit.services.trainer.market_data import synthetic_ticks
 
 
 def refusals_beyond(inference: ServiceProcess, before: float) -> bool:

@@ -28,13 +28,13 @@ import pytest
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import ensure_topics, make_admin
 from quotewatch.core.topics import TopicNames
-from quotewatch.domain.synthetic import SyntheticConfig, SyntheticMarket
-from quotewatch.feed_server.server import FaultPlan, FeedServer, RunningFeedServer, SyntheticSource
+from quotewatch.domain.simulation.synthetic import SyntheticConfig, SyntheticMarket
 from quotewatch.local.kafka import free_port
+from quotewatch.services.feed_server.server import FaultPlan, FeedServer, RunningFeedServer, SyntheticSource
 from tests.faults.conftest import FaultReport
 from tests.faults.support import SYMBOLS, Rec, ServiceProcess, metric_value, read_all, trials
 from tests.helpers import wait_for
-from tests.unit.domain.test_normaliser_golden import EventBook
+from tests.unit.domain.venue.test_normaliser_golden import EventBook
 
 AFTER = 30
 """Frames sent on a connection before its fault (the subscription answer and snapshots come first)."""

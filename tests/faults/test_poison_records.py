@@ -12,7 +12,7 @@ its offset still covered by the lake's chunk ranges).
 ``qw.snapshot`` is left out on purpose: its only reader, the dashboard, skips and counts an
 undecodable snapshot instead of dead-lettering it (every dashboard process re-reads the compacted
 topic from the start, so each would write the same dead letter again; see
-``quotewatch.dashboard.consumer``).
+``quotewatch.services.dashboard.consumer``).
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ def test_watermarks_of_topics_created_a_moment_ago_are_answered(settings: Common
 
     from quotewatch.core.kafka import make_consumer, query_watermarks
     from quotewatch.core.topics import split_topic
-    from quotewatch.replay.publisher import check_fresh
-    from quotewatch.replay.sources import SourceSpec
+    from quotewatch.services.replay.publisher import check_fresh
+    from quotewatch.services.replay.sources import SourceSpec
 
     ensure_topics(make_admin(settings), settings.topic_prefix)
     names = TopicNames(settings.topic_prefix)

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from quotewatch.domain import features as spec
-from tests.broker.inference.registry_models import corrupt_artifact
+from quotewatch.domain.market import features as spec
+from tests.broker.services.inference.registry_models import corrupt_artifact
 from tests.conftest import MlflowServerInfo
 from tests.e2e.model_lifecycle.test_model_lifecycle import run_train
-from tests.unit.trainer.market_data import synthetic_ticks, write_lake
+from tests.unit.services.trainer.market_data import synthetic_ticks, write_lake
 
 RETIRED_SPEC = "qw-features-v0-retired"
 

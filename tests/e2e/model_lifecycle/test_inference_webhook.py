@@ -12,7 +12,7 @@ from typing import Any
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.local.kafka import free_port
-from tests.broker.inference.registry_models import fitted_lr, register, set_alias
+from tests.broker.services.inference.registry_models import fitted_lr, register, set_alias
 from tests.conftest import MlflowServerInfo
 from tests.e2e.model_lifecycle.test_model_lifecycle import inference_process
 from tests.helpers import wait_for

@@ -38,13 +38,13 @@ import pytest
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import ensure_topics, make_admin
 from quotewatch.core.topics import TopicNames
-from quotewatch.domain import evaluation as ev
+from quotewatch.domain.ml import evaluation as ev
 from quotewatch.local.kafka import free_port
-from tests.broker.inference.registry_models import corrupt_artifact, fitted_lr, register, set_alias
-from tests.broker.inference.test_inference_stream import produce
+from tests.broker.services.inference.registry_models import corrupt_artifact, fitted_lr, register, set_alias
+from tests.broker.services.inference.test_inference_stream import produce
 from tests.conftest import MlflowServerInfo
 from tests.helpers import read_topic, wait_for
-from tests.unit.trainer.market_data import synthetic_ticks, write_lake
+from tests.unit.services.trainer.market_data import synthetic_ticks, write_lake
 
 QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
 POLL_SECONDS = 1.0
@@ -126,7 +126,7 @@ def test_train_gate_serve_switch_refuse_and_measure_with_real_processes(
     from mlflow import MlflowClient
     from mlflow.models import get_model_info
 
-    from quotewatch.domain import features as spec
+    from quotewatch.domain.market import features as spec
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.get_run(first["run_id"])

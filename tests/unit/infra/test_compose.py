@@ -46,7 +46,7 @@ DEFAULT_SERVICES = {
     "grafana",
 }
 PROFILE_SERVICES = {"sim": {"feed-server"}, "train": {"trainer"}, "minio": {"minio", "minio-init"}}
-# The long-running stream services and their METRICS_PORT defaults (services/core/config.py).
+# The long-running stream services and their METRICS_PORT defaults (src/quotewatch/core/config.py).
 STREAM_SERVICES = {"ingest": 9101, "book": 9102, "labeler": 9103, "inference": 9104, "lake-sink": 9105}
 # Variables a container may carry that are not QuoteWatch settings, and why.
 THIRD_PARTY_ENV = {

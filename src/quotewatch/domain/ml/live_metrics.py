@@ -1,0 +1,162 @@
+"""Live metrics: a model's own predictions joined with the labels that arrive Δ later.
+
+Pure state over plain values (no I/O, no clock). Inference feeds it every prediction it emits
+and every ``Label`` it consumes; a label joins the predictions of the same (symbol, t). Both
+sides wait in bounded buffers, because either may arrive first (labels and features are
+different topics); when a buffer is full its oldest entry is dropped and counted.
+
+Per model (name, version, role) it keeps, over the last ``window`` joined labels:
+
+- Brier score, balanced accuracy of ``p >= 0.5`` and the base rate, as river rolling metrics
+  (``utils.Rolling`` over ``metrics.MSE``, ``metrics.BalancedAccuracy`` and ``stats.Mean``);
+- ROC AUC, computed exactly over the same window (:func:`quotewatch.domain.ml.evaluation.roc_auc`).
+  river's ``RollingROCAUC`` is not used because it mishandles tied scores (all-equal scores
+  give 0.33 instead of 0.5, river 0.26.1), and ties are the norm for tree models, whose
+  probabilities take few distinct values.
+
+The summary is the ``LiveMetrics`` records of the snapshot, so offline metrics on the same
+predictions and labels (:mod:`quotewatch.domain.ml.evaluation`) give the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from river import metrics, stats, utils
+
+from quotewatch.domain.ml.evaluation import DECISION_THRESHOLD, roc_auc
+
+ROLE_ORDER = {"CHAMPION": 0, "CHALLENGER": 1, "FALLBACK": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKey:
+    """Which model a prediction came from (the fallback uses one key for all its states)."""
+
+    model_name: str
+    model_version: str
+    model_role: str
+
+
+class _ModelWindow:
+    """Rolling metrics of one model over its last ``window`` joined labels."""
+
+    def __init__(self, window: int, threshold: float) -> None:
+        self.threshold = threshold
+        self.n_labels = 0
+        self.pairs: deque[tuple[int, float]] = deque(maxlen=window)
+        # river's Rolling wraps a class; its types say `object`, so these are Any.
+        self.brier: Any = utils.Rolling(metrics.MSE, window_size=window)
+        self.balanced_accuracy: Any = utils.Rolling(metrics.BalancedAccuracy, window_size=window)
+        self.base_rate: Any = utils.Rolling(stats.Mean, window_size=window)
+        self.last_update = 0
+
+    def update(self, label: int, p: float, sequence: int) -> None:
+        self.n_labels += 1
+        self.pairs.append((label, p))
+        self.brier.update(label, p)
+        self.balanced_accuracy.update(bool(label), p >= self.threshold)
+        self.base_rate.update(float(label))
+        self.last_update = sequence
+
+
+class LiveMetricsTracker:
+    """Joins predictions with labels and keeps rolling metrics per model.
+
+    Args:
+        window: joined labels per model the metrics cover.
+        buffer_max: (symbol, t) entries each join buffer holds before dropping the oldest.
+        max_models: models tracked at once; the least recently updated is forgotten beyond it.
+    """
+
+    def __init__(
+        self, window: int = 1000, buffer_max: int = 100_000, max_models: int = 8, threshold: float = DECISION_THRESHOLD
+    ) -> None:
+        if window <= 0 or buffer_max <= 0 or max_models <= 0:
+            raise ValueError("window, buffer_max and max_models must be positive")
+        self._window = window
+        self._buffer_max = buffer_max
+        self._max_models = max_models
+        self._threshold = threshold
+        self._predictions: OrderedDict[tuple[str, int], list[tuple[ModelKey, float]]] = OrderedDict()
+        self._labels: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._models: dict[ModelKey, _ModelWindow] = {}
+        self._sequence = 0
+        self._summary: list[dict[str, Any]] | None = []
+        self.joined = 0
+        self.dropped_predictions = 0
+        self.dropped_labels = 0
+
+    def add_predictions(self, symbol: str, t: int, predictions: Iterable[tuple[ModelKey, float]]) -> None:
+        """The predictions emitted for (symbol, t); joins a label that arrived first."""
+        entries = list(predictions)
+        key = (symbol, t)
+        label = self._labels.pop(key, None)
+        if label is not None:
+            self._join(entries, label)
+            return
+        self._predictions.setdefault(key, []).extend(entries)
+        while len(self._predictions) > self._buffer_max:
+            self._predictions.popitem(last=False)
+            self.dropped_predictions += 1
+
+    def add_label(self, symbol: str, t: int, label: int) -> int:
+        """The label y(t) of (symbol, t); returns how many predictions it joined (0: it waits)."""
+        key = (symbol, t)
+        entries = self._predictions.pop(key, None)
+        if entries is None:
+            self._labels[key] = int(label)
+            while len(self._labels) > self._buffer_max:
+                self._labels.popitem(last=False)
+                self.dropped_labels += 1
+            return 0
+        self._join(entries, int(label))
+        return len(entries)
+
+    def _join(self, entries: list[tuple[ModelKey, float]], label: int) -> None:
+        for model, p in entries:
+            self._sequence += 1
+            window = self._models.get(model)
+            if window is None:
+                if len(self._models) >= self._max_models:
+                    stalest = min(self._models, key=lambda k: self._models[k].last_update)
+                    del self._models[stalest]
+                window = self._models[model] = _ModelWindow(self._window, self._threshold)
+            window.update(label, p, self._sequence)
+            self.joined += 1
+        self._summary = None
+
+    def window_pairs(self, model: ModelKey) -> list[tuple[int, float]]:
+        """The (label, p) pairs the metrics of ``model`` currently cover, oldest first."""
+        window = self._models.get(model)
+        return list(window.pairs) if window is not None else []
+
+    def summary(self) -> list[dict[str, Any]]:
+        """``LiveMetrics`` records, champion first; cached until the next join."""
+        if self._summary is None:
+            self._summary = [
+                self._record(model, window)
+                for model, window in sorted(
+                    self._models.items(),
+                    key=lambda item: (ROLE_ORDER.get(item[0].model_role, 9), -item[1].last_update),
+                )
+            ]
+        return self._summary
+
+    @staticmethod
+    def _record(model: ModelKey, window: _ModelWindow) -> dict[str, Any]:
+        labels = [label for label, _ in window.pairs]
+        scores = [p for _, p in window.pairs]
+        return {
+            "model_name": model.model_name,
+            "model_version": model.model_version,
+            "model_role": model.model_role,
+            "n_labels": window.n_labels,
+            "auc": roc_auc(labels, scores),
+            "brier": float(window.brier.get()),
+            "balanced_accuracy": float(window.balanced_accuracy.get()),
+            "base_rate": float(window.base_rate.get()),
+        }

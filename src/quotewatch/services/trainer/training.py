@@ -1,0 +1,525 @@
+"""Training from DataFrames: join features with labels, split by time, fit, evaluate, gate.
+
+No MLflow and no lake here (see :mod:`quotewatch.services.trainer.publish` and :mod:`quotewatch.services.trainer.main`):
+everything takes the ``qw.features`` and ``qw.labels`` rows as pandas DataFrames shaped like the
+Avro records (the lake's columns), so it is tested without a server.
+
+**Split.** By time, never shuffled: the test window is the last ``test_fraction`` of the time
+range; the training window ends at least ``gap`` (≥ Δ) before the test window starts, so no
+training label (known at t + Δ) looks into the test window.
+
+**Models.** ``lr``: one scikit-learn Pipeline of StandardScaler and LogisticRegression (the scaler
+ships inside the model). ``xgb``: XGBoost's XGBClassifier with ``max_depth`` 4 (no scaling needed).
+Both are scored with :func:`quotewatch.domain.ml.models.positive_probability`, as inference does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+from quotewatch.domain.ml import evaluation
+from quotewatch.domain.ml.evaluation import BaselineFit, Scores
+from quotewatch.domain.ml.models import feature_names_for, positive_probability
+
+logger = logging.getLogger(__name__)
+
+ModelKind = Literal["lr", "xgb"]
+MODEL_KINDS: tuple[ModelKind, ...] = ("lr", "xgb")
+GateMetric = Literal["auc", "brier", "log_loss"]
+NS_PER_MS = 1_000_000
+
+
+class TrainingDataError(ValueError):
+    """The lake rows cannot make a training set (too few rows, one class only, no matching spec)."""
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How to split, fit and judge (the trainer's settings, as plain values)."""
+
+    delta_ms: int
+    test_fraction: float = 0.25
+    gap_ms: int | None = None
+    """Default and minimum: ``delta_ms``."""
+    baseline_window_ms: int = 10_000
+    min_train_rows: int = 200
+    min_test_rows: int = 50
+    lr_c: float = 1.0
+    xgb_max_depth: int = 4
+    xgb_n_estimators: int = 200
+    xgb_learning_rate: float = 0.1
+    xgb_threads: int = 2
+    random_state: int = 7
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """What a candidate must reach before it may replace the champion."""
+
+    min_auc: float = 0.5
+    """The test AUC must be at least this."""
+    min_auc_lift: float = 0.0
+    """…and at least this much above the best naive baseline's AUC."""
+    max_brier_ratio: float = 1.0
+    """The test Brier must be below this fraction of the base-rate baseline's Brier."""
+    metric: GateMetric = "auc"
+    """The metric on which the candidate must beat the champion (and which picks the candidate)."""
+
+
+@dataclass
+class TrainingSet:
+    """Feature vectors joined with their labels, in time order."""
+
+    feature_spec_id: str
+    feature_names: tuple[str, ...]
+    symbols: NDArray[np.str_]
+    t: NDArray[np.int64]
+    x: NDArray[np.float64]
+    y: NDArray[np.int64]
+    labels: pd.DataFrame
+    """Every label row (symbol, t_event, label), for the baselines' history."""
+    current_feature_spec_id: str
+    """The spec of the newest feature vector among the rows: the spec the stream carries now, as far
+    as the lake shows. ``feature_spec_id`` is this one unless another was asked for."""
+    dropped_other_spec: int = 0
+
+
+@dataclass
+class Split:
+    """Row masks of the training and test windows of a :class:`TrainingSet`."""
+
+    train: NDArray[np.bool_]
+    test: NDArray[np.bool_]
+    train_end_ns: int
+    """Exclusive end of the training window (by t)."""
+    test_start_ns: int
+    gap_ns: int
+
+    def describe(self, data: TrainingSet) -> dict[str, Any]:
+        return {
+            "train_rows": int(self.train.sum()),
+            "test_rows": int(self.test.sum()),
+            "train_start_ns": int(data.t[self.train].min()),
+            "train_end_ns": int(data.t[self.train].max()),
+            "test_start_ns": int(data.t[self.test].min()),
+            "test_end_ns": int(data.t[self.test].max()),
+            "gap_ms": self.gap_ns // NS_PER_MS,
+        }
+
+
+@dataclass
+class Candidate:
+    """One fitted model and its scores on the test window."""
+
+    kind: ModelKind
+    model: Any
+    params: dict[str, Any]
+    scores: Scores
+    p_test: NDArray[np.float64]
+
+
+@dataclass
+class TrainingResult:
+    data: TrainingSet
+    split: Split
+    baseline_fit: BaselineFit
+    baselines: dict[str, Scores]
+    baseline_p_test: dict[str, NDArray[np.float64]]
+    candidates: dict[str, Candidate] = field(default_factory=dict)
+
+    @property
+    def x_test(self) -> NDArray[np.float64]:
+        return self.data.x[self.split.test]
+
+    @property
+    def y_test(self) -> NDArray[np.int64]:
+        return self.data.y[self.split.test]
+
+    def best(self, metric: GateMetric) -> Candidate:
+        """The candidate that is best on ``metric`` (ties: the first kind trained)."""
+        return max(self.candidates.values(), key=lambda c: metric_value(c.scores, metric))
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+def build_training_set(features: pd.DataFrame, labels: pd.DataFrame, feature_spec_id: str | None = None) -> TrainingSet:
+    """Join ``qw.features`` rows with ``qw.labels`` rows on (symbol, t).
+
+    ``features.ts_event`` is the tick t; ``labels.t_event`` is the tick it labels. Duplicated
+    rows (the same (symbol, t) twice) are kept once. Feature vectors of a spec other than
+    ``feature_spec_id`` are dropped and counted.
+
+    The default ``feature_spec_id`` is :func:`current_feature_spec`, the spec of the newest vector:
+    the one the stream carries now, which the model will be asked to score. (The most frequent spec
+    would be the old one for a while after a feature-spec upgrade: a model of it is refused by
+    inference at warm-up, and the gate could not compare it with a champion of the new spec.)
+
+    Raises:
+        TrainingDataError: nothing joins.
+    """
+    for name, frame, needed in (
+        ("features", features, ("symbol", "ts_event", "feature_spec_id", "values")),
+        ("labels", labels, ("symbol", "t_event", "label")),
+    ):
+        missing = [column for column in needed if column not in frame.columns]
+        if missing:
+            raise TrainingDataError(f"{name} rows lack column(s) {missing}")
+    if features.empty or labels.empty:
+        raise TrainingDataError(f"nothing to train on: {len(features)} feature rows, {len(labels)} label rows")
+    current = current_feature_spec(features)
+    spec = feature_spec_id or current
+    same_spec = features[features["feature_spec_id"] == spec]
+    dropped = len(features) - len(same_spec)
+    if dropped:
+        logger.warning("dropping feature vectors of other specs", extra={"kept_spec": spec, "dropped": dropped})
+    left = (
+        same_spec[["symbol", "ts_event", "values"]]
+        .drop_duplicates(subset=["symbol", "ts_event"])
+        .rename(columns={"ts_event": "t"})
+    )
+    label_rows = labels[["symbol", "t_event", "label"]].drop_duplicates(subset=["symbol", "t_event"])
+    right = label_rows.rename(columns={"t_event": "t"})
+    joined = left.merge(right, on=["symbol", "t"], how="inner").sort_values(["t", "symbol"], kind="stable")
+    if joined.empty:
+        raise TrainingDataError(
+            f"no feature vector of spec {spec} has a label ({len(left)} vectors, {len(right)} labels)"
+        )
+    widths = joined["values"].map(len)
+    if widths.nunique() != 1:
+        raise TrainingDataError(f"feature vectors of spec {spec} differ in length: {sorted(widths.unique())}")
+    x = np.stack([np.asarray(v, dtype=np.float64) for v in joined["values"]])
+    return TrainingSet(
+        feature_spec_id=spec,
+        feature_names=feature_names_for(spec, x.shape[1]),
+        symbols=joined["symbol"].to_numpy(dtype=str),
+        t=joined["t"].to_numpy(dtype=np.int64),
+        x=x,
+        y=joined["label"].to_numpy(dtype=np.int64),
+        labels=label_rows.reset_index(drop=True),
+        current_feature_spec_id=current,
+        dropped_other_spec=dropped,
+    )
+
+
+def current_feature_spec(features: pd.DataFrame) -> str:
+    """The spec of the newest feature vector (largest ``ts_event``): the spec the stream carries now.
+
+    When vectors of several specs share that instant (old and new feature services running side
+    by side during an upgrade), the spec that appeared last among the rows wins: the newer one.
+    """
+    newest = features["ts_event"].max()
+    at_newest = sorted(str(spec) for spec in features.loc[features["ts_event"] == newest, "feature_spec_id"].unique())
+    if len(at_newest) == 1:
+        return at_newest[0]
+    first_seen = features.groupby("feature_spec_id")["ts_event"].min()
+    return max(at_newest, key=lambda spec: int(first_seen[spec]))
+
+
+def time_split(data: TrainingSet, options: TrainingOptions) -> Split:
+    """Training window first, then a gap of at least Δ, then the test window (the last fraction).
+
+    Raises:
+        TrainingDataError: a window is too small or has one class only.
+    """
+    gap_ms = max(options.gap_ms or options.delta_ms, options.delta_ms)
+    gap_ns = gap_ms * NS_PER_MS
+    start, end = int(data.t.min()), int(data.t.max())
+    test_start = start + int((end - start) * (1.0 - options.test_fraction))
+    test = data.t >= test_start
+    train = data.t < test_start - gap_ns
+    split = Split(train=train, test=test, train_end_ns=test_start - gap_ns, test_start_ns=test_start, gap_ns=gap_ns)
+    n_train, n_test = int(train.sum()), int(test.sum())
+    if n_train < options.min_train_rows or n_test < options.min_test_rows:
+        raise TrainingDataError(
+            f"too little data: {n_train} training rows (need {options.min_train_rows}), "
+            f"{n_test} test rows (need {options.min_test_rows}) over {(end - start) / 1e9:.1f}s"
+        )
+    for name, mask in (("training", train), ("test", test)):
+        if np.unique(data.y[mask]).size < 2:
+            raise TrainingDataError(f"the {name} window has one class only (y = {int(data.y[mask][0])})")
+    return split
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+def fit_model(
+    kind: ModelKind,
+    x: NDArray[np.float64],
+    y: NDArray[np.int64],
+    options: TrainingOptions,
+    on_round: Callable[[int, int], None] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Fit one model kind; return it with its hyper-parameters.
+
+    Args:
+        on_round: XGBoost progress ``(round, total)``, called after each boosting round.
+    """
+    if kind == "lr":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        params: dict[str, Any] = {"model": "lr", "C": options.lr_c, "max_iter": 1000, "scaler": "standard"}
+        model = Pipeline(
+            [
+                ("scaler", StandardScaler()),
+                ("logistic", LogisticRegression(C=options.lr_c, max_iter=1000)),
+            ]
+        )
+        model.fit(x, y)
+        return model, params
+    if kind == "xgb":
+        from xgboost import XGBClassifier
+        from xgboost.callback import TrainingCallback
+
+        class _Progress(TrainingCallback):
+            def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+                if on_round is not None:
+                    on_round(epoch + 1, options.xgb_n_estimators)
+                return False
+
+        params = {
+            "model": "xgb",
+            "max_depth": options.xgb_max_depth,
+            "n_estimators": options.xgb_n_estimators,
+            "learning_rate": options.xgb_learning_rate,
+            "objective": "binary:logistic",
+            "tree_method": "hist",
+        }
+        classifier = XGBClassifier(
+            max_depth=options.xgb_max_depth,
+            n_estimators=options.xgb_n_estimators,
+            learning_rate=options.xgb_learning_rate,
+            objective="binary:logistic",
+            tree_method="hist",
+            n_jobs=options.xgb_threads,
+            random_state=options.random_state,
+            callbacks=[_Progress()],
+        )
+        classifier.fit(x, y)
+        # The progress callback is a local class: drop it so the model serialises cleanly.
+        classifier.set_params(callbacks=None)
+        return classifier, params
+    raise ValueError(f"unknown model kind {kind!r}; one of {', '.join(MODEL_KINDS)}")
+
+
+def train(
+    data: TrainingSet,
+    options: TrainingOptions,
+    kinds: Sequence[ModelKind] = MODEL_KINDS,
+    progress: Callable[[str], None] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+) -> TrainingResult:
+    """Split, fit the baselines and each model kind, and score everything on the test window."""
+    say = progress or (lambda message: None)
+    split = time_split(data, options)
+    train_label_mask = data.labels["t_event"].to_numpy(dtype=np.int64) < split.train_end_ns
+    train_labels = data.labels[train_label_mask]
+    fit = evaluation.fit_baselines(
+        train_labels["symbol"].to_numpy(dtype=str),
+        train_labels["t_event"].to_numpy(dtype=np.int64),
+        train_labels["label"].to_numpy(dtype=np.int64),
+        options.delta_ms,
+        options.baseline_window_ms,
+    )
+    history = evaluation.baseline_probabilities(
+        fit,
+        data.labels["symbol"].to_numpy(dtype=str),
+        data.labels["t_event"].to_numpy(dtype=np.int64),
+        data.labels["label"].to_numpy(dtype=np.int64),
+    )
+    lookup = pd.MultiIndex.from_arrays([data.labels["symbol"].to_numpy(dtype=str), data.labels["t_event"].to_numpy()])
+    test_index = pd.MultiIndex.from_arrays([data.symbols[split.test], data.t[split.test]])
+    positions = lookup.get_indexer(test_index)
+    y_test = data.y[split.test]
+    baseline_p = {name: p[positions] for name, p in history.items()}
+    baselines = {name: evaluation.score(y_test, p) for name, p in baseline_p.items()}
+    result = TrainingResult(data, split, fit, baselines, baseline_p)
+    x_train, y_train = data.x[split.train], data.y[split.train]
+    for kind in kinds:
+        say(f"fitting {kind} on {len(y_train)} rows x {data.x.shape[1]} features")
+        model, params = fit_model(kind, x_train, y_train, options, on_round=on_round)
+        p_test = positive_probability(model, data.x[split.test])
+        result.candidates[kind] = Candidate(kind, model, params, evaluation.score(y_test, p_test), p_test)
+    return result
+
+
+# -- the gate ---------------------------------------------------------------------------------------
+
+
+def metric_value(scores: Scores, metric: GateMetric) -> float:
+    """``metric`` oriented so that larger is better (Brier and log loss are negated); -inf if undefined."""
+    value = {"auc": scores.roc_auc, "brier": scores.brier, "log_loss": scores.log_loss}[metric]
+    if value is None:
+        return float("-inf")
+    return float(value) if metric == "auc" else -float(value)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    reasons: tuple[str, ...]
+    """Why it failed, or what it beat when it passed."""
+
+
+@dataclass(frozen=True)
+class UnscoredChampion:
+    """A registered champion that could not be scored on the candidate's test window, and what follows.
+
+    Built by :func:`quotewatch.services.trainer.publish.assess_champion` (and :func:`champion_of_another_spec`).
+    """
+
+    version: str
+    reason: str
+    """Why it was not scored and what the gate does about it (one of the gate's reasons)."""
+    replaceable: bool
+    """True: it cannot serve the stream anyway, so the candidate may replace it on the thresholds
+    alone. False: it might be better than the candidate, so the gate refuses."""
+
+
+def champion_of_another_spec(
+    version: str, champion_spec: str | None, champion_test_end_ns: int | None, result: TrainingResult
+) -> UnscoredChampion:
+    """The rule for a champion whose feature spec is not the candidate's (see :func:`gate`).
+
+    Their scores cannot be compared (the champion cannot score the candidate's vectors). The
+    candidate may replace it only when the candidate is for the spec the stream carries **now**:
+
+    1. the candidate's spec is the spec of the newest vector in its rows
+       (:attr:`TrainingSet.current_feature_spec_id`), and
+    2. its rows are newer than the champion's: its test window ends after the champion's (the
+       ``quotewatch.test_window_ns`` tag of the champion's version, in the same event time).
+
+    Then the newest evidence says the stream moved from the champion's spec to the candidate's: the
+    champion scores no live vector (inference serves the fallback instead) and the candidate is
+    judged on the thresholds alone. Otherwise (an older spec asked for, a ``--to`` window that ends
+    before the champion's data, a champion without the tag) the stream may well carry the
+    champion's spec, a model of the candidate's spec would be refused at warm-up, and the champion
+    stays. A champion that declares no spec can serve no vector: it is replaceable.
+    """
+    data = result.data
+    candidate_spec, current = data.feature_spec_id, data.current_feature_spec_id
+    label = f"champion v{version}"
+    if champion_spec is None:
+        return UnscoredChampion(
+            version,
+            f"{label} declares no feature spec, so inference scores no vector with it: "
+            "not compared, the candidate replaces it on the thresholds alone",
+            replaceable=True,
+        )
+    differ = f"{label} uses feature spec {champion_spec}, the candidate {candidate_spec}, so they cannot be compared"
+    if candidate_spec != current:
+        return UnscoredChampion(
+            version,
+            f"{differ}; the candidate's spec is not the one the stream carries now ({current}, that of the "
+            "newest vectors), and only a candidate of the current spec may replace a champion of another spec",
+            replaceable=False,
+        )
+    if champion_test_end_ns is None:
+        return UnscoredChampion(
+            version,
+            f"{differ}; {label} has no data window (tag quotewatch.test_window_ns) to tell whether "
+            f"{candidate_spec} is newer than its spec: it stays (move the alias by hand if {champion_spec} is retired)",
+            replaceable=False,
+        )
+    candidate_end_ns = int(data.t[result.split.test].max())
+    if candidate_end_ns <= champion_test_end_ns:
+        return UnscoredChampion(
+            version,
+            f"{differ}; the candidate's data end at {_when(candidate_end_ns)}, not after {label}'s "
+            f"({_when(champion_test_end_ns)}), so {candidate_spec} may not be the spec the stream carries now: "
+            "the champion stays",
+            replaceable=False,
+        )
+    return UnscoredChampion(
+        version,
+        f"{differ}; the stream has moved on to {candidate_spec} (the newest vectors are of that spec, and the "
+        f"candidate's data run to {_when(candidate_end_ns)}, past {label}'s, which end at "
+        f"{_when(champion_test_end_ns)}), so {label} scores no live vector: the candidate replaces it on the "
+        "thresholds alone",
+        replaceable=True,
+    )
+
+
+def gate(
+    candidate: Scores,
+    baselines: Mapping[str, Scores],
+    champion: Scores | UnscoredChampion | None,
+    thresholds: GateThresholds,
+    champion_version: str | None = None,
+) -> GateDecision:
+    """Does ``candidate`` pass the thresholds and beat the champion on the same test window?
+
+    ``champion`` is what :func:`quotewatch.services.trainer.publish.assess_champion` found:
+
+    - None: no champion is registered; the thresholds alone decide ("no champion to beat").
+    - :class:`~quotewatch.domain.ml.evaluation.Scores`: the champion's scores on the candidate's test
+      window; the candidate must also beat them on ``thresholds.metric``.
+    - :class:`UnscoredChampion`: a champion exists but could not be scored. The gate never takes
+      that for "no champion": it refuses, unless the champion cannot serve the stream anyway
+      (``replaceable``: a feature spec the stream no longer carries, see
+      :func:`champion_of_another_spec`; invalid outputs on vectors of its own spec; no spec). A
+      champion that could not be loaded is never replaceable: the error may be transient (a
+      download failing), and a candidate that was not compared must not pass for one that won.
+
+    ``champion_version`` only labels the reasons.
+    """
+    failures = []
+    successes = []
+    auc = candidate.roc_auc
+    if auc is None or auc < thresholds.min_auc:
+        failures.append(f"test AUC {_fmt(auc)} is below the minimum {thresholds.min_auc:.4f}")
+    best_baseline = max(
+        ((name, scores.roc_auc) for name, scores in baselines.items() if scores.roc_auc is not None),
+        key=lambda item: item[1],
+        default=None,
+    )
+    if best_baseline is not None:
+        needed = best_baseline[1] + thresholds.min_auc_lift
+        if auc is None or auc < needed:
+            failures.append(
+                f"test AUC {_fmt(auc)} is not {thresholds.min_auc_lift:+.4f} above the best naive baseline "
+                f"({best_baseline[0]} AUC {best_baseline[1]:.4f})"
+            )
+        else:
+            successes.append(f"AUC {_fmt(auc)} vs best naive baseline {best_baseline[0]} {best_baseline[1]:.4f}")
+    reference = baselines.get(evaluation.BASELINE_BASE_RATE)
+    if reference is not None and reference.brier is not None:
+        limit = reference.brier * thresholds.max_brier_ratio
+        if candidate.brier is None or candidate.brier >= limit:
+            failures.append(
+                f"test Brier {_fmt(candidate.brier)} is not below {thresholds.max_brier_ratio:g} x the base-rate "
+                f"Brier ({limit:.6f})"
+            )
+    if champion is None:
+        successes.append("no champion to beat")
+    elif isinstance(champion, UnscoredChampion):
+        (successes if champion.replaceable else failures).append(champion.reason)
+    else:
+        mine, theirs = metric_value(candidate, thresholds.metric), metric_value(champion, thresholds.metric)
+        label = f"champion v{champion_version}" if champion_version else "the champion"
+        if mine <= theirs:
+            failures.append(
+                f"does not beat {label} on test {thresholds.metric}: {_fmt(abs(mine))} vs {_fmt(abs(theirs))}"
+            )
+        else:
+            successes.append(f"beats {label} on test {thresholds.metric}: {_fmt(abs(mine))} vs {_fmt(abs(theirs))}")
+    return GateDecision(not failures, tuple(failures or successes))
+
+
+def _when(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.4f}"

@@ -1,0 +1,258 @@
+"""Live = replay = backtest: the same frames give byte-identical features, labels and predictions three ways.
+
+The raw log (a recorded Advanced Trade capture, BTC-USD + ETH-USD, then a later synthetic session
+of both symbols on a new connection) is written to ``A.md.raw``. Then, as real processes:
+
+(a) live: ``quotewatch run ingest`` (INGEST_SOURCE=topic) -> book -> labeler -> inference on A,
+    inference serving a pinned version ``models:/<name>/1`` of a real MLflow server;
+(b) ``quotewatch replay --source topic:A --from X --to Y --prefix B`` (X inside the synthetic
+    session: the replay must find its CONNECTED record behind the capture's connection) and the
+    same four services on B;
+(c) ``quotewatch backtest --source topic:A --from X --to Y --model models:/<name>/1 --records DIR``
+    and ``quotewatch backtest --source capture:FILE`` (in-process, the capture through the same parser).
+
+Records are compared as bytes after serde (the backtest's records re-encoded with the topic serde),
+``ts_init`` included, per symbol in stream order: (c) on the window = (a)'s synthetic session on
+every tick before Y (the backtest reads on past Y for the labels of the last Δ); (b) = the start of
+(a)'s synthetic session and of (c) (the replayed services see nothing past Y, so they lack those
+labels); (c) on the capture = (a)'s capture session.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+from mlflow import MlflowClient
+
+from quotewatch.core.config import CommonSettings
+from quotewatch.core.kafka import ensure_topics, make_admin, producer_config
+from quotewatch.core.serde import AvroSerde
+from quotewatch.core.topics import TopicNames
+from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
+from quotewatch.domain.venue.captures import read_capture
+from quotewatch.domain.venue.coinbase import FEED_ADVANCED
+from quotewatch.services.replay.backtest import read_records
+from quotewatch.services.replay.engine import BacktestEngine
+from quotewatch.services.replay.sources import format_time
+from tests.broker.services.inference.registry_models import fitted_lr, register
+from tests.helpers import read_topic, shared_data_dir, wait_for
+
+QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
+CAPTURE = "advanced_trade_level2_BTC-USD_ETH-USD_2026-08-09_cryptofeed.jsonl.gz"
+SYNTHETIC_START_NS = 1_786_309_700_000_000_000  # 2026-08-09T21:08:20Z, after the capture's last frame
+SYNTHETIC_SECONDS = 40
+SECOND = 1_000_000_000
+DERIVED = ("book.top3", "features", "labels", "predictions")
+
+
+def raw_log(capture: Path) -> list[dict[str, Any]]:
+    """The capture's connection (closed by a DISCONNECTED), then a synthetic connection of both symbols."""
+    log = list(read_capture(capture).raw_frames(disconnect=True))
+    config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=21, start_ns=SYNTHETIC_START_NS)
+    log.extend(synthetic_raw_frames(FEED_ADVANCED, config, SYNTHETIC_SECONDS * SECOND))
+    return log
+
+
+def produce_raw(settings: CommonSettings, records: list[dict[str, Any]]) -> None:
+    serde = AvroSerde()
+    topic = TopicNames(settings.topic_prefix).md_raw
+    producer = Producer(producer_config(settings, "parity-test"))
+    for record in records:
+        producer.produce(topic, serde.encode(topic, record), key=record["feed"].encode())
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+
+@contextmanager
+def service(name: str, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("ab") as output:
+        process = subprocess.Popen([QUOTEWATCH, "run", name], env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def pipeline(stack: ExitStack, base_env: dict[str, str], prefix: str, logs: Path) -> list[subprocess.Popen[bytes]]:
+    env = {**base_env, "TOPIC_PREFIX": prefix}
+    return [
+        stack.enter_context(service(name, {**env, **extra}, logs / f"{prefix}-{name}.log"))
+        for name, extra in (("ingest", {"INGEST_SOURCE": "topic"}), ("book", {}), ("labeler", {}), ("inference", {}))
+    ]
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run([QUOTEWATCH, *args], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, f"quotewatch {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def topic_bytes(settings: CommonSettings, topic: str) -> dict[str, list[bytes]]:
+    """Values of ``topic`` per key (= symbol), in stream order."""
+    out: dict[str, list[bytes]] = defaultdict(list)
+    for record in sorted(read_topic(settings, topic, decode=False), key=lambda r: (r["_partition"], r["_offset"])):
+        out[record["_key"]].append(record["_raw"])
+    return out
+
+
+def file_bytes(path: Path, topic: str) -> dict[str, list[bytes]]:
+    """A backtest records file re-encoded with the topic's serde, per symbol."""
+    serde = AvroSerde()
+    out: dict[str, list[bytes]] = defaultdict(list)
+    for record in read_records(path):
+        out[record["symbol"]].append(serde.encode(topic, record))
+    return out
+
+
+def split_at(
+    values: dict[str, list[bytes]], topic: str, ts_ns: int, field: str = "ts_event"
+) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
+    """(records with ``field`` < ts_ns, the rest), per symbol."""
+    serde = AvroSerde()
+    before: dict[str, list[bytes]] = defaultdict(list)
+    after: dict[str, list[bytes]] = defaultdict(list)
+    for symbol, items in values.items():
+        for item in items:
+            (before if serde.decode(item, topic)[field] < ts_ns else after)[symbol].append(item)
+    return before, after
+
+
+def count(values: dict[str, list[bytes]]) -> int:
+    return sum(len(items) for items in values.values())
+
+
+def test_live_replay_and_backtest_give_byte_identical_records(
+    make_settings: Any, mlflow_server: Any, tmp_path: Path
+) -> None:
+    live: CommonSettings = make_settings()
+    a = TopicNames(live.topic_prefix)
+    b = TopicNames(f"{live.topic_prefix}-r")
+    replayed: CommonSettings = make_settings(topic_prefix=b.prefix)
+    capture = shared_data_dir() / CAPTURE
+    ensure_topics(make_admin(live), a.prefix)
+    log = raw_log(capture)
+    produce_raw(live, log)
+    expected = BacktestEngine(100, 500).run_raw(log).counts  # only to know when the services are done
+
+    name = f"parity-{uuid.uuid4().hex[:8]}"
+    version = register(mlflow_server.tracking_uri, name, fitted_lr())
+    model_uri = f"models:/{name}/{version}"
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": live.kafka_bootstrap_servers,
+        "METRICS_PORT": "0",
+        "TICK_MS": "100",
+        "DELTA_MS": "500",
+        "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri,
+        "MODEL_URI": model_uri,
+        "CHALLENGER_URI": f"models:/{name}@no-challenger",
+        "MODEL_POLL_SECONDS": "600",
+        "LOG_LEVEL": "WARNING",
+    }
+    window_from = SYNTHETIC_START_NS + 10 * SECOND
+    window_to = SYNTHETIC_START_NS + 30 * SECOND
+    window = ["--from", format_time(window_from), "--to", format_time(window_to)]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with ExitStack() as stack:
+        processes = pipeline(stack, env, a.prefix, logs) + pipeline(stack, env, b.prefix, logs)
+
+        def alive() -> None:
+            for process in processes:
+                assert process.poll() is None, "\n".join(p.read_text()[-3000:] for p in logs.iterdir())
+
+        # (b) the replay, as soon as A's raw log is complete (it is: the test wrote it).
+        out = run_cli(["replay", "--source", f"topic:{a.prefix}", *window, "--prefix", b.prefix, "--no-progress"], env)
+        assert "from the CONNECTED of synthetic" in out, out
+        # (c) the backtests, in-process.
+        run_cli(
+            ["backtest", "--source", f"topic:{a.prefix}", *window, "--model", model_uri, "--records",
+             str(tmp_path / "window"), "--output", str(tmp_path / "report"), "--no-mlflow", "--no-progress"],
+            env,
+        )  # fmt: skip
+        # The capture backtest is also logged to MLflow as an evaluation run.
+        run_cli(
+            [
+                "backtest",
+                "--source",
+                f"capture:{capture}",
+                "--model",
+                model_uri,
+                "--records",
+                str(tmp_path / "capture"),
+                "--output",
+                str(tmp_path / "report-capture"),
+                "--no-progress",
+            ],
+            {**env, "BACKTEST_EXPERIMENT": f"backtest-{name}"},
+        )
+        # What the services on B make of the replayed raw records (the synthetic CONNECTED .. --to).
+        replayed_raw = [r for r in log if SYNTHETIC_START_NS <= r["ts_init"] < window_to]
+        assert replayed_raw[0]["kind"] == "CONNECTED"
+        expected_b = BacktestEngine(100, 500).run_raw(replayed_raw).counts  # only to know when B is done
+
+        def done(settings: CommonSettings, topic: str, total: int) -> bool:
+            alive()
+            return len(read_topic(settings, topic, decode=False, timeout=20)) >= total
+
+        wait_for(lambda: done(live, a.predictions, expected.feature_vectors), timeout=240, interval=2, message="A")
+        wait_for(
+            lambda: done(replayed, b.predictions, expected_b.feature_vectors), timeout=120, interval=2, message="B"
+        )
+        wait_for(lambda: done(live, a.labels, expected.labels), timeout=60, interval=2, message="A labels")
+        wait_for(lambda: done(replayed, b.labels, expected_b.labels), timeout=60, interval=2, message="B labels")
+
+    # The capture backtest's evaluation run: metrics per model and baseline, the plots.
+    client = MlflowClient(tracking_uri=mlflow_server.tracking_uri)
+    experiment = client.get_experiment_by_name(f"backtest-{name}")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["quotewatch.run_kind"] == "backtest-evaluation"
+    assert {f"{name}_v{version}_roc_auc", "baseline_base_rate_brier"} <= set(run.data.metrics)
+    plots = {item.path for item in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/roc.png", "plots/calibration.png"}
+
+    for suffix in DERIVED:
+        topic_a, topic_b = f"{a.prefix}.{suffix}", f"{b.prefix}.{suffix}"
+        live_records = topic_bytes(live, topic_a)
+        replay_records = topic_bytes(replayed, topic_b)
+        window_records = file_bytes(tmp_path / "window" / f"{suffix}.avro", topic_a)
+        capture_records = file_bytes(tmp_path / "capture" / f"{suffix}.avro", topic_a)
+        live_capture, live_synthetic = split_at(live_records, topic_a, SYNTHETIC_START_NS)
+
+        assert count(window_records) > 0, suffix
+        assert set(window_records) == {"BTC-USD", "ETH-USD"}, suffix
+        # (c) = (a): the backtest of the window gives the live records of every tick t < --to (a
+        # label is its tick's record: t_event) from the synthetic connection on.
+        tick = "t_event" if suffix == "labels" else "ts_event"
+        live_before_to, _ = split_at(live_synthetic, topic_a, window_to, tick)
+        assert dict(window_records) == dict(live_before_to), f"{suffix}: backtest != live before --to"
+        # (b) = (a) and (c): the replay starts at the synthetic connection, so it is the start of the
+        # live session, and of the backtest's records; --to cut it.
+        for symbol, items in replay_records.items():
+            assert items == live_synthetic[symbol][: len(items)], f"{suffix} {symbol}: replay != live"
+            assert items == window_records[symbol][: len(items)], f"{suffix} {symbol}: replay != backtest"
+            assert len(items) < len(live_synthetic[symbol]), f"{suffix} {symbol}: --to cut the window"
+        if suffix == "labels":
+            # The labels of the ticks of the last Δ before --to are known after it: the backtest
+            # reads on for them, the services on the replayed window never see that input.
+            for symbol, items in replay_records.items():
+                assert len(items) < len(window_records[symbol]), symbol
+        # (c) on the capture file = (a) on the capture's connection.
+        assert count(capture_records) > 0, suffix
+        assert dict(capture_records) == dict(live_capture), f"{suffix}: capture backtest != live"
