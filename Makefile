@@ -44,11 +44,12 @@ test: setup system-deps browser-deps  ## the whole suite; starts a local Kafka (
 test-unit: setup  ## the unit tier only (no broker)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-lint: setup  ## ruff + mypy (disallow_untyped_defs)
+lint: setup  ## ruff + mypy (disallow_untyped_defs) + import-linter (the layer rules in pyproject.toml)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy -p quotewatch
 	$(BIN)/mypy tests
+	$(BIN)/lint-imports
 
 format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix src tests
