@@ -251,6 +251,24 @@ def schemas_commit() -> None:
     click.echo("\n".join(str(path) for path in written) or "every schema is committed")
 
 
+@schemas.command("codegen")
+@click.option("--check", is_flag=True, help="Exit 1 if src/quotewatch/core/records.py is stale; write nothing.")
+def schemas_codegen(check: bool) -> None:
+    """Generate the typed record classes (src/quotewatch/core/records.py) from schemas/."""
+    from quotewatch.core import codegen
+
+    repo = Path(__file__).resolve().parents[2]
+    path, schema_dir = codegen.records_module_path(), repo / "schemas"
+    fresh = codegen.generate(schema_dir)
+    if path.exists() and path.read_text() == fresh:
+        click.echo(f"{path} is current")
+        return
+    if check:
+        raise click.ClickException(f"{path} differs from the schemas: run `quotewatch schemas codegen`")
+    path.write_text(fresh)
+    click.echo(f"wrote {path}")
+
+
 @main.group(cls=LazyGroup, lazy_path="run")
 def run() -> None:
     """Run one service in the foreground (configured by environment variables)."""

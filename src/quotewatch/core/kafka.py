@@ -36,6 +36,7 @@ from confluent_kafka.admin import (
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import BrokerError, ConfigError, FatalError
+from quotewatch.core.records import DeadLetter
 from quotewatch.core.topics import CATALOG, LARGE_MESSAGE_BYTES, TopicSpec
 
 logger = logging.getLogger(__name__)
@@ -350,28 +351,32 @@ def dead_letter(
     source_ref: str = "",
     exchange: str | None = None,
     symbol: str | None = None,
-) -> dict[str, Any]:
-    """A ``DeadLetter`` record: the original bytes, their coordinates and why they were rejected."""
+    error_type: str | None = None,
+) -> DeadLetter:
+    """A ``DeadLetter`` record: the original bytes, their coordinates and why they were rejected.
+
+    ``error_type`` defaults to the class name of ``error``.
+    """
     reason = str(error) or type(error).__name__
     now = clock.now_ns()
-    return {
-        "ts_event": source_timestamp_ns if source_timestamp_ns is not None else now,
-        "ts_init": now,
-        "exchange": exchange,
-        "symbol": symbol,
-        "service": service,
-        "source_topic": source_topic,
-        "source_partition": source_partition,
-        "source_offset": source_offset,
-        "source_ref": source_ref,
-        "source_key": source_key,
-        "source_value": source_value,
-        "error_type": type(error).__name__,
-        "reason": reason[:4000],
-    }
+    return DeadLetter(
+        ts_event=source_timestamp_ns if source_timestamp_ns is not None else now,
+        ts_init=now,
+        exchange=exchange,
+        symbol=symbol,
+        service=service,
+        source_topic=source_topic,
+        source_partition=source_partition,
+        source_offset=source_offset,
+        source_ref=source_ref,
+        source_key=source_key,
+        source_value=source_value,
+        error_type=error_type if error_type is not None else type(error).__name__,
+        reason=reason[:4000],
+    )
 
 
-def dead_letter_for_message(service: str, clock: Clock, message: Message, error: BaseException) -> dict[str, Any]:
+def dead_letter_for_message(service: str, clock: Clock, message: Message, error: BaseException) -> DeadLetter:
     """A ``DeadLetter`` record for a consumed Kafka message."""
     _, timestamp_ms = message.timestamp()
     return dead_letter(

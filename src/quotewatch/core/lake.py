@@ -74,6 +74,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -82,6 +83,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from quotewatch.core.errors import PoisonRecordError, QuoteWatchError
+from quotewatch.core.records import Record
 from quotewatch.core.schemas import SchemaStore, default_store
 from quotewatch.core.topics import (
     BOOK_TOP3,
@@ -292,19 +294,35 @@ def encode_partition_value(value: str) -> str:
     return encoded
 
 
-def partition_dir(topic: str, record: Mapping[str, Any]) -> str:
-    """The hive directory of a record in its topic's dataset, e.g. ``symbol=BTC-USD/date=2026-08-09/hour=21``.
+LakeRow = dict[str, Any]  # not a topic record: one Parquet row (the record's columns + the _ coordinates)
+
+
+def lake_row(record: Record, topic: str, partition: int, offset: int, key: str | None, timestamp_ms: int) -> LakeRow:
+    """The Parquet row of a typed record: its Avro fields as columns (nested records as structs,
+    enums as strings, bytes as bytes, exactly what the Avro decoder gave before the typed records)
+    plus ``_topic``, ``_partition``, ``_offset``, ``_key`` and ``_timestamp_ms``."""
+    row: LakeRow = msgspec.to_builtins(record, builtin_types=(bytes,))
+    row["_topic"] = topic
+    row["_partition"] = partition
+    row["_offset"] = offset
+    row["_key"] = key
+    row["_timestamp_ms"] = timestamp_ms
+    return row
+
+
+def partition_dir(topic: str, row: LakeRow) -> str:
+    """The hive directory of a row in its topic's dataset, e.g. ``symbol=BTC-USD/date=2026-08-09/hour=21``.
 
     Raises:
-        LakeRecordError: the record has no usable partition value or ``ts_event``.
+        LakeRecordError: the row has no usable partition value or ``ts_event``.
     """
-    return record_dir(partition_column(topic), record)
+    return record_dir(partition_column(topic), row)
 
 
-def record_dir(column: str, record: Mapping[str, Any]) -> str:
+def record_dir(column: str, row: LakeRow) -> str:
     """:func:`partition_dir` with the topic's :func:`partition_column` already looked up (the sink's hot path)."""
-    value = record.get(column)
-    ts_event = record.get("ts_event")
+    value = row.get(column)
+    ts_event = row.get("ts_event")
     if not isinstance(value, str) or not isinstance(ts_event, int):
         raise LakeRecordError(f"record has no string {column!r} or integer 'ts_event' to be filed under")
     return f"{column}={encode_partition_value(value)}/{_hour_dir(ts_event // HOUR_NS)}"

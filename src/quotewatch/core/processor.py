@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -35,6 +35,7 @@ from quotewatch.core.kafka import (
     DeliveryTracker,
     ShutdownSignal,
     TransientBackoff,
+    dead_letter,
     dead_letter_for_message,
     encode_key,
     flush_or_fail,
@@ -51,6 +52,7 @@ from quotewatch.core.metrics import (
     RECORDS_OUT,
     TRANSACTIONS,
 )
+from quotewatch.core.records import DeadLetter, Record
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 
@@ -59,33 +61,65 @@ logger = logging.getLogger(__name__)
 TopicPartitionKey = tuple[str, int]
 
 
+V = TypeVar("V", bound=Record)
+V_co = TypeVar("V_co", bound=Record, covariant=True)
+V_contra = TypeVar("V_contra", bound=Record, contravariant=True)
+
+
 @dataclass(frozen=True, slots=True)
-class InRecord:
-    """A decoded input record with its coordinates."""
+class InRecord(Generic[V_co]):
+    """A consumed record: the typed value, the bytes it was decoded from and its coordinates.
+
+    ``raw`` and the coordinates are what a dead letter needs (:meth:`dead_letter`): the record is
+    never encoded again to reject it, so the dead letter carries exactly the bytes consumed.
+    """
 
     topic: str
     partition: int
     offset: int
     key: str | None
-    value: dict[str, Any]
+    value: V_co
+    """The record of the topic's value schema (:mod:`quotewatch.core.records`)."""
     timestamp_ms: int
+    raw: bytes = b""
+    """The value's bytes as consumed (framing + Avro body)."""
     replaying: bool = False
     """True while state is being rebuilt from already-committed input (outputs are discarded)."""
+
+    def dead_letter(self, service: str, clock: Clock, error: BaseException) -> DeadLetter:
+        """The ``DeadLetter`` of this record: its original bytes, key and coordinates, and ``error``."""
+        value = self.value
+        return dead_letter(
+            service=service,
+            clock=clock,
+            error=error,
+            source_topic=self.topic,
+            source_partition=self.partition,
+            source_offset=self.offset,
+            source_value=self.raw,
+            source_key=self.key.encode() if self.key is not None else None,
+            source_timestamp_ns=self.timestamp_ms * 1_000_000 if self.timestamp_ms > 0 else None,
+            exchange=getattr(value, "exchange", None),
+            symbol=getattr(value, "symbol", None),
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class OutRecord:
-    """A record to produce: the topic's catalog schema encodes ``value``."""
+    """A record to produce: the topic's catalog schema encodes ``value`` (its generated class)."""
 
     topic: str
     key: str
-    value: Mapping[str, Any]
+    value: Record
 
 
-class StreamTask(Protocol):
-    """The processing logic of a stream service. Who calls it: :class:`StreamProcessor`, from one thread."""
+class StreamTask(Protocol[V_contra]):
+    """The processing logic of a stream service. Who calls it: :class:`StreamProcessor`, from one thread.
 
-    def process(self, record: InRecord) -> Iterable[OutRecord]:
+    ``V_contra`` is the union of the value classes of the task's input topics.
+    """
+
+    def process(self, record: InRecord[V_contra]) -> Iterable[OutRecord]:
         """Process one record (called in offset order per partition) and return its outputs.
 
         Raising any exception dead-letters the record; the loop carries on with the next one.
@@ -102,7 +136,7 @@ class StreamTask(Protocol):
         ...
 
 
-class StreamProcessor:
+class StreamProcessor(Generic[V]):
     """Runs a :class:`StreamTask` over input topics until shutdown is requested.
 
     Args:
@@ -118,7 +152,7 @@ class StreamProcessor:
         *,
         settings: CommonSettings,
         service: str,
-        task: StreamTask,
+        task: StreamTask[V],
         input_topics: Sequence[str],
         serde: AvroSerde,
         clock: Clock,
@@ -344,7 +378,9 @@ class StreamProcessor:
     def _handle(self, message: Message, topic: str, partition: int, offset: int, replaying: bool) -> None:
         assert self._producer is not None
         try:
-            value = self._serde.decode(message.value() or b"", topic)
+            raw = message.value() or b""
+            # The serde gives the class of the topic's value schema: the task's V for its input topics.
+            value = cast(V, self._serde.decode(raw, topic))
             key_bytes = message.key()
             record = InRecord(
                 topic=topic,
@@ -353,6 +389,7 @@ class StreamProcessor:
                 key=key_bytes.decode("utf-8", "replace") if key_bytes is not None else None,
                 value=value,
                 timestamp_ms=message.timestamp()[1],
+                raw=raw,
                 replaying=replaying,
             )
             outputs = [

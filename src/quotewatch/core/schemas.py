@@ -61,6 +61,8 @@ class SchemaVersion:
     """Avro Parsing Canonical Form."""
     fingerprint: int
     """CRC-64-AVRO of the canonical form."""
+    has_bytes: bool = False
+    """Whether a ``bytes`` value occurs anywhere in the schema (the serde keeps those as bytes)."""
 
     @property
     def fingerprint_le(self) -> bytes:
@@ -88,6 +90,7 @@ def _version_of(name: str, version: int, expanded: Any) -> SchemaVersion:
         expanded_json=json.dumps(expanded, separators=(",", ":")),
         canonical=canonical,
         fingerprint=crc64_avro(canonical.encode()),
+        has_bytes='"bytes"' in canonical,
     )
 
 

@@ -11,6 +11,12 @@ Decoding finds the writer schema (by fingerprint or registry id) and resolves it
 current schema (schema evolution). Unknown schemas and undecodable bytes raise typed errors
 (:class:`~quotewatch.core.errors.UnknownSchemaError`, :class:`~quotewatch.core.errors.DecodeError`),
 which consumers turn into dead letters.
+
+**Typed records at the boundary.** :meth:`AvroSerde.encode` takes, and :meth:`AvroSerde.decode`
+returns, the generated record classes of :mod:`quotewatch.core.records` (the class of the reader
+schema). fastavro reads and writes plain dicts, so the serde converts right here, in C:
+``msgspec.to_builtins`` before writing and ``msgspec.convert`` after reading (a few µs of the
+record's encode + decode; docs/benchmarks.md, "Typed records").
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import json
 import struct
 import threading
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import fastavro
+import msgspec
 
 from quotewatch.core.errors import DecodeError, EncodeError, SchemaRegistryUnavailableError, UnknownSchemaError
+from quotewatch.core.records import RECORD_TYPES, TOPIC_RECORDS, AnyRecord, Record
 from quotewatch.core.schemas import SchemaStore, SchemaVersion, _version_of, default_store, full_name
 from quotewatch.core.topics import split_topic
 
@@ -33,7 +41,10 @@ CONFLUENT_MAGIC = 0
 _SINGLE_OBJECT_HEADER = len(SINGLE_OBJECT_MAGIC) + 8
 _CONFLUENT_HEADER = 5
 
-Record = dict[str, Any]
+RecordT = TypeVar("RecordT", bound=AnyRecord)
+AvroDatum = Mapping[str, Any]  # not a topic record: fastavro's side of the serde boundary (a plain Avro datum)
+_KEEP_BYTES = (bytes,)
+_TOPIC_CLASSES: dict[str, type[Record]] = {f"quotewatch.{cls.__name__}": cls for cls in TOPIC_RECORDS.values()}
 
 
 class RegistryClient(Protocol):
@@ -73,8 +84,8 @@ class AvroSerde:
         self._lock = threading.Lock()
         self._registered: dict[tuple[str, int], int] = {}
         self._by_registry_id: dict[int, SchemaVersion] = {}
-        self._topic_schema: dict[str, SchemaVersion] = {}
-        self._resolved: dict[tuple[int, int, str | None], tuple[SchemaVersion, Any, int]] = {}
+        self._topic_schema: dict[str, tuple[SchemaVersion, type[AnyRecord]]] = {}
+        self._resolved: dict[tuple[int, int, str | None], tuple[SchemaVersion, Any, int, type[Record]]] = {}
 
     @property
     def store(self) -> SchemaStore:
@@ -87,21 +98,30 @@ class AvroSerde:
 
     # -- encoding ---------------------------------------------------------------------------
 
-    def encode(self, topic: str, record: Mapping[str, Any]) -> bytes:
-        """Encode ``record`` with the value schema of ``topic`` (any prefix).
+    def encode(self, topic: str, record: Record) -> bytes:
+        """Encode ``record`` (the generated class of the topic's schema) for ``topic`` (any prefix).
 
         Raises:
             KeyError: ``topic`` is not a catalog topic.
-            EncodeError: the record does not match the schema.
+            EncodeError: the record does not match the schema (e.g. a record of another topic).
         """
-        schema = self._topic_schema.get(topic)
-        if schema is None:
+        known = self._topic_schema.get(topic)
+        if known is None:
             _, spec = split_topic(topic)
-            schema = self._topic_schema[topic] = self._store.current(spec.value_schema)
-        return self.encode_with(schema, record, subject=f"{topic}-value")
+            schema = self._store.current(spec.value_schema)
+            known = self._topic_schema[topic] = (schema, RECORD_TYPES[schema.name])
+        schema, cls = known
+        if type(record) is not cls:
+            raise EncodeError(f"a {type(record).__name__} is not a {schema.name} record (topic {topic})")
+        # bytes fields (DeadLetter) stay bytes; the rest is plain ints, floats, strings, lists, dicts.
+        if schema.has_bytes:
+            datum = msgspec.to_builtins(record, builtin_types=_KEEP_BYTES)
+        else:
+            datum = msgspec.to_builtins(record)
+        return self.encode_with(schema, datum, subject=f"{topic}-value")
 
-    def encode_with(self, schema: SchemaVersion, record: Mapping[str, Any], subject: str | None = None) -> bytes:
-        """Encode ``record`` with an explicit schema version (tests write old versions this way)."""
+    def encode_with(self, schema: SchemaVersion, datum: AvroDatum, subject: str | None = None) -> bytes:
+        """Encode a plain Avro datum with an explicit schema version (tests write old versions this way)."""
         out = io.BytesIO()
         if self._registry is not None and subject is not None:
             out.write(struct.pack(">bI", CONFLUENT_MAGIC, self._registry_id(subject, schema)))
@@ -112,12 +132,12 @@ class AvroSerde:
         if hinted:
             # Name the branch of ["null", Record] unions so fastavro does not validate the whole
             # record against each branch first (that doubled the cost of a large snapshot).
-            record = {
-                **record,
-                **{field: (name, record[field]) for field, name in hinted if isinstance(record.get(field), dict)},
+            datum = {
+                **datum,
+                **{field: (name, datum[field]) for field, name in hinted if isinstance(datum.get(field), dict)},
             }
         try:
-            fastavro.schemaless_writer(out, schema.schema, record)
+            fastavro.schemaless_writer(out, schema.schema, datum)
         except Exception as exc:
             raise EncodeError(f"record does not match {schema.name} v{schema.version}: {exc!r}") from exc
         return out.getvalue()
@@ -144,7 +164,7 @@ class AvroSerde:
     # -- decoding ---------------------------------------------------------------------------
 
     def decode(self, data: bytes, topic: str | None = None) -> Record:
-        """Decode ``data`` written in either framing, resolved to the current reader schema.
+        """Decode ``data`` written in either framing into the record class of the current reader schema.
 
         The reader schema is the current value schema of ``topic`` when given, else the current
         schema of the writer's name.
@@ -153,7 +173,7 @@ class AvroSerde:
             DecodeError: not a record in a known framing, or the body does not decode.
             UnknownSchemaError: the writer schema is not known here.
         """
-        # Hot path: (writer id, topic) -> (writer, reader schema or None) is resolved once and cached.
+        # Hot path: (writer id, topic) -> (writer, reader schema or None, class) is resolved once and cached.
         if data[:2] == SINGLE_OBJECT_MAGIC and len(data) >= _SINGLE_OBJECT_HEADER:
             key: tuple[int, int, str | None] = (0, int.from_bytes(data[2:_SINGLE_OBJECT_HEADER], "little"), topic)
         elif data[:1] == b"\x00" and len(data) >= _CONFLUENT_HEADER:
@@ -164,10 +184,13 @@ class AvroSerde:
         if resolved is None:
             writer, offset = self.writer_of(data)
             reader = self._reader_for(writer, topic)
-            resolved = (writer, None if reader is writer else reader.schema, offset)
+            cls = _TOPIC_CLASSES.get(reader.name)
+            if cls is None:
+                raise UnknownSchemaError(f"{reader.name} is not the value schema of a QuoteWatch topic")
+            resolved = (writer, None if reader is writer else reader.schema, offset, cls)
             with self._lock:
                 self._resolved[key] = resolved
-        writer, reader_schema, offset = resolved
+        writer, reader_schema, offset, cls = resolved
         buffer = io.BytesIO(data)
         buffer.seek(offset)
         try:
@@ -176,9 +199,22 @@ class AvroSerde:
             raise DecodeError(f"cannot decode {writer.name} v{writer.version} body: {exc!r}") from exc
         if buffer.tell() != len(data):
             raise DecodeError(f"{len(data) - buffer.tell()} trailing bytes after a {writer.name} record")
-        if not isinstance(decoded, dict):
-            raise DecodeError(f"{writer.name} is not a record schema")
-        return decoded
+        try:
+            record: Record = msgspec.convert(decoded, cls)
+        except (msgspec.ValidationError, TypeError) as exc:
+            raise DecodeError(f"{writer.name} v{writer.version} body is not a {cls.__name__}: {exc}") from exc
+        return record
+
+    def decode_as(self, data: bytes, topic: str | None, cls: type[RecordT]) -> RecordT:
+        """:meth:`decode`, checked to give a ``cls`` (e.g. ``decode_as(data, topic, MarketEvent)``).
+
+        Raises:
+            DecodeError: as :meth:`decode`, or the record is not a ``cls``.
+        """
+        record = self.decode(data, topic)
+        if not isinstance(record, cls):
+            raise DecodeError(f"expected a {cls.__name__}, got a {type(record).__name__}")
+        return record
 
     def writer_of(self, data: bytes) -> tuple[SchemaVersion, int]:
         """The writer schema of ``data`` and where its body starts.

@@ -22,7 +22,7 @@ from quotewatch.core.health import Liveness, ObservabilityServer, StuckWatchdog
 from quotewatch.core.kafka import ShutdownSignal, ensure_topics, make_admin
 from quotewatch.core.logging import configure_logging
 from quotewatch.core.metrics import BUILD_INFO
-from quotewatch.core.processor import StreamProcessor, StreamTask
+from quotewatch.core.processor import StreamProcessor, StreamTask, V
 from quotewatch.core.serde import AvroSerde, serde_from_settings
 from quotewatch.core.topics import TopicNames
 
@@ -108,7 +108,7 @@ def service_context(
 
 def run_stream_service(
     context: ServiceContext,
-    task: StreamTask,
+    task: StreamTask[V],
     input_topics: Sequence[str],
     *,
     exactly_once: bool = True,

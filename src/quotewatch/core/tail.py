@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import orjson
 from confluent_kafka import KafkaException, TopicPartition
 
@@ -80,17 +81,19 @@ def tail_topic(
             if message.error():
                 continue
             partition, offset = message.partition() or 0, message.offset() or 0
+            # The printed JSON object (the record's fields + _kafka), not a topic record itself.
+            printed: dict[str, Any]  # not a topic record: the JSON line printed for one
             try:
-                record: dict[str, Any] = serde.decode(message.value() or b"", topic)
+                printed = msgspec.to_builtins(serde.decode(message.value() or b"", topic), builtin_types=(bytes,))
             except SerdeError as exc:
-                record = {"_error": f"{type(exc).__name__}: {exc}"}
-            record["_kafka"] = {
+                printed = {"_error": f"{type(exc).__name__}: {exc}"}
+            printed["_kafka"] = {
                 "topic": topic,
                 "partition": partition,
                 "offset": offset,
                 "key": (message.key() or b"").decode("utf-8", "replace"),
             }
-            yield orjson.dumps(record, default=_jsonable).decode()
+            yield orjson.dumps(printed, default=_jsonable).decode()
             emitted += 1
             if partition in ends and offset + 1 >= ends[partition]:
                 ends.pop(partition)

@@ -8,9 +8,7 @@ is compiled. Built by ``setup.py`` (Cython, C++) when the package is installed; 
 rebuilds it when this file changes.
 """
 
-from cpython.dict cimport PyDict_GetItem
 from cpython.long cimport PyLong_Check
-from cpython.object cimport PyObject
 from cython.operator cimport dereference as deref, predecrement as dec, preincrement as inc
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t
 from libcpp.map cimport map as cmap
@@ -21,24 +19,10 @@ ctypedef cmap[int64_t, int64_t] Side  # price_e8 -> size_e8, ascending prices
 
 cdef str _BID = "BID"
 cdef str _ASK = "ASK"
-cdef str _SIDE = "side"
-cdef str _PRICE = "price_e8"
-cdef str _SIZE = "size_e8"
 
 
 class BookError(PoisonRecordError, ValueError):
     """A snapshot or level change the book cannot apply (negative size or price, unknown side)."""
-
-
-cdef inline object _field(object record, str name):
-    # Avro records arrive as dicts: a borrowed-reference lookup; any other Mapping by __getitem__
-    # (a missing field raises KeyError either way).
-    cdef PyObject* found
-    if type(record) is dict:
-        found = PyDict_GetItem(record, name)
-        if found is not NULL:
-            return <object>found
-    return record[name]
 
 
 cdef inline bint _is_int(object value):
@@ -78,7 +62,7 @@ cdef class OrderBook:
     # -- loading and updating ---------------------------------------------------------------
 
     def load(self, bids, asks):
-        """Replace the whole book with a snapshot's levels (``BookLevel`` dicts, any order).
+        """Replace the whole book with a snapshot's levels (``BookLevel`` records, any order).
 
         A level with size 0 is left out; a price listed twice keeps its last size.
 
@@ -99,7 +83,7 @@ cdef class OrderBook:
         self._invalidate()
 
     def apply(self, changes):
-        """Apply a batch of ``LevelChange`` dicts in order: set the level's absolute size, 0 deletes.
+        """Apply a batch of ``LevelChange`` records in order: set the level's absolute size, 0 deletes.
 
         Deleting a price that is not in the book is a no-op (Coinbase sends such deletes).
 
@@ -119,9 +103,10 @@ cdef class OrderBook:
         # with the cached top holds until the first change at or above it (then the side is stale
         # anyway): one comparison per change.
         for change in changes:
-            side = _field(change, _SIDE)
-            price_field = _field(change, _PRICE)
-            size_field = _field(change, _SIZE)
+            # Typed records (quotewatch.core.records): plain attribute reads.
+            side = change.side
+            price_field = change.price_e8
+            size_field = change.size_e8
             try:
                 if not _is_int(price_field) or not _is_int(size_field):
                     raise TypeError
@@ -129,7 +114,7 @@ cdef class OrderBook:
                 size = size_field
             except (TypeError, OverflowError):
                 self._invalidate()
-                raise BookError(f"price or size not a 64-bit integer in level change {dict(change)!r}") from None
+                raise BookError(f"price or size not a 64-bit integer in level change {change!r}") from None
             if side == _BID:
                 levels = &self._bids
                 if price >= bid_bound:
@@ -140,17 +125,17 @@ cdef class OrderBook:
                     ask_dirty = True
             else:
                 self._invalidate()
-                raise BookError(f"unknown side {side!r} in level change {dict(change)!r}")
+                raise BookError(f"unknown side {side!r} in level change {change!r}")
             if size > 0:
                 if price < 0:
                     self._invalidate()
-                    raise BookError(f"negative price in level change {dict(change)!r}")
+                    raise BookError(f"negative price in level change {change!r}")
                 levels[0][price] = size
             elif size == 0:
                 levels.erase(price)
             else:
                 self._invalidate()
-                raise BookError(f"negative size in level change {dict(change)!r}")
+                raise BookError(f"negative size in level change {change!r}")
         if bid_dirty:
             self._bid_top = None
             self._top = None
@@ -278,17 +263,17 @@ cdef void _fill(Side& levels, object source, str side) except *:
     cdef int64_t price, size
     cdef object price_field, size_field
     for level in source:
-        price_field = _field(level, _PRICE)
-        size_field = _field(level, _SIZE)
+        price_field = level.price_e8
+        size_field = level.size_e8
         try:
             if not _is_int(price_field) or not _is_int(size_field):
                 raise TypeError
             price = price_field
             size = size_field
         except (TypeError, OverflowError):
-            raise BookError(f"price or size not a 64-bit integer in {side} snapshot level {dict(level)!r}") from None
+            raise BookError(f"price or size not a 64-bit integer in {side} snapshot level {level!r}") from None
         if size < 0 or price < 0:
-            raise BookError(f"negative price or size in {side} snapshot level {dict(level)!r}")
+            raise BookError(f"negative price or size in {side} snapshot level {level!r}")
         if size:
             levels[price] = size
         else:

@@ -1,8 +1,8 @@
 """Market events in, grid ticks out: the order book and features on event time, per symbol.
 
-:class:`SymbolPipeline` consumes one symbol's ``quotewatch.MarketEvent`` dicts in stream order
-and returns, for every grid tick it closes, the ``quotewatch.BookTop`` and
-``quotewatch.FeatureVector`` dicts. :class:`BookPipeline` routes many symbols. The live book
+:class:`SymbolPipeline` consumes one symbol's ``MarketEvent`` records in stream order and
+returns, for every grid tick it closes, the ``BookTop`` and ``FeatureVector`` records
+(:mod:`quotewatch.core.records`). :class:`BookPipeline` routes many symbols. The live book
 service and the batch backtest call exactly this code, so they produce identical records.
 
 **The grid.** Tick ``t = k x TICK_MS`` (in ns) describes the book after every event with
@@ -47,10 +47,10 @@ recovery of the book service exact.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from quotewatch.core.errors import PoisonRecordError
+from quotewatch.core.records import BookLevel, BookTop, FeatureVector, MarketEvent
 from quotewatch.domain.market.features import FEATURE_SPEC_ID, MAX_WINDOW_MS, FeatureState
 from quotewatch.domain.market.orderbook import BookError, Level, OrderBook
 
@@ -81,12 +81,12 @@ class TickOutput(NamedTuple):
     one is made per tick).
     """
 
-    book_top: dict[str, Any]
-    features: dict[str, Any] | None
+    book_top: BookTop
+    features: FeatureVector | None
 
 
-def _levels(levels: tuple[Level, ...]) -> list[dict[str, int]]:
-    return [{"price_e8": price, "size_e8": size} for price, size in levels]
+def _levels(levels: tuple[Level, ...]) -> tuple[BookLevel, ...]:
+    return tuple([BookLevel(price_e8=price, size_e8=size) for price, size in levels])
 
 
 class SymbolPipeline:
@@ -120,7 +120,7 @@ class SymbolPipeline:
         # The BookLevel lists of the last emitted top, reused while the top is the same object
         # (records of consecutive ticks then share them, as the quiet ticks of one jump always did).
         self._levels_top: tuple[tuple[Level, ...], tuple[Level, ...]] | None = None
-        self._levels_cache: tuple[list[dict[str, int]], list[dict[str, int]]] = ([], [])
+        self._levels_cache: tuple[tuple[BookLevel, ...], tuple[BookLevel, ...]] = ((), ())
         # Restart bookkeeping (positions are the caller's, e.g. Kafka offsets; None = unknown).
         self._watermark_position: int | None = None
         self._status_position: int | None = None
@@ -145,8 +145,8 @@ class SymbolPipeline:
 
     # -- processing -------------------------------------------------------------------------
 
-    def process(self, event: Mapping[str, Any], position: int | None = None) -> list[TickOutput]:
-        """Consume one MarketEvent dict; return the ticks it closed, oldest first.
+    def process(self, event: MarketEvent, position: int | None = None) -> list[TickOutput]:
+        """Consume one MarketEvent; return the ticks it closed, oldest first.
 
         ``position`` is the event's place in the input (the Kafka offset live); it only feeds
         :attr:`restart_position`.
@@ -155,24 +155,36 @@ class SymbolPipeline:
             MarketEventError: the event is unusable (it is then also dropped from the book,
                 which turns unsynced if it was a book change). Its ``outputs`` must be emitted.
         """
-        kind = event["kind"]
-        if event["symbol"] != self.symbol:
-            raise MarketEventError(f"event of {event['symbol']!r} sent to the pipeline of {self.symbol!r}")
-        body_field = _BODY_OF.get(kind)
-        if body_field is not None and event.get(body_field) is None:
-            raise MarketEventError(f"{kind} event without its {body_field!r} body")
+        kind = event.kind
+        if event.symbol != self.symbol:
+            raise MarketEventError(f"event of {event.symbol!r} sent to the pipeline of {self.symbol!r}")
         if kind == "GAP" or kind == "STATUS":
             # Control events never move time (module doc, "One clock"): apply at the watermark.
             if not self.exchange:
-                self.exchange = event["exchange"]
+                self.exchange = event.exchange
             if kind == "GAP":
-                gap = event["gap"]
-                self._unsync(f"gap {gap['reason']}: {gap['detail']}")
+                gap = event.gap
+                if gap is None:
+                    raise MarketEventError("GAP event without its 'gap' body")
+                self._unsync(f"gap {gap.reason}: {gap.detail}")
             else:
-                self.feed_state = event["status"]["state"]
+                status = event.status
+                if status is None:
+                    raise MarketEventError("STATUS event without its 'status' body")
+                self.feed_state = status.state
                 self._status_position = position
             return []
-        ts: int = event["ts_event"]
+        # The body of the event's kind, checked before anything changes (a missing one is poison).
+        update = event.update
+        if kind == "UPDATE" and update is None:
+            raise MarketEventError("UPDATE event without its 'update' body")
+        trade = event.trade
+        if kind == "TRADE" and trade is None:
+            raise MarketEventError("TRADE event without its 'trade' body")
+        snapshot = event.snapshot
+        if kind == "SNAPSHOT" and snapshot is None:
+            raise MarketEventError("SNAPSHOT event without its 'snapshot' body")
+        ts = event.ts_event
         previous = self.watermark_ns
         if previous is None or ts >= previous:
             in_order = True
@@ -182,18 +194,18 @@ class SymbolPipeline:
             in_order = False
             watermark = previous
         if not self.exchange:
-            self.exchange = event["exchange"]
+            self.exchange = event.exchange
         outputs: list[TickOutput] = []
         next_tick = self.next_tick_ns
         if next_tick is None:
             self.next_tick_ns = -(-watermark // self.tick_ns) * self.tick_ns  # first tick at or after
         elif next_tick < watermark:
-            self._close_ticks(watermark, event["ts_init"], outputs)
+            self._close_ticks(watermark, event.ts_init, outputs)
 
-        if kind == "UPDATE":
+        if kind == "UPDATE" and update is not None:
             if self.synced:
                 # Hot path (once per update batch), inlined.
-                changes = event["update"]["changes"]
+                changes = update.changes
                 book = self.book
                 try:
                     book.apply(changes)
@@ -208,13 +220,12 @@ class SymbolPipeline:
                     bids, asks = top
                     if bids and asks and bids[0][0] >= asks[0][0]:
                         self._unsync(f"crossed book: bid {bids[0][0]} >= ask {asks[0][0]}")
-        elif kind == "TRADE":
+        elif kind == "TRADE" and trade is not None:
             if self.synced:
-                self.features.on_trade(event["trade"])
-        elif kind == "SNAPSHOT":
-            snapshot = event["snapshot"]
+                self.features.on_trade(trade)
+        elif kind == "SNAPSHOT" and snapshot is not None:
             try:
-                self.book.load(snapshot["bids"], snapshot["asks"])
+                self.book.load(snapshot.bids, snapshot.asks)
             except BookError as exc:
                 self._unsync(f"invalid snapshot: {exc}")
                 raise MarketEventError(f"invalid snapshot: {exc}", outputs) from exc
@@ -262,38 +273,35 @@ class SymbolPipeline:
         symbol, exchange, epoch, tick_ms = self.symbol, self.exchange, self.epoch, self.tick_ms
         for _ in range(emitted):
             values = self.features.close_tick(t, bids, asks)
-            book_top = {
-                "ts_event": t,
-                "ts_init": ts_init,
-                "exchange": exchange,
-                "symbol": symbol,
-                "tick_ms": tick_ms,
-                "epoch": epoch,
-                "bids": book_bids,
-                "asks": book_asks,
-            }
+            book_top = BookTop(
+                ts_event=t,
+                ts_init=ts_init,
+                exchange=exchange,
+                symbol=symbol,
+                tick_ms=tick_ms,
+                epoch=epoch,
+                bids=book_bids,
+                asks=book_asks,
+            )
             vector = None
             if values is not None:
-                vector = {
-                    "ts_event": t,
-                    "ts_init": ts_init,
-                    "exchange": exchange,
-                    "symbol": symbol,
-                    "tick_ms": tick_ms,
-                    "epoch": epoch,
-                    "feature_spec_id": FEATURE_SPEC_ID,
-                    "values": values,
-                    "bids": book_bids,
-                    "asks": book_asks,
-                    "feed_state": self.feed_state,
-                }
+                vector = FeatureVector(
+                    ts_event=t,
+                    ts_init=ts_init,
+                    exchange=exchange,
+                    symbol=symbol,
+                    tick_ms=tick_ms,
+                    epoch=epoch,
+                    feature_spec_id=FEATURE_SPEC_ID,
+                    values=values,
+                    bids=book_bids,
+                    asks=book_asks,
+                    feed_state=self.feed_state,
+                )
             outputs.append(TickOutput(book_top, vector))
             t += tick_ns
         if count > emitted:
             self.features.skip_ticks(count - emitted)
-
-
-_BODY_OF = {"SNAPSHOT": "snapshot", "UPDATE": "update", "TRADE": "trade", "GAP": "gap", "STATUS": "status"}
 
 
 class BookPipeline:
@@ -310,9 +318,9 @@ class BookPipeline:
         self.pipelines: dict[str, SymbolPipeline] = {}
         FeatureState(tick_ms)  # fail fast when TICK_MS does not divide the feature windows
 
-    def process(self, event: Mapping[str, Any], position: int | None = None) -> list[TickOutput]:
+    def process(self, event: MarketEvent, position: int | None = None) -> list[TickOutput]:
         """Route one MarketEvent to its symbol's pipeline (see :meth:`SymbolPipeline.process`)."""
-        symbol = event["symbol"]
+        symbol = event.symbol
         pipeline = self.pipelines.get(symbol)
         if pipeline is None:
             pipeline = self.pipelines[symbol] = SymbolPipeline(symbol, self.tick_ms, self.max_carried_ms)

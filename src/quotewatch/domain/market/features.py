@@ -29,8 +29,8 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from quotewatch.core.records import Trade
 from quotewatch.core.units import SCALE
 
 Level = tuple[int, int]
@@ -285,11 +285,11 @@ class FeatureState:
             self._best_changes += 1
             self._last_change_ns = ts_ns
 
-    def on_trade(self, trade: dict[str, Any]) -> None:
+    def on_trade(self, trade: Trade) -> None:
         """A ``quotewatch.Trade`` record of the symbol."""
         self._trades += 1
-        self._last_trade_side = _AGGRESSOR_SIGN.get(trade["aggressor_side"], 0.0)
-        self._last_trade_size = trade["size_e8"] / SCALE
+        self._last_trade_side = _AGGRESSOR_SIGN.get(trade.aggressor_side, 0.0)
+        self._last_trade_size = trade.size_e8 / SCALE
 
     def skip_ticks(self, count: int) -> None:
         """``count`` quiet grid ticks pass without being emitted (no activity, book unchanged)."""
@@ -298,7 +298,7 @@ class FeatureState:
         for _ in range(min(count, self.history_ticks)):
             history.append(counters)
 
-    def close_tick(self, t_ns: int, bids: Sequence[Level], asks: Sequence[Level]) -> list[float] | None:
+    def close_tick(self, t_ns: int, bids: Sequence[Level], asks: Sequence[Level]) -> tuple[float, ...] | None:
         """Close grid tick ``t_ns`` with the book top at t; the values in spec order, or None.
 
         None when a side is empty (mid is undefined); the tick still enters the windows.
@@ -343,7 +343,7 @@ class FeatureState:
         levels = len(asks)
         depth_ask = ask_size + (asks[1][1] if levels > 1 else 0) + (asks[2][1] if levels > 2 else 0)
         depth = depth_bid + depth_ask
-        return [
+        return (
             mid,
             spread,
             spread / mid * _BPS,
@@ -369,7 +369,7 @@ class FeatureState:
             math.sqrt(squares - e[4]) / mid2 * _BPS,
             self._last_trade_side,
             self._last_trade_size,
-        ]
+        )
 
 
 _ZERO = (0, 0, 0, 0, 0)

@@ -1,6 +1,6 @@
 """Labels y(t): did the best bid or best ask price change between grid ticks t and t + Δ?
 
-:class:`SymbolLabeler` consumes one symbol's ``quotewatch.BookTop`` dicts in stream order and,
+:class:`SymbolLabeler` consumes one symbol's ``BookTop`` records in stream order and,
 when the tick ``t + Δ`` arrives, returns the ``quotewatch.Label`` of tick ``t``:
 ``y(t) = 1`` iff the best bid price or the best ask price at ``t + Δ`` differs from ``t``.
 The live labeler service and the backtest call exactly this code.
@@ -25,10 +25,9 @@ label: replaying from there rebuilds the state exactly.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
-from typing import Any
 
 from quotewatch.core.errors import PoisonRecordError
+from quotewatch.core.records import BookTop, Label
 
 _MS = 1_000_000
 
@@ -75,28 +74,28 @@ class SymbolLabeler:
         """Position of the oldest tick still waiting for its label (None: nothing pending or unknown)."""
         return self._window[0][4] if self._window else None
 
-    def process(self, top: Mapping[str, Any], position: int | None = None) -> dict[str, Any] | None:
-        """Consume one BookTop dict; return the Label of tick ``ts_event - Δ`` or None.
+    def process(self, top: BookTop, position: int | None = None) -> Label | None:
+        """Consume one BookTop; return the Label of tick ``ts_event - Δ`` or None.
 
         Raises:
             LabelInputError: wrong symbol, tick not newer than the last one, or a ``tick_ms``
                 other than the labeler's. The state is unchanged.
         """
-        t = top["ts_event"]
-        if top["symbol"] != self.symbol:
-            raise LabelInputError(f"BookTop of {top['symbol']!r} sent to the labeler of {self.symbol!r}")
-        if top["tick_ms"] != self.tick_ms:
-            raise LabelInputError(f"BookTop on a {top['tick_ms']} ms grid; the labeler expects TICK_MS={self.tick_ms}")
+        t = top.ts_event
+        if top.symbol != self.symbol:
+            raise LabelInputError(f"BookTop of {top.symbol!r} sent to the labeler of {self.symbol!r}")
+        if top.tick_ms != self.tick_ms:
+            raise LabelInputError(f"BookTop on a {top.tick_ms} ms grid; the labeler expects TICK_MS={self.tick_ms}")
         if t % self._tick_ns:
             raise LabelInputError(f"BookTop of {self.symbol} at t={t} ns is not on the {self.tick_ms} ms grid")
         if self.last_tick_ns is not None and t <= self.last_tick_ns:
             raise LabelInputError(
                 f"BookTop of {self.symbol} at t={t} is not newer than the last tick {self.last_tick_ns}"
             )
-        bids, asks = top["bids"], top["asks"]
-        bid = bids[0]["price_e8"] if bids else None
-        ask = asks[0]["price_e8"] if asks else None
-        epoch = top["epoch"]
+        bids, asks = top.bids, top.asks
+        bid = bids[0].price_e8 if bids else None
+        ask = asks[0].price_e8 if asks else None
+        epoch = top.epoch
         window = self._window
         target = t - self.delta_ns
         # Ticks older than t - Δ can never be labelled any more.
@@ -112,20 +111,20 @@ class SymbolLabeler:
                 and bid is not None
                 and ask is not None
             ):
-                label = {
-                    "ts_event": t,
-                    "ts_init": top["ts_init"],
-                    "exchange": top["exchange"],
-                    "symbol": self.symbol,
-                    "t_event": then,
-                    "delta_ms": self.delta_ms,
-                    "epoch": epoch,
-                    "label": 1 if then_bid != bid or then_ask != ask else 0,  # label_value, inlined
-                    "best_bid_e8": then_bid,
-                    "best_ask_e8": then_ask,
-                    "future_best_bid_e8": bid,
-                    "future_best_ask_e8": ask,
-                }
+                label = Label(
+                    ts_event=t,
+                    ts_init=top.ts_init,
+                    exchange=top.exchange,
+                    symbol=self.symbol,
+                    t_event=then,
+                    delta_ms=self.delta_ms,
+                    epoch=epoch,
+                    label=1 if then_bid != bid or then_ask != ask else 0,  # label_value, inlined
+                    best_bid_e8=then_bid,
+                    best_ask_e8=then_ask,
+                    future_best_bid_e8=bid,
+                    future_best_ask_e8=ask,
+                )
         window.append((t, epoch, bid, ask, position))
         self.last_tick_ns = t
         return label
@@ -140,9 +139,9 @@ class Labeler:
         self.tick_ms = tick_ms
         self.labelers: dict[str, SymbolLabeler] = {}
 
-    def process(self, top: Mapping[str, Any], position: int | None = None) -> dict[str, Any] | None:
+    def process(self, top: BookTop, position: int | None = None) -> Label | None:
         """Route one BookTop to its symbol's labeler (see :meth:`SymbolLabeler.process`)."""
-        symbol = top["symbol"]
+        symbol = top.symbol
         labeler = self.labelers.get(symbol)
         if labeler is None:
             labeler = self.labelers[symbol] = SymbolLabeler(symbol, self.delta_ms, self.tick_ms)

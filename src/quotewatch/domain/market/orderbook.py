@@ -2,10 +2,10 @@
 
 Prices and sizes are integers scaled by 1e8 (:mod:`quotewatch.core.units`), so the same decimal
 string always hits the same level and sizes never accumulate rounding. The book takes the
-records of ``quotewatch.MarketEvent`` as they come off the topic: a snapshot's
-``quotewatch.BookLevel`` lists and an update's ``quotewatch.LevelChange`` list, e.g.::
+records of ``quotewatch.MarketEvent`` as they come off the topic (:mod:`quotewatch.core.records`):
+a snapshot's ``BookLevel`` tuples and an update's ``LevelChange`` tuple, e.g.::
 
-    {"side": "BID", "price_e8": 804133000000, "size_e8": 2000000}   # 8041.33 x 0.02; size 0 deletes
+    LevelChange(side="BID", price_e8=804133000000, size_e8=2000000)   # 8041.33 x 0.02; size 0 deletes
 
 **Structure** (chosen by ``tests/benchmarks/bench_book.py`` on the recorded captures): per side a
 C++ ``std::map<int64, int64>`` (a red-black tree: ordered, O(log n) insert and delete), with the

@@ -24,12 +24,13 @@ known at t (a label for t' is known at t' + Δ):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from quotewatch.core.records import Label
 
 DECISION_THRESHOLD = 0.5
 """Balanced accuracy scores the decision ``p >= DECISION_THRESHOLD``."""
@@ -191,11 +192,11 @@ class BaselineFit:
     window_ms: int
 
 
-def label_arrays(labels: Sequence[Mapping[str, Any]]) -> tuple[NDArray[np.str_], NDArray[np.int64], NDArray[np.int64]]:
+def label_arrays(labels: Sequence[Label]) -> tuple[NDArray[np.str_], NDArray[np.int64], NDArray[np.int64]]:
     """(symbol, t_event, label) arrays of ``Label`` records."""
-    symbols = np.array([str(label["symbol"]) for label in labels], dtype=np.str_)
-    t_event = np.array([int(label["t_event"]) for label in labels], dtype=np.int64)
-    y = np.array([int(label["label"]) for label in labels], dtype=np.int64)
+    symbols = np.array([label.symbol for label in labels], dtype=np.str_)
+    t_event = np.array([label.t_event for label in labels], dtype=np.int64)
+    y = np.array([label.label for label in labels], dtype=np.int64)
     return symbols, t_event, y
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from river import metrics, stats, utils
 
+from quotewatch.core.records import LiveMetrics, ModelRole
 from quotewatch.domain.ml.evaluation import DECISION_THRESHOLD, roc_auc
 
 ROLE_ORDER = {"CHAMPION": 0, "CHALLENGER": 1, "FALLBACK": 2}
@@ -38,7 +39,7 @@ class ModelKey:
 
     model_name: str
     model_version: str
-    model_role: str
+    model_role: ModelRole
 
 
 class _ModelWindow:
@@ -85,7 +86,7 @@ class LiveMetricsTracker:
         self._labels: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._models: dict[ModelKey, _ModelWindow] = {}
         self._sequence = 0
-        self._summary: list[dict[str, Any]] | None = []
+        self._summary: tuple[LiveMetrics, ...] | None = ()
         self.joined = 0
         self.dropped_predictions = 0
         self.dropped_labels = 0
@@ -134,29 +135,29 @@ class LiveMetricsTracker:
         window = self._models.get(model)
         return list(window.pairs) if window is not None else []
 
-    def summary(self) -> list[dict[str, Any]]:
+    def summary(self) -> tuple[LiveMetrics, ...]:
         """``LiveMetrics`` records, champion first; cached until the next join."""
         if self._summary is None:
-            self._summary = [
+            self._summary = tuple(
                 self._record(model, window)
                 for model, window in sorted(
                     self._models.items(),
                     key=lambda item: (ROLE_ORDER.get(item[0].model_role, 9), -item[1].last_update),
                 )
-            ]
+            )
         return self._summary
 
     @staticmethod
-    def _record(model: ModelKey, window: _ModelWindow) -> dict[str, Any]:
+    def _record(model: ModelKey, window: _ModelWindow) -> LiveMetrics:
         labels = [label for label, _ in window.pairs]
         scores = [p for _, p in window.pairs]
-        return {
-            "model_name": model.model_name,
-            "model_version": model.model_version,
-            "model_role": model.model_role,
-            "n_labels": window.n_labels,
-            "auc": roc_auc(labels, scores),
-            "brier": float(window.brier.get()),
-            "balanced_accuracy": float(window.balanced_accuracy.get()),
-            "base_rate": float(window.base_rate.get()),
-        }
+        return LiveMetrics(
+            model_name=model.model_name,
+            model_version=model.model_version,
+            model_role=model.model_role,
+            n_labels=window.n_labels,
+            auc=roc_auc(labels, scores),
+            brier=float(window.brier.get()),
+            balanced_accuracy=float(window.balanced_accuracy.get()),
+            base_rate=float(window.base_rate.get()),
+        )

@@ -12,8 +12,8 @@ on, and inference refuses a model whose spec is not the one on the feature strea
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -22,13 +22,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from quotewatch.core.records import FeatureVector, ModelRole, Prediction
 from quotewatch.domain.market import features
 
 FALLBACK_MODEL_NAME = "fallback-online-logistic"
 """model_name of predictions from the built-in fallback (role FALLBACK)."""
-CHAMPION_ROLE = "CHAMPION"
-CHALLENGER_ROLE = "CHALLENGER"
-FALLBACK_ROLE = "FALLBACK"
+CHAMPION_ROLE: Final[ModelRole] = "CHAMPION"
+CHALLENGER_ROLE: Final[ModelRole] = "CHALLENGER"
+FALLBACK_ROLE: Final[ModelRole] = "FALLBACK"
 """``Prediction.model_role`` values (the ``quotewatch.ModelRole`` enum)."""
 
 
@@ -47,7 +48,7 @@ def feature_names_for(feature_spec_id: str, n_features: int) -> tuple[str, ...]:
     return tuple(f"x{i}" for i in range(n_features))
 
 
-def feature_matrix(records: Sequence[Mapping[str, Any]], feature_spec_id: str | None = None) -> NDArray[np.float64]:
+def feature_matrix(records: Sequence[FeatureVector], feature_spec_id: str | None = None) -> NDArray[np.float64]:
     """The (n, k) float64 matrix of the ``values`` of ``FeatureVector`` records.
 
     Raises:
@@ -56,16 +57,16 @@ def feature_matrix(records: Sequence[Mapping[str, Any]], feature_spec_id: str | 
     """
     if not records:
         return np.empty((0, 0), dtype=np.float64)
-    expected = feature_spec_id if feature_spec_id is not None else str(records[0]["feature_spec_id"])
-    width = len(records[0]["values"])
+    expected = feature_spec_id if feature_spec_id is not None else records[0].feature_spec_id
+    width = len(records[0].values)
     for index, record in enumerate(records):
-        if record["feature_spec_id"] != expected:
+        if record.feature_spec_id != expected:
             raise FeatureSpecMismatchError(
-                f"record {index} has feature spec {record['feature_spec_id']!r}, expected {expected!r}"
+                f"record {index} has feature spec {record.feature_spec_id!r}, expected {expected!r}"
             )
-        if len(record["values"]) != width:
-            raise FeatureSpecMismatchError(f"record {index} has {len(record['values'])} values, expected {width}")
-    return np.asarray([record["values"] for record in records], dtype=np.float64)
+        if len(record.values) != width:
+            raise FeatureSpecMismatchError(f"record {index} has {len(record.values)} values, expected {width}")
+    return np.asarray([record.values for record in records], dtype=np.float64)
 
 
 def positive_probability(model: Any, features: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -156,24 +157,24 @@ def is_valid_probability(p: float) -> bool:
 
 
 def prediction_record(
-    vector: Mapping[str, Any], p: float, model_name: str, model_version: str, role: str
-) -> dict[str, Any]:
+    vector: FeatureVector, p: float, model_name: str, model_version: str, role: ModelRole
+) -> Prediction:
     """The ``Prediction`` record of ``p`` for a ``FeatureVector`` record: a pure function of both.
 
     ``ts_event`` is the tick t and ``ts_init`` the feature record's (never a clock). Inference
     and the backtest both build their records here, so they are byte-identical after serde.
     """
-    return {
-        "ts_event": vector["ts_event"],
-        "ts_init": vector["ts_init"],
-        "exchange": vector["exchange"],
-        "symbol": vector["symbol"],
-        "p_change": p,
-        "model_name": model_name,
-        "model_version": model_version,
-        "model_role": role,
-        "feature_spec_id": vector["feature_spec_id"],
-    }
+    return Prediction(
+        ts_event=vector.ts_event,
+        ts_init=vector.ts_init,
+        exchange=vector.exchange,
+        symbol=vector.symbol,
+        p_change=p,
+        model_name=model_name,
+        model_version=model_version,
+        model_role=role,
+        feature_spec_id=vector.feature_spec_id,
+    )
 
 
 def probability_problems(p: NDArray[np.float64], rows: int) -> list[str]:

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from quotewatch.core.records import RawFrame, RawKind
 from quotewatch.core.units import SCALE
 from quotewatch.domain.venue import coinbase_messages as msgs
 from quotewatch.domain.venue.coinbase import FEED_ADVANCED, FEED_EXCHANGE
@@ -342,7 +343,7 @@ def synthetic_raw_frames(
     latency_ns: int = 2_000_000,
     exchange: str = "coinbase",
     connection_id: str = "synthetic",
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[RawFrame]:
     """The ``qw.md.raw`` log a live ingest would have written for ``duration_ns`` of the market.
 
     A CONNECTED record, the subscription confirmation, one snapshot per symbol, then every batch
@@ -354,24 +355,27 @@ def synthetic_raw_frames(
         raise ValueError(f"unknown feed {feed!r}")
     market = SyntheticMarket(config)
     symbols = list(config.symbols)
-    base = {"exchange": exchange, "feed": feed, "symbols": symbols, "connection_id": connection_id}
+    symbol_tuple = tuple(symbols)
     state = {"ts_init": config.start_ns, "frame_index": 0, "sequence": 0}
 
-    def record(kind: str, text: str, ts_event: int) -> dict[str, Any]:
+    def record(kind: RawKind, text: str, ts_event: int) -> RawFrame:
         ts_init = max(ts_event + latency_ns, state["ts_init"] + 1)
         state["ts_init"] = ts_init
         index = -1
         if kind == "FRAME":
             index = state["frame_index"]
             state["frame_index"] += 1
-        return {
-            **base,
-            "ts_event": ts_event if kind != "FRAME" else ts_init,
-            "ts_init": ts_init,
-            "frame_index": index,
-            "kind": kind,
-            "text": text,
-        }
+        return RawFrame(
+            ts_event=ts_event if kind != "FRAME" else ts_init,
+            ts_init=ts_init,
+            exchange=exchange,
+            feed=feed,
+            symbols=symbol_tuple,
+            connection_id=connection_id,
+            frame_index=index,
+            kind=kind,
+            text=text,
+        )
 
     def seq() -> int:
         state["sequence"] += 1

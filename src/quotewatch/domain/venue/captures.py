@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from quotewatch.core.records import RawFrame, RawKind
 from quotewatch.domain.venue.coinbase import detect_feed
 from quotewatch.domain.venue.normaliser import CONNECTING, STOPPED, control_text
 
@@ -57,35 +58,35 @@ class Capture:
     def connection_id(self) -> str:
         return f"capture:{self.stem}"
 
-    def raw_frames(self, *, exchange: str = "coinbase", disconnect: bool = False) -> Iterator[dict[str, Any]]:
+    def raw_frames(self, *, exchange: str = "coinbase", disconnect: bool = False) -> Iterator[RawFrame]:
         """The ``RawFrame`` records of this capture: CONNECTED, one FRAME per line (and DISCONNECTED).
 
         The CONNECTED record is stamped 1 ns before the first frame; control records carry their
         ``ts_init`` as ``ts_event`` (a capture has no exchange-time estimate before its first frame).
         """
-        symbols = list(self.symbols)
+        symbols = tuple(self.symbols)
         first = self.recv_ns[0] if self.recv_ns else 0
-        base = {"exchange": exchange, "feed": self.feed, "symbols": symbols, "connection_id": self.connection_id}
-        yield {
-            **base,
-            "ts_event": first - 1,
-            "ts_init": first - 1,
-            "frame_index": -1,
-            "kind": "CONNECTED",
-            "text": control_text(CONNECTING, f"capture {self.path.name}"),
-        }
+        feed, connection_id = self.feed, self.connection_id
+
+        def record(kind: RawKind, ts: int, frame_index: int, text: str) -> RawFrame:
+            return RawFrame(
+                ts_event=ts,
+                ts_init=ts,
+                exchange=exchange,
+                feed=feed,
+                symbols=symbols,
+                connection_id=connection_id,
+                frame_index=frame_index,
+                kind=kind,
+                text=text,
+            )
+
+        yield record("CONNECTED", first - 1, -1, control_text(CONNECTING, f"capture {self.path.name}"))
         for index, (text, ts) in enumerate(zip(self.lines, self.recv_ns, strict=True)):
-            yield {**base, "ts_event": ts, "ts_init": ts, "frame_index": index, "kind": "FRAME", "text": text}
+            yield record("FRAME", ts, index, text)
         if disconnect:
             last = (self.recv_ns[-1] if self.recv_ns else first) + 1
-            yield {
-                **base,
-                "ts_event": last,
-                "ts_init": last,
-                "frame_index": -1,
-                "kind": "DISCONNECTED",
-                "text": control_text(STOPPED, f"end of capture {self.path.name}"),
-            }
+            yield record("DISCONNECTED", last, -1, control_text(STOPPED, f"end of capture {self.path.name}"))
 
 
 def capture_stem(path: Path) -> str:

@@ -42,6 +42,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
+from quotewatch.core.records import (
+    AggressorSide,
+    BookLevel,
+    BookSnapshot,
+    BookUpdate,
+    EventKind,
+    LevelChange,
+    Side,
+    Trade,
+)
 from quotewatch.core.units import parse_e8
 
 FEED_ADVANCED: Final = "coinbase-advanced"
@@ -86,11 +96,11 @@ EXCHANGE = FeedSpec(
 FEED_SPECS: Final[Mapping[str, FeedSpec]] = {ADVANCED.name: ADVANCED, EXCHANGE.name: EXCHANGE}
 
 # Book side of a level change.
-ADVANCED_BOOK_SIDES: Final[Mapping[str, str]] = {"bid": "BID", "offer": "ASK"}
-EXCHANGE_BOOK_SIDES: Final[Mapping[str, str]] = {"buy": "BID", "sell": "ASK"}
+ADVANCED_BOOK_SIDES: Final[Mapping[str, Side]] = {"bid": "BID", "offer": "ASK"}
+EXCHANGE_BOOK_SIDES: Final[Mapping[str, Side]] = {"buy": "BID", "sell": "ASK"}
 # Aggressor (taker) side of a trade, from the maker side both protocols send (see module docstring).
-EXCHANGE_AGGRESSOR: Final[Mapping[str, str]] = {"buy": "SELL", "sell": "BUY"}
-ADVANCED_AGGRESSOR: Final[Mapping[str, str]] = {"BUY": "SELL", "SELL": "BUY"}
+EXCHANGE_AGGRESSOR: Final[Mapping[str, AggressorSide]] = {"buy": "SELL", "sell": "BUY"}
+ADVANCED_AGGRESSOR: Final[Mapping[str, AggressorSide]] = {"BUY": "SELL", "SELL": "BUY"}
 
 
 class FrameError(ValueError):
@@ -140,10 +150,10 @@ class Parsed:
     ``body`` is the value of the MarketEvent field named after ``kind`` (snapshot/update/trade).
     """
 
-    kind: str
+    kind: EventKind
     symbol: str | None
     ts_event: int
-    body: dict[str, Any] | None = None
+    body: BookSnapshot | BookUpdate | Trade | None = None
 
 
 @dataclass(slots=True)
@@ -310,12 +320,16 @@ def parse_exchange_snapshot(message: dict[str, Any]) -> ParsedMessage:
     stamps the frame's receive time instead.
     """
     symbol = _require(message, "product_id", str, "snapshot")
-    bids = [{"price_e8": decimal_e8(p, "price"), "size_e8": decimal_e8(s, "size")} for p, s, *_ in message["bids"]]
-    asks = [{"price_e8": decimal_e8(p, "price"), "size_e8": decimal_e8(s, "size")} for p, s, *_ in message["asks"]]
+    bids = tuple(
+        BookLevel(price_e8=decimal_e8(p, "price"), size_e8=decimal_e8(s, "size")) for p, s, *_ in message["bids"]
+    )
+    asks = tuple(
+        BookLevel(price_e8=decimal_e8(p, "price"), size_e8=decimal_e8(s, "size")) for p, s, *_ in message["asks"]
+    )
     time = message.get("time")
     ts_event = parse_time_ns(time) if time is not None else -1
     return ParsedMessage(
-        events=[Parsed("SNAPSHOT", symbol, ts_event, {"bids": bids, "asks": asks})], confirmed=(symbol,)
+        events=[Parsed("SNAPSHOT", symbol, ts_event, BookSnapshot(bids=bids, asks=asks))], confirmed=(symbol,)
     )
 
 
@@ -343,8 +357,8 @@ def parse_exchange_l2update(message: dict[str, Any]) -> ParsedMessage:
         size_e8 = cached(size)
         if size_e8 is None:
             size_e8 = decimal_e8(size, "size")
-        changes.append({"side": book_side, "price_e8": price_e8, "size_e8": size_e8})
-    return ParsedMessage(events=[Parsed("UPDATE", symbol, ts_event, {"changes": changes})])
+        changes.append(LevelChange(side=book_side, price_e8=price_e8, size_e8=size_e8))
+    return ParsedMessage(events=[Parsed("UPDATE", symbol, ts_event, BookUpdate(changes=tuple(changes)))])
 
 
 def parse_exchange_match(message: dict[str, Any]) -> ParsedMessage:
@@ -368,12 +382,12 @@ def parse_exchange_match(message: dict[str, Any]) -> ParsedMessage:
                 "TRADE",
                 symbol,
                 parse_time_ns(message["time"]),
-                {
-                    "trade_id": str(trade_id),
-                    "aggressor_side": aggressor,
-                    "price_e8": decimal_e8(message["price"], "price"),
-                    "size_e8": decimal_e8(message["size"], "size"),
-                },
+                Trade(
+                    trade_id=str(trade_id),
+                    aggressor_side=aggressor,
+                    price_e8=decimal_e8(message["price"], "price"),
+                    size_e8=decimal_e8(message["size"], "size"),
+                ),
             )
         ],
         sequence=_valid_sequence(sequence),
@@ -533,16 +547,17 @@ def parse_advanced_l2_data(message: dict[str, Any]) -> ParsedMessage:
                 size_e8 = cached(size) if type(size) is str else None
                 if size_e8 is None:
                     size_e8 = decimal_e8(size, "new_quantity")
-                changes.append({"side": side, "price_e8": price_e8, "size_e8": size_e8})
-            parsed.append(Parsed("UPDATE", symbol, ts_event, {"changes": changes}))
+                changes.append(LevelChange(side=side, price_e8=price_e8, size_e8=size_e8))
+            parsed.append(Parsed("UPDATE", symbol, ts_event, BookUpdate(changes=tuple(changes))))
         elif kind == "snapshot":
-            bids, asks = [], []
+            bids: list[BookLevel] = []
+            asks: list[BookLevel] = []
             for u in updates:
                 side = sides.get(u["side"])
-                level = {
-                    "price_e8": decimal_e8(u["price_level"], "price_level"),
-                    "size_e8": decimal_e8(u["new_quantity"], "new_quantity"),
-                }
+                level = BookLevel(
+                    price_e8=decimal_e8(u["price_level"], "price_level"),
+                    size_e8=decimal_e8(u["new_quantity"], "new_quantity"),
+                )
                 if side == "BID":
                     bids.append(level)
                 elif side == "ASK":
@@ -551,7 +566,7 @@ def parse_advanced_l2_data(message: dict[str, Any]) -> ParsedMessage:
                     raise InvalidFieldError(
                         f"l2_data: unknown side {u['side']!r:.20}", book_affected=True, symbol=symbol
                     )
-            parsed.append(Parsed("SNAPSHOT", symbol, ts_event, {"bids": bids, "asks": asks}))
+            parsed.append(Parsed("SNAPSHOT", symbol, ts_event, BookSnapshot(bids=tuple(bids), asks=tuple(asks))))
             confirmed.append(symbol)
         else:
             raise InvalidFieldError(f"l2_data: unknown event type {kind!r:.30}", book_affected=True, symbol=symbol)
@@ -595,12 +610,12 @@ def parse_advanced_market_trades(message: dict[str, Any]) -> ParsedMessage:
                     "TRADE",
                     symbol,
                     parse_time_ns(trade["time"]),
-                    {
-                        "trade_id": str(trade_id),
-                        "aggressor_side": aggressor,
-                        "price_e8": decimal_e8(trade["price"], "price"),
-                        "size_e8": decimal_e8(trade["size"], "size"),
-                    },
+                    Trade(
+                        trade_id=str(trade_id),
+                        aggressor_side=aggressor,
+                        price_e8=decimal_e8(trade["price"], "price"),
+                        size_e8=decimal_e8(trade["size"], "size"),
+                    ),
                 )
             )
     return ParsedMessage(events=parsed, sequence=sequence, ts_event=ts, ignored=not parsed)

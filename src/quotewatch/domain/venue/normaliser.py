@@ -44,12 +44,23 @@ sequence 161 is a BTC-USD update at 21:05:52.108 and 162 an ETH-USD one at 21:05
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
 
+from quotewatch.core.records import (
+    BookSnapshot,
+    BookUpdate,
+    EventKind,
+    FeedStatus,
+    Gap,
+    GapReason,
+    MarketEvent,
+    RawFrame,
+    Trade,
+)
 from quotewatch.domain.venue.coinbase import (
     FEED_ADVANCED,
     PARSERS,
@@ -69,9 +80,6 @@ STOPPED: Final = "STOPPED"
 FEED_STATES: Final = (INIT, CONNECTING, SUBSCRIBED, RECONNECTING, BACKOFF, STOPPED)
 _CONTROL_KINDS: Final = frozenset(("GAP", "STATUS"))
 
-RawRecord = Mapping[str, Any]
-Event = dict[str, Any]
-
 
 @dataclass(slots=True)
 class Reject:
@@ -79,20 +87,20 @@ class Reject:
 
     reason: str
     error_type: str
-    raw: RawRecord
+    raw: RawFrame
     symbol: str | None = None
 
     @property
     def source_ref(self) -> str:
         """``connection_id:frame_index``: where to find the frame again in ``qw.md.raw``."""
-        return f"{self.raw.get('connection_id', '')}:{self.raw.get('frame_index', -1)}"
+        return f"{self.raw.connection_id}:{self.raw.frame_index}"
 
 
 @dataclass(slots=True)
 class Normalised:
     """The output of one raw record."""
 
-    events: list[Event] = field(default_factory=list)
+    events: list[MarketEvent] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     resync: str | None = None
     """Why the connection must be resynchronised (resubscribe for fresh snapshots), or None."""
@@ -117,7 +125,7 @@ def parse_control_text(text: str, default_state: str) -> tuple[str, str]:
 
 
 class Normaliser:
-    """Turns RawFrame records (dicts) into MarketEvent records (dicts), deterministically.
+    """Turns RawFrame records into MarketEvent records, deterministically.
 
     Who calls it: the ingest's writer (live) and the topic-mode stream task (replays), once per
     raw record in log order; the backtest and golden tests over captures. Never raises for bad
@@ -136,7 +144,7 @@ class Normaliser:
         """The ``ts_event`` of the connection's CONNECTED record (the ingest's best guess, maybe local time)."""
         self._symbol_ts: dict[str, int] = {}
         """The latest exchange time emitted per symbol on the current connection (GAP/STATUS not counted)."""
-        self._held: dict[str, Event] = {}
+        self._held: dict[str, tuple[RawFrame, int, BookSnapshot | None]] = {}
         """Snapshots without an exchange time, per symbol, waiting for the symbol's next timed event."""
         self.frames = 0
         self.rejected = 0
@@ -161,9 +169,9 @@ class Normaliser:
         """Forget everything (a new log, or a rewind)."""
         self.__init__()  # type: ignore[misc]  # re-initialise in place: the state is only these fields
 
-    def _start(self, raw: RawRecord) -> None:
-        self._connection = raw["connection_id"]
-        self._symbols = tuple(raw["symbols"])
+    def _start(self, raw: RawFrame) -> None:
+        self._connection = raw.connection_id
+        self._symbols = tuple(raw.symbols)
         self._last_sequence = -1
         self._synced.clear()
         self._subscribed.clear()
@@ -172,17 +180,17 @@ class Normaliser:
 
     # -- processing --------------------------------------------------------------------------
 
-    def process(self, raw: RawRecord) -> Normalised:
+    def process(self, raw: RawFrame) -> Normalised:
         """Normalise one raw record (see the module docstring for the rules)."""
-        kind = raw.get("kind")
+        kind = raw.kind
         out = Normalised()
         try:
             if kind == "FRAME":
                 self._frame(raw, out)
             elif kind == "CLOCK":
-                ts = raw["ts_event"]
+                ts = raw.ts_event
                 self._last_ts_event = max(self._last_ts_event, ts)
-                for symbol in raw["symbols"]:
+                for symbol in raw.symbols:
                     if self._held:
                         self._release(symbol, ts, out.events)
                     out.events.append(self._event(raw, symbol, "CLOCK", ts))
@@ -191,8 +199,8 @@ class Normaliser:
             elif kind == "DISCONNECTED":
                 self._disconnected(raw, out)
             elif kind == "OVERFLOW":
-                detail = f"local buffer overflow on {raw['connection_id']}: {raw['text']}"
-                self._gap(raw, out, "BUFFER_OVERFLOW", detail, raw["ts_event"], self._synced_sorted(), lost=True)
+                detail = f"local buffer overflow on {raw.connection_id}: {raw.text}"
+                self._gap(raw, out, "BUFFER_OVERFLOW", detail, raw.ts_event, self._synced_sorted(), lost=True)
                 out.resync = detail
             else:
                 out.rejects.append(Reject(f"unknown raw record kind {kind!r:.40}", "InvalidRawRecord", raw))
@@ -202,17 +210,17 @@ class Normaliser:
             out.rejects.append(Reject(f"invalid raw record: {exc!r:.300}", "InvalidRawRecord", raw))
         symbol_ts = self._symbol_ts
         for event in out.events:
-            ts = event["ts_event"]
-            if event["kind"] in _CONTROL_KINDS:
+            ts = event.ts_event
+            if event.kind in _CONTROL_KINDS:
                 continue  # a control event's time may be another clock's, never a good event's
-            if ts > symbol_ts.get(event["symbol"], -1):
-                symbol_ts[event["symbol"]] = ts
+            if ts > symbol_ts.get(event.symbol, -1):
+                symbol_ts[event.symbol] = ts
         self.rejected += len(out.rejects)
         return out
 
-    def process_all(self, raws: Iterable[RawRecord]) -> tuple[list[Event], list[Reject]]:
+    def process_all(self, raws: Iterable[RawFrame]) -> tuple[list[MarketEvent], list[Reject]]:
         """Normalise a whole log; returns all events and all rejects (captures, tests, backtests)."""
-        events: list[Event] = []
+        events: list[MarketEvent] = []
         rejects: list[Reject] = []
         for raw in raws:
             out = self.process(raw)
@@ -220,10 +228,10 @@ class Normaliser:
             rejects.extend(out.rejects)
         return events, rejects
 
-    def _connected(self, raw: RawRecord, out: Normalised) -> None:
+    def _connected(self, raw: RawFrame, out: Normalised) -> None:
         self._start(raw)
-        state, detail = parse_control_text(raw["text"], CONNECTING)
-        ts = raw["ts_event"]
+        state, detail = parse_control_text(raw.text, CONNECTING)
+        ts = raw.ts_event
         # The connection's exchange time is not known yet: a replay (or the topic-mode ingest)
         # starting at this record then stamps every event alike, and no control record's time
         # (maybe the local clock) is taken for an exchange time.
@@ -231,37 +239,35 @@ class Normaliser:
         self._control_ts = ts
         symbols = self._symbols
         out.events.extend(self._status(raw, symbol, state, detail, ts) for symbol in symbols)
-        self._gap(raw, out, "RECONNECT", f"connection {raw['connection_id']} opened: {detail}", ts, symbols)
+        self._gap(raw, out, "RECONNECT", f"connection {raw.connection_id} opened: {detail}", ts, symbols)
 
-    def _disconnected(self, raw: RawRecord, out: Normalised) -> None:
-        state, detail = parse_control_text(raw["text"], RECONNECTING)
-        ts = raw["ts_event"]
-        symbols = self._symbols if raw["connection_id"] == self._connection else tuple(raw["symbols"])
-        if raw["connection_id"] == self._connection:
+    def _disconnected(self, raw: RawFrame, out: Normalised) -> None:
+        state, detail = parse_control_text(raw.text, RECONNECTING)
+        ts = raw.ts_event
+        symbols = self._symbols if raw.connection_id == self._connection else tuple(raw.symbols)
+        if raw.connection_id == self._connection:
             self._held.clear()  # snapshots still waiting for an exchange time: their connection is gone
         out.events.extend(self._status(raw, symbol, state, detail, ts) for symbol in symbols)
-        self._gap(
-            raw, out, "RECONNECT", f"connection {raw['connection_id']} closed: {detail}", ts, self._synced_sorted()
-        )
+        self._gap(raw, out, "RECONNECT", f"connection {raw.connection_id} closed: {detail}", ts, self._synced_sorted())
         self._subscribed.clear()
 
-    def _frame(self, raw: RawRecord, out: Normalised) -> None:
+    def _frame(self, raw: RawFrame, out: Normalised) -> None:
         self.frames += 1
-        if raw["connection_id"] != self._connection:
+        if raw.connection_id != self._connection:
             # Frames of a connection whose CONNECTED record this normaliser has not seen (it started
             # mid-log, or a producer without control records): adopt it; nothing earlier continues.
             previously_synced = self._synced_sorted()
             self._start(raw)
             if previously_synced:
-                detail = f"frames of connection {raw['connection_id']} without its CONNECTED record"
+                detail = f"frames of connection {raw.connection_id} without its CONNECTED record"
                 self._gap(raw, out, "RECONNECT", detail, self._latest_ts(), previously_synced)
-        feed = raw["feed"]
+        feed = raw.feed
         parser = PARSERS.get(feed)
         if parser is None:
             out.rejects.append(Reject(f"unknown feed {feed!r:.40}", "InvalidRawRecord", raw))
             return
         try:
-            message = orjson.loads(raw["text"])
+            message = orjson.loads(raw.text)
         except orjson.JSONDecodeError as exc:
             self._rejected(raw, out, MalformedFrameError(f"not JSON: {exc}", book_affected=True))
             return
@@ -271,8 +277,8 @@ class Normaliser:
                 expected = self._last_sequence + 1
                 if self._last_sequence >= 0 and sequence != expected:
                     detail = (
-                        f"sequence_num jumped from {self._last_sequence} to {sequence} on {raw['connection_id']} "
-                        f"(frame {raw['frame_index']})"
+                        f"sequence_num jumped from {self._last_sequence} to {sequence} on {raw.connection_id} "
+                        f"(frame {raw.frame_index})"
                     )
                     self._gap(
                         raw,
@@ -294,7 +300,7 @@ class Normaliser:
             return
         self._emit(raw, parsed, out)
 
-    def _emit(self, raw: RawRecord, parsed: ParsedMessage, out: Normalised) -> None:
+    def _emit(self, raw: RawFrame, parsed: ParsedMessage, out: Normalised) -> None:
         for symbol in parsed.confirmed:
             self._confirm(raw, symbol, out, parsed.ts_event)
         events = out.events
@@ -307,9 +313,8 @@ class Normaliser:
                 if kind == "SNAPSHOT" and item.symbol is not None:
                     # No exchange time in the message (Exchange snapshots): held until the symbol's
                     # next event with one (module doc, "Event times"); a later snapshot replaces it.
-                    snapshot = self._event(raw, item.symbol, kind, -1, sequence)
-                    snapshot["snapshot"] = item.body
-                    held[item.symbol] = snapshot
+                    held_body = item.body if isinstance(item.body, BookSnapshot) else None
+                    held[item.symbol] = (raw, sequence, held_body)
                     self._synced.discard(item.symbol)
                     continue
                 ts = self._latest_ts()  # no such message today; never taken for an exchange time
@@ -323,34 +328,40 @@ class Normaliser:
                 continue
             if held:
                 self._release(item.symbol, ts, events)
-            event = self._event(raw, item.symbol, kind, ts, sequence)
+            # A parser pairs each kind with its body (a missing one is the pipeline's MarketEventError).
+            body = item.body
             if kind == "UPDATE":
-                event["update"] = item.body
+                update = body if isinstance(body, BookUpdate) else None
+                event = self._event(raw, item.symbol, kind, ts, sequence, update=update)
             elif kind == "SNAPSHOT":
-                event["snapshot"] = item.body
+                snapshot = body if isinstance(body, BookSnapshot) else None
+                event = self._event(raw, item.symbol, kind, ts, sequence, snapshot=snapshot)
                 self._synced.add(item.symbol)
             elif kind == "TRADE":
-                event["trade"] = item.body
+                trade = body if isinstance(body, Trade) else None
+                event = self._event(raw, item.symbol, kind, ts, sequence, trade=trade)
+            else:
+                event = self._event(raw, item.symbol, kind, ts, sequence)
             events.append(event)
 
-    def _release(self, symbol: str, ts: int, events: list[Event]) -> None:
+    def _release(self, symbol: str, ts: int, events: list[MarketEvent]) -> None:
         """Emit the held snapshot of ``symbol`` (if any) at ``ts``, the symbol's next exchange time."""
-        snapshot = self._held.pop(symbol, None)
-        if snapshot is not None:
-            snapshot["ts_event"] = ts
+        held = self._held.pop(symbol, None)
+        if held is not None:
+            raw, sequence, snapshot = held
             self._synced.add(symbol)
-            events.append(snapshot)
+            events.append(self._event(raw, symbol, "SNAPSHOT", ts, sequence, snapshot=snapshot))
 
-    def _confirm(self, raw: RawRecord, symbol: str, out: Normalised, ts: int | None) -> None:
+    def _confirm(self, raw: RawFrame, symbol: str, out: Normalised, ts: int | None) -> None:
         if symbol in self._subscribed:
             return
         self._subscribed.add(symbol)
         if ts is None:
             ts = self._latest_ts()
-        detail = f"book subscription confirmed on {raw['connection_id']}"
+        detail = f"book subscription confirmed on {raw.connection_id}"
         out.events.append(self._status(raw, symbol, SUBSCRIBED, detail, ts))
 
-    def _rejected(self, raw: RawRecord, out: Normalised, error: FrameError) -> None:
+    def _rejected(self, raw: RawFrame, out: Normalised, error: FrameError) -> None:
         out.rejects.append(Reject(str(error), error.error_type, raw, error.symbol))
         if not error.book_affected:
             return
@@ -360,7 +371,7 @@ class Normaliser:
         else:
             affected = self._synced_sorted()
         detail = (
-            f"frame {raw.get('connection_id')}:{raw.get('frame_index')} may have carried book changes "
+            f"frame {raw.connection_id}:{raw.frame_index} may have carried book changes "
             f"and was rejected: {error!s:.200}"
         )
         self._gap(
@@ -379,9 +390,9 @@ class Normaliser:
 
     def _gap(
         self,
-        raw: RawRecord,
+        raw: RawFrame,
         out: Normalised,
-        reason: str,
+        reason: GapReason,
         detail: str,
         ts_event: int,
         symbols: Iterable[str],
@@ -405,34 +416,39 @@ class Normaliser:
         for symbol in symbols:
             self._synced.discard(symbol)
             ts = self._symbol_ts.get(symbol, ts_event) if lost else ts_event
-            event = self._event(raw, symbol, "GAP", ts if ts >= 0 else raw["ts_init"])
-            event["gap"] = {
-                "reason": reason,
-                "detail": detail,
-                "expected_sequence": expected,
-                "received_sequence": received,
-            }
-            out.events.append(event)
+            gap = Gap(reason=reason, detail=detail, expected_sequence=expected, received_sequence=received)
+            out.events.append(self._event(raw, symbol, "GAP", ts if ts >= 0 else raw.ts_init, gap=gap))
 
-    def _status(self, raw: RawRecord, symbol: str, state: str, detail: str, ts_event: int) -> Event:
-        event = self._event(raw, symbol, "STATUS", ts_event if ts_event >= 0 else raw["ts_init"])
-        event["status"] = {"state": state, "detail": detail}
-        return event
+    def _status(self, raw: RawFrame, symbol: str, state: str, detail: str, ts_event: int) -> MarketEvent:
+        status = FeedStatus(state=state, detail=detail)
+        return self._event(raw, symbol, "STATUS", ts_event if ts_event >= 0 else raw.ts_init, status=status)
 
     @staticmethod
-    def _event(raw: RawRecord, symbol: str, kind: str, ts_event: int, sequence: int = -1) -> Event:
-        return {
-            "ts_event": ts_event,
-            "ts_init": raw["ts_init"],
-            "exchange": raw["exchange"],
-            "feed": raw["feed"],
-            "symbol": symbol,
-            "kind": kind,
-            "source_sequence": sequence,
-            "connection_id": raw["connection_id"],
-            "snapshot": None,
-            "update": None,
-            "trade": None,
-            "gap": None,
-            "status": None,
-        }
+    def _event(
+        raw: RawFrame,
+        symbol: str,
+        kind: EventKind,
+        ts_event: int,
+        sequence: int = -1,
+        *,
+        snapshot: BookSnapshot | None = None,
+        update: BookUpdate | None = None,
+        trade: Trade | None = None,
+        gap: Gap | None = None,
+        status: FeedStatus | None = None,
+    ) -> MarketEvent:
+        return MarketEvent(
+            ts_event=ts_event,
+            ts_init=raw.ts_init,
+            exchange=raw.exchange,
+            feed=raw.feed,
+            symbol=symbol,
+            kind=kind,
+            source_sequence=sequence,
+            connection_id=raw.connection_id,
+            snapshot=snapshot,
+            update=update,
+            trade=trade,
+            gap=gap,
+            status=status,
+        )

@@ -24,9 +24,8 @@ import click
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import BookSettings, load_settings
 from quotewatch.core.errors import ConfigError
-from quotewatch.core.kafka import dead_letter
 from quotewatch.core.processor import InRecord, OutRecord
-from quotewatch.core.serde import AvroSerde
+from quotewatch.core.records import MarketEvent
 from quotewatch.core.service import run_stream_service, service_context
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market.book_pipeline import BookPipeline, MarketEventError, TickOutput
@@ -43,21 +42,20 @@ class BookTask:
     Who calls it: the StreamProcessor, from one thread, in offset order per partition.
     """
 
-    def __init__(self, topics: TopicNames, tick_ms: int, clock: Clock, serde: AvroSerde) -> None:
+    def __init__(self, topics: TopicNames, tick_ms: int, clock: Clock) -> None:
         self.topics = topics
         self.pipeline = BookPipeline(tick_ms)
         self._clock = clock
-        self._serde = serde
         self._symbols_of: dict[tuple[str, int], set[str]] = {}
 
-    def process(self, record: InRecord) -> Iterable[OutRecord]:
+    def process(self, record: InRecord[MarketEvent]) -> Iterable[OutRecord]:
         """Feed one MarketEvent to its symbol's pipeline; return the ticks it closed.
 
         A bad event (a missing body, a book change the book cannot apply) is re-raised for the
         dead-letter topic after the valid ticks it closed are handed over in the same call.
         """
         event = record.value
-        self._symbols_of.setdefault((record.topic, record.partition), set()).add(event["symbol"])
+        self._symbols_of.setdefault((record.topic, record.partition), set()).add(event.symbol)
         try:
             ticks = self.pipeline.process(event, record.offset)
         except MarketEventError as exc:
@@ -71,27 +69,11 @@ class BookTask:
                 exc,
                 extra={"topic": record.topic, "partition": record.partition, "offset": record.offset},
             )
-            out = self._records(event["symbol"], exc.outputs)
-            out.append(self._dead_letter(record, exc))
+            out = self._records(event.symbol, exc.outputs)
+            # The dead letter carries the bytes consumed and their coordinates (nothing re-encoded).
+            out.append(OutRecord(self.topics.dlq, record.topic, record.dead_letter(SERVICE, self._clock, exc)))
             return out
-        return self._records(event["symbol"], ticks)
-
-    def _dead_letter(self, record: InRecord, error: Exception) -> OutRecord:
-        value = dead_letter(
-            service=SERVICE,
-            clock=self._clock,
-            error=error,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            source_value=self._serde.encode(record.topic, record.value),
-            source_key=record.key.encode() if record.key is not None else None,
-            source_timestamp_ns=record.timestamp_ms * 1_000_000 if record.timestamp_ms > 0 else None,
-            source_ref="re-encoded from the decoded record",
-            exchange=record.value.get("exchange"),
-            symbol=record.value.get("symbol"),
-        )
-        return OutRecord(self.topics.dlq, record.topic, value)
+        return self._records(event.symbol, ticks)
 
     def _records(self, key: str, ticks: list[TickOutput]) -> list[OutRecord]:
         out: list[OutRecord] = []
@@ -121,7 +103,7 @@ def command() -> None:
     except ValueError as exc:  # TICK_MS must divide the feature windows
         raise ConfigError(str(exc)) from exc
     with service_context(SERVICE, settings) as context:
-        task = BookTask(context.topics, settings.tick_ms, context.clock, context.serde)
+        task = BookTask(context.topics, settings.tick_ms, context.clock)
         # Exactly-once: each consumed batch of md.events is one transaction with its BookTop and
         # FeatureVector records, its dead letters and its input offsets (+ restart offsets in the
         # offset metadata), so a crash neither loses nor duplicates a tick for read_committed readers.

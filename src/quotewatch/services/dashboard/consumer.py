@@ -33,6 +33,7 @@ from quotewatch.core.errors import SerdeError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import make_consumer, poll_batch
 from quotewatch.core.metrics import CONSUMER_LAG, RECORDS_IN
+from quotewatch.core.records import Snapshot
 from quotewatch.core.serde import AvroSerde
 from quotewatch.services.dashboard.store import SnapshotStore
 
@@ -180,7 +181,7 @@ class SnapshotConsumer:
             partition, offset = message.partition() or 0, message.offset() or 0
             read += 1
             try:
-                record = self._serde.decode(message.value() or b"", self._topic)
+                record = self._serde.decode_as(message.value() or b"", self._topic, Snapshot)
             except SerdeError as exc:
                 logger.error(
                     "snapshot record does not decode; skipped",

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from quotewatch.core.clock import Clock
+from quotewatch.core.records import Snapshot
 from quotewatch.services.dashboard.view import History, Latest, quote_of
 
 
 @dataclass
 class _SymbolState:
-    snapshot: Mapping[str, Any]
+    snapshot: Snapshot
     arrived_mono_ns: int
     received: int
     version: int
@@ -48,7 +47,7 @@ class SnapshotStore:
         self._records = 0
         self._rejected = 0
 
-    def update(self, snapshot: Mapping[str, Any], produced_wall_ns: int | None = None) -> None:
+    def update(self, snapshot: Snapshot, produced_wall_ns: int | None = None) -> None:
         """Keep ``snapshot`` as the latest of its symbol.
 
         Who calls this: the consumer thread, once per decoded record, in offset order.
@@ -65,9 +64,9 @@ class SnapshotStore:
         if produced_wall_ns is not None:
             backlog = max(0, self._clock.now_ns() - produced_wall_ns)
         arrived = now - backlog
-        symbol = str(snapshot["symbol"])
-        ts_event = int(snapshot["ts_event"])
-        p_change = snapshot.get("p_change")
+        symbol = snapshot.symbol
+        ts_event = snapshot.ts_event
+        p_change = snapshot.p_change
         mid = quote_of(snapshot).mid
         with self._lock:
             self._records += 1

@@ -22,6 +22,7 @@ from typing import Any, TypeGuard
 from dash import html, no_update
 from plotly.utils import PlotlyJSONEncoder
 
+from quotewatch.core.records import BookLevel, LiveMetrics, Snapshot
 from quotewatch.core.units import format_e8
 
 NA = "—"
@@ -43,8 +44,6 @@ FEED_STATE_CLASSES = {
     "BACKOFF": "warn",
     "STOPPED": "bad",
 }
-
-Record = Mapping[str, Any]
 
 
 # -- scalars ------------------------------------------------------------------------------------
@@ -171,17 +170,17 @@ class Quote:
         return (self.best_bid_e8 + self.best_ask_e8) / 2e8
 
 
-def _sorted_levels(levels: Sequence[Record] | None, best_first_descending: bool) -> list[Record]:
-    return sorted(levels or [], key=lambda level: int(level["price_e8"]), reverse=best_first_descending)
+def _sorted_levels(levels: Sequence[BookLevel], best_first_descending: bool) -> list[BookLevel]:
+    return sorted(levels, key=lambda level: level.price_e8, reverse=best_first_descending)
 
 
-def quote_of(snapshot: Record) -> Quote:
+def quote_of(snapshot: Snapshot) -> Quote:
     """Best bid and ask of a snapshot, whatever order its levels come in."""
-    bids = _sorted_levels(snapshot.get("bids"), best_first_descending=True)
-    asks = _sorted_levels(snapshot.get("asks"), best_first_descending=False)
+    bids = _sorted_levels(snapshot.bids, best_first_descending=True)
+    asks = _sorted_levels(snapshot.asks, best_first_descending=False)
     return Quote(
-        int(bids[0]["price_e8"]) if bids else None,
-        int(asks[0]["price_e8"]) if asks else None,
+        bids[0].price_e8 if bids else None,
+        asks[0].price_e8 if asks else None,
     )
 
 
@@ -200,26 +199,26 @@ def format_spread(quote: Quote) -> tuple[str, str]:
     return text, (f"{bps:.2f}" if abs(bps) >= 0.1 else f"{bps:.4f}") + f" bps{suffix}"
 
 
-def ladder_rows(snapshot: Record, depth: int = LADDER_DEPTH) -> list[tuple[str, str, str, str]]:
+def ladder_rows(snapshot: Snapshot, depth: int = LADDER_DEPTH) -> list[tuple[str, str, str, str]]:
     """``depth`` rows of (bid size, bid price, ask price, ask size), best first; NA fills a short side."""
-    bids = _sorted_levels(snapshot.get("bids"), best_first_descending=True)[:depth]
-    asks = _sorted_levels(snapshot.get("asks"), best_first_descending=False)[:depth]
+    bids = _sorted_levels(snapshot.bids, best_first_descending=True)[:depth]
+    asks = _sorted_levels(snapshot.asks, best_first_descending=False)[:depth]
     rows = []
     for i in range(depth):
         bid = bids[i] if i < len(bids) else None
         ask = asks[i] if i < len(asks) else None
         rows.append(
             (
-                format_size(int(bid["size_e8"])) if bid else NA,
-                format_price(int(bid["price_e8"])) if bid else NA,
-                format_price(int(ask["price_e8"])) if ask else NA,
-                format_size(int(ask["size_e8"])) if ask else NA,
+                format_size(bid.size_e8) if bid else NA,
+                format_price(bid.price_e8) if bid else NA,
+                format_price(ask.price_e8) if ask else NA,
+                format_size(ask.size_e8) if ask else NA,
             )
         )
     return rows
 
 
-def ladder_table_rows(snapshot: Record, depth: int = LADDER_DEPTH) -> list[html.Tr]:
+def ladder_table_rows(snapshot: Snapshot, depth: int = LADDER_DEPTH) -> list[html.Tr]:
     """The ladder as table rows (``<tr>`` of four cells)."""
     return [
         html.Tr(
@@ -237,13 +236,13 @@ def ladder_table_rows(snapshot: Record, depth: int = LADDER_DEPTH) -> list[html.
 # -- the model ----------------------------------------------------------------------------------
 
 
-def model_text(snapshot: Record) -> tuple[str, str]:
+def model_text(snapshot: Snapshot) -> tuple[str, str]:
     """(model, role) for the model card.
 
     ``("lr-top3 v7", "CHAMPION")``; before inference loaded any model ``("no model yet", NA)``; the
     built-in fallback reads ``("fallback", "FALLBACK")`` with its name when it has one.
     """
-    name, version, role = snapshot.get("model_name"), snapshot.get("model_version"), snapshot.get("model_role")
+    name, version, role = snapshot.model_name, snapshot.model_version, snapshot.model_role
     if role == "FALLBACK":
         return (f"fallback ({name})" if name else "fallback"), "FALLBACK"
     if not name:
@@ -251,19 +250,19 @@ def model_text(snapshot: Record) -> tuple[str, str]:
     return (f"{name} v{version}" if version else name), role or NA
 
 
-def live_metrics_of(snapshot: Record) -> Record | None:
+def live_metrics_of(snapshot: Snapshot) -> LiveMetrics | None:
     """The LiveMetrics entry of the model serving this snapshot.
 
     Matched on (name, version, role); else on role alone (a version just reloaded has no entry of
     its own yet); else None.
     """
-    entries: Sequence[Record] = snapshot.get("live_metrics") or []
-    wanted = (snapshot.get("model_name"), snapshot.get("model_version"), snapshot.get("model_role"))
+    entries = snapshot.live_metrics
+    wanted = (snapshot.model_name, snapshot.model_version, snapshot.model_role)
     for entry in entries:
-        if (entry.get("model_name"), entry.get("model_version"), entry.get("model_role")) == wanted:
+        if (entry.model_name, entry.model_version, entry.model_role) == wanted:
             return entry
     for entry in entries:
-        if wanted[2] is not None and entry.get("model_role") == wanted[2]:
+        if wanted[2] is not None and entry.model_role == wanted[2]:
             return entry
     return None
 
@@ -276,7 +275,7 @@ class Latest:
     """What the store knows about one symbol: its newest snapshot and how long ago it arrived."""
 
     symbol: str
-    snapshot: Record
+    snapshot: Snapshot
     age_ns: int
     received: int
     """Snapshots of this symbol received by this process."""
@@ -371,11 +370,11 @@ def render_kpis(latest: Latest | None, feed: FeedView, stale_after_ns: int) -> d
     stale = latest.age_ns > stale_after_ns
     quote = quote_of(snapshot)
     spread, spread_bps = format_spread(quote)
-    background, text_colour = p_change_colour(snapshot.get("p_change"))
+    background, text_colour = p_change_colour(snapshot.p_change)
     model, role = model_text(snapshot)
     metrics = live_metrics_of(snapshot)
-    challenger = snapshot.get("challenger_p_change")
-    feed_state = snapshot.get("feed_state") or "UNKNOWN"
+    challenger = snapshot.challenger_p_change
+    feed_state = snapshot.feed_state or "UNKNOWN"
     out.update(
         {
             ("status-badge", "children"): "STALE" if stale else "LIVE",
@@ -389,14 +388,14 @@ def render_kpis(latest: Latest | None, feed: FeedView, stale_after_ns: int) -> d
             ("main-panel", "style"): SHOWN,
             ("main-panel", "className"): "main stale" if stale else "main",
             ("snapshot-time", "children"): (
-                f"{latest.symbol} · event time {format_event_time(snapshot.get('ts_event'))}"
+                f"{latest.symbol} · event time {format_event_time(snapshot.ts_event)}"
                 f" · received {format_age(latest.age_ns)} ago"
             ),
             ("kpi-best-bid", "children"): format_price(quote.best_bid_e8),
             ("kpi-best-ask", "children"): format_price(quote.best_ask_e8),
             ("kpi-spread", "children"): spread,
             ("kpi-spread-bps", "children"): spread_bps,
-            ("kpi-p-change", "children"): format_number(snapshot.get("p_change")),
+            ("kpi-p-change", "children"): format_number(snapshot.p_change),
             ("card-p-change", "style"): {"backgroundColor": background, "color": text_colour},
             ("kpi-challenger", "children"): (
                 f"challenger {format_number(challenger)}" if challenger is not None else ""
@@ -404,16 +403,16 @@ def render_kpis(latest: Latest | None, feed: FeedView, stale_after_ns: int) -> d
             ("kpi-model", "children"): model,
             ("kpi-model-role", "children"): role,
             ("kpi-model-role", "className"): f"role {role.lower()}" if role != NA else "role",
-            ("kpi-auc", "children"): format_number(metrics.get("auc") if metrics else None),
-            ("kpi-brier", "children"): format_number(metrics.get("brier") if metrics else None),
-            ("kpi-balanced-accuracy", "children"): format_number(metrics.get("balanced_accuracy") if metrics else None),
+            ("kpi-auc", "children"): format_number(metrics.auc if metrics else None),
+            ("kpi-brier", "children"): format_number(metrics.brier if metrics else None),
+            ("kpi-balanced-accuracy", "children"): format_number(metrics.balanced_accuracy if metrics else None),
             ("kpi-n-labels", "children"): (
-                f"{format_count(metrics.get('n_labels'))} labels" if metrics else "no labels yet"
+                f"{format_count(metrics.n_labels)} labels" if metrics else "no labels yet"
             ),
-            ("kpi-updates", "children"): format_rate(snapshot.get("updates_per_second")),
+            ("kpi-updates", "children"): format_rate(snapshot.updates_per_second),
             ("kpi-feed-state", "children"): feed_state,
             ("kpi-feed-state", "className"): f"badge {feed_state_class(feed_state)}",
-            ("kpi-consumer-lag", "children"): format_count(snapshot.get("consumer_lag")),
+            ("kpi-consumer-lag", "children"): format_count(snapshot.consumer_lag),
             ("ladder-body", "children"): ladder_table_rows(snapshot),
         }
     )

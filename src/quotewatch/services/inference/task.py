@@ -53,6 +53,7 @@ import numpy as np
 from quotewatch.core.clock import Clock
 from quotewatch.core.errors import RetriableError
 from quotewatch.core.processor import InRecord, OutRecord
+from quotewatch.core.records import FeatureVector, Label, ModelRole, Prediction, Snapshot
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market import features
 from quotewatch.domain.ml.live_metrics import LiveMetricsTracker, ModelKey
@@ -88,11 +89,11 @@ class _Processed:
     error: Exception | None = None
 
 
-def _identity(record: InRecord) -> tuple[Any, ...]:
+def _identity(record: InRecord[FeatureVector | Label]) -> tuple[Any, ...]:
     # Features and labels both carry these: another record at the same offset (a topic deleted
     # and created again) is not taken for the one processed before.
     value = record.value
-    return (value.get("symbol"), value.get("ts_event"), value.get("ts_init"))
+    return (value.symbol, value.ts_event, value.ts_init)
 
 
 class InferenceTask:
@@ -116,7 +117,7 @@ class InferenceTask:
         self._clock = clock
         self._tracker = LiveMetricsTracker(window=live_metrics_window, buffer_max=join_buffer_max)
         self._fallback = OnlineFallback()
-        self._pending_vectors: OrderedDict[tuple[str, int], list[float]] = OrderedDict()
+        self._pending_vectors: OrderedDict[tuple[str, int], tuple[float, ...]] = OrderedDict()
         # A vector waits ~Δ for its label; ticks that never get one (an epoch's last Δ) age out.
         # ~1 kB each as a list of floats: bounded well below the join buffer.
         self._vectors_max = min(join_buffer_max, PENDING_VECTORS_MAX)
@@ -125,7 +126,7 @@ class InferenceTask:
         self._consumer_lag = consumer_lag
         self._lag = 0
         self._lag_read_ns = -(10**18)
-        self._names_cache: dict[tuple[str, int], list[str]] = {}
+        self._names_cache: dict[tuple[str, int], tuple[str, ...]] = {}
         # What each record handed over since its partition's last commit gave, per partition and
         # offset, for re-processing after an aborted transaction (see the module docstring).
         self._uncommitted: dict[tuple[str, int], dict[int, _Processed]] = {}
@@ -145,7 +146,7 @@ class InferenceTask:
 
     # -- StreamTask ---------------------------------------------------------------------------------
 
-    def process(self, record: InRecord) -> Iterable[OutRecord]:
+    def process(self, record: InRecord[FeatureVector | Label]) -> Iterable[OutRecord]:
         if self._batch_over:
             self._start_batch()
         partition = (record.topic, record.partition)
@@ -208,19 +209,20 @@ class InferenceTask:
         self._batch_last.clear()
         self._batch_over = False
 
-    def _process(self, record: InRecord) -> Iterable[OutRecord]:
-        if record.topic == self._topics.features:
-            return self._on_features(record.value)
-        if record.topic == self._topics.labels:
-            self._on_label(record.value)
+    def _process(self, record: InRecord[FeatureVector | Label]) -> Iterable[OutRecord]:
+        value = record.value
+        if record.topic == self._topics.features and isinstance(value, FeatureVector):
+            return self._on_features(value)
+        if record.topic == self._topics.labels and isinstance(value, Label):
+            self._on_label(value)
             return ()
-        raise ValueError(f"inference does not consume {record.topic}")
+        raise ValueError(f"inference does not consume {type(value).__name__} records of {record.topic}")
 
     # -- features -> predictions + snapshot -----------------------------------------------------------
 
-    def _on_features(self, value: dict[str, Any]) -> list[OutRecord]:
-        symbol, t, spec = value["symbol"], int(value["ts_event"]), value["feature_spec_id"]
-        values: list[float] = value["values"]
+    def _on_features(self, value: FeatureVector) -> list[OutRecord]:
+        symbol, t, spec = value.symbol, value.ts_event, value.feature_spec_id
+        values = value.values
         self._sample.observe(spec, values)
         serving = self._manager.serving
         x = np.asarray(values, dtype=np.float64).reshape(1, -1)
@@ -266,7 +268,7 @@ class InferenceTask:
             )
         return outputs
 
-    def _score(self, model: LoadedModel | None, role: str, spec: str, x: np.ndarray) -> float | None:
+    def _score(self, model: LoadedModel | None, role: ModelRole, spec: str, x: np.ndarray) -> float | None:
         """The model's p for one vector, or None when it cannot score it (no model, other spec, bad output)."""
         if model is None:
             return None
@@ -305,51 +307,51 @@ class InferenceTask:
         return p
 
     @staticmethod
-    def _prediction(value: dict[str, Any], p: float, model_name: str, version: str, role: str) -> dict[str, Any]:
+    def _prediction(value: FeatureVector, p: float, model_name: str, version: str, role: ModelRole) -> Prediction:
         # The backtest builds its records with the same pure function (replay parity).
         return prediction_record(value, p, model_name, version, role)
 
-    def _feature_names(self, spec: str, width: int) -> list[str]:
+    def _feature_names(self, spec: str, width: int) -> tuple[str, ...]:
         key = (spec, width)
         names = self._names_cache.get(key)
         if names is None:
-            names = self._names_cache[key] = list(feature_names_for(spec, width))
+            names = self._names_cache[key] = tuple(feature_names_for(spec, width))
         return names
 
     def _snapshot(
         self,
-        value: dict[str, Any],
+        value: FeatureVector,
         p: float,
         model_name: str,
         version: str,
-        role: str,
+        role: ModelRole,
         challenger_p: float | None,
-    ) -> dict[str, Any]:
-        spec, values = value["feature_spec_id"], value["values"]
+    ) -> Snapshot:
+        spec, values = value.feature_spec_id, value.values
         updates = 0.0
         if spec == features.FEATURE_SPEC_ID and len(values) == len(features.FEATURE_NAMES):
             # Price-level changes in the last 1000 ms of event time: the market's updates per second.
             updates = float(values[features.FEATURE_INDEX[_UPDATES_FEATURE]])
-        return {
-            "ts_event": value["ts_event"],
-            "ts_init": value["ts_init"],
-            "exchange": value["exchange"],
-            "symbol": value["symbol"],
-            "bids": value["bids"],
-            "asks": value["asks"],
-            "feature_spec_id": spec,
-            "feature_names": self._feature_names(spec, len(values)),
-            "feature_values": values,
-            "p_change": p,
-            "model_name": model_name,
-            "model_version": version,
-            "model_role": role,
-            "challenger_p_change": challenger_p,
-            "live_metrics": self._tracker.summary(),
-            "feed_state": value.get("feed_state", "UNKNOWN"),
-            "updates_per_second": updates if math.isfinite(updates) else 0.0,
-            "consumer_lag": self._read_lag(),
-        }
+        return Snapshot(
+            ts_event=value.ts_event,
+            ts_init=value.ts_init,
+            exchange=value.exchange,
+            symbol=value.symbol,
+            bids=value.bids,
+            asks=value.asks,
+            feature_spec_id=spec,
+            feature_names=self._feature_names(spec, len(values)),
+            feature_values=values,
+            p_change=p,
+            model_name=model_name,
+            model_version=version,
+            model_role=role,
+            challenger_p_change=challenger_p,
+            live_metrics=self._tracker.summary(),
+            feed_state=value.feed_state,
+            updates_per_second=updates if math.isfinite(updates) else 0.0,
+            consumer_lag=self._read_lag(),
+        )
 
     def _read_lag(self) -> int:
         if self._consumer_lag is None:
@@ -362,8 +364,8 @@ class InferenceTask:
 
     # -- labels -> live metrics + fallback learning --------------------------------------------------
 
-    def _on_label(self, value: dict[str, Any]) -> None:
-        symbol, t, label = value["symbol"], int(value["t_event"]), int(value["label"])
+    def _on_label(self, value: Label) -> None:
+        symbol, t, label = value.symbol, value.t_event, value.label
         if label not in (0, 1):
             raise ValueError(f"label {label} of {symbol} at t={t} is not 0 or 1")
         self._tracker.add_label(symbol, t, label)

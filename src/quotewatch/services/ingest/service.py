@@ -51,6 +51,7 @@ from quotewatch.core.errors import EncodeError, FatalError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import DeliveryTracker, dead_letter, flush_or_fail, make_producer
 from quotewatch.core.metrics import DEAD_LETTERS, FEED_STATE, GAPS, RECONNECTS, RECORDS_IN, RECORDS_OUT
+from quotewatch.core.records import RawFrame, RawKind
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.venue.coinbase import (
@@ -73,14 +74,15 @@ _SUBSCRIPTION_PROBE_BYTES = 64 * 1024
 class QueueItem(NamedTuple):
     """One raw record waiting for the writer (the reader builds these: cheap tuples)."""
 
-    kind: str
+    kind: RawKind
     text: str
     connection_id: str
     frame_index: int
     ts_init: int
 
 
-_STOP = QueueItem("STOP", "", "", -1, 0)
+_STOP = QueueItem("CLOCK", "stop", "", -1, 0)
+"""Ends the writer; recognised by identity (``item is _STOP``), never written."""
 
 
 class ExchangeClock:
@@ -187,11 +189,9 @@ class RawWriter:
         self._stats = stats
         self._on_resync = on_resync
         self._topics = TopicNames(settings.topic_prefix)
-        self._symbols = list(settings.symbols)
+        self._symbols = tuple(settings.symbols)
         self._normaliser = Normaliser()
         self._exchange_clock = ExchangeClock()
-        self._raw_schema = serde.store.current("quotewatch.RawFrame")
-        self._event_schema = serde.store.current("quotewatch.MarketEvent")
         self._out = {
             topic: RECORDS_OUT.labels(SERVICE, topic)
             for topic in (self._topics.md_raw, self._topics.md_events, self._topics.dlq)
@@ -265,20 +265,20 @@ class RawWriter:
             # (GAP and STATUS move no grid; docs/architecture.md, "Time").
             last_known = exchange_clock.last_known()
             ts_event = item.ts_init if last_known is None else last_known
-        raw = {
-            "ts_event": ts_event,
-            "ts_init": item.ts_init,
-            "exchange": self._settings.exchange,
-            "feed": self._feed,
-            "symbols": self._symbols,
-            "connection_id": item.connection_id,
-            "frame_index": item.frame_index,
-            "kind": item.kind,
-            "text": item.text,
-        }
+        raw = RawFrame(
+            ts_event=ts_event,
+            ts_init=item.ts_init,
+            exchange=self._settings.exchange,
+            feed=self._feed,
+            symbols=self._symbols,
+            connection_id=item.connection_id,
+            frame_index=item.frame_index,
+            kind=item.kind,
+            text=item.text,
+        )
         raw_topic = self._topics.md_raw
         try:
-            self._produce(raw_topic, self._feed, self._serde.encode_with(self._raw_schema, raw, f"{raw_topic}-value"))
+            self._produce(raw_topic, self._feed, self._serde.encode(raw_topic, raw))
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
                 raise
@@ -296,20 +296,20 @@ class RawWriter:
             return
         events_topic = self._topics.md_events
         for event in out.events:
-            kind = event["kind"]
+            kind = event.kind
             if kind in ("UPDATE", "TRADE", "HEARTBEAT"):
-                self._exchange_clock.observe(event["ts_event"], item.ts_init)
-            elif kind == "GAP":
-                GAPS.labels(SERVICE, event["symbol"], event["gap"]["reason"]).inc()
+                self._exchange_clock.observe(event.ts_event, item.ts_init)
+            elif kind == "GAP" and event.gap is not None:
+                GAPS.labels(SERVICE, event.symbol, event.gap.reason).inc()
             try:
-                value = self._serde.encode_with(self._event_schema, event, f"{events_topic}-value")
+                value = self._serde.encode(events_topic, event)
             except EncodeError as exc:
                 # A value the parser let through but no record can carry: the frame goes to the
                 # DLQ and, as its event is missing downstream, the books are rebuilt (resync).
-                self._dead_letter(Reject(f"event not encodable: {exc}", "EncodeError", raw, event["symbol"]))
+                self._dead_letter(Reject(f"event not encodable: {exc}", "EncodeError", raw, event.symbol))
                 self._on_resync(item.connection_id, f"frame {item.frame_index}: an event could not be encoded")
                 continue
-            self._produce(events_topic, event["symbol"], value)
+            self._produce(events_topic, event.symbol, value)
             self._stats.events_written += 1
         for reject in out.rejects:
             self._dead_letter(reject)
@@ -332,14 +332,14 @@ class RawWriter:
             clock=self._clock,
             error=FrameError(reject.reason, book_affected=False),
             source_topic=self._topics.md_raw,
-            source_value=str(raw.get("text", "")).encode()[: 8 * 1024 * 1024],
+            source_value=raw.text.encode()[: 8 * 1024 * 1024],
             source_key=self._feed.encode(),
-            source_timestamp_ns=raw.get("ts_init"),
+            source_timestamp_ns=raw.ts_init,
             source_ref=reject.source_ref,
             exchange=self._settings.exchange,
             symbol=reject.symbol,
+            error_type=reject.error_type,
         )
-        record["error_type"] = reject.error_type
         dlq = self._topics.dlq
         self._produce(dlq, self._topics.md_raw, self._serde.encode(dlq, record))
         DEAD_LETTERS.labels(SERVICE, self._topics.md_raw, reject.error_type).inc()
@@ -695,7 +695,9 @@ class IngestService:
                 return
             await asyncio.sleep(0.005)
 
-    async def _put_control(self, kind: str, connection_id: str, state: FeedState, reason: str, **details: Any) -> None:
+    async def _put_control(
+        self, kind: RawKind, connection_id: str, state: FeedState, reason: str, **details: Any
+    ) -> None:
         """Queue a control record, waiting for room (no frames are being read when this runs)."""
         await self._put(QueueItem(kind, control_text(state.value, reason, **details), connection_id, -1, self._stamp()))
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from quotewatch.core.clock import Clock
 from quotewatch.core.kafka import dead_letter
 from quotewatch.core.processor import InRecord, OutRecord
+from quotewatch.core.records import RawFrame
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.venue.coinbase import FrameError
 from quotewatch.domain.venue.normaliser import Normaliser
@@ -35,13 +36,13 @@ class NormaliseTask:
         self._normaliser = Normaliser()
         self._restart: int | None = None
 
-    def process(self, record: InRecord) -> Iterator[OutRecord]:
+    def process(self, record: InRecord[RawFrame]) -> Iterator[OutRecord]:
         raw = record.value
-        if raw.get("kind") == "CONNECTED" or self._restart is None:
+        if raw.kind == "CONNECTED" or self._restart is None:
             self._restart = record.offset
         out = self._normaliser.process(raw)
         for event in out.events:
-            yield OutRecord(self._topics.md_events, event["symbol"], event)
+            yield OutRecord(self._topics.md_events, event.symbol, event)
         for reject in out.rejects:
             letter = dead_letter(
                 service=SERVICE,
@@ -50,13 +51,13 @@ class NormaliseTask:
                 source_topic=record.topic,
                 source_partition=record.partition,
                 source_offset=record.offset,
-                source_value=str(raw.get("text", "")).encode(),
-                source_timestamp_ns=raw.get("ts_init"),
+                source_value=raw.text.encode(),
+                source_timestamp_ns=raw.ts_init,
                 source_ref=reject.source_ref,
-                exchange=raw.get("exchange"),
+                exchange=raw.exchange,
                 symbol=reject.symbol,
+                error_type=reject.error_type,
             )
-            letter["error_type"] = reject.error_type
             yield OutRecord(self._topics.dlq, record.topic, letter)
 
     def restart_offset(self, topic: str, partition: int) -> int | None:

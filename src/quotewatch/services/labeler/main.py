@@ -18,6 +18,7 @@ import click
 
 from quotewatch.core.config import LabelerSettings, load_settings
 from quotewatch.core.processor import InRecord, OutRecord
+from quotewatch.core.records import BookTop
 from quotewatch.core.service import run_stream_service, service_context
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market.labels import Labeler
@@ -36,16 +37,16 @@ class LabelerTask:
         self.labeler = Labeler(delta_ms, tick_ms)
         self._symbols_of: dict[tuple[str, int], set[str]] = {}
 
-    def process(self, record: InRecord) -> Iterable[OutRecord]:
+    def process(self, record: InRecord[BookTop]) -> Iterable[OutRecord]:
         """Feed one BookTop to its symbol's labeler; return the label it completes, if any.
 
         A BookTop the labeler rejects (older than the symbol's last tick, off the grid) raises
         and is dead-lettered by the processor; the state is unchanged.
         """
         top = record.value
-        self._symbols_of.setdefault((record.topic, record.partition), set()).add(top["symbol"])
+        self._symbols_of.setdefault((record.topic, record.partition), set()).add(top.symbol)
         label = self.labeler.process(top, record.offset)
-        return [] if label is None else [OutRecord(self.topics.labels, top["symbol"], label)]
+        return [] if label is None else [OutRecord(self.topics.labels, top.symbol, label)]
 
     def restart_offset(self, topic: str, partition: int) -> int | None:
         """Offset of the oldest tick of ``topic[partition]`` still waiting for its label."""

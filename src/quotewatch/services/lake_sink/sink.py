@@ -69,11 +69,13 @@ from quotewatch.core.lake import (
     LakeError,
     LakeLocation,
     LakeRecordError,
+    LakeRow,
     Publisher,
     WrittenFile,
     file_schema_for,
     find_chunk,
     lake_location,
+    lake_row,
     last_chunk,
     missing_files,
     partition_column,
@@ -125,7 +127,7 @@ class _Buffer:
     batches: list[pa.RecordBatch] = field(default_factory=list)
     directories: list[str] = field(default_factory=list)
     """Hive directory of each converted row, in row order."""
-    pending_rows: list[dict[str, Any]] = field(default_factory=list)
+    pending_rows: list[LakeRow] = field(default_factory=list)
     pending_directories: list[str] = field(default_factory=list)
     pending_messages: list[Message] = field(default_factory=list)
     verify: bool = True
@@ -458,18 +460,20 @@ class LakeSink:
         self._positions[key] = offset + 1
         value = message.value() or b""
         try:
-            record = self._serde.decode(value, topic)
             key_bytes = message.key()
-            record["_topic"] = topic
-            record["_partition"] = partition
-            record["_offset"] = offset
-            record["_key"] = key_bytes.decode("utf-8") if key_bytes is not None else None
-            record["_timestamp_ms"] = message.timestamp()[1]
-            directory = record_dir(self._columns[topic], record)
+            row = lake_row(
+                self._serde.decode(value, topic),
+                topic,
+                partition,
+                offset,
+                key_bytes.decode("utf-8") if key_bytes is not None else None,
+                message.timestamp()[1],
+            )
+            directory = record_dir(self._columns[topic], row)
             if buffer.rows == 0:
                 # The first row of a chunk is converted on its own, so that the directory written
                 # first (and looked up after a crash) is certainly the one of a row that is written.
-                pa.RecordBatch.from_pylist([record], schema=buffer.schema)
+                pa.RecordBatch.from_pylist([row], schema=buffer.schema)
         except (SerdeError, LakeRecordError, UnicodeDecodeError) as exc:
             self._dead_letter(message, exc, log_traceback=False)
             buffer.last_offset = offset
@@ -485,7 +489,7 @@ class LakeSink:
         if buffer.rows == 0:
             buffer.started_ns = self._clock.monotonic_ns()
             buffer.first_directory = directory
-        buffer.pending_rows.append(record)
+        buffer.pending_rows.append(row)
         buffer.pending_directories.append(directory)
         buffer.pending_messages.append(message)
         buffer.rows += 1

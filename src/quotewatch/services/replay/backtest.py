@@ -23,10 +23,22 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
+
+import msgspec
 
 from quotewatch.core.config import BacktestSettings
 from quotewatch.core.errors import ConfigError
+from quotewatch.core.records import (
+    TOPIC_RECORDS,
+    BookTop,
+    FeatureVector,
+    Label,
+    MarketEvent,
+    Prediction,
+    RawFrame,
+    Record,
+)
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.ml.models import CHALLENGER_ROLE, CHAMPION_ROLE
@@ -98,14 +110,14 @@ def load_models(tracking_uri: str | None, uris: Sequence[str]) -> list[LoadedMod
 
 def raw_input(
     settings: BacktestSettings, source: SourceSpec, window: Window, serde: AvroSerde
-) -> tuple[RawStart | None, int | None, Iterator[dict[str, Any]]]:
+) -> tuple[RawStart | None, int | None, Iterator[RawFrame]]:
     """(the CONNECTED it starts at, record count if known, the raw records) of a backtest source."""
     if source.kind == "topic":
         start, total, records = sources.topic_raw_records(settings, source.prefix, window, serde)
-        return start, total, (record.value for record in records)
+        return start, total, sources.values_of(records, RawFrame)
     if source.kind == "lake":
         start, total, records = sources.lake_raw_records(settings.lake_uri, source.prefix, window)
-        return start, total, (record.value for record in records)
+        return start, total, sources.values_of(records, RawFrame)
     if source.kind == "capture":
         assert source.path is not None
         return None, None, sources.capture_raw_records(source.path, window)
@@ -118,7 +130,7 @@ def raw_input(
 
 def event_input(
     settings: BacktestSettings, source: SourceSpec, window: Window, serde: AvroSerde
-) -> tuple[RawStart | None, int | None, Iterator[dict[str, Any]]]:
+) -> tuple[RawStart | None, int | None, Iterator[MarketEvent]]:
     """The market events of a topic or lake window (the events of its CONNECTED record on), partitions merged.
 
     Raises:
@@ -130,7 +142,18 @@ def event_input(
         start, total, records = sources.lake_event_records(settings.lake_uri, source.prefix, window)
     else:
         raise ConfigError(f"--input events needs a topic or lake source; {source.describe()} is a raw log")
-    return start, total, (record.value for record in records)
+    return start, total, sources.values_of(records, MarketEvent)
+
+
+_T = TypeVar("_T", RawFrame, MarketEvent)
+
+
+def _checked(inputs: Iterable[RawFrame | MarketEvent], cls: type[_T]) -> Iterator[_T]:
+    """``inputs``, each checked to be a ``cls`` (a backtest of raw logs or of events, never both)."""
+    for value in inputs:
+        if not isinstance(value, cls):
+            raise ConfigError(f"the backtest input holds a {type(value).__name__}, expected {cls.__name__} records")
+        yield value
 
 
 def run_backtest(
@@ -143,7 +166,7 @@ def run_backtest(
     records_dir: Path | None = None,
     progress: bool = False,
     log_mlflow: bool = True,
-    raws: Iterable[dict[str, Any]] | None = None,
+    raws: Iterable[RawFrame] | Iterable[MarketEvent] | None = None,
     lake_out: tuple[str, str] | None = None,
     events: bool = False,
 ) -> BacktestResult:
@@ -161,18 +184,21 @@ def run_backtest(
     serde = AvroSerde()
     start: RawStart | None = None
     total: int | None = None
-    if raws is None:
+    inputs: Iterable[RawFrame | MarketEvent]
+    if raws is not None:
+        inputs = raws
+    else:
         read = event_input if events else raw_input
-        start, total, raws = read(settings, source, window.extended(input_lookahead_ns(settings.delta_ms)), serde)
+        start, total, inputs = read(settings, source, window.extended(input_lookahead_ns(settings.delta_ms)), serde)
     keep = records_dir is not None or lake_out is not None
     engine = BacktestEngine(settings.tick_ms, settings.delta_ms, keep_records=keep, end_ns=window.end_ns)
     began = time.perf_counter()
     if progress:
-        raws = tqdm(raws, total=total, unit="rec", desc="backtest", mininterval=0.5)
+        inputs = tqdm(inputs, total=total, unit="rec", desc="backtest", mininterval=0.5)
     if events:
-        engine.run_events(raws)
+        engine.run_events(_checked(inputs, MarketEvent))
     else:
-        engine.run_raw(raws)
+        engine.run_raw(_checked(inputs, RawFrame))
     pipeline_seconds = time.perf_counter() - began
     features = engine.feature_table()
     began = time.perf_counter()
@@ -255,10 +281,10 @@ def write_records(directory: Path, engine: BacktestEngine, scored: Sequence[Mode
 
     directory.mkdir(parents=True, exist_ok=True)
     store = default_store()
-    predictions: list[dict[str, Any]] = []
+    predictions: list[Prediction] = []
     for scores in scored:
         predictions.extend(prediction_records(engine, scores))
-    contents = {
+    contents: dict[str, Sequence[Record]] = {
         "book.top3": engine.book_tops,
         "features": engine.feature_records,
         "labels": engine.label_records,
@@ -266,7 +292,8 @@ def write_records(directory: Path, engine: BacktestEngine, scored: Sequence[Mode
     }
     for suffix, schema_name in RECORD_FILES.items():
         with (directory / f"{suffix}.avro").open("wb") as out:
-            fastavro.writer(out, store.current(schema_name).schema, contents[suffix])
+            datums = (msgspec.to_builtins(record) for record in contents[suffix])
+            fastavro.writer(out, store.current(schema_name).schema, datums)
 
 
 def write_lake(lake_uri: str, prefix: str, engine: BacktestEngine, scored: Sequence[ModelScores]) -> dict[str, int]:
@@ -281,35 +308,28 @@ def write_lake(lake_uri: str, prefix: str, engine: BacktestEngine, scored: Seque
     from quotewatch.core import lake
 
     names = TopicNames(prefix)
-    predictions: list[dict[str, Any]] = []
+    predictions: list[Prediction] = []
     for scores in scored:
         predictions.extend(prediction_records(engine, scores))
-    datasets = (
+    datasets: tuple[tuple[str, Sequence[BookTop | FeatureVector | Label | Prediction]], ...] = (
         (names.book_top3, engine.book_tops),
         (names.features, engine.feature_records),
         (names.labels, engine.label_records),
         (names.predictions, predictions),
     )
-    symbols = sorted({record["symbol"] for _, records in datasets for record in records})
+    symbols = sorted({record.symbol for _, records in datasets for record in records})
     written = {}
     for topic, records in datasets:
         schema = lake.file_schema_for(topic)
         offsets = dict.fromkeys(range(len(symbols)), 0)
-        runs: list[tuple[int, str, list[dict[str, Any]]]] = []
-        open_run: dict[int, tuple[int, str, list[dict[str, Any]]]] = {}
+        runs: list[tuple[int, str, list[lake.LakeRow]]] = []
+        open_run: dict[int, tuple[int, str, list[lake.LakeRow]]] = {}
         for record in records:
-            partition = symbols.index(record["symbol"])
+            partition = symbols.index(record.symbol)
             offset = offsets[partition]
             offsets[partition] = offset + 1
-            row = {
-                **record,
-                "_topic": topic,
-                "_partition": partition,
-                "_offset": offset,
-                "_key": record["symbol"],
-                "_timestamp_ms": record["ts_init"] // 1_000_000,
-            }
-            directory = lake.partition_dir(topic, record)
+            row = lake.lake_row(record, topic, partition, offset, record.symbol, record.ts_init // 1_000_000)
+            directory = lake.partition_dir(topic, row)
             run = open_run.get(partition)
             if run is not None and run[1] == directory:
                 run[2].append(row)
@@ -323,9 +343,10 @@ def write_lake(lake_uri: str, prefix: str, engine: BacktestEngine, scored: Seque
     return written
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of one file written by :func:`write_records`."""
+def read_records(path: Path) -> list[Record]:
+    """The typed records of one file written by :func:`write_records` (``<topic suffix>.avro``)."""
     import fastavro
 
+    cls = TOPIC_RECORDS[path.name.removesuffix(".avro")]
     with path.open("rb") as handle:
-        return [record for record in fastavro.reader(handle) if isinstance(record, dict)]
+        return [msgspec.convert(datum, cls) for datum in fastavro.reader(handle)]

@@ -34,13 +34,13 @@ No I/O, no clock.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from quotewatch.core.records import BookTop, FeatureVector, Label, MarketEvent, ModelRole, Prediction, RawFrame
 from quotewatch.domain.market.book_pipeline import MAX_CARRIED_MS, BookPipeline, MarketEventError, TickOutput
 from quotewatch.domain.market.labels import Labeler, LabelInputError
 from quotewatch.domain.ml.models import is_valid_probability, prediction_record
@@ -102,7 +102,7 @@ class ModelScores:
     """One model's p for every feature row (NaN where it did not score the row, as inference falls back there)."""
 
     model: LoadedModel
-    role: str
+    role: ModelRole
     p: NDArray[np.float64]
     spec_mismatches: int = 0
     invalid_outputs: int = 0
@@ -118,7 +118,7 @@ class BacktestEngine:
 
     Args:
         tick_ms, delta_ms: the grid step and the label horizon (TICK_MS, DELTA_MS).
-        keep_records: also keep every MarketEvent, BookTop, FeatureVector and Label dict.
+        keep_records: also keep every MarketEvent, BookTop, FeatureVector and Label record.
         end_ns: emit only ticks ``t < end_ns`` (and their labels); None: every tick.
     """
 
@@ -127,10 +127,10 @@ class BacktestEngine:
     keep_records: bool = False
     end_ns: int | None = None
     counts: PipelineCounts = field(default_factory=PipelineCounts)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    book_tops: list[dict[str, Any]] = field(default_factory=list)
-    feature_records: list[dict[str, Any]] = field(default_factory=list)
-    label_records: list[dict[str, Any]] = field(default_factory=list)
+    events: list[MarketEvent] = field(default_factory=list)
+    book_tops: list[BookTop] = field(default_factory=list)
+    feature_records: list[FeatureVector] = field(default_factory=list)
+    label_records: list[Label] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.normaliser = Normaliser()
@@ -149,7 +149,7 @@ class BacktestEngine:
 
     # -- feeding -------------------------------------------------------------------------------
 
-    def run_raw(self, raws: Iterable[Mapping[str, Any]]) -> BacktestEngine:
+    def run_raw(self, raws: Iterable[RawFrame]) -> BacktestEngine:
         """Normalise and process every raw record, in log order."""
         normalise = self.normaliser.process
         process_event = self.process_event
@@ -163,18 +163,18 @@ class BacktestEngine:
                 process_event(event)
         return self
 
-    def run_events(self, events: Iterable[Mapping[str, Any]]) -> BacktestEngine:
+    def run_events(self, events: Iterable[MarketEvent]) -> BacktestEngine:
         """Process MarketEvent records (each symbol's in its stream order)."""
         process_event = self.process_event
         for event in events:
             process_event(event)
         return self
 
-    def process_event(self, event: Mapping[str, Any]) -> None:
+    def process_event(self, event: MarketEvent) -> None:
         """One MarketEvent through the book pipeline, the labeler and the feature columns."""
         self.counts.events += 1
         if self.keep_records:
-            self.events.append(dict(event))
+            self.events.append(event)
         try:
             ticks = self.book.process(event)
         except MarketEventError as exc:
@@ -193,7 +193,7 @@ class BacktestEngine:
         for tick in ticks:
             top = tick.book_top
             # Past the end the ticks still go to the labeler (they label the ticks before it).
-            inside = top["ts_event"] < end
+            inside = top.ts_event < end
             if inside:
                 counts.ticks += 1
                 if keep:
@@ -203,24 +203,24 @@ class BacktestEngine:
             except LabelInputError:
                 counts.bad_tops += int(inside)
                 label = None
-            if label is not None and label["t_event"] < end:
+            if label is not None and label.t_event < end:
                 counts.labels += 1
-                self._label_t.append(label["t_event"])
-                self._label_symbol.append(symbol_id(label["symbol"]))
-                self._label_y.append(label["label"])
+                self._label_t.append(label.t_event)
+                self._label_symbol.append(symbol_id(label.symbol))
+                self._label_y.append(label.label)
                 if keep:
                     self.label_records.append(label)
             vector = tick.features
             if vector is not None and inside:
                 counts.feature_vectors += 1
-                values = vector["values"]
+                values = vector.values
                 if self._width is None:
                     self._width = len(values)
                 elif len(values) != self._width:
                     raise ValueError(f"feature vectors changed width from {self._width} to {len(values)}")
-                self._t.append(vector["ts_event"])
-                self._symbol_index.append(symbol_id(vector["symbol"]))
-                spec = vector["feature_spec_id"]
+                self._t.append(vector.ts_event)
+                self._symbol_index.append(symbol_id(vector.symbol))
+                spec = vector.feature_spec_id
                 spec_index = self._specs.get(spec)
                 if spec_index is None:
                     spec_index = self._specs[spec] = len(self._specs)
@@ -258,7 +258,7 @@ class BacktestEngine:
         )
 
 
-def score_model(features: FeatureTable, model: LoadedModel, role: str) -> ModelScores:
+def score_model(features: FeatureTable, model: LoadedModel, role: ModelRole) -> ModelScores:
     """``model``'s p for every feature row it can score, as inference scores them.
 
     Inference scores a vector with a model only when the vector's spec is the model's and the
@@ -281,7 +281,7 @@ def score_model(features: FeatureTable, model: LoadedModel, role: str) -> ModelS
     return ModelScores(model, role, p, spec_mismatches=int(rows - matches.sum()), invalid_outputs=invalid)
 
 
-def prediction_records(engine: BacktestEngine, scores: ModelScores) -> list[dict[str, Any]]:
+def prediction_records(engine: BacktestEngine, scores: ModelScores) -> list[Prediction]:
     """The Prediction records inference would write for the kept feature records (needs ``keep_records``)."""
     if len(engine.feature_records) != scores.p.size:
         raise ValueError("prediction records need an engine run with keep_records=True")

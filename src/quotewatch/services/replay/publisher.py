@@ -39,6 +39,7 @@ from quotewatch.core.kafka import (
     make_producer,
     query_watermarks,
 )
+from quotewatch.core.records import MarketEvent, RawFrame
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.services.replay import sources
@@ -115,10 +116,10 @@ def open_source(
         raise ConfigError(f"--what events needs a topic or lake source; {source.describe()} is a raw log")
     if source.kind == "capture":
         assert source.path is not None
-        raws: Iterable[dict[str, Any]] = sources.capture_raw_records(source.path, window)
+        raws: Iterable[RawFrame] = sources.capture_raw_records(source.path, window)
     else:
         raws = sources.synthetic_raw_records(source.seed, source.hours, settings.symbols, settings.tick_ms, window)
-    return None, None, (LogRecord(raw, raw["feed"].encode()) for raw in raws)
+    return None, None, (LogRecord(raw, raw.feed.encode()) for raw in raws)
 
 
 def check_fresh(settings: CommonSettings, target: str, source: SourceSpec) -> None:
@@ -259,7 +260,7 @@ def _publish(
     first_ts: int | None = None
     ts_init: int | None = None
     for record in records:
-        ts_init = int(record.value["ts_init"])
+        ts_init = record.value.ts_init
         if first_ts is None:
             first_ts = ts_init
         if pacer is not None:
@@ -312,11 +313,11 @@ def _forward(
 def _message_ts_init(message: Message | None, serde: AvroSerde, topic: str) -> int | None:
     if message is None:
         return None
-    return int(serde.decode(message.value() or b"", topic)["ts_init"])
+    return serde.decode(message.value() or b"", topic).ts_init
 
 
-def _key_of(what: str, value: dict[str, Any]) -> str:
-    return str(value["feed"] if what == "raw" else value["symbol"])
+def _key_of(what: str, value: RawFrame | MarketEvent) -> str:
+    return value.feed if what == "raw" or not isinstance(value, MarketEvent) else value.symbol
 
 
 def _produce(producer: Producer, topic: str, key: bytes | None, value: bytes | None) -> None:

@@ -30,17 +30,19 @@ import heapq
 import logging
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
+import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import ConfigError, QuoteWatchError
 from quotewatch.core.kafka import make_admin, make_consumer, poll_batch, query_watermarks
+from quotewatch.core.records import MarketEvent, RawFrame
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 
@@ -56,6 +58,10 @@ LAKE_MAX_LOOKBACK_NS = 90 * 24 * 3_600 * 10**9
 LAKE_MARGIN_NS = 5 * 60 * 10**9
 """Control records are filed by their exchange-time estimate: read this much around the window."""
 _LAKE_DROP_COLUMNS = frozenset({"_topic", "_partition", "_offset", "_key", "_timestamp_ms", "date", "hour"})
+
+LogValue = RawFrame | MarketEvent
+"""What a replay source yields: the raw log, or the market events made from it."""
+LogValueT = TypeVar("LogValueT", RawFrame, MarketEvent)
 
 
 class ReplayError(QuoteWatchError):
@@ -135,7 +141,7 @@ class Window:
 class LogRecord:
     """One record of a source, in log order."""
 
-    value: dict[str, Any]
+    value: LogValue
     key: bytes | None = None
     data: bytes | None = None
     """The original encoded value when read from Kafka (forwarded unchanged by a replay)."""
@@ -237,7 +243,7 @@ class TopicReader:
         offset = found[0].offset
         return int(offset) if offset >= 0 else None
 
-    def read_at(self, partition: int, offset: int, high: int) -> tuple[int, dict[str, Any]] | None:
+    def read_at(self, partition: int, offset: int, high: int) -> tuple[int, LogValue] | None:
         """The first record at or after ``offset`` (below ``high``), decoded, with its offset; None past the end."""
         for message in self._messages(partition, offset, high):
             return int(message.offset() or 0), self._decode(message)
@@ -282,13 +288,16 @@ class TopicReader:
             if (messages[-1].offset() or 0) >= high - 1:
                 return
 
-    def _decode(self, message: Message) -> dict[str, Any]:
+    def _decode(self, message: Message) -> LogValue:
         try:
-            return self._serde.decode(message.value() or b"", self.topic)
+            value = self._serde.decode(message.value() or b"", self.topic)
         except QuoteWatchError as exc:
             raise ReplayError(f"{self.topic}[{message.partition()}]@{message.offset()}: {exc}") from exc
+        if not isinstance(value, RawFrame | MarketEvent):
+            raise ReplayError(f"{self.topic} holds {type(value).__name__} records, not raw frames or market events")
+        return value
 
-    def first_offset_where(self, partition: int, low: int, high: int, predicate: Any) -> int:
+    def first_offset_where(self, partition: int, low: int, high: int, predicate: Callable[[LogValue], bool]) -> int:
         """The smallest offset in [low, high) whose record satisfies ``predicate`` (monotone: false..., true...).
 
         A binary search reading one record per probe; ``high`` when no record does.
@@ -321,8 +330,8 @@ class TopicReader:
         hint = self.offset_for_time(partition, ts_init_ns // _MS - TIMESTAMP_SLACK_MS)
         low = max(low, hint if hint is not None else high)
         if inclusive:
-            return self.first_offset_where(partition, low, high, lambda v: v["ts_init"] >= ts_init_ns)
-        return self.first_offset_where(partition, low, high, lambda v: v["ts_init"] > ts_init_ns)
+            return self.first_offset_where(partition, low, high, lambda v: v.ts_init >= ts_init_ns)
+        return self.first_offset_where(partition, low, high, lambda v: v.ts_init > ts_init_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,13 +377,32 @@ def find_raw_start(reader: TopicReader, start_ns: int | None) -> RawStart:
         if record is None:
             raise ReplayError(f"{reader.topic}: no record at or after offset {position}")
         offset, value = record
-        connection = value["connection_id"]
-        first = reader.first_offset_where(0, low, offset, lambda v, wanted=connection: v["connection_id"] == wanted)
+        connection = value.connection_id
+        first = reader.first_offset_where(0, low, offset, _same_connection(connection))
         found = _connected_of_stretch(reader, first, offset + 1)
         if found is not None:
             return found
         position = first - 1
     _no_connected(reader, low, high, start_ns)
+
+
+def _same_connection(connection: str) -> Callable[[LogValue], bool]:
+    return lambda value: value.connection_id == connection
+
+
+def values_of(records: Iterable[LogRecord], cls: type[LogValueT]) -> Iterator[LogValueT]:
+    """The values of ``records``, each checked to be a ``cls`` (raw frames, or market events).
+
+    Raises:
+        ReplayError: a record of the other kind (a source holding what its topic should not).
+    """
+    for record in records:
+        value = record.value
+        if not isinstance(value, cls):
+            raise ReplayError(
+                f"expected {cls.__name__} records, got a {type(value).__name__} at offset {record.offset}"
+            )
+        yield value
 
 
 def _connected_of_stretch(reader: TopicReader, first: int, end: int) -> RawStart | None:
@@ -387,12 +415,12 @@ def _connected_of_stretch(reader: TopicReader, first: int, end: int) -> RawStart
     for record in reader.records(0, first, end):
         value = record.value
         if connection is None:
-            connection = str(value["connection_id"])
-        if value["connection_id"] != connection:
+            connection = value.connection_id
+        if value.connection_id != connection:
             return None
-        if value["kind"] == "CONNECTED":
-            return RawStart(record.offset, int(value["ts_init"]), connection)
-        if value["kind"] != "CLOCK":
+        if value.kind == "CONNECTED":
+            return RawStart(record.offset, value.ts_init, connection)
+        if value.kind != "CLOCK":
             return None
     return None
 
@@ -404,7 +432,7 @@ def _no_connected(reader: TopicReader, low: int, high: int, start_ns: int | None
     at = format_time(start_ns) if start_ns is not None else "the start of the log"
     raise ReplayError(
         f"{reader.topic}: no CONNECTED record at or before {at}; the retained log starts (offset {offset}, "
-        f"{format_time(value['ts_init'])}) with a {value['kind']} of connection {value['connection_id']!r}, "
+        f"{format_time(value.ts_init)}) with a {value.kind} of connection {value.connection_id!r}, "
         "not CONNECTED: the normaliser cannot start clean there (retention removed the connection's start?). "
         "Choose --from at or after the next CONNECTED."
     )
@@ -483,7 +511,7 @@ def topic_event_records(
             # each through its own pass, then merge. Windows of events are read into memory per
             # partition (a replay window is minutes to hours of one namespace).
             per_partition = [list(reader.records(p, first, end)) for p, first, end in ranges]
-        yield from heapq.merge(*per_partition, key=lambda r: (r.value["ts_init"], r.partition, r.offset))
+        yield from heapq.merge(*per_partition, key=lambda r: (r.value.ts_init, r.partition, r.offset))
 
     return start, total, iterate()
 
@@ -491,9 +519,10 @@ def topic_event_records(
 # -- the lake --------------------------------------------------------------------------------------
 
 
-def _lake_rows(table: Any) -> list[dict[str, Any]]:
+def _lake_records(table: Any, cls: type[LogValueT]) -> list[LogValueT]:
+    """The typed records of a lake table (its Avro columns; the coordinates and hive columns dropped)."""
     keep = [name for name in table.column_names if name not in _LAKE_DROP_COLUMNS]
-    return list(table.select(keep).to_pylist())
+    return [msgspec.convert(row, cls) for row in table.select(keep).to_pylist()]
 
 
 def lake_raw_start(lake_uri: str, prefix: str, start_ns: int | None) -> RawStart:
@@ -543,9 +572,9 @@ def lake_raw_records(lake_uri: str, prefix: str, window: Window) -> tuple[RawSta
     table = read_table(lake_uri, topic, start_ns=start.ts_init - LAKE_MARGIN_NS, end_ns=end_ns)
     offsets = table.column("_offset").to_pylist()
     rows = [
-        LogRecord(row, row["feed"].encode(), None, 0, offset)
-        for row, offset in zip(_lake_rows(table), offsets, strict=True)
-        if offset >= start.offset and window.before_end(row["ts_init"])
+        LogRecord(raw, raw.feed.encode(), None, 0, offset)
+        for raw, offset in zip(_lake_records(table, RawFrame), offsets, strict=True)
+        if offset >= start.offset and window.before_end(raw.ts_init)
     ]
     return start, len(rows), iter(rows)
 
@@ -561,36 +590,36 @@ def lake_event_records(lake_uri: str, prefix: str, window: Window) -> tuple[RawS
     partitions = table.column("_partition").to_pylist()
     offsets = table.column("_offset").to_pylist()
     rows = [
-        LogRecord(row, row["symbol"].encode(), None, partition, offset)
-        for row, partition, offset in zip(_lake_rows(table), partitions, offsets, strict=True)
-        if row["ts_init"] >= start.ts_init and window.before_end(row["ts_init"])
+        LogRecord(event, event.symbol.encode(), None, partition, offset)
+        for event, partition, offset in zip(_lake_records(table, MarketEvent), partitions, offsets, strict=True)
+        if event.ts_init >= start.ts_init and window.before_end(event.ts_init)
     ]
-    rows.sort(key=lambda r: (r.value["ts_init"], r.partition, r.offset))
+    rows.sort(key=lambda r: (r.value.ts_init, r.partition, r.offset))
     return start, len(rows), iter(rows)
 
 
 # -- captures and the synthetic market -------------------------------------------------------------
 
 
-def capture_raw_records(path: Path, window: Window) -> Iterator[dict[str, Any]]:
+def capture_raw_records(path: Path, window: Window) -> Iterator[RawFrame]:
     """A capture file as the raw log the ingest would have written (its CONNECTED first), up to the window's end."""
     from quotewatch.domain.venue.captures import read_capture
 
     for raw in read_capture(path).raw_frames():
-        if not window.before_end(raw["ts_init"]):
+        if not window.before_end(raw.ts_init):
             return
         yield raw
 
 
 def synthetic_raw_records(
     seed: int, hours: float, symbols: Iterable[str], tick_ms: int, window: Window
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[RawFrame]:
     """``hours`` of the seeded synthetic market (Advanced Trade protocol) as a raw log, up to the window's end."""
     from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
     from quotewatch.domain.venue.coinbase import FEED_ADVANCED
 
     config = SyntheticConfig(symbols=tuple(symbols), seed=seed)
     for raw in synthetic_raw_frames(FEED_ADVANCED, config, int(hours * 3_600 * 10**9), tick_ms=tick_ms):
-        if not window.before_end(raw["ts_init"]):
+        if not window.before_end(raw.ts_init):
             return
         yield raw
