@@ -88,7 +88,7 @@ class _Collector:
         self.records: dict[str, _Record] = {}
         self.enums: dict[str, _Enum] = {}
 
-    def named(self, schema: dict[str, Any]) -> str:
+    def named(self, schema: dict[str, Any]) -> str:  # not a topic record: Avro schema JSON
         name = _short(schema["name"])
         if schema["type"] == "enum":
             if name not in self.enums:

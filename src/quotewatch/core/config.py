@@ -40,7 +40,7 @@ class _TomlFileSource(PydanticBaseSettingsSource):
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         raise NotImplementedError  # __call__ is overridden; pydantic-settings never calls this here
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> dict[str, Any]:  # not a topic record: settings values
         path = os.environ.get(CONFIG_FILE_ENV)
         if not path:
             return {}
@@ -48,7 +48,7 @@ class _TomlFileSource(PydanticBaseSettingsSource):
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{CONFIG_FILE_ENV}={path}: cannot read the file: {exc}") from exc
-        merged: dict[str, Any] = {}
+        merged: dict[str, Any] = {}  # not a topic record: settings values
         for table in ("common", self._service):
             section = data.get(table, {})
             if not isinstance(section, dict):
@@ -266,7 +266,7 @@ class CommonSettings(BaseSettings):
         # Precedence: keyword arguments > environment > QUOTEWATCH_CONFIG_FILE.
         return (init_settings, env_settings, _TomlFileSource(settings_cls, cls.service_name))
 
-    def masked(self) -> dict[str, Any]:
+    def masked(self) -> dict[str, Any]:  # not a topic record: settings values
         """The effective settings as plain JSON-able values, secrets masked."""
         return self.model_dump(mode="json")
 

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 class HealthStatus:
     healthy: bool
     reason: str
-    detail: dict[str, Any]
+    detail: dict[str, Any]  # not a topic record: health JSON
 
 
 class Liveness:
@@ -99,7 +99,7 @@ class Liveness:
     def status(self) -> HealthStatus:
         now = self._clock.monotonic_ns()
         with self._lock:
-            detail: dict[str, Any] = {
+            detail: dict[str, Any] = {  # not a topic record: health JSON
                 "service": self._service,
                 "records_processed": self._records,
                 "lag": self._lag,

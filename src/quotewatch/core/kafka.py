@@ -39,6 +39,8 @@ from quotewatch.core.errors import BrokerError, ConfigError, FatalError
 from quotewatch.core.records import DeadLetter
 from quotewatch.core.topics import CATALOG, LARGE_MESSAGE_BYTES, TopicSpec
 
+ClientConfig = dict[str, Any]  # not a topic record: a librdkafka client configuration
+
 logger = logging.getLogger(__name__)
 
 FETCH_WAIT_MAX_MS = 500
@@ -48,9 +50,9 @@ FETCH_QUEUE_BACKOFF_MS = 20
 """How long a consumer whose local queue is full waits before fetching again (librdkafka's default: 1000)."""
 
 
-def client_config(settings: CommonSettings) -> dict[str, Any]:
+def client_config(settings: CommonSettings) -> ClientConfig:
     """Bootstrap servers and the librdkafka security passthrough (secrets unwrapped here only)."""
-    conf: dict[str, Any] = {
+    conf: ClientConfig = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         "security.protocol": settings.kafka_security_protocol,
     }
@@ -72,7 +74,7 @@ def client_config(settings: CommonSettings) -> dict[str, Any]:
 
 def producer_config(
     settings: CommonSettings, client_id: str, transactional_id: str | None = None, **overrides: Any
-) -> dict[str, Any]:
+) -> ClientConfig:
     """An idempotent producer: acks=all and enable.idempotence, so retries never duplicate or reorder."""
     conf = client_config(settings)
     conf.update(
@@ -111,7 +113,7 @@ def make_producer(
     return _build("producer", Producer, producer_config(settings, client_id, transactional_id, **overrides))
 
 
-def consumer_config(settings: CommonSettings, group_id: str, client_id: str, **overrides: Any) -> dict[str, Any]:
+def consumer_config(settings: CommonSettings, group_id: str, client_id: str, **overrides: Any) -> ClientConfig:
     """A consumer that never commits on its own and reads only committed transactional data."""
     conf = client_config(settings)
     conf.update(
@@ -163,7 +165,7 @@ def make_admin(settings: CommonSettings) -> AdminClient:
 _Client = TypeVar("_Client", Producer, Consumer, AdminClient)
 
 
-def _build(kind: str, factory: Callable[[dict[str, Any]], _Client], config: dict[str, Any]) -> _Client:
+def _build(kind: str, factory: Callable[[ClientConfig], _Client], config: ClientConfig) -> _Client:
     """A client, or a ConfigError naming what librdkafka refused (one clear line, not a traceback)."""
     try:
         return factory(config)
@@ -312,7 +314,7 @@ class TransientBackoff:
         self.pause = 0.0
 
 
-def _topic_metadata(admin: AdminClient, timeout: float) -> dict[str, Any]:
+def _topic_metadata(admin: AdminClient, timeout: float) -> dict[str, Any]:  # not a topic record: metadata
     """Every topic's metadata by name, as the broker answers now."""
     try:
         return dict(admin.list_topics(timeout=timeout).topics)

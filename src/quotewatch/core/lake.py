@@ -142,7 +142,7 @@ _PRIMITIVES: Mapping[str, pa.DataType] = {
 }
 
 
-def avro_to_arrow(schema: Any, named: dict[str, Any] | None = None) -> tuple[pa.DataType, bool]:
+def avro_to_arrow(schema: Any, named: AvroSchemas | None = None) -> tuple[pa.DataType, bool]:
     """The Arrow type of a (fastavro-parsed or JSON) Avro schema, and whether it is nullable.
 
     Named types may be referenced by name after their first definition (``named`` collects them).
@@ -294,6 +294,7 @@ def encode_partition_value(value: str) -> str:
     return encoded
 
 
+AvroSchemas = dict[str, Any]  # not a topic record: named Avro schemas by name
 LakeRow = dict[str, Any]  # not a topic record: one Parquet row (the record's columns + the _ coordinates)
 
 

@@ -17,7 +17,7 @@ ROOT_LOGGER = "quotewatch"
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
-def _extras(record: logging.LogRecord) -> dict[str, Any]:
+def _extras(record: logging.LogRecord) -> dict[str, Any]:  # not a topic record: log extras
     return {key: value for key, value in vars(record).items() if key not in _RESERVED}
 
 
@@ -29,7 +29,7 @@ class JsonFormatter(logging.Formatter):
         self._service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        payload: dict[str, Any] = {
+        payload: dict[str, Any] = {  # not a topic record: a log line
             "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,

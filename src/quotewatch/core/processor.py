@@ -163,8 +163,8 @@ class StreamProcessor(Generic[V]):
         poll_timeout: float = 0.05,
         group_id: str | None = None,
         transactional_id: str | None = None,
-        consumer_overrides: Mapping[str, Any] | None = None,
-        producer_overrides: Mapping[str, Any] | None = None,
+        consumer_overrides: Mapping[str, Any] | None = None,  # not a topic record: librdkafka config
+        producer_overrides: Mapping[str, Any] | None = None,  # not a topic record: librdkafka config
     ) -> None:
         self._settings = settings
         self._service = service

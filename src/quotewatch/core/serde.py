@@ -62,7 +62,7 @@ def registry_client(url: str, basic_auth_user_info: str | None = None) -> Regist
     """A schema registry client for ``url``; ``mock://...`` gives confluent-kafka's in-memory mock."""
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    conf: dict[str, Any] = {"url": url}
+    conf: dict[str, Any] = {"url": url}  # not a topic record: registry client config
     if basic_auth_user_info:
         conf["basic.auth.user.info"] = basic_auth_user_info
     client: RegistryClient = SchemaRegistryClient.new_client(conf)
@@ -85,7 +85,7 @@ class AvroSerde:
         self._registered: dict[tuple[str, int], int] = {}
         self._by_registry_id: dict[int, SchemaVersion] = {}
         self._topic_schema: dict[str, tuple[SchemaVersion, type[AnyRecord]]] = {}
-        self._resolved: dict[tuple[int, int, str | None], tuple[SchemaVersion, Any, int, type[Record]]] = {}
+        self._resolved: dict[tuple[int, int, str | None], tuple[SchemaVersion, Any, int, type[Record] | None]] = {}
 
     @property
     def store(self) -> SchemaStore:
@@ -171,9 +171,24 @@ class AvroSerde:
 
         Raises:
             DecodeError: not a record in a known framing, or the body does not decode.
-            UnknownSchemaError: the writer schema is not known here.
+            UnknownSchemaError: the writer schema is not known here, or is no topic's value schema.
         """
-        # Hot path: (writer id, topic) -> (writer, reader schema or None, class) is resolved once and cached.
+        datum, writer, cls = self._read(data, topic)
+        if cls is None:
+            raise UnknownSchemaError(f"{writer.name} is not the value schema of a QuoteWatch topic")
+        try:
+            record: Record = msgspec.convert(datum, cls)
+        except (msgspec.ValidationError, TypeError) as exc:
+            raise DecodeError(f"{writer.name} v{writer.version} body is not a {cls.__name__}: {exc}") from exc
+        return record
+
+    def decode_datum(self, data: bytes, topic: str | None = None) -> AvroDatum:
+        """:meth:`decode` up to the plain Avro datum, before it becomes a record class (schema
+        evolution tests; tools that print whatever a topic holds)."""
+        return self._read(data, topic)[0]
+
+    def _read(self, data: bytes, topic: str | None) -> tuple[AvroDatum, SchemaVersion, type[Record] | None]:
+        # Hot path: (writer id, topic) -> (writer, reader schema or None, offset, class) is resolved once and cached.
         if data[:2] == SINGLE_OBJECT_MAGIC and len(data) >= _SINGLE_OBJECT_HEADER:
             key: tuple[int, int, str | None] = (0, int.from_bytes(data[2:_SINGLE_OBJECT_HEADER], "little"), topic)
         elif data[:1] == b"\x00" and len(data) >= _CONFLUENT_HEADER:
@@ -185,8 +200,6 @@ class AvroSerde:
             writer, offset = self.writer_of(data)
             reader = self._reader_for(writer, topic)
             cls = _TOPIC_CLASSES.get(reader.name)
-            if cls is None:
-                raise UnknownSchemaError(f"{reader.name} is not the value schema of a QuoteWatch topic")
             resolved = (writer, None if reader is writer else reader.schema, offset, cls)
             with self._lock:
                 self._resolved[key] = resolved
@@ -199,11 +212,9 @@ class AvroSerde:
             raise DecodeError(f"cannot decode {writer.name} v{writer.version} body: {exc!r}") from exc
         if buffer.tell() != len(data):
             raise DecodeError(f"{len(data) - buffer.tell()} trailing bytes after a {writer.name} record")
-        try:
-            record: Record = msgspec.convert(decoded, cls)
-        except (msgspec.ValidationError, TypeError) as exc:
-            raise DecodeError(f"{writer.name} v{writer.version} body is not a {cls.__name__}: {exc}") from exc
-        return record
+        if not isinstance(decoded, dict):
+            raise DecodeError(f"{writer.name} is not a record schema")
+        return decoded, writer, cls
 
     def decode_as(self, data: bytes, topic: str | None, cls: type[RecordT]) -> RecordT:
         """:meth:`decode`, checked to give a ``cls`` (e.g. ``decode_as(data, topic, MarketEvent)``).
@@ -297,7 +308,7 @@ def _union_hints(schema: SchemaVersion) -> tuple[tuple[str, str], ...]:
     return hints
 
 
-def _is_record(root: dict[str, Any], name: str) -> bool:
+def _is_record(root: dict[str, Any], name: str) -> bool:  # not a topic record: a parsed Avro schema
     named = root.get("__named_schemas", {})
     return isinstance(named.get(name), dict) and named[name].get("type") == "record"
 

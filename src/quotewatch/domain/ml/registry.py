@@ -137,7 +137,7 @@ class LoadedModel:
     feature_spec_id: str | None
     feature_names: tuple[str, ...]
     run_id: str | None = None
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # not a topic record: MLflow model metadata
 
     def predict(self, features: NDArray[np.float64]) -> NDArray[np.float64]:
         """P(y = 1) per row of ``features`` (see :func:`positive_probability`)."""
@@ -229,7 +229,7 @@ def webhook_signature(secret: str, delivery_id: str, timestamp: str, body: bytes
 
 def verify_webhook(
     secret: str, headers: Headers, body: bytes, now_seconds: float, tolerance_seconds: float = 300.0
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # not a topic record: MLflow metadata
     """Check a webhook request's HMAC signature and freshness; return its JSON payload.
 
     Args:
@@ -263,7 +263,7 @@ def verify_webhook(
     return payload
 
 
-def is_alias_change(payload: Mapping[str, Any], model_name: str) -> bool:
+def is_alias_change(payload: Mapping[str, Any], model_name: str) -> bool:  # not a topic record: webhook JSON
     """True for a ``model_version_alias.created`` event of ``model_name``."""
     data = payload.get("data") or {}
     return (

@@ -149,7 +149,7 @@ def read_capture(path: Path | str) -> Capture:
     return Capture(path=path, feed=feed, symbols=tuple(sorted(symbols)), lines=lines, recv_ns=recv_ns)
 
 
-def _collect_symbols(message: dict[str, Any], symbols: dict[str, None]) -> None:
+def _collect_symbols(message: dict[str, Any], symbols: dict[str, None]) -> None:  # not a topic record: Coinbase JSON
     product = message.get("product_id")
     if isinstance(product, str) and message.get("type") in {"snapshot", "l2update", "match", "heartbeat"}:
         symbols[product] = None

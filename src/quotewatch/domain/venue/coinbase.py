@@ -54,6 +54,8 @@ from quotewatch.core.records import (
 )
 from quotewatch.core.units import parse_e8
 
+JsonMessage = dict[str, Any]  # not a topic record: a decoded Coinbase JSON message
+
 FEED_ADVANCED: Final = "coinbase-advanced"
 FEED_EXCHANGE: Final = "coinbase-exchange"
 FEEDS: Final = (FEED_ADVANCED, FEED_EXCHANGE)
@@ -257,7 +259,7 @@ def format_time_ns(ns: int, digits: int = 6) -> str:
     return f"{head}.{nanos:09d}"[: 20 + digits] + "Z" if digits else f"{head}Z"
 
 
-def _require(message: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def _require(message: JsonMessage, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     value = message.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise InvalidFieldError(
@@ -308,7 +310,7 @@ def parse_exchange_message(message: Any) -> ParsedMessage:
     raise UnknownMessageError(f"unknown Exchange message type {kind!r:.60}", book_affected=False)
 
 
-def parse_exchange_snapshot(message: dict[str, Any]) -> ParsedMessage:
+def parse_exchange_snapshot(message: JsonMessage) -> ParsedMessage:
     """A full-depth book.
 
     Sample (2018 capture, truncated)::
@@ -333,7 +335,7 @@ def parse_exchange_snapshot(message: dict[str, Any]) -> ParsedMessage:
     )
 
 
-def parse_exchange_l2update(message: dict[str, Any]) -> ParsedMessage:
+def parse_exchange_l2update(message: JsonMessage) -> ParsedMessage:
     """A batch of level changes (``level2`` and ``level2_batch``): side, price, new absolute size.
 
     Sample (2018 capture)::
@@ -361,7 +363,7 @@ def parse_exchange_l2update(message: dict[str, Any]) -> ParsedMessage:
     return ParsedMessage(events=[Parsed("UPDATE", symbol, ts_event, BookUpdate(changes=tuple(changes)))])
 
 
-def parse_exchange_match(message: dict[str, Any]) -> ParsedMessage:
+def parse_exchange_match(message: JsonMessage) -> ParsedMessage:
     """A trade; ``side`` is the maker's side, so the aggressor is the opposite.
 
     Sample (2018 capture)::
@@ -394,7 +396,7 @@ def parse_exchange_match(message: dict[str, Any]) -> ParsedMessage:
     )
 
 
-def parse_exchange_heartbeat(message: dict[str, Any]) -> ParsedMessage:
+def parse_exchange_heartbeat(message: JsonMessage) -> ParsedMessage:
     """A per-product heartbeat (once a second on the ``heartbeat`` channel).
 
     Sample (Exchange docs)::
@@ -410,7 +412,7 @@ def parse_exchange_heartbeat(message: dict[str, Any]) -> ParsedMessage:
     )
 
 
-def parse_exchange_subscriptions(message: dict[str, Any]) -> ParsedMessage:
+def parse_exchange_subscriptions(message: JsonMessage) -> ParsedMessage:
     """The server's list of active subscriptions; confirms the book channel's products.
 
     Sample (2018 capture)::
@@ -483,7 +485,7 @@ def advanced_envelope(message: Any) -> tuple[int, int | None]:
     return sequence, ts
 
 
-def _sequence(message: dict[str, Any]) -> int:
+def _sequence(message: JsonMessage) -> int:
     return _valid_sequence(message.get("sequence_num"))
 
 
@@ -492,7 +494,7 @@ def _valid_sequence(sequence: Any) -> int:
     return sequence if type(sequence) is int and 0 <= sequence <= _MAX_LONG else -1
 
 
-def _advanced_envelope_required(message: dict[str, Any], where: str) -> tuple[int, int, list[Any]]:
+def _advanced_envelope_required(message: JsonMessage, where: str) -> tuple[int, int, list[Any]]:
     sequence = _sequence(message)
     if sequence < 0:
         raise InvalidFieldError(f"{where}: 'sequence_num' missing or not a non-negative integer", book_affected=True)
@@ -501,7 +503,7 @@ def _advanced_envelope_required(message: dict[str, Any], where: str) -> tuple[in
     return sequence, ts, events
 
 
-def parse_advanced_l2_data(message: dict[str, Any]) -> ParsedMessage:
+def parse_advanced_l2_data(message: JsonMessage) -> ParsedMessage:
     """Level-2 book events: ``snapshot`` (full depth) and ``update`` (new absolute quantity; "0" deletes).
 
     Sample (2026 capture, truncated)::
@@ -573,7 +575,7 @@ def parse_advanced_l2_data(message: dict[str, Any]) -> ParsedMessage:
     return ParsedMessage(events=parsed, sequence=sequence, ts_event=ts, confirmed=tuple(confirmed))
 
 
-def parse_advanced_market_trades(message: dict[str, Any]) -> ParsedMessage:
+def parse_advanced_market_trades(message: JsonMessage) -> ParsedMessage:
     """Trades, batched over up to 250 ms; ``side`` is the maker side (see the module docstring).
 
     ``snapshot`` events replay recent history from before the subscription and are dropped (like
@@ -621,7 +623,7 @@ def parse_advanced_market_trades(message: dict[str, Any]) -> ParsedMessage:
     return ParsedMessage(events=parsed, sequence=sequence, ts_event=ts, ignored=not parsed)
 
 
-def parse_advanced_heartbeats(message: dict[str, Any]) -> ParsedMessage:
+def parse_advanced_heartbeats(message: JsonMessage) -> ParsedMessage:
     """A connection-wide heartbeat (once a second); becomes a HEARTBEAT for every subscribed symbol.
 
     Sample (2026 capture)::
@@ -634,7 +636,7 @@ def parse_advanced_heartbeats(message: dict[str, Any]) -> ParsedMessage:
     return ParsedMessage(events=[Parsed("HEARTBEAT", None, ts)], sequence=sequence, ts_event=ts)
 
 
-def parse_advanced_subscriptions(message: dict[str, Any]) -> ParsedMessage:
+def parse_advanced_subscriptions(message: JsonMessage) -> ParsedMessage:
     """The server's list of active subscriptions; confirms the ``level2`` products.
 
     Sample (2026 capture)::
@@ -712,7 +714,7 @@ def subscribe_messages(
     *,
     credentials: ExchangeCredentials | None = None,
     timestamp: str | None = None,
-) -> list[dict[str, Any]]:
+) -> list[JsonMessage]:
     """The subscribe messages to send after connecting, in order.
 
     Advanced Trade takes one channel per message (``level2``, ``heartbeats``, ``market_trades``).
@@ -726,7 +728,7 @@ def subscribe_messages(
     if feed != FEED_EXCHANGE:
         raise ValueError(f"unknown feed {feed!r}; one of {', '.join(FEEDS)}")
     channels = list(EXCHANGE.channels)
-    message: dict[str, Any] = {"type": "subscribe", "product_ids": products, "channels": channels}
+    message: JsonMessage = {"type": "subscribe", "product_ids": products, "channels": channels}
     if credentials is not None:
         if timestamp is None:
             raise ValueError("an authenticated subscribe needs the signing timestamp")

@@ -41,7 +41,7 @@ class TradePrint:
     ts_ns: int
 
 
-def _dumps(message: Mapping[str, Any]) -> str:
+def _dumps(message: Mapping[str, Any]) -> str:  # not a topic record: Coinbase JSON
     return orjson.dumps(message).decode()
 
 

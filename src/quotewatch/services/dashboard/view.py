@@ -25,6 +25,8 @@ from plotly.utils import PlotlyJSONEncoder
 from quotewatch.core.records import BookLevel, LiveMetrics, Snapshot
 from quotewatch.core.units import format_e8
 
+Props = dict[str, Any]  # not a topic record: Dash component properties or a Plotly layout
+
 NA = "—"
 """Shown where a value is unknown: null, NaN, infinite, or a side of the book that is empty."""
 LADDER_DEPTH = 3
@@ -406,9 +408,7 @@ def render_kpis(latest: Latest | None, feed: FeedView, stale_after_ns: int) -> d
             ("kpi-auc", "children"): format_number(metrics.auc if metrics else None),
             ("kpi-brier", "children"): format_number(metrics.brier if metrics else None),
             ("kpi-balanced-accuracy", "children"): format_number(metrics.balanced_accuracy if metrics else None),
-            ("kpi-n-labels", "children"): (
-                f"{format_count(metrics.n_labels)} labels" if metrics else "no labels yet"
-            ),
+            ("kpi-n-labels", "children"): (f"{format_count(metrics.n_labels)} labels" if metrics else "no labels yet"),
             ("kpi-updates", "children"): format_rate(snapshot.updates_per_second),
             ("kpi-feed-state", "children"): feed_state,
             ("kpi-feed-state", "className"): f"badge {feed_state_class(feed_state)}",
@@ -419,9 +419,9 @@ def render_kpis(latest: Latest | None, feed: FeedView, stale_after_ns: int) -> d
     return out
 
 
-def props_by_component(values: Mapping[tuple[str, str], Any]) -> dict[str, dict[str, Any]]:
+def props_by_component(values: Mapping[tuple[str, str], Any]) -> dict[str, Props]:
     """``{(id, prop): value}`` regrouped as ``{id: {prop: value}}``, the shape ``set_props`` takes (push mode)."""
-    grouped: dict[str, dict[str, Any]] = {}
+    grouped: dict[str, Props] = {}
     for (component, prop), value in values.items():
         grouped.setdefault(component, {})[prop] = value
     return grouped
@@ -429,7 +429,7 @@ def props_by_component(values: Mapping[tuple[str, str], Any]) -> dict[str, dict[
 
 def props_to_send(
     values: Mapping[tuple[str, str], Any], sent: Mapping[tuple[str, str], str]
-) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+) -> tuple[dict[str, Props], dict[tuple[str, str], str]]:
     """Push mode: the props whose JSON differs from what the page was last sent, grouped by component.
 
     Returns (``{id: {prop: value}}`` to send, the updated record of what was sent). Each
@@ -508,12 +508,12 @@ def sparkline_figure(
     y_range: tuple[float, float] | None = None,
     max_points: int = 600,
     tick_format: str | None = None,
-) -> dict[str, Any]:
+) -> Props:
     """A small line chart (a plain Plotly figure dict) of ``values`` over event time; NaN/null are gaps."""
     keep = downsample_indices(len(ts_event_ns), max_points)
     xs = [ts_event_ns[i] / 1e6 for i in keep]  # epoch ms: Plotly reads numbers on a date axis as ms
     ys = [_finite_or_none(values[i]) for i in keep]
-    yaxis: dict[str, Any] = {"showgrid": True, "gridcolor": "#eef0f3", "zeroline": False, "tickfont": {"size": 10}}
+    yaxis: Props = {"showgrid": True, "gridcolor": "#eef0f3", "zeroline": False, "tickfont": {"size": 10}}
     if y_range is not None:
         yaxis["range"] = list(y_range)
     if tick_format is not None:

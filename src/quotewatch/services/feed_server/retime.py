@@ -43,7 +43,7 @@ def shifted(message: Any, shift_ns: int) -> Any:
     A value under a time key that is not a valid timestamp is left as recorded.
     """
     if isinstance(message, dict):
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {}  # not a topic record: a JSON message
         for key, value in message.items():
             if key in TIME_KEYS and isinstance(value, str):
                 out[key] = _shift_text(value, shift_ns)

@@ -54,6 +54,8 @@ from quotewatch.domain.venue.coinbase import EXCHANGE_SIGNATURE_PATH, FEED_ADVAN
 from quotewatch.domain.venue.coinbase_messages import TradePrint
 from quotewatch.services.feed_server.retime import TIMESTAMPS, Timestamps, first_exchange_time, shift_for, shifted
 
+JsonMessage = dict[str, Any]  # not a topic record: a client's or the exchange's JSON message
+
 logger = logging.getLogger(__name__)
 
 Protocol = Literal["advanced", "exchange"]
@@ -547,7 +549,7 @@ class FeedServer:
         ):
             conn.heartbeats = asyncio.create_task(self._heartbeats(conn))
 
-    def _advanced_request(self, message: dict[str, Any]) -> dict[str, list[str]]:
+    def _advanced_request(self, message: JsonMessage) -> dict[str, list[str]]:
         channel = message.get("channel")
         if not isinstance(channel, str):
             raise FeedServerError("one channel per subscribe message: 'channel' must be a string")
@@ -563,7 +565,7 @@ class FeedServer:
         self._check_products(products)
         return {channel: products}
 
-    def _exchange_request(self, message: dict[str, Any]) -> dict[str, list[str]]:
+    def _exchange_request(self, message: JsonMessage) -> dict[str, list[str]]:
         default_products = message.get("product_ids") or []
         channels = message.get("channels")
         if not isinstance(channels, list) or not channels:
@@ -586,7 +588,7 @@ class FeedServer:
             requested[name] = list(products)
         return requested
 
-    def _check_exchange_auth(self, message: dict[str, Any]) -> None:
+    def _check_exchange_auth(self, message: JsonMessage) -> None:
         fields = [message.get(k) for k in ("key", "signature", "timestamp", "passphrase")]
         if not all(isinstance(f, str) and f for f in fields):
             raise FeedServerError("level2 requires authentication: key, signature, timestamp and passphrase")
@@ -751,7 +753,7 @@ def _classify(message: Any, advanced: bool) -> tuple[str | None, list[str], bool
     return None, [], False
 
 
-def _renumber(message: dict[str, Any], sequence: int) -> str:
+def _renumber(message: JsonMessage, sequence: int) -> str:
     return orjson.dumps({**message, "sequence_num": sequence}).decode()
 
 

@@ -66,7 +66,7 @@ class WebhookReceiver:
                 else:
                     self._reply(200, {"nudged": False})
 
-            def _reply(self, code: int, body: dict[str, Any]) -> None:
+            def _reply(self, code: int, body: dict[str, Any]) -> None:  # not a topic record: JSON reply
                 data = json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")

@@ -611,7 +611,7 @@ class IngestService:
         )
         await self._put(QueueItem("OVERFLOW", text, connection_id, -1, self._stamp()))
 
-    def _subscribe_messages(self) -> list[dict[str, Any]]:
+    def _subscribe_messages(self) -> list[dict[str, Any]]:  # not a topic record: subscribe messages
         timestamp = str(int(self._clock.now_ns() // 1_000_000_000)) if self._credentials else None
         return subscribe_messages(self.feed, self.symbols, credentials=self._credentials, timestamp=timestamp)
 

@@ -173,7 +173,7 @@ class LakeSink:
         publish: Publisher = publish_file,
         batch_size: int = 1000,
         poll_timeout: float = 0.1,
-        consumer_overrides: Mapping[str, Any] | None = None,
+        consumer_overrides: Mapping[str, Any] | None = None,  # not a topic record: librdkafka config
     ) -> None:
         self._settings = settings
         self._serde = serde

@@ -180,7 +180,7 @@ def replay(
     # Delivery reports for failures only: a lost record still fails the replay, without a Python
     # callback per delivered record.
     if producer is None:
-        only_errors: dict[str, Any] = {"delivery.report.only.error": True}
+        only_errors: dict[str, Any] = {"delivery.report.only.error": True}  # not a topic record: librdkafka config
         producer = make_producer(settings, f"replay-{target_prefix}", None, on_delivery=delivery, **only_errors)
     start: RawStart | None
     total: int | None

@@ -58,7 +58,7 @@ class Evaluation:
         ]
         return max(aucs, key=lambda item: item[1]) if aucs else None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:  # not a topic record: report JSON
         return {
             "rows": int(self.y.size),
             "scores": {name: s.as_dict() for name, s in self.scores.items()},
@@ -272,7 +272,7 @@ def log_to_mlflow(
     tracking_uri: str,
     experiment: str,
     result: Evaluation,
-    params: Mapping[str, Any],
+    params: Mapping[str, Any],  # not a topic record: run parameters
     artifacts: Sequence[Path],
     run_name: str | None = None,
 ) -> str:
@@ -308,6 +308,6 @@ def _metric_prefix(name: str) -> str:
     return f"{cleaned}_"
 
 
-def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
+def write_json(path: Path, payload: Mapping[str, Any]) -> Path:  # not a topic record: report JSON
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     return path

@@ -48,6 +48,8 @@ from quotewatch.services.trainer.training import (
     gate,
 )
 
+RunContext = Mapping[str, Any]  # not a topic record: the MLflow run context
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -150,7 +152,7 @@ def publish(
     experiment_name: str,
     thresholds: GateThresholds,
     alias: str | None,
-    context: Mapping[str, Any],
+    context: Mapping[str, Any],  # not a topic record: MLflow run context
     progress: Callable[[str], None] | None = None,
 ) -> PublishOutcome:
     """Log the run, register ``candidate`` as a new version of ``model_name``, gate, maybe move ``alias``.
@@ -215,7 +217,7 @@ def _log_run(
     champion_version: str | None,
     decision: GateDecision,
     thresholds: GateThresholds,
-    context: Mapping[str, Any],
+    context: Mapping[str, Any],  # not a topic record: MLflow run context
 ) -> None:
     import mlflow
 
@@ -329,7 +331,7 @@ def _calibration_plot(
     plt.close(figure)
 
 
-def _log_model(result: TrainingResult, candidate: Candidate, context: Mapping[str, Any]) -> Any:
+def _log_model(result: TrainingResult, candidate: Candidate, context: RunContext) -> Any:
     import pandas as pd
     from mlflow.models import infer_signature
 
@@ -373,7 +375,7 @@ def _log_model(result: TrainingResult, candidate: Candidate, context: Mapping[st
 
 
 def _version_tags(
-    result: TrainingResult, candidate: Candidate, decision: GateDecision, context: Mapping[str, Any]
+    result: TrainingResult, candidate: Candidate, decision: GateDecision, context: RunContext
 ) -> dict[str, str]:
     split = result.split.describe(result.data)
     scores = candidate.scores

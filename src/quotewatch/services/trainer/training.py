@@ -29,6 +29,8 @@ from quotewatch.domain.ml import evaluation
 from quotewatch.domain.ml.evaluation import BaselineFit, Scores
 from quotewatch.domain.ml.models import feature_names_for, positive_probability
 
+Params = dict[str, Any]  # not a topic record: model parameters and descriptions logged to MLflow
+
 logger = logging.getLogger(__name__)
 
 ModelKind = Literal["lr", "xgb"]
@@ -103,7 +105,7 @@ class Split:
     test_start_ns: int
     gap_ns: int
 
-    def describe(self, data: TrainingSet) -> dict[str, Any]:
+    def describe(self, data: TrainingSet) -> Params:
         return {
             "train_rows": int(self.train.sum()),
             "test_rows": int(self.test.sum()),
@@ -121,7 +123,7 @@ class Candidate:
 
     kind: ModelKind
     model: Any
-    params: dict[str, Any]
+    params: Params
     scores: Scores
     p_test: NDArray[np.float64]
 
@@ -258,7 +260,7 @@ def fit_model(
     y: NDArray[np.int64],
     options: TrainingOptions,
     on_round: Callable[[int, int], None] | None = None,
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Any, Params]:
     """Fit one model kind; return it with its hyper-parameters.
 
     Args:
@@ -269,7 +271,7 @@ def fit_model(
         from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
 
-        params: dict[str, Any] = {"model": "lr", "C": options.lr_c, "max_iter": 1000, "scaler": "standard"}
+        params: Params = {"model": "lr", "C": options.lr_c, "max_iter": 1000, "scaler": "standard"}
         model = Pipeline(
             [
                 ("scaler", StandardScaler()),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
+from quotewatch.core.records import BookLevel, MarketEvent
 from quotewatch.domain.market.book_pipeline import (
     BookPipeline,
     MarketEventError,
@@ -33,7 +34,7 @@ from tests.unit.services.book.market_events import (
 BOOK = ([(100 * E8, 1 * E8), (99 * E8, 2 * E8), (98 * E8, 3 * E8)], [(101 * E8, 4 * E8), (102 * E8, 5 * E8)])
 
 
-def run(pipeline: SymbolPipeline | BookPipeline, events: list[dict[str, Any]]) -> list[TickOutput]:
+def run(pipeline: SymbolPipeline | BookPipeline, events: list[MarketEvent]) -> list[TickOutput]:
     out: list[TickOutput] = []
     for position, record in enumerate(events):
         out.extend(pipeline.process(record, position))
@@ -41,7 +42,7 @@ def run(pipeline: SymbolPipeline | BookPipeline, events: list[dict[str, Any]]) -
 
 
 def ticks(outputs: list[TickOutput]) -> list[int]:
-    return [(o.book_top["ts_event"] - T0) // MS for o in outputs]
+    return [(o.book_top.ts_event - T0) // MS for o in outputs]
 
 
 def test_a_tick_is_the_book_after_every_event_up_to_t_and_closes_on_the_first_later_event() -> None:
@@ -56,19 +57,19 @@ def test_a_tick_is_the_book_after_every_event_up_to_t_and_closes_on_the_first_la
     )
     assert ticks(out) == [100]
     top = out[0].book_top
-    assert top["bids"][0] == {"price_e8": 100 * E8, "size_e8": 9 * E8}
-    assert top["ts_init"] == 555, "ts_init is the closing event's"
-    assert top["epoch"] == T0 + 10 * MS
-    assert top["tick_ms"] == 100
-    assert len(top["bids"]) == 3
-    assert len(top["asks"]) == 2
+    assert top.bids[0] == BookLevel(price_e8=100 * E8, size_e8=9 * E8)
+    assert top.ts_init == 555, "ts_init is the closing event's"
+    assert top.epoch == T0 + 10 * MS
+    assert top.tick_ms == 100
+    assert len(top.bids) == 3
+    assert len(top.asks) == 2
     features = out[0].features
     assert features is not None
-    assert features["feature_spec_id"] == FEATURE_SPEC_ID
-    assert features["bids"] == top["bids"]
-    assert features["asks"] == top["asks"]
-    assert features["values"][FEATURE_INDEX["mid"]] == 100.5
-    assert features["values"][FEATURE_INDEX["updates_100ms"]] == 1.0
+    assert features.feature_spec_id == FEATURE_SPEC_ID
+    assert features.bids == top.bids
+    assert features.asks == top.asks
+    assert features.values[FEATURE_INDEX["mid"]] == 100.5
+    assert features.values[FEATURE_INDEX["updates_100ms"]] == 1.0
     assert pipeline.next_tick_ns == T0 + 200 * MS
 
 
@@ -76,7 +77,7 @@ def test_quiet_ticks_carry_the_state_and_a_long_jump_is_bounded() -> None:
     pipeline = SymbolPipeline("BTC-USD", 100)
     out = run(pipeline, [snapshot(T0 + 10 * MS, *BOOK), clock(T0 + 450 * MS)])
     assert ticks(out) == [100, 200, 300, 400]
-    assert all(o.book_top == out[0].book_top | {"ts_event": o.book_top["ts_event"]} for o in out)
+    assert all(o.book_top == replace(out[0].book_top, ts_event=o.book_top.ts_event) for o in out)
     out = run(pipeline, [clock(T0 + 3_600_000 * MS)])  # an hour later
     assert len(out) == pipeline.max_carried_ticks == 50
     assert ticks(out)[0] == 500
@@ -97,10 +98,10 @@ def test_feature_windows_after_a_bounded_jump_equal_an_unbounded_run() -> None:
     ]
     bounded = run(SymbolPipeline("BTC-USD", 100), events)
     unbounded = run(SymbolPipeline("BTC-USD", 100, max_carried_ms=10**9), events)
-    by_tick = {o.book_top["ts_event"]: o for o in unbounded}
+    by_tick = {o.book_top.ts_event: o for o in unbounded}
     assert len(bounded) < len(unbounded)
     for output in bounded:
-        assert output == by_tick[output.book_top["ts_event"]]
+        assert output == by_tick[output.book_top.ts_event]
 
 
 def test_out_of_order_events_count_in_the_open_tick_and_time_never_goes_back() -> None:
@@ -115,8 +116,8 @@ def test_out_of_order_events_count_in_the_open_tick_and_time_never_goes_back() -
         ],
     )
     assert ticks(out) == [100, 200, 300]
-    assert out[1].book_top["bids"][0]["size_e8"] == 1 * E8
-    assert out[2].book_top["bids"][0]["size_e8"] == 9 * E8
+    assert out[1].book_top.bids[0].size_e8 == 1 * E8
+    assert out[2].book_top.bids[0].size_e8 == 9 * E8
     assert pipeline.watermark_ns == T0 + 310 * MS
 
 
@@ -158,10 +159,10 @@ def test_gap_unsyncs_until_the_next_snapshot_which_starts_a_new_epoch() -> None:
         ],
     )
     assert ticks(out) == [100, 500, 600]
-    assert [o.book_top["epoch"] for o in out] == [T0 + 10 * MS, T0 + 430 * MS, T0 + 430 * MS]
-    assert out[1].book_top["bids"] == [{"price_e8": 90 * E8, "size_e8": E8}]
+    assert [o.book_top.epoch for o in out] == [T0 + 10 * MS, T0 + 430 * MS, T0 + 430 * MS]
+    assert out[1].book_top.bids == (BookLevel(price_e8=90 * E8, size_e8=E8),)
     assert out[1].features is not None
-    assert out[1].features["values"][FEATURE_INDEX["updates_1000ms"]] == 0.0, "feature state resets per epoch"
+    assert out[1].features.values[FEATURE_INDEX["updates_1000ms"]] == 0.0, "feature state resets per epoch"
 
 
 def test_nothing_is_emitted_before_the_first_snapshot() -> None:
@@ -180,7 +181,7 @@ def test_status_sets_the_feed_state_carried_in_the_features() -> None:
             clock(T0 + 210 * MS),
         ],
     )
-    assert [o.features["feed_state"] for o in out if o.features] == ["SUBSCRIBED", "RECONNECTING"]
+    assert [o.features.feed_state for o in out if o.features] == ["SUBSCRIBED", "RECONNECTING"]
 
 
 def test_a_crossed_book_is_unsynced() -> None:
@@ -196,7 +197,7 @@ def test_a_crossed_book_is_unsynced() -> None:
 def test_a_one_sided_book_gives_a_top_but_no_features() -> None:
     out = run(SymbolPipeline("BTC-USD", 100), [snapshot(T0 + 10 * MS, BOOK[0], []), clock(T0 + 110 * MS)])
     assert len(out) == 1
-    assert out[0].book_top["asks"] == []
+    assert out[0].book_top.asks == ()
     assert out[0].features is None
 
 
@@ -225,12 +226,12 @@ def test_multi_symbol_interleaving_keeps_symbols_apart() -> None:
             clock(T0 + 210 * MS, symbol="ETH-USD"),
         ],
     )
-    assert [(o.book_top["symbol"], ticks([o])[0]) for o in out] == [
+    assert [(o.book_top.symbol, ticks([o])[0]) for o in out] == [
         ("BTC-USD", 100),
         ("ETH-USD", 100),
         ("ETH-USD", 200),
     ]
-    assert out[2].book_top["bids"][0]["size_e8"] == 3 * E8
+    assert out[2].book_top.bids[0].size_e8 == 3 * E8
 
 
 def test_tick_ms_must_divide_the_feature_windows() -> None:
@@ -243,7 +244,7 @@ def test_two_runs_give_identical_outputs() -> None:
     assert run(BookPipeline(100), events) == run(BookPipeline(100), events)
 
 
-def _replay_equivalence(events: list[dict[str, Any]], cut: int) -> None:
+def _replay_equivalence(events: list[MarketEvent], cut: int) -> None:
     """Process events[:cut]; a fresh pipeline replaying from restart_position (outputs discarded)
     must then produce exactly the outputs of the uninterrupted one for the rest."""
     original = BookPipeline(100)

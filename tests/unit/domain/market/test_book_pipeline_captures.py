@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from quotewatch.core.records import BookLevel
 from quotewatch.domain.market.book_pipeline import BookPipeline, TickOutput
 from quotewatch.domain.venue.captures import capture_files, read_capture
 from quotewatch.domain.venue.normaliser import Normaliser
@@ -36,7 +37,7 @@ class ReferenceBooks:
 
     def __init__(self) -> None:
         self.books: dict[str, dict[str, dict[int, int]]] = {}
-        self._tops: dict[str, tuple[list[dict[str, int]], list[dict[str, int]]]] = {}
+        self._tops: dict[str, tuple[tuple[BookLevel, ...], tuple[BookLevel, ...]]] = {}
 
     def apply_line(self, line: str) -> None:
         message = json.loads(line)
@@ -70,13 +71,13 @@ class ReferenceBooks:
         else:
             levels.pop(price, None)
 
-    def top3(self, product: str) -> tuple[list[dict[str, int]], list[dict[str, int]]]:
+    def top3(self, product: str) -> tuple[tuple[BookLevel, ...], tuple[BookLevel, ...]]:
         """Best 3 per side by a full scan (cached until a line touches the product)."""
         if product not in self._tops:
             book = self.books[product]
             self._tops[product] = (
-                [{"price_e8": p, "size_e8": book["bid"][p]} for p in heapq.nlargest(3, book["bid"])],
-                [{"price_e8": p, "size_e8": book["ask"][p]} for p in heapq.nsmallest(3, book["ask"])],
+                tuple(BookLevel(price_e8=p, size_e8=book["bid"][p]) for p in heapq.nlargest(3, book["bid"])),
+                tuple(BookLevel(price_e8=p, size_e8=book["ask"][p]) for p in heapq.nsmallest(3, book["ask"])),
             )
         return self._tops[product]
 
@@ -94,12 +95,12 @@ def expected_ticks(events: list[dict[str, Any]], symbol: str, max_carried: int) 
     next_tick: int | None = None
     synced = False
     for record in events:
-        if record["symbol"] != symbol:
+        if record.symbol != symbol:
             continue
-        if record["kind"] in ("GAP", "STATUS"):  # control events move no time (one clock)
-            synced = synced and record["kind"] != "GAP"
+        if record.kind in ("GAP", "STATUS"):  # control events move no time (one clock)
+            synced = synced and record.kind != "GAP"
             continue
-        watermark = record["ts_event"] if watermark is None else max(watermark, record["ts_event"])
+        watermark = record.ts_event if watermark is None else max(watermark, record.ts_event)
         if next_tick is None:
             next_tick = -(-watermark // TICK_NS) * TICK_NS
         closed = []
@@ -108,7 +109,7 @@ def expected_ticks(events: list[dict[str, Any]], symbol: str, max_carried: int) 
             next_tick += TICK_NS
         if synced:
             ticks.extend(closed[:max_carried])
-        if record["kind"] == "SNAPSHOT":
+        if record.kind == "SNAPSHOT":
             synced = True
     return ticks
 
@@ -121,7 +122,7 @@ def test_top3_at_every_tick_equals_a_reference_rebuilt_from_the_raw_json(path: P
     assert len(lines) == len(capture.recv_ns)
     raw_updates = sum(1 for line in lines if '"l2update"' in line)
     if raw_updates:
-        assert sum(1 for e in events if e["kind"] == "UPDATE") == raw_updates, "one UPDATE per l2update"
+        assert sum(1 for e in events if e.kind == "UPDATE") == raw_updates, "one UPDATE per l2update"
 
     pipeline = BookPipeline(TICK_MS)
     outputs: list[TickOutput] = []
@@ -134,23 +135,23 @@ def test_top3_at_every_tick_equals_a_reference_rebuilt_from_the_raw_json(path: P
     reference = ReferenceBooks()
     applied = 0
     checked = 0
-    for output in sorted(outputs, key=lambda o: line_of[o.book_top["ts_init"]]):
-        closing_line = line_of[output.book_top["ts_init"]]
+    for output in sorted(outputs, key=lambda o: line_of[o.book_top.ts_init]):
+        closing_line = line_of[output.book_top.ts_init]
         while applied < closing_line:
             reference.apply_line(lines[applied])
             applied += 1
-        bids, asks = reference.top3(output.book_top["symbol"])
-        assert (output.book_top["bids"], output.book_top["asks"]) == (bids, asks), (
-            f"{output.book_top['symbol']} tick {output.book_top['ts_event']} (closed by line {closing_line})"
+        bids, asks = reference.top3(output.book_top.symbol)
+        assert (output.book_top.bids, output.book_top.asks) == (bids, asks), (
+            f"{output.book_top.symbol} tick {output.book_top.ts_event} (closed by line {closing_line})"
         )
         assert output.features is not None
-        assert (output.features["bids"], output.features["asks"]) == (bids, asks)
+        assert (output.features.bids, output.features.asks) == (bids, asks)
         checked += 1
 
     # The ticks are exactly the grid the event times define, per symbol.
-    symbols = sorted({e["symbol"] for e in events})
+    symbols = sorted({e.symbol for e in events})
     carried = pipeline.pipelines[symbols[0]].max_carried_ticks
     for symbol in symbols:
-        emitted = [o.book_top["ts_event"] for o in outputs if o.book_top["symbol"] == symbol]
+        emitted = [o.book_top.ts_event for o in outputs if o.book_top.symbol == symbol]
         assert emitted == expected_ticks(events, symbol, carried), symbol
     assert checked == len(outputs) > 100

@@ -66,7 +66,7 @@ def test_order_flow_imbalance_follows_cont_kukanov_stoikov() -> None:
 
 def values_by_tick(outputs: list[TickOutput]) -> dict[int, dict[str, float]]:
     return {
-        (o.book_top["ts_event"] - T0) // MS: dict(zip(FEATURE_NAMES, o.features["values"], strict=True))
+        (o.book_top.ts_event - T0) // MS: dict(zip(FEATURE_NAMES, o.features.values, strict=True))
         for o in outputs
         if o.features is not None
     }
@@ -111,8 +111,8 @@ def test_values_are_always_finite_on_a_synthetic_feed() -> None:
     for position, record in enumerate(synthetic_feed(11, count=2000)):
         for output in pipeline.process(record, position):
             assert output.features is not None
-            assert len(output.features["values"]) == len(FEATURES)
-            assert all(math.isfinite(value) for value in output.features["values"])
+            assert len(output.features.values) == len(FEATURES)
+            assert all(math.isfinite(value) for value in output.features.values)
             count += 1
     assert count > 1000
 

@@ -7,27 +7,29 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from quotewatch.core.config import CommonSettings
+from quotewatch.core.records import BookLevel, BookTop, Label
 from quotewatch.domain.market.book_pipeline import BookPipeline
 from quotewatch.domain.market.labels import Labeler, LabelInputError, SymbolLabeler, check_horizon
 from tests.unit.services.book.market_events import MS, T0, synthetic_feed
 
 
-def top(t_ms: int, bid: int | None, ask: int | None, epoch: int = 1, symbol: str = "BTC-USD") -> dict[str, Any]:
-    return {
-        "ts_event": T0 + t_ms * MS,
-        "ts_init": T0 + t_ms * MS + 3,
-        "exchange": "coinbase",
-        "symbol": symbol,
-        "tick_ms": 100,
-        "epoch": epoch,
-        "bids": [] if bid is None else [{"price_e8": bid, "size_e8": 1}],
-        "asks": [] if ask is None else [{"price_e8": ask, "size_e8": 1}],
-    }
+def top(t_ms: int, bid: int | None, ask: int | None, epoch: int = 1, symbol: str = "BTC-USD") -> BookTop:
+    return BookTop(
+        ts_event=T0 + t_ms * MS,
+        ts_init=T0 + t_ms * MS + 3,
+        exchange="coinbase",
+        symbol=symbol,
+        tick_ms=100,
+        epoch=epoch,
+        bids=() if bid is None else (BookLevel(price_e8=bid, size_e8=1),),
+        asks=() if ask is None else (BookLevel(price_e8=ask, size_e8=1),),
+    )
 
 
-def labels_of(labeler: SymbolLabeler | Labeler, tops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def labels_of(labeler: SymbolLabeler | Labeler, tops: list[BookTop]) -> list[Label]:
     out = []
     for position, record in enumerate(tops):
         label = labeler.process(record, position)
@@ -39,15 +41,15 @@ def labels_of(labeler: SymbolLabeler | Labeler, tops: list[dict[str, Any]]) -> l
 def test_a_label_is_emitted_when_t_plus_delta_arrives() -> None:
     tops = [top(100 * k, 10 + (k >= 7), 20) for k in range(1, 13)]
     labels = labels_of(SymbolLabeler("BTC-USD", 500, 100), tops)
-    assert [(label["t_event"] - T0) // MS for label in labels] == [100 * k for k in range(1, 8)]
-    assert [label["label"] for label in labels] == [0, 1, 1, 1, 1, 1, 0]
+    assert [(label.t_event - T0) // MS for label in labels] == [100 * k for k in range(1, 8)]
+    assert [label.label for label in labels] == [0, 1, 1, 1, 1, 1, 0]
     first = labels[1]
-    assert first["ts_event"] == T0 + 700 * MS
-    assert first["ts_init"] == T0 + 700 * MS + 3, "ts_init of the BookTop at t + Δ"
-    assert (first["best_bid_e8"], first["best_ask_e8"]) == (10, 20)
-    assert (first["future_best_bid_e8"], first["future_best_ask_e8"]) == (11, 20)
-    assert first["delta_ms"] == 500
-    assert first["epoch"] == 1
+    assert first.ts_event == T0 + 700 * MS
+    assert first.ts_init == T0 + 700 * MS + 3, "ts_init of the BookTop at t + Δ"
+    assert (first.best_bid_e8, first.best_ask_e8) == (10, 20)
+    assert (first.future_best_bid_e8, first.future_best_ask_e8) == (11, 20)
+    assert first.delta_ms == 500
+    assert first.epoch == 1
 
 
 def test_the_first_ticks_wait_and_an_ask_change_alone_counts() -> None:
@@ -56,7 +58,7 @@ def test_the_first_ticks_wait_and_an_ask_change_alone_counts() -> None:
     assert labeler.process(top(200, 10, 20)) is None
     label = labeler.process(top(300, 10, 21))
     assert label is not None
-    assert label["label"] == 1
+    assert label.label == 1
 
 
 def test_no_label_across_epochs_or_missing_ticks() -> None:
@@ -70,7 +72,7 @@ def test_no_label_across_epochs_or_missing_ticks() -> None:
         top(1400, 10, 20, epoch=2),  # a skipped stretch within the epoch
     ]
     labels = labels_of(SymbolLabeler("BTC-USD", 200, 100), tops)
-    assert [(label["t_event"] - T0) // MS for label in labels] == [700]
+    assert [(label.t_event - T0) // MS for label in labels] == [700]
     tops = [top(100, 10, 20, epoch=1), top(200, 10, 20, epoch=2), top(300, 10, 20, epoch=2)]
     assert labels_of(SymbolLabeler("BTC-USD", 200, 100), tops) == [], "t=100 and t=300 are in different epochs"
 
@@ -78,7 +80,7 @@ def test_no_label_across_epochs_or_missing_ticks() -> None:
 def test_one_sided_ticks_get_no_label() -> None:
     tops = [top(100, None, 20), top(200, 10, 20), top(300, 10, None), top(400, 10, 20)]
     labels = labels_of(SymbolLabeler("BTC-USD", 200, 100), tops)
-    assert [(label["t_event"] - T0) // MS for label in labels] == [200]
+    assert [(label.t_event - T0) // MS for label in labels] == [200]
 
 
 def test_symbols_are_labelled_independently_when_interleaved() -> None:
@@ -87,7 +89,7 @@ def test_symbols_are_labelled_independently_when_interleaved() -> None:
         tops.append(top(100 * k, 10 * k, 1000, symbol="BTC-USD"))
         tops.append(top(100 * k, 7, 8, symbol="ETH-USD"))
     labels = labels_of(Labeler(200, 100), tops)
-    assert [(label["symbol"], (label["t_event"] - T0) // MS, label["label"]) for label in labels] == [
+    assert [(label.symbol, (label.t_event - T0) // MS, label.label) for label in labels] == [
         ("BTC-USD", 100, 1),
         ("ETH-USD", 100, 0),
         ("BTC-USD", 200, 1),
@@ -117,10 +119,10 @@ def test_bad_ticks_are_rejected_without_changing_the_state() -> None:
     with pytest.raises(LabelInputError, match="ETH-USD"):
         labeler.process(top(300, 11, 20, symbol="ETH-USD"))
     with pytest.raises(LabelInputError, match="50 ms grid"):
-        labeler.process(top(300, 11, 20) | {"tick_ms": 50})
+        labeler.process(replace(top(300, 11, 20), tick_ms=50))
     label = labeler.process(top(300, 10, 20))
     assert label is not None
-    assert label["label"] == 0
+    assert label.label == 0
 
 
 def _book_tops(seed: int) -> list[dict[str, Any]]:
@@ -150,19 +152,19 @@ def test_replaying_from_the_restart_position_reproduces_the_labels(seed: int, fr
 def test_labels_of_a_synthetic_feed_match_a_brute_force_definition() -> None:
     tops = _book_tops(3)
     labels = labels_of(Labeler(500, 100), tops)
-    by_key = {(record["symbol"], record["ts_event"]): record for record in tops}
+    by_key = {(record.symbol, record.ts_event): record for record in tops}
     expected = []
     for record in tops:
-        later = by_key.get((record["symbol"], record["ts_event"] + 500 * MS))
-        if later is None or later["epoch"] != record["epoch"]:
+        later = by_key.get((record.symbol, record.ts_event + 500 * MS))
+        if later is None or later.epoch != record.epoch:
             continue
-        if not (record["bids"] and record["asks"] and later["bids"] and later["asks"]):
+        if not (record.bids and record.asks and later.bids and later.asks):
             continue
         changed = (
-            record["bids"][0]["price_e8"] != later["bids"][0]["price_e8"]
-            or record["asks"][0]["price_e8"] != later["asks"][0]["price_e8"]
+            record.bids[0].price_e8 != later.bids[0].price_e8
+            or record.asks[0].price_e8 != later.asks[0].price_e8
         )
-        expected.append((record["symbol"], record["ts_event"], int(changed)))
+        expected.append((record.symbol, record.ts_event, int(changed)))
     assert len(expected) > 100
-    assert sorted((label["symbol"], label["t_event"], label["label"]) for label in labels) == sorted(expected)
-    assert {label["label"] for label in labels} == {0, 1}
+    assert sorted((label.symbol, label.t_event, label.label) for label in labels) == sorted(expected)
+    assert {label.label for label in labels} == {0, 1}

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
+from quotewatch.core.records import BookLevel, FeedStatus, LevelChange, MarketEvent, RawFrame, RawKind
 from quotewatch.core.serde import AvroSerde
 from quotewatch.domain.market.book_pipeline import BookPipeline
 from quotewatch.domain.venue.normaliser import Normaliser, control_text, parse_control_text
+from tests.records import body
 
 T0 = 1_786_309_548_000_000_000
 MS = 1_000_000
@@ -27,34 +31,33 @@ class Log:
         self.index = 0
         self.sequence = 0
 
-    def record(self, kind: str, text: str, ts_event: int | None = None, frame_index: int = -1) -> dict[str, Any]:
+    def record(self, kind: RawKind, text: str, ts_event: int | None = None, frame_index: int = -1) -> RawFrame:
         self.ts += 1_000_000
-        return {
-            "ts_event": self.ts if ts_event is None else ts_event,
-            "ts_init": self.ts,
-            "exchange": "coinbase",
-            "feed": self.feed,
-            "symbols": SYMBOLS,
-            "connection_id": self.connection,
-            "frame_index": frame_index,
-            "kind": kind,
-            "text": text,
-        }
+        return RawFrame(
+            ts_event=self.ts if ts_event is None else ts_event,
+            ts_init=self.ts,
+            exchange="coinbase",
+            feed=self.feed,
+            symbols=tuple(SYMBOLS),
+            connection_id=self.connection,
+            frame_index=frame_index,
+            kind=kind,
+            text=text,
+        )
 
-    def connected(self, connection: str, state: str = "CONNECTING") -> dict[str, Any]:
+    def connected(self, connection: str, state: str = "CONNECTING") -> RawFrame:
         self.connection = connection
         self.index = 0
         self.sequence = 0
         return self.record("CONNECTED", control_text(state, "test"))
 
-    def frame(self, message: dict[str, Any] | str) -> dict[str, Any]:
+    def frame(self, message: dict[str, Any] | str) -> RawFrame:
         text = message if isinstance(message, str) else json.dumps(message)
         record = self.record("FRAME", text, frame_index=self.index)
-        record["ts_event"] = record["ts_init"]
         self.index += 1
-        return record
+        return replace(record, ts_event=record.ts_init)
 
-    def advanced(self, channel: str, events: list[Any], *, sequence: int | None = None) -> dict[str, Any]:
+    def advanced(self, channel: str, events: list[Any], *, sequence: int | None = None) -> RawFrame:
         if sequence is None:
             sequence = self.sequence
         self.sequence = sequence + 1
@@ -62,7 +65,7 @@ class Log:
             {"channel": channel, "timestamp": "2026-08-09T21:05:48.5Z", "sequence_num": sequence, "events": events}
         )
 
-    def l2(self, kind: str, symbol: str, *updates: tuple[str, str, str], sequence: int | None = None) -> dict[str, Any]:
+    def l2(self, kind: str, symbol: str, *updates: tuple[str, str, str], sequence: int | None = None) -> RawFrame:
         return self.advanced(
             "l2_data",
             [
@@ -79,8 +82,8 @@ class Log:
         )
 
 
-def _kinds(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(e["symbol"], e["kind"]) for e in events]
+def _kinds(events: list[MarketEvent]) -> list[tuple[str, str]]:
+    return [(e.symbol, e.kind) for e in events]
 
 
 def test_connected_emits_status_and_gap_for_every_symbol() -> None:
@@ -92,9 +95,9 @@ def test_connected_emits_status_and_gap_for_every_symbol() -> None:
         ("BTC-USD", "GAP"),
         ("ETH-USD", "GAP"),
     ]
-    assert out.events[0]["status"] == {"state": "CONNECTING", "detail": "test"}
-    assert out.events[2]["gap"]["reason"] == "RECONNECT"
-    assert all(e["ts_init"] == log.ts and e["connection_id"] == "c1" for e in out.events)
+    assert out.events[0].status == FeedStatus(state="CONNECTING", detail="test")
+    assert body(out.events[2]).reason == "RECONNECT"
+    assert all(e.ts_init == log.ts and e.connection_id == "c1" for e in out.events)
 
 
 def test_snapshot_syncs_and_subscribes_and_updates_follow() -> None:
@@ -103,12 +106,12 @@ def test_snapshot_syncs_and_subscribes_and_updates_follow() -> None:
     normaliser.process(log.connected("c1"))
     out = normaliser.process(log.l2("snapshot", "BTC-USD", ("bid", "10", "1"), ("offer", "11", "2")))
     assert _kinds(out.events) == [("BTC-USD", "STATUS"), ("BTC-USD", "SNAPSHOT")]
-    assert out.events[0]["status"]["state"] == "SUBSCRIBED"
-    assert out.events[1]["source_sequence"] == 0
+    assert body(out.events[0]).state == "SUBSCRIBED"
+    assert out.events[1].source_sequence == 0
     assert normaliser.synced == {"BTC-USD"}
     out = normaliser.process(log.l2("update", "BTC-USD", ("bid", "10", "0")))
     assert _kinds(out.events) == [("BTC-USD", "UPDATE")]
-    assert out.events[0]["update"]["changes"] == [{"side": "BID", "price_e8": 1_000_000_000, "size_e8": 0}]
+    assert body(out.events[0]).changes == (LevelChange(side="BID", price_e8=1_000_000_000, size_e8=0),)
     assert out.resync is None
 
 
@@ -119,8 +122,8 @@ def test_sequence_jump_is_a_gap_for_synced_symbols_and_a_resync() -> None:
     normaliser.process(log.l2("snapshot", "BTC-USD", ("bid", "10", "1")))
     out = normaliser.process(log.l2("update", "BTC-USD", ("bid", "10", "2"), sequence=5))
     assert _kinds(out.events) == [("BTC-USD", "GAP"), ("BTC-USD", "UPDATE")]
-    gap = out.events[0]["gap"]
-    assert (gap["reason"], gap["expected_sequence"], gap["received_sequence"]) == ("SEQUENCE_JUMP", 1, 5)
+    gap = body(out.events[0])
+    assert (gap.reason, gap.expected_sequence, gap.received_sequence) == ("SEQUENCE_JUMP", 1, 5)
     assert "jumped from 0 to 5" in (out.resync or "")
     assert normaliser.synced == set()
     # The next consecutive frame carries on without another gap.
@@ -165,16 +168,16 @@ def _synced_log() -> tuple[Log, Normaliser, BookPipeline, dict[str, int]]:
 
 def _gaps_close_no_tick(pipeline: BookPipeline, events: list[dict[str, Any]]) -> None:
     for event in events:
-        if event["kind"] == "GAP":
+        if event.kind == "GAP":
             assert pipeline.process(event) == [], "a GAP for lost changes closes no tick with the stale book"
-            assert not pipeline.pipelines[event["symbol"]].synced
+            assert not pipeline.pipelines[event.symbol].synced
 
 
 def test_sequence_gap_is_stamped_per_symbol_at_its_last_good_event_not_at_the_revealing_frame() -> None:
     log, normaliser, pipeline, last = _synced_log()
     # Frames 4 and 5 are lost; frame 6 (sent at 2.9 s, its update at 2.0 s) reveals it.
     out = normaliser.process(_l2_at(log, "BTC-USD", "update", 2_000, 2_900, sequence=6))
-    gaps = {e["symbol"]: e["ts_event"] for e in out.events if e["kind"] == "GAP"}
+    gaps = {e.symbol: e.ts_event for e in out.events if e.kind == "GAP"}
     # Not the revealing frame's time (2.9 s), nor the connection's latest (1.5 s) for ETH-USD.
     assert gaps == last
     _gaps_close_no_tick(pipeline, out.events)
@@ -184,15 +187,15 @@ def test_unreadable_book_frame_with_a_readable_timestamp_is_a_gap_at_the_last_go
     log, normaliser, pipeline, last = _synced_log()
     out = normaliser.process(_l2_at(log, "ETH-USD", "update", 2_000, 2_900, quantity="one"))
     assert [r.error_type for r in out.rejects] == ["InvalidField"]
-    assert {e["gap"]["reason"] for e in out.events} == {"PARSE_ERROR"}
-    assert {e["symbol"]: e["ts_event"] for e in out.events} == last  # not the frame's timestamp, 2.9 s
+    assert {body(e).reason for e in out.events} == {"PARSE_ERROR"}
+    assert {e.symbol: e.ts_event for e in out.events} == last  # not the frame's timestamp, 2.9 s
     _gaps_close_no_tick(pipeline, out.events)
 
 
 def test_overflow_gap_is_at_the_last_kept_event_not_at_the_overflow_record() -> None:
     log, normaliser, pipeline, last = _synced_log()
     out = normaliser.process(log.record("OVERFLOW", "queue full", ts_event=T0 + 9_000 * MS))
-    assert {e["symbol"]: e["ts_event"] for e in out.events} == last
+    assert {e.symbol: e.ts_event for e in out.events} == last
     _gaps_close_no_tick(pipeline, out.events)
 
 
@@ -207,7 +210,7 @@ def test_malformed_exchange_frame_is_a_gap_at_each_symbols_last_good_event() -> 
         records.append(log.frame(change))
     normaliser.process_all(records)
     out = normaliser.process(log.frame('{"type":"l2update","product_id":"ETH-USD","chan'))
-    assert {e["symbol"]: e["ts_event"] for e in out.events} == {"BTC-USD": T0 + 1_500 * MS, "ETH-USD": T0 + 1_250 * MS}
+    assert {e.symbol: e.ts_event for e in out.events} == {"BTC-USD": T0 + 1_500 * MS, "ETH-USD": T0 + 1_250 * MS}
 
 
 def test_clock_records_become_one_clock_event_per_symbol_at_the_estimate() -> None:
@@ -215,7 +218,7 @@ def test_clock_records_become_one_clock_event_per_symbol_at_the_estimate() -> No
     normaliser = Normaliser()
     out = normaliser.process(log.record("CLOCK", "tick", ts_event=T0 - 5))
     assert _kinds(out.events) == [("BTC-USD", "CLOCK"), ("ETH-USD", "CLOCK")]
-    assert {e["ts_event"] for e in out.events} == {T0 - 5}
+    assert {e.ts_event for e in out.events} == {T0 - 5}
 
 
 def test_overflow_and_disconnect_gap_only_synced_symbols_and_disconnect_reports_the_next_state() -> None:
@@ -225,11 +228,11 @@ def test_overflow_and_disconnect_gap_only_synced_symbols_and_disconnect_reports_
     normaliser.process(log.l2("snapshot", "ETH-USD", ("bid", "10", "1")))
     out = normaliser.process(log.record("OVERFLOW", "queue full (50000 frames)"))
     assert _kinds(out.events) == [("ETH-USD", "GAP")]
-    assert out.events[0]["gap"]["reason"] == "BUFFER_OVERFLOW"
+    assert body(out.events[0]).reason == "BUFFER_OVERFLOW"
     assert out.resync is not None
     out = normaliser.process(log.record("DISCONNECTED", control_text("RECONNECTING", "resync after overflow")))
     assert _kinds(out.events) == [("BTC-USD", "STATUS"), ("ETH-USD", "STATUS")]  # nothing left synced to gap
-    assert out.events[0]["status"] == {"state": "RECONNECTING", "detail": "resync after overflow"}
+    assert out.events[0].status == FeedStatus(state="RECONNECTING", detail="resync after overflow")
 
 
 def test_heartbeats_fan_out_to_the_connection_symbols() -> None:
@@ -248,7 +251,7 @@ def test_malformed_book_frame_is_a_reject_a_gap_and_a_resync_on_the_exchange_fee
     out = normaliser.process(log.frame('{"type":"l2update","product_id":"BTC-USD","chan'))
     assert [(r.error_type, r.source_ref) for r in out.rejects] == [("MalformedFrame", "c1:1")]
     assert _kinds(out.events) == [("BTC-USD", "GAP")]
-    assert out.events[0]["gap"]["reason"] == "PARSE_ERROR"
+    assert body(out.events[0]).reason == "PARSE_ERROR"
     assert out.resync is not None
 
 
@@ -282,9 +285,9 @@ def test_a_snapshot_without_exchange_time_is_held_until_its_symbols_next_timed_e
     out = normaliser.process(log.frame(_l2update("BTC-USD", "2026-08-09T21:05:48.300Z")))
     assert _kinds(out.events) == [("BTC-USD", "SNAPSHOT"), ("BTC-USD", "UPDATE")]
     held, update = out.events
-    assert held["ts_event"] == update["ts_event"] == 1_786_309_548_300_000_000
-    assert held["snapshot"]["bids"] == [{"price_e8": 100_000_000, "size_e8": 100_000_000}]
-    assert held["ts_init"] < update["ts_init"], "ts_init stays the snapshot frame's own"
+    assert held.ts_event == update.ts_event == 1_786_309_548_300_000_000
+    assert body(held).bids == (BookLevel(price_e8=100_000_000, size_e8=100_000_000),)
+    assert held.ts_init < update.ts_init, "ts_init stays the snapshot frame's own"
     assert normaliser.synced == {"BTC-USD"}
 
 
@@ -296,8 +299,8 @@ def test_a_held_snapshot_is_released_by_a_clock_record_and_replaced_by_a_later_o
     normaliser.process(log.frame(_exchange_snapshot("BTC-USD", bids=[["3", "1"]], timed=False)))
     out = normaliser.process(log.record("CLOCK", "tick", ts_event=EXCHANGE_NS))
     assert _kinds(out.events) == [("BTC-USD", "SNAPSHOT"), ("BTC-USD", "CLOCK"), ("ETH-USD", "CLOCK")]
-    assert out.events[0]["ts_event"] == EXCHANGE_NS
-    assert out.events[0]["snapshot"]["bids"][0]["price_e8"] == 300_000_000
+    assert out.events[0].ts_event == EXCHANGE_NS
+    assert body(out.events[0]).bids[0].price_e8 == 300_000_000
 
 
 def test_a_held_snapshot_is_dropped_when_changes_are_lost_after_it_or_the_connection_ends() -> None:
@@ -322,16 +325,15 @@ def test_control_events_before_the_first_exchange_time_keep_the_records_time_and
     log = Log()
     ahead = T0 + 600_000 * MS  # the ingest's clock 10 minutes ahead
     normaliser = Normaliser()
-    connected = log.connected("c1")
-    connected["ts_event"] = ahead
+    connected = replace(log.connected("c1"), ts_event=ahead)
     out = normaliser.process(connected)
-    assert {e["ts_event"] for e in out.events} == {ahead}
+    assert {e.ts_event for e in out.events} == {ahead}
     out = normaliser.process(log.l2("snapshot", "BTC-USD", ("bid", "1", "1")))
-    snapshot = next(e for e in out.events if e["kind"] == "SNAPSHOT")
-    assert snapshot["ts_event"] == 1_786_309_548_250_000_000
+    snapshot = next(e for e in out.events if e.kind == "SNAPSHOT")
+    assert snapshot.ts_event == 1_786_309_548_250_000_000
     out = normaliser.process(log.frame("not json"))
-    gap = next(e for e in out.events if e["kind"] == "GAP")
-    assert gap["ts_event"] == snapshot["ts_event"], "the last exchange time, not the CONNECTED record's"
+    gap = next(e for e in out.events if e.kind == "GAP")
+    assert gap.ts_event == snapshot.ts_event, "the last exchange time, not the CONNECTED record's"
 
 
 def test_unknown_message_is_a_reject_without_a_gap() -> None:
@@ -365,9 +367,7 @@ def test_gap_times_do_not_depend_on_an_earlier_connection() -> None:
     full, _ = Normaliser().process_all(records)
     tail, _ = Normaliser().process_all(records[2:])
     assert full[-len(tail) :] == tail
-    assert [e["ts_event"] for e in tail if e["kind"] == "GAP" and e["gap"]["reason"] == "SEQUENCE_JUMP"] == [
-        T0 + 1_200 * MS
-    ]
+    assert [e.ts_event for e in tail if e.kind == "GAP" and body(e).reason == "SEQUENCE_JUMP"] == [T0 + 1_200 * MS]
 
 
 def test_event_times_after_connected_do_not_depend_on_an_earlier_connection() -> None:
@@ -383,7 +383,7 @@ def test_event_times_after_connected_do_not_depend_on_an_earlier_connection() ->
     full, _ = Normaliser().process_all(records)
     tail, _ = Normaliser().process_all(records[3:])
     assert full[-len(tail) :] == tail
-    assert {e["ts_event"] for e in tail} == {records[3]["ts_event"]}
+    assert {e.ts_event for e in tail} == {records[3].ts_event}
 
 
 def test_control_text_round_trip_and_foreign_text() -> None:
@@ -475,7 +475,7 @@ def test_garbage_frames_never_raise_and_are_rejected_or_understood(feed: str, te
         for reject in out.rejects:
             assert reject.reason
             assert reject.error_type
-            assert reject.raw["text"] == text
+            assert reject.raw.text == text
 
 
 @given(
@@ -483,11 +483,34 @@ def test_garbage_frames_never_raise_and_are_rejected_or_understood(feed: str, te
         st.sampled_from(["kind", "text", "symbols", "ts_init", "ts_event", "connection_id", "feed"]), _json
     )
 )
-def test_garbage_raw_records_never_raise(record: dict[str, Any]) -> None:
-    out = Normaliser().process(record)
-    assert all(reject.reason and reject.raw is record for reject in out.rejects)
-    if record.get("kind") not in ("FRAME", "CLOCK", "CONNECTED", "DISCONNECTED", "OVERFLOW"):
-        assert [r.error_type for r in out.rejects] == ["InvalidRawRecord"]
+def test_garbage_raw_records_are_refused_at_the_boundary_or_never_raise(record: dict[str, Any]) -> None:
+    """A record not shaped like a RawFrame never becomes one (the serde refuses it as this conversion
+    does: a dead letter); one that is a RawFrame never makes the normaliser raise."""
+    record = {"exchange": "coinbase", "frame_index": -1, **record}
+    try:
+        raw = msgspec.convert(record, RawFrame)
+    except msgspec.ValidationError:
+        assert not _is_raw_frame(record)
+        return
+    assert _is_raw_frame(record)
+    out = Normaliser().process(raw)
+    assert all(reject.reason and reject.raw is raw for reject in out.rejects)
+
+
+def _is_raw_frame(record: dict[str, Any]) -> bool:
+    """Independently of msgspec: every RawFrame field present with its Avro type."""
+
+    def integer(value: Any) -> bool:
+        return type(value) is int and -(2**63) <= value < 2**63
+
+    strings = ("exchange", "feed", "connection_id", "text")
+    return (
+        all(integer(record.get(name)) for name in ("ts_event", "ts_init", "frame_index"))
+        and all(type(record.get(name)) is str for name in strings)
+        and isinstance(record.get("symbols"), list)
+        and all(type(symbol) is str for symbol in record["symbols"])
+        and record.get("kind") in ("FRAME", "CONNECTED", "DISCONNECTED", "OVERFLOW", "CLOCK")
+    )
 
 
 def _is_json(text: str) -> bool:
@@ -514,5 +537,5 @@ def test_text_that_is_not_json_is_always_a_malformed_reject_and_a_gap(feed: str,
     normaliser.process(snapshot)
     out = normaliser.process(log.frame(text))
     assert [r.error_type for r in out.rejects] == ["MalformedFrame"]
-    assert [(e["symbol"], e["gap"]["reason"]) for e in out.events] == [("BTC-USD", "PARSE_ERROR")]
+    assert [(e.symbol, body(e).reason) for e in out.events] == [("BTC-USD", "PARSE_ERROR")]
     assert out.resync

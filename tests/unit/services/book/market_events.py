@@ -1,9 +1,24 @@
-"""Builders of MarketEvent / BookTop dicts for the book and labeler tests, and a seeded synthetic feed."""
+"""Builders of MarketEvent records for the book and labeler tests, and a seeded synthetic feed."""
 
 from __future__ import annotations
 
 import random
 from typing import Any
+
+from quotewatch.core.records import (
+    AggressorSide,
+    BookLevel,
+    BookSnapshot,
+    BookUpdate,
+    EventKind,
+    FeedStatus,
+    Gap,
+    GapReason,
+    LevelChange,
+    MarketEvent,
+    Side,
+    Trade,
+)
 
 MS = 1_000_000
 T0 = 1_700_000_000_000 * MS  # a grid-aligned event time (ns)
@@ -12,82 +27,69 @@ BOOK_LEVELS = ([(100 * E8, 1 * E8), (99 * E8, 2 * E8), (98 * E8, 3 * E8)], [(101
 """(bids, asks) of a small book for snapshot(ts, *BOOK_LEVELS)."""
 
 
-def event(kind: str, ts: int, symbol: str = "BTC-USD", ts_init: int | None = None, **body: Any) -> dict[str, Any]:
-    """A MarketEvent dict of ``kind`` at event time ``ts`` (ns); ``body`` sets one body field."""
-    record: dict[str, Any] = {
-        "ts_event": ts,
-        "ts_init": ts + 7 if ts_init is None else ts_init,
-        "exchange": "coinbase",
-        "feed": "coinbase-exchange",
-        "symbol": symbol,
-        "kind": kind,
-        "source_sequence": -1,
-        "connection_id": "test",
-        "snapshot": None,
-        "update": None,
-        "trade": None,
-        "gap": None,
-        "status": None,
-    }
-    record.update(body)
-    return record
+def event(kind: EventKind, ts: int, symbol: str = "BTC-USD", ts_init: int | None = None, **body: Any) -> MarketEvent:
+    """A MarketEvent of ``kind`` at event time ``ts`` (ns); ``body`` sets one body field."""
+    return MarketEvent(
+        ts_event=ts,
+        ts_init=ts + 7 if ts_init is None else ts_init,
+        exchange="coinbase",
+        feed="coinbase-exchange",
+        symbol=symbol,
+        kind=kind,
+        source_sequence=-1,
+        connection_id="test",
+        **body,
+    )
 
 
-def levels(*pairs: tuple[int, int]) -> list[dict[str, int]]:
-    return [{"price_e8": price, "size_e8": size} for price, size in pairs]
+def levels(*pairs: tuple[int, int]) -> tuple[BookLevel, ...]:
+    return tuple(BookLevel(price_e8=price, size_e8=size) for price, size in pairs)
 
 
-def snapshot(ts: int, bids: list[tuple[int, int]], asks: list[tuple[int, int]], **kw: Any) -> dict[str, Any]:
-    return event("SNAPSHOT", ts, snapshot={"bids": levels(*bids), "asks": levels(*asks)}, **kw)
+def snapshot(ts: int, bids: list[tuple[int, int]], asks: list[tuple[int, int]], **kw: Any) -> MarketEvent:
+    return event("SNAPSHOT", ts, snapshot=BookSnapshot(bids=levels(*bids), asks=levels(*asks)), **kw)
 
 
-def update(ts: int, *changes: tuple[str, int, int], **kw: Any) -> dict[str, Any]:
+def update(ts: int, *changes: tuple[Side, int, int], **kw: Any) -> MarketEvent:
     """UPDATE with changes (side, price_e8, size_e8)."""
-    return event(
-        "UPDATE",
-        ts,
-        update={"changes": [{"side": side, "price_e8": price, "size_e8": size} for side, price, size in changes]},
-        **kw,
+    body = BookUpdate(
+        changes=tuple(LevelChange(side=side, price_e8=price, size_e8=size) for side, price, size in changes)
     )
+    return event("UPDATE", ts, update=body, **kw)
 
 
-def trade(ts: int, side: str = "BUY", price: int = 100 * E8, size: int = E8, **kw: Any) -> dict[str, Any]:
-    return event(
-        "TRADE", ts, trade={"trade_id": str(ts), "aggressor_side": side, "price_e8": price, "size_e8": size}, **kw
-    )
+def trade(ts: int, side: AggressorSide = "BUY", price: int = 100 * E8, size: int = E8, **kw: Any) -> MarketEvent:
+    body = Trade(trade_id=str(ts), aggressor_side=side, price_e8=price, size_e8=size)
+    return event("TRADE", ts, trade=body, **kw)
 
 
-def gap(ts: int, reason: str = "SEQUENCE_JUMP", **kw: Any) -> dict[str, Any]:
-    return event(
-        "GAP",
-        ts,
-        gap={"reason": reason, "detail": "test gap", "expected_sequence": -1, "received_sequence": -1},
-        **kw,
-    )
+def gap(ts: int, reason: GapReason = "SEQUENCE_JUMP", **kw: Any) -> MarketEvent:
+    body = Gap(reason=reason, detail="test gap", expected_sequence=-1, received_sequence=-1)
+    return event("GAP", ts, gap=body, **kw)
 
 
-def status(ts: int, state: str = "SUBSCRIBED", **kw: Any) -> dict[str, Any]:
-    return event("STATUS", ts, status={"state": state, "detail": ""}, **kw)
+def status(ts: int, state: str = "SUBSCRIBED", **kw: Any) -> MarketEvent:
+    return event("STATUS", ts, status=FeedStatus(state=state, detail=""), **kw)
 
 
-def clock(ts: int, **kw: Any) -> dict[str, Any]:
+def clock(ts: int, **kw: Any) -> MarketEvent:
     return event("CLOCK", ts, **kw)
 
 
 def synthetic_feed(
     seed: int, symbols: tuple[str, ...] = ("BTC-USD", "ETH-USD"), count: int = 3000
-) -> list[dict[str, Any]]:
+) -> list[MarketEvent]:
     """A seeded random but valid event stream: snapshots, updates around the mid (never crossing),
     trades, clock ticks, occasional gaps followed by a new snapshot, status changes, quiet stretches
     and a few out-of-order timestamps; interleaved over ``symbols``."""
     rng = random.Random(seed)
-    events: list[dict[str, Any]] = []
+    events: list[MarketEvent] = []
     ts = T0 + 13 * MS
     mids = {symbol: (100 + 50 * index) * E8 for index, symbol in enumerate(symbols)}
     books: dict[str, tuple[dict[int, int], dict[int, int]]] = {}
     tick = E8 // 100  # 0.01
 
-    def new_snapshot(symbol: str, at: int) -> dict[str, Any]:
+    def new_snapshot(symbol: str, at: int) -> MarketEvent:
         mid = mids[symbol]
         bids = {mid - tick * (i + 1): rng.randint(1, 50) * E8 // 10 for i in range(20)}
         asks = {mid + tick * (i + 1): rng.randint(1, 50) * E8 // 10 for i in range(20)}
@@ -119,7 +121,7 @@ def synthetic_feed(
         elif roll < 0.15:
             events.append(clock(event_ts, symbol=symbol))
         else:
-            changes = []
+            changes: list[tuple[Side, int, int]] = []
             for _ in range(rng.choice((1, 1, 1, 2, 5))):
                 best_bid = max(bids) if bids else (min(asks) if asks else mids[symbol]) - tick
                 best_ask = min(asks) if asks else best_bid + 2 * tick

@@ -1,0 +1,56 @@
+"""Tests' helpers for the typed records: build one from a plain dict, and read one as a plain dict.
+
+``plain(record)`` is the record as its Avro datum (nested records as dicts, arrays as lists, enums
+as strings, bytes as bytes): exactly what the serde hands fastavro, so a test that pins a record's
+content field by field can compare it with a literal dict without losing anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar, overload
+
+import msgspec
+
+from quotewatch.core.records import AnyRecord, BookSnapshot, BookUpdate, FeedStatus, Gap, MarketEvent, Trade
+
+R = TypeVar("R", bound=AnyRecord)
+B = TypeVar("B", BookSnapshot, BookUpdate, Trade, Gap, FeedStatus)
+
+
+def typed(cls: type[R], fields: dict[str, Any]) -> R:
+    """The ``cls`` record of a plain dict (validated: a wrong type or a missing field raises)."""
+    return msgspec.convert(fields, cls)
+
+
+def plain(record: AnyRecord) -> dict[str, Any]:
+    """``record`` as a plain Avro datum (see the module docstring)."""
+    value = _lists(msgspec.to_builtins(record, builtin_types=(bytes,)))
+    assert isinstance(value, dict)
+    return value
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_lists(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _lists(item) for key, item in value.items()}
+    return value
+
+
+@overload
+def body(event: MarketEvent, kind: type[B]) -> B: ...
+@overload
+def body(event: MarketEvent) -> Any: ...
+def body(event: MarketEvent, kind: type[Any] | None = None) -> Any:
+    """The body of ``event`` named by its kind (``event.update`` of an UPDATE, ...), asserted present."""
+    value = {
+        "SNAPSHOT": event.snapshot,
+        "UPDATE": event.update,
+        "TRADE": event.trade,
+        "GAP": event.gap,
+        "STATUS": event.status,
+    }.get(event.kind)
+    assert value is not None, f"a {event.kind} event without its body"
+    if kind is not None:
+        assert isinstance(value, kind)
+    return value
