@@ -160,10 +160,7 @@ def test_labels_of_a_synthetic_feed_match_a_brute_force_definition() -> None:
             continue
         if not (record.bids and record.asks and later.bids and later.asks):
             continue
-        changed = (
-            record.bids[0].price_e8 != later.bids[0].price_e8
-            or record.asks[0].price_e8 != later.asks[0].price_e8
-        )
+        changed = record.bids[0].price_e8 != later.bids[0].price_e8 or record.asks[0].price_e8 != later.asks[0].price_e8
         expected.append((record.symbol, record.ts_event, int(changed)))
     assert len(expected) > 100
     assert sorted((label.symbol, label.t_event, label.label) for label in labels) == sorted(expected)

@@ -39,16 +39,16 @@ def test_rolling_metrics_equal_offline_metrics_on_the_same_window(
         joined.append((label, p))
     summary = tracker.summary()
     if not ticks:
-        assert summary == []
+        assert summary == ()
         return
     (record,) = summary
     expected = offline(joined[-window:])
     assert tracker.window_pairs(CHAMPION) == joined[-window:]
-    assert record["n_labels"] == len(ticks)
-    assert record["auc"] == (pytest.approx(expected.roc_auc) if expected.roc_auc is not None else None)
-    assert record["brier"] == pytest.approx(expected.brier, abs=1e-12)
-    assert record["balanced_accuracy"] == pytest.approx(expected.balanced_accuracy, abs=1e-12)
-    assert record["base_rate"] == pytest.approx(expected.base_rate, abs=1e-12)
+    assert record.n_labels == len(ticks)
+    assert record.auc == (pytest.approx(expected.roc_auc) if expected.roc_auc is not None else None)
+    assert record.brier == pytest.approx(expected.brier, abs=1e-12)
+    assert record.balanced_accuracy == pytest.approx(expected.balanced_accuracy, abs=1e-12)
+    assert record.base_rate == pytest.approx(expected.base_rate, abs=1e-12)
 
 
 def test_constant_scores_have_auc_one_half() -> None:
@@ -56,7 +56,7 @@ def test_constant_scores_have_auc_one_half() -> None:
     for t, label in enumerate([0, 1, 0, 1, 1]):
         tracker.add_predictions("A", t, [(CHAMPION, 0.5)])
         tracker.add_label("A", t, label)
-    assert tracker.summary()[0]["auc"] == 0.5
+    assert tracker.summary()[0].auc == 0.5
 
 
 def test_a_label_joins_every_model_of_its_tick_and_champion_comes_first() -> None:
@@ -67,9 +67,9 @@ def test_a_label_joins_every_model_of_its_tick_and_champion_comes_first() -> Non
     assert tracker.add_label("B", 1, 0) == 2
     assert tracker.add_label("C", 1, 0) == 0, "no prediction yet: the label waits"
     summary = tracker.summary()
-    assert [(r["model_role"], r["model_version"]) for r in summary] == [("CHAMPION", "3"), ("CHALLENGER", "4")]
-    assert summary[0]["auc"] == 1.0
-    assert summary[1]["auc"] == 0.0
+    assert [(r.model_role, r.model_version) for r in summary] == [("CHAMPION", "3"), ("CHALLENGER", "4")]
+    assert summary[0].auc == 1.0
+    assert summary[1].auc == 0.0
     assert tracker.joined == 4
 
 
@@ -91,7 +91,7 @@ def test_only_the_most_recent_models_are_tracked() -> None:
         model = ModelKey("m", str(version), "CHAMPION")
         tracker.add_predictions("A", version, [(model, 0.5)])
         tracker.add_label("A", version, 1)
-    assert [r["model_version"] for r in tracker.summary()] == ["3", "2"]
+    assert [r.model_version for r in tracker.summary()] == ["3", "2"]
 
 
 def test_invalid_configuration_is_refused() -> None:
@@ -109,4 +109,4 @@ def test_summary_is_cached_until_the_next_join() -> None:
     assert tracker.summary() is first, "a prediction without a label changes no metric"
     tracker.add_label("A", 2, 0)
     assert tracker.summary() is not first
-    assert np.isclose(tracker.summary()[0]["base_rate"], 0.5)
+    assert np.isclose(tracker.summary()[0].base_rate, 0.5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from xgboost import XGBClassifier
 
+from quotewatch.core.records import FeatureVector
 from quotewatch.domain.market import features
 from quotewatch.domain.ml.models import (
     FeatureSpecMismatchError,
@@ -28,8 +28,19 @@ SPEC = features.FEATURE_SPEC_ID
 WIDTH = len(features.FEATURE_NAMES)
 
 
-def vector(values: list[float], spec: str = SPEC) -> dict[str, Any]:
-    return {"feature_spec_id": spec, "values": values}
+def vector(values: list[float], spec: str = SPEC) -> FeatureVector:
+    return FeatureVector(
+        ts_event=0,
+        ts_init=0,
+        exchange="coinbase",
+        symbol="BTC-USD",
+        tick_ms=100,
+        epoch=0,
+        feature_spec_id=spec,
+        values=tuple(values),
+        bids=(),
+        asks=(),
+    )
 
 
 def data(n: int = 400, width: int = WIDTH, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -13,10 +13,10 @@ S = 1_000_000_000
 
 def test_the_same_seed_gives_the_same_log_and_another_seed_does_not() -> None:
     config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=11, rate=500)
-    first = [r["text"] for r in synthetic_raw_frames("coinbase-advanced", config, 3 * S)]
-    again = [r["text"] for r in synthetic_raw_frames("coinbase-advanced", config, 3 * S)]
+    first = [r.text for r in synthetic_raw_frames("coinbase-advanced", config, 3 * S)]
+    again = [r.text for r in synthetic_raw_frames("coinbase-advanced", config, 3 * S)]
     other = [
-        r["text"]
+        r.text
         for r in synthetic_raw_frames(
             "coinbase-advanced", SyntheticConfig(symbols=config.symbols, seed=12, rate=500), 3 * S
         )
@@ -48,9 +48,9 @@ def test_the_protocol_messages_rebuild_exactly_the_markets_book(feed: str) -> No
         assert books[symbol].unknown_deletes == 0
         assert len(books[symbol].bids) >= config.depth
         assert len(books[symbol].asks) >= config.depth
-    kinds = {e["kind"] for e in events}
+    kinds = {e.kind for e in events}
     assert kinds == {"STATUS", "GAP", "SNAPSHOT", "UPDATE", "TRADE", "HEARTBEAT", "CLOCK"}
-    clocks = [e["ts_event"] for e in events if e["kind"] == "CLOCK" and e["symbol"] == "BTC-USD"]
+    clocks = [e.ts_event for e in events if e.kind == "CLOCK" and e.symbol == "BTC-USD"]
     assert clocks == [config.start_ns + (i + 1) * 100_000_000 for i in range(len(clocks))]
     assert len(clocks) == 100
 

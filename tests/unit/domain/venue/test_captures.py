@@ -34,11 +34,11 @@ def test_receive_times_are_exact_and_made_strictly_increasing(tmp_path: Path) ->
     assert capture.feed == "coinbase-exchange"
     assert capture.symbols == ("BTC-USD",)
     raws = list(capture.raw_frames(disconnect=True))
-    assert [r["kind"] for r in raws] == ["CONNECTED", "FRAME", "FRAME", "FRAME", "DISCONNECTED"]
-    assert [r["frame_index"] for r in raws] == [-1, 0, 1, 2, -1]
-    assert all(a["ts_init"] < b["ts_init"] for a, b in itertools.pairwise(raws))
-    assert raws[1]["text"] == lines[0]
-    assert {r["connection_id"] for r in raws} == {"capture:x"}
+    assert [r.kind for r in raws] == ["CONNECTED", "FRAME", "FRAME", "FRAME", "DISCONNECTED"]
+    assert [r.frame_index for r in raws] == [-1, 0, 1, 2, -1]
+    assert all(a.ts_init < b.ts_init for a, b in itertools.pairwise(raws))
+    assert raws[1].text == lines[0]
+    assert {r.connection_id for r in raws} == {"capture:x"}
 
 
 def test_misaligned_or_missing_sidecar_is_a_clear_error(tmp_path: Path) -> None:

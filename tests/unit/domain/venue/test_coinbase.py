@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sortedcontainers import SortedDict
 
+from quotewatch.core.records import Trade
 from quotewatch.domain.venue.captures import capture_files, read_capture
 from quotewatch.domain.venue.coinbase import (
     ExchangeCredentials,
@@ -30,6 +31,7 @@ from quotewatch.domain.venue.coinbase import (
     subscribe_messages,
 )
 from tests.helpers import shared_data_dir
+from tests.records import plain
 
 
 @pytest.mark.parametrize(
@@ -87,7 +89,7 @@ def test_exchange_l2update_and_snapshot() -> None:
         }
     )
     assert [(e.kind, e.symbol, e.ts_event) for e in update.events] == [("UPDATE", "BTC-USD", 1_523_926_504_358_000_000)]
-    assert update.events[0].body == {
+    assert plain(update.events[0].body) == {
         "changes": [
             {"side": "BID", "price_e8": 804_133_000_000, "size_e8": 0},
             {"side": "ASK", "price_e8": 804_290_000_000, "size_e8": 150_000_000},
@@ -98,7 +100,7 @@ def test_exchange_l2update_and_snapshot() -> None:
     )
     assert snapshot.confirmed == ("ETH-USD",)
     assert snapshot.events[0].ts_event == -1  # no time in the message: the normaliser uses ts_init
-    assert snapshot.events[0].body == {
+    assert plain(snapshot.events[0].body) == {
         "bids": [{"price_e8": 1_000_000_000, "size_e8": 100_000_000}],
         "asks": [{"price_e8": 1_100_000_000, "size_e8": 200_000_000}],
     }
@@ -115,14 +117,14 @@ def test_exchange_match_aggressor_is_the_opposite_of_the_maker_side() -> None:
         "time": "2018-04-17T00:55:11.045000Z",
     }
     buy_maker = parse_exchange_message({**base, "side": "buy"})
-    assert buy_maker.events[0].body == {
+    assert plain(buy_maker.events[0].body) == {
         "trade_id": "41766821",
         "aggressor_side": "SELL",
         "price_e8": 804_290_000_000,
         "size_e8": 15_520_000,
     }
     assert buy_maker.sequence == 5693130267
-    assert parse_exchange_message({**base, "side": "sell"}).events[0].body["aggressor_side"] == "BUY"  # type: ignore[index]
+    assert parse_exchange_message({**base, "side": "sell"}).events[0].body.aggressor_side == "BUY"  # type: ignore[index]
 
 
 def test_advanced_market_trades_side_is_the_maker_side_in_the_recorded_capture() -> None:
@@ -152,10 +154,12 @@ def test_advanced_market_trades_side_is_the_maker_side_in_the_recorded_capture()
                 price = Decimal(trade["price"])
                 if price >= trade_book["offer"].peekitem(0)[0]:
                     at_ask[trade["side"]] = at_ask.get(trade["side"], 0) + 1
-                    assert (event.body or {}).get("aggressor_side") == "BUY"
+                    assert isinstance(event.body, Trade)
+                    assert event.body.aggressor_side == "BUY"
                 elif price <= trade_book["bid"].peekitem(-1)[0]:
                     at_bid[trade["side"]] = at_bid.get(trade["side"], 0) + 1
-                    assert (event.body or {}).get("aggressor_side") == "SELL"
+                    assert isinstance(event.body, Trade)
+                    assert event.body.aggressor_side == "SELL"
     assert at_ask == {"SELL": 48}
     assert at_bid == {"BUY": 23}
 
@@ -190,7 +194,7 @@ def test_advanced_l2_data_event_time_is_the_latest_update_time() -> None:
     )
     assert parsed.sequence == 14
     assert parsed.events[0].ts_event == parse_time_ns("2026-08-09T21:05:48.210890Z")
-    assert parsed.events[0].body == {
+    assert plain(parsed.events[0].body) == {
         "changes": [
             {"side": "BID", "price_e8": 100_000_000, "size_e8": 0},
             {"side": "ASK", "price_e8": 200_000_000, "size_e8": 300_000_000},

@@ -19,8 +19,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
+import msgspec
 import pytest
 
+from quotewatch.core.records import BookTop, FeatureVector, MarketEvent, RawFrame
 from quotewatch.domain.market.book_pipeline import BookPipeline
 from quotewatch.domain.market.labels import Labeler
 from quotewatch.domain.venue.captures import Capture, capture_files, read_capture
@@ -35,32 +37,32 @@ Key = tuple[str, int]
 class Replay:
     """The normalised events and everything the book pipeline and the labeler emit for them."""
 
-    def __init__(self, raws: Iterator[dict[str, Any]]) -> None:
+    def __init__(self, raws: Iterator[RawFrame]) -> None:
         self.events, _ = Normaliser().process_all(raws)
         pipeline = BookPipeline(TICK_MS)
         labeler = Labeler(DELTA_MS, TICK_MS)
-        self.tops: dict[Key, dict[str, Any]] = {}
-        self.features: dict[Key, dict[str, Any]] = {}
+        self.tops: dict[Key, BookTop] = {}
+        self.features: dict[Key, FeatureVector] = {}
         self.labels: dict[Key, int] = {}
         for event in self.events:
             for output in pipeline.process(event):
                 top = output.book_top
-                key = (top["symbol"], top["ts_event"])
+                key = (top.symbol, top.ts_event)
                 assert key not in self.tops
                 self.tops[key] = top
                 if output.features is not None:
                     self.features[key] = output.features
                 label = labeler.process(top)
                 if label is not None:
-                    self.labels[(label["symbol"], label["t_event"])] = label["label"]
+                    self.labels[(label.symbol, label.t_event)] = label.label
 
-    def gaps(self, reason: str) -> dict[str, dict[str, Any]]:
-        return {e["symbol"]: e for e in self.events if e["kind"] == "GAP" and e["gap"]["reason"] == reason}
+    def gaps(self, reason: str) -> dict[str, MarketEvent]:
+        return {e.symbol: e for e in self.events if e.kind == "GAP" and e.gap is not None and e.gap.reason == reason}
 
 
-def _without_ts_init(record: dict[str, Any]) -> dict[str, Any]:
+def _without_ts_init(record: BookTop | FeatureVector) -> BookTop | FeatureVector:
     # ts_init is the receive time of the input that closed the tick: the cut moves it, not the tick.
-    return {name: value for name, value in record.items() if name != "ts_init"}
+    return msgspec.structs.replace(record, ts_init=0)
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +120,12 @@ def test_no_tick_after_lost_book_changes_differs_from_the_whole_capture(
     assert wrong_labels == []
     for symbol, gap in gaps.items():
         # The GAP is at the symbol's last good event: not a time that closes ticks past it.
-        before = [e["ts_event"] for e in damaged.events[: damaged.events.index(gap)] if e["symbol"] == symbol]
-        assert gap["ts_event"] == max(before)
-        assert all(t < gap["ts_event"] for s, t in damaged.tops if s == symbol)
+        before = [e.ts_event for e in damaged.events[: damaged.events.index(gap)] if e.symbol == symbol]
+        assert gap.ts_event == max(before)
+        assert all(t < gap.ts_event for s, t in damaged.tops if s == symbol)
 
 
 def test_the_whole_capture_has_no_gap_after_the_connection_start(whole: Replay) -> None:
     """The oracle: the whole replay is synced throughout (its ticks are the right ones)."""
-    assert [e["gap"]["reason"] for e in whole.events if e["kind"] == "GAP"] == ["RECONNECT", "RECONNECT"]
+    assert [e.gap.reason for e in whole.events if e.kind == "GAP"] == ["RECONNECT", "RECONNECT"]
     assert len(whole.tops) > 400

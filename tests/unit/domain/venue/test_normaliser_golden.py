@@ -37,19 +37,19 @@ class EventBook:
     crossed: int = 0
 
     def apply(self, event: Mapping[str, Any]) -> None:
-        kind = event["kind"]
+        kind = event.kind
         if kind == "SNAPSHOT":
-            self.bids = SortedDict({lvl["price_e8"]: lvl["size_e8"] for lvl in event["snapshot"]["bids"]})
-            self.asks = SortedDict({lvl["price_e8"]: lvl["size_e8"] for lvl in event["snapshot"]["asks"]})
+            self.bids = SortedDict({lvl.price_e8: lvl.size_e8 for lvl in event.snapshot.bids})
+            self.asks = SortedDict({lvl.price_e8: lvl.size_e8 for lvl in event.snapshot.asks})
             self.synced = True
         elif kind == "UPDATE":
-            for change in event["update"]["changes"]:
-                side = self.bids if change["side"] == "BID" else self.asks
-                if change["size_e8"] == 0:
-                    if side.pop(change["price_e8"], None) is None:
+            for change in event.update.changes:
+                side = self.bids if change.side == "BID" else self.asks
+                if change.size_e8 == 0:
+                    if side.pop(change.price_e8, None) is None:
                         self.unknown_deletes += 1
                 else:
-                    side[change["price_e8"]] = change["size_e8"]
+                    side[change.price_e8] = change.size_e8
         elif kind == "GAP":
             self.synced = False
         synced_book = self.synced and kind in ("SNAPSHOT", "UPDATE") and self.bids and self.asks
@@ -63,7 +63,7 @@ class EventBook:
 def books_from_events(events: Iterable[Mapping[str, Any]]) -> dict[str, EventBook]:
     books: dict[str, EventBook] = {}
     for event in events:
-        books.setdefault(event["symbol"], EventBook()).apply(event)
+        books.setdefault(event.symbol, EventBook()).apply(event)
     return books
 
 
@@ -114,13 +114,13 @@ def reference_books(lines: Iterable[str]) -> dict[str, Book]:
 def _level_updates(events: Iterable[Mapping[str, Any]]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for event in events:
-        if event["kind"] == "UPDATE":
-            counts[event["symbol"]] += len(event["update"]["changes"])
+        if event.kind == "UPDATE":
+            counts[event.symbol] += len(event.update.changes)
     return counts
 
 
 def _kinds(events: Iterable[Mapping[str, Any]]) -> Counter[tuple[str, str]]:
-    return Counter((event["symbol"], event["kind"]) for event in events)
+    return Counter((event.symbol, event.kind) for event in events)
 
 
 def _capture(stem: str) -> Path:
@@ -153,10 +153,10 @@ def test_2018_exchange_capture_counts(normalised: dict[str, Any]) -> None:
     assert _level_updates(events) == {"BTC-USD": 18_093}  # each 2018 l2update carries one change here
     assert kinds[("BTC-USD", "TRADE")] == 256  # match; last_match is history and dropped
     assert kinds[("BTC-USD", "SNAPSHOT")] == 1
-    snapshot = next(e for e in events if e["kind"] == "SNAPSHOT")
-    assert (len(snapshot["snapshot"]["bids"]), len(snapshot["snapshot"]["asks"])) == (11_245, 16_997)
+    snapshot = next(e for e in events if e.kind == "SNAPSHOT")
+    assert (len(snapshot.snapshot.bids), len(snapshot.snapshot.asks)) == (11_245, 16_997)
     # The recorder's unsubscribe error is kept as received: one reject, not a gap.
-    assert [(r.error_type, r.raw["frame_index"]) for r in rejects] == [("ExchangeError", 3)]
+    assert [(r.error_type, r.raw.frame_index) for r in rejects] == [("ExchangeError", 3)]
     assert kinds[("BTC-USD", "GAP")] == 1  # only the connection start
 
 
@@ -189,8 +189,8 @@ def test_2026_advanced_capture_counts_per_product(normalised: dict[str, Any]) ->
     assert _level_updates(events) == {"BTC-USD": 1_930, "ETH-USD": 2_929}
     kinds = _kinds(events)
     assert kinds[("BTC-USD", "UPDATE")] + kinds[("ETH-USD", "UPDATE")] == 773
-    snapshots = {e["symbol"]: e["snapshot"] for e in events if e["kind"] == "SNAPSHOT"}
-    assert {s: (len(b["bids"]), len(b["asks"])) for s, b in snapshots.items()} == {
+    snapshots = {e.symbol: e.snapshot for e in events if e.kind == "SNAPSHOT"}
+    assert {s: (len(b.bids), len(b.asks)) for s, b in snapshots.items()} == {
         "BTC-USD": (18_764, 27_236),
         "ETH-USD": (6_935, 16_399),
     }
@@ -239,21 +239,21 @@ def test_events_are_in_time_order_per_symbol_and_ts_init_comes_from_the_raw_reco
     normalised: dict[str, Any],
 ) -> None:
     for capture, events, _ in normalised.values():
-        frames = {raw["frame_index"]: raw for raw in capture.raw_frames()}
-        ts_inits = {raw["ts_init"] for raw in frames.values()}
+        frames = {raw.frame_index: raw for raw in capture.raw_frames()}
+        ts_inits = {raw.ts_init for raw in frames.values()}
         last_init: dict[str, int] = {}
         for event in events:
-            assert event["ts_init"] in ts_inits
-            assert event["ts_init"] >= last_init.get(event["symbol"], 0)
-            last_init[event["symbol"]] = event["ts_init"]
-            assert event["connection_id"] == capture.connection_id
+            assert event.ts_init in ts_inits
+            assert event.ts_init >= last_init.get(event.symbol, 0)
+            last_init[event.symbol] = event.ts_init
+            assert event.connection_id == capture.connection_id
 
 
 def test_every_normalised_event_encodes_with_the_market_event_schema(normalised: dict[str, Any]) -> None:
     serde = AvroSerde()
     for _, events, _ in normalised.values():
         # Every snapshot, trade, gap, status...; one update in ten (they all have the same shape).
-        sample = [e for i, e in enumerate(events) if e["kind"] != "UPDATE" or i % 10 == 0]
+        sample = [e for i, e in enumerate(events) if e.kind != "UPDATE" or i % 10 == 0]
         for event in sample:
             assert serde.decode(serde.encode("qw.md.events", event), "qw.md.events") == event
 
