@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from quotewatch.core.clock import FakeClock
 from quotewatch.core.processor import InRecord
+from quotewatch.core.records import DeadLetter, MarketEvent
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.services.book.main import BookTask
@@ -14,19 +13,24 @@ from tests.unit.services.book.market_events import BOOK_LEVELS, E8, MS, T0, cloc
 TOPICS = TopicNames("qw")
 
 
-def rec(value: dict[str, Any], offset: int, partition: int = 0) -> InRecord:
-    return InRecord(TOPICS.md_events, partition, offset, value["symbol"], value, 1_700_000_000_000)
+SERDE = AvroSerde()
+
+
+def rec(value: MarketEvent, offset: int, partition: int = 0) -> InRecord[MarketEvent]:
+    """The InRecord the processor hands over: the value with the bytes it was decoded from."""
+    raw = SERDE.encode(TOPICS.md_events, value)
+    return InRecord(TOPICS.md_events, partition, offset, value.symbol, value, 1_700_000_000_000, raw=raw)
 
 
 def make_task() -> BookTask:
-    return BookTask(TOPICS, 100, FakeClock(), AvroSerde())
+    return BookTask(TOPICS, 100, FakeClock())
 
 
 def test_ticks_become_top3_and_feature_records_keyed_by_symbol() -> None:
     task = make_task()
     assert list(task.process(rec(snapshot(T0 + 10 * MS, *BOOK_LEVELS), 0))) == []
     out = list(task.process(rec(clock(T0 + 250 * MS), 1)))
-    assert [(o.topic, o.key, o.value["ts_event"]) for o in out] == [
+    assert [(o.topic, o.key, o.value.ts_event) for o in out] == [
         (TOPICS.book_top3, "BTC-USD", T0 + 100 * MS),
         (TOPICS.features, "BTC-USD", T0 + 100 * MS),
         (TOPICS.book_top3, "BTC-USD", T0 + 200 * MS),
@@ -55,13 +59,21 @@ def test_restart_offset_is_per_partition_and_reset_forgets_only_that_partition()
 def test_a_bad_update_is_dead_lettered_with_the_ticks_it_closed() -> None:
     task = make_task()
     task.process(rec(snapshot(T0 + 10 * MS, *BOOK_LEVELS), 0))
-    out = list(task.process(rec(update(T0 + 150 * MS, ("BID", 100 * E8, -5)), 1, partition=0)))
+    bad = update(T0 + 150 * MS, ("BID", 100 * E8, -5))
+    # Bytes no encoder of this process would write (another writer's framing): they must come back as they are.
+    original = b"\x00\x00\x00\x00\x07" + SERDE.encode(TOPICS.md_events, bad)[10:]
+    consumed = InRecord(TOPICS.md_events, 0, 1, "BTC-USD", bad, 1_700_000_000_000, raw=original)
+    out = list(task.process(consumed))
     assert [o.topic for o in out] == [TOPICS.book_top3, TOPICS.features, TOPICS.dlq]
     dead = out[-1].value
-    assert (dead["source_topic"], dead["source_partition"], dead["source_offset"]) == (TOPICS.md_events, 0, 1)
-    assert dead["error_type"] == "MarketEventError"
-    assert "negative size" in dead["reason"]
-    assert AvroSerde().decode(dead["source_value"], TOPICS.md_events)["update"]["changes"][0]["size_e8"] == -5
+    assert (dead.source_topic, dead.source_partition, dead.source_offset) == (TOPICS.md_events, 0, 1)
+    assert dead.error_type == "MarketEventError"
+    assert "negative size" in dead.reason
+    assert isinstance(dead, DeadLetter)
+    assert dead.source_value == original, "the bytes consumed, never re-encoded"
+    assert dead.ts_event == 1_700_000_000_000 * MS
+    assert dead.source_key == b"BTC-USD"
+    assert dead.source_ref == ""
 
 
 def test_run_book_refuses_a_tick_that_does_not_divide_the_feature_windows() -> None:

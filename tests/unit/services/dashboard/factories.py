@@ -99,7 +99,7 @@ def produce_snapshots(
     for record in records:
         producer.produce(
             topic,
-            key=record["symbol"].encode(),
+            key=record.symbol.encode(),
             value=serde.encode(topic, record),
             timestamp=timestamp_ms if timestamp_ms is not None else 0,  # 0: the producer's clock
         )

@@ -24,7 +24,7 @@ def test_latest_per_symbol_and_its_age() -> None:
     clock.advance(SECOND // 2)
     latest = store.latest("BTC-USD")
     assert latest is not None
-    assert (latest.snapshot["p_change"], latest.age_ns, latest.received) == (0.3, SECOND // 2, 2)
+    assert (latest.snapshot.p_change, latest.age_ns, latest.received) == (0.3, SECOND // 2, 2)
     assert store.symbols() == ["BTC-USD", "ETH-USD"]
     assert store.counts() == (3, 0)
     assert store.seconds_since_last_snapshot() == 0.5

@@ -48,7 +48,7 @@ STALE_NS = 2_000_000_000
 
 
 def kpis(snapshot: dict[str, Any], age_ns: int = 100_000_000) -> dict[str, Any]:
-    values = render_kpis(Latest(snapshot["symbol"], snapshot, age_ns, 1), FEED, STALE_NS)
+    values = render_kpis(Latest(snapshot.symbol, snapshot, age_ns, 1), FEED, STALE_NS)
     return {component: values[(component, prop)] for component, prop in KPI_OUTPUTS if prop == "children"}
 
 
@@ -368,6 +368,6 @@ def test_sparkline_update_only_when_a_point_arrived() -> None:
 def test_test_snapshots_are_valid_snapshot_records(snapshot: dict[str, Any]) -> None:
     serde = AvroSerde()
     decoded = serde.decode(serde.encode("qw.snapshot", snapshot), "qw.snapshot")
-    assert decoded["symbol"] == snapshot["symbol"]
-    assert decoded["feature_names"] == snapshot["feature_names"]
-    assert render_kpis(Latest(decoded["symbol"], decoded, 0, 1), FEED, STALE_NS).keys() == set(KPI_OUTPUTS)
+    assert decoded.symbol == snapshot.symbol
+    assert decoded.feature_names == snapshot.feature_names
+    assert render_kpis(Latest(decoded.symbol, decoded, 0, 1), FEED, STALE_NS).keys() == set(KPI_OUTPUTS)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
+from msgspec.structs import replace
 
 from quotewatch.core.clock import FakeClock
 from quotewatch.core.processor import InRecord, OutRecord
+from quotewatch.core.records import FeatureVector, Label, Prediction, Snapshot
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market import features as spec
 from quotewatch.domain.ml import evaluation as ev
@@ -29,23 +32,27 @@ def task_for(manager: ModelManager, sample: FeatureSample, **options: Any) -> In
     return InferenceTask(topics=NAMES, manager=manager, sample=sample, clock=FakeClock(), **options)
 
 
-def feed(task: InferenceTask, topic: str, records: list[dict[str, Any]]) -> list[OutRecord]:
+def feed(task: InferenceTask, topic: str, records: Sequence[FeatureVector | Label]) -> list[OutRecord]:
     outputs: list[OutRecord] = []
     for offset, value in enumerate(records):
-        outputs.extend(task.process(InRecord(topic, 0, offset, value["symbol"], value, 0)))
+        outputs.extend(task.process(InRecord(topic, 0, offset, value.symbol, value, 0)))
     return outputs
 
 
-def predictions(outputs: list[OutRecord]) -> list[dict[str, Any]]:
-    return [dict(out.value) for out in outputs if out.topic == NAMES.predictions]
+def predictions(outputs: list[OutRecord]) -> list[Prediction]:
+    out = [out.value for out in outputs if out.topic == NAMES.predictions]
+    assert all(isinstance(value, Prediction) for value in out)
+    return out  # type: ignore[return-value]  # checked just above
 
 
-def snapshots(outputs: list[OutRecord]) -> list[dict[str, Any]]:
-    return [dict(out.value) for out in outputs if out.topic == NAMES.snapshot]
+def snapshots(outputs: list[OutRecord]) -> list[Snapshot]:
+    out = [out.value for out in outputs if out.topic == NAMES.snapshot]
+    assert all(isinstance(value, Snapshot) for value in out)
+    return out  # type: ignore[return-value]  # checked just above
 
 
 @pytest.fixture(scope="module")
-def ticks() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def ticks() -> tuple[list[FeatureVector], list[Label]]:
     return synthetic_ticks(60)
 
 
@@ -58,27 +65,27 @@ def test_without_a_champion_the_fallback_serves_and_learns_from_labels(
     first = feed(task, NAMES.features, features[:100])
     preds = predictions(first)
     assert len(preds) == 100, "one prediction per feature vector"
-    assert {(p["model_role"], p["model_name"], p["model_version"]) for p in preds} == {
+    assert {(p.model_role, p.model_name, p.model_version) for p in preds} == {
         ("FALLBACK", FALLBACK_MODEL_NAME, "online-0")
     }
-    assert {p["p_change"] for p in preds} == {0.5}
+    assert {p.p_change for p in preds} == {0.5}
     for pred, vector in zip(preds, features[:100], strict=True):
-        assert (pred["ts_event"], pred["ts_init"], pred["symbol"]) == (
-            vector["ts_event"],
-            vector["ts_init"],
-            vector["symbol"],
+        assert (pred.ts_event, pred.ts_init, pred.symbol) == (
+            vector.ts_event,
+            vector.ts_init,
+            vector.symbol,
         )
-        assert pred["feature_spec_id"] == spec.FEATURE_SPEC_ID
-        assert pred["exchange"] == "coinbase"
+        assert pred.feature_spec_id == spec.FEATURE_SPEC_ID
+        assert pred.exchange == "coinbase"
     labelled = [
         label
         for label in labels
-        if (label["symbol"], label["t_event"]) in {(f["symbol"], f["ts_event"]) for f in features[:100]}
+        if (label.symbol, label.t_event) in {(f.symbol, f.ts_event) for f in features[:100]}
     ]
     assert feed(task, NAMES.labels, labelled) == []
     assert task.fallback.learned == len(labelled)
     later = predictions(feed(task, NAMES.features, features[100:101]))
-    assert later[0]["model_version"] == f"online-{len(labelled)}"
+    assert later[0].model_version == f"online-{len(labelled)}"
 
 
 def test_the_champion_scores_each_vector_and_the_challenger_in_shadow(
@@ -92,21 +99,21 @@ def test_the_champion_scores_each_vector_and_the_challenger_in_shadow(
     task = task_for(manager, sample)
     outputs = feed(task, NAMES.features, features[:50])
     preds = predictions(outputs)
-    champion = [p for p in preds if p["model_role"] == "CHAMPION"]
-    challenger = [p for p in preds if p["model_role"] == "CHALLENGER"]
+    champion = [p for p in preds if p.model_role == "CHAMPION"]
+    challenger = [p for p in preds if p.model_role == "CHALLENGER"]
     assert len(champion) == len(challenger) == 50
-    x = np.asarray([f["values"] for f in features[:50]])
+    x = np.asarray([f.values for f in features[:50]])
     expected = positive_probability(registry.versions["1"].model, x)  # type: ignore[union-attr]
     for one, vector in enumerate(features[:50]):
-        assert champion[one]["p_change"] == pytest.approx(expected[one], abs=1e-12)
-        assert (champion[one]["model_name"], champion[one]["model_version"]) == ("quotewatch", "1")
-        assert challenger[one]["model_version"] == "2"
-        assert champion[one]["ts_event"] == challenger[one]["ts_event"] == vector["ts_event"]
+        assert champion[one].p_change == pytest.approx(expected[one], abs=1e-12)
+        assert (champion[one].model_name, champion[one].model_version) == ("quotewatch", "1")
+        assert challenger[one].model_version == "2"
+        assert champion[one].ts_event == challenger[one].ts_event == vector.ts_event
     snaps = snapshots(outputs)
     assert len(snaps) == 50
-    assert snaps[-1]["p_change"] == champion[-1]["p_change"]
-    assert snaps[-1]["challenger_p_change"] == challenger[-1]["p_change"]
-    assert (snaps[-1]["model_version"], snaps[-1]["model_role"]) == ("1", "CHAMPION")
+    assert snaps[-1].p_change == champion[-1].p_change
+    assert snaps[-1].challenger_p_change == challenger[-1].p_change
+    assert (snaps[-1].model_version, snaps[-1].model_role) == ("1", "CHAMPION")
 
 
 def test_a_prediction_depends_only_on_the_record_and_the_version(
@@ -135,10 +142,10 @@ def test_vectors_of_another_spec_or_an_invalid_output_fall_back_and_are_counted(
     manager, _, sample = make_manager()
     manager.check_now()
     task = task_for(manager, sample)
-    other_spec = {**features[0], "feature_spec_id": "qw-features-v0-old"}
-    with_nan = {**features[1], "values": [math.nan, *features[1]["values"][1:]]}
+    other_spec = replace(features[0], feature_spec_id="qw-features-v0-old")
+    with_nan = replace(features[1], values=(math.nan, *features[1].values[1:]))
     preds = predictions(feed(task, NAMES.features, [other_spec, with_nan, features[2]]))
-    assert [p["model_role"] for p in preds] == ["FALLBACK", "FALLBACK", "CHAMPION"]
+    assert [p.model_role for p in preds] == ["FALLBACK", "FALLBACK", "CHAMPION"]
     assert task.spec_mismatches == 1
     assert task.invalid_outputs == 1, "sklearn refuses NaN input: that vector is scored by the fallback"
 
@@ -148,9 +155,9 @@ def test_a_bad_label_is_refused_for_the_dead_letter_topic(make_manager: Callable
     manager, _, sample = make_manager()
     task = task_for(manager, sample)
     with pytest.raises(ValueError, match="is not 0 or 1"):
-        feed(task, NAMES.labels, [{**labels[0], "label": 2}])
+        feed(task, NAMES.labels, [replace(labels[0], label=2)])
     with pytest.raises(ValueError, match="does not consume"):
-        task.process(InRecord("qw.book.top3", 0, 0, "BTC-USD", {}, 0))
+        task.process(InRecord("qw.book.top3", 0, 0, "BTC-USD", labels[0], 0))
 
 
 def test_snapshots_carry_features_book_metrics_rate_and_lag(
@@ -162,43 +169,43 @@ def test_snapshots_carry_features_book_metrics_rate_and_lag(
     manager, _, sample = make_manager()
     manager.check_now()
     task = task_for(manager, sample, consumer_lag=lambda: 42)
-    btc = [f for f in features if f["symbol"] == "BTC-USD"]
+    btc = [f for f in features if f.symbol == "BTC-USD"]
     outputs = feed(task, NAMES.features, btc[:200])
-    btc_labels = [label for label in labels if label["symbol"] == "BTC-USD"][:150]
+    btc_labels = [label for label in labels if label.symbol == "BTC-USD"][:150]
     feed(task, NAMES.labels, btc_labels)
     last_snapshot = snapshots(feed(task, NAMES.features, btc[200:201]))[0]
     vector = btc[200]
-    assert last_snapshot["feature_names"] == list(spec.FEATURE_NAMES)
-    assert last_snapshot["feature_values"] == vector["values"]
-    assert last_snapshot["bids"] == vector["bids"]
-    assert last_snapshot["asks"] == vector["asks"]
-    assert last_snapshot["updates_per_second"] == vector["values"][spec.FEATURE_INDEX["updates_1000ms"]]
-    assert last_snapshot["consumer_lag"] == 42
-    assert last_snapshot["feed_state"] == vector["feed_state"]
-    (metrics,) = last_snapshot["live_metrics"]
-    preds = {(p["symbol"], p["ts_event"]): p["p_change"] for p in predictions(outputs)}
+    assert last_snapshot.feature_names == spec.FEATURE_NAMES
+    assert last_snapshot.feature_values == vector.values
+    assert last_snapshot.bids == vector.bids
+    assert last_snapshot.asks == vector.asks
+    assert last_snapshot.updates_per_second == vector.values[spec.FEATURE_INDEX["updates_1000ms"]]
+    assert last_snapshot.consumer_lag == 42
+    assert last_snapshot.feed_state == vector.feed_state
+    (metrics,) = last_snapshot.live_metrics
+    preds = {(p.symbol, p.ts_event): p.p_change for p in predictions(outputs)}
     joined = [
-        (lb["label"], preds[(lb["symbol"], lb["t_event"])])
+        (lb.label, preds[(lb.symbol, lb.t_event)])
         for lb in btc_labels
-        if (lb["symbol"], lb["t_event"]) in preds
+        if (lb.symbol, lb.t_event) in preds
     ]
     assert len(joined) > 100
     expected = ev.score([y for y, _ in joined], [p for _, p in joined])
-    assert metrics["n_labels"] == len(joined)
-    assert (metrics["model_version"], metrics["model_role"]) == ("1", "CHAMPION")
-    assert metrics["auc"] == pytest.approx(expected.roc_auc)
-    assert metrics["brier"] == pytest.approx(expected.brier)
-    assert metrics["balanced_accuracy"] == pytest.approx(expected.balanced_accuracy)
-    assert metrics["base_rate"] == pytest.approx(expected.base_rate)
+    assert metrics.n_labels == len(joined)
+    assert (metrics.model_version, metrics.model_role) == ("1", "CHAMPION")
+    assert metrics.auc == pytest.approx(expected.roc_auc)
+    assert metrics.brier == pytest.approx(expected.brier)
+    assert metrics.balanced_accuracy == pytest.approx(expected.balanced_accuracy)
+    assert metrics.base_rate == pytest.approx(expected.base_rate)
 
 
 def test_snapshot_interval_is_in_event_time(make_manager: Callable[..., Any], ticks: Any) -> None:
     features, _ = ticks
     manager, _, sample = make_manager()
     task = task_for(manager, sample, snapshot_interval_ms=500)
-    btc = [f for f in features if f["symbol"] == "BTC-USD"][:50]
+    btc = [f for f in features if f.symbol == "BTC-USD"][:50]
     snaps = snapshots(feed(task, NAMES.features, btc))
-    assert [s["ts_event"] for s in snaps] == [f["ts_event"] for f in btc[::5]]
+    assert [s.ts_event for s in snaps] == [f.ts_event for f in btc[::5]]
 
 
 def test_the_warm_up_batch_comes_from_the_stream(make_manager: Callable[..., Any], ticks: Any) -> None:
@@ -209,7 +216,7 @@ def test_the_warm_up_batch_comes_from_the_stream(make_manager: Callable[..., Any
     spec_id, batch = sample.spec_and_batch()
     assert spec_id == spec.FEATURE_SPEC_ID
     assert batch.shape == (32 + 4, len(spec.FEATURE_NAMES))
-    assert batch[31].tolist() == features[39]["values"]
+    assert tuple(batch[31].tolist()) == features[39].values
 
 
 # -- re-processing after an aborted transaction -------------------------------------------------------
@@ -222,15 +229,15 @@ def arrivals(seconds: int = 60) -> list[InRecord]:
     tick; each symbol on its Kafka partition, offsets counting per (topic, partition)."""
     features, labels = synthetic_ticks(seconds)
     events = sorted(
-        [(f["ts_event"], 0, NAMES.features, f) for f in features]
-        + [(lb["ts_event"], 1, NAMES.labels, lb) for lb in labels],
+        [(f.ts_event, 0, NAMES.features, f) for f in features]
+        + [(lb.ts_event, 1, NAMES.labels, lb) for lb in labels],
         key=lambda event: (event[0], event[1]),
     )
     offsets: dict[tuple[str, int], int] = defaultdict(int)
     records = []
     for _, _, topic, value in events:
-        partition = kafka_partition(value["symbol"])
-        records.append(InRecord(topic, partition, offsets[(topic, partition)], value["symbol"], value, 0))
+        partition = kafka_partition(value.symbol)
+        records.append(InRecord(topic, partition, offsets[(topic, partition)], value.symbol, value, 0))
         offsets[(topic, partition)] += 1
     return records
 
@@ -272,7 +279,7 @@ class Processor:
 
 def canonical(value: Any) -> str:
     """A record's value for comparison (NaN compares equal to NaN here)."""
-    return json.dumps(value, sort_keys=True, default=str)
+    return json.dumps(msgspec.to_builtins(value), sort_keys=True, default=str)
 
 
 def assigned_partitions(records: list[InRecord]) -> list[tuple[str, int]]:
@@ -305,7 +312,7 @@ def uninterrupted(records: list[InRecord], snapshot_interval_ms: int, make_manag
 def assert_as_uninterrupted(processor: Processor, reference: Processor, records: list[InRecord]) -> None:
     """The committed outputs and the task's state are those of the uninterrupted ``reference``."""
     assert processor.committed == reference.committed, "the committed outputs are those of an uninterrupted run"
-    probe = records[0].value["values"]
+    probe = records[0].value.values
     assert state(processor.task, probe) == state(reference.task, probe)
 
 
@@ -395,13 +402,13 @@ def test_a_record_dead_lettered_in_an_aborted_batch_is_refused_again_and_changes
     records = arrivals(20)
     label_at = next(i for i, record in enumerate(records) if record.topic == NAMES.labels)
     bad = records[label_at]
-    records[label_at] = InRecord(bad.topic, bad.partition, bad.offset, bad.key, {**bad.value, "label": 2}, 0)
+    records[label_at] = InRecord(bad.topic, bad.partition, bad.offset, bad.key, replace(bad.value, label=2), 0)
     reference = uninterrupted(records, 0, make_manager)
     processor = fresh_processor(records, make_manager)
     processor.batch(records[: label_at + 50], aborts=True)
     processor.batch(records[: label_at + 50])
     processor.batch(records[label_at + 50 :])
     assert processor.committed[(bad.topic, bad.partition, bad.offset)] == [
-        ("dead letter", "ValueError", f"label 2 of {bad.value['symbol']} at t={bad.value['t_event']} is not 0 or 1")
+        ("dead letter", "ValueError", f"label 2 of {bad.value.symbol} at t={bad.value.t_event} is not 0 or 1")
     ]
     assert_as_uninterrupted(processor, reference, records)

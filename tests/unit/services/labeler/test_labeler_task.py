@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from quotewatch.core.processor import InRecord, OutRecord
+from quotewatch.core.records import BookLevel, BookTop
 from quotewatch.core.topics import TopicNames
 from quotewatch.services.labeler.main import LabelerTask
 from tests.unit.services.book.market_events import MS, T0
@@ -12,21 +11,21 @@ from tests.unit.services.book.market_events import MS, T0
 TOPICS = TopicNames("qw")
 
 
-def tick(t_ms: int, bid: int, symbol: str = "BTC-USD") -> dict[str, Any]:
-    return {
-        "ts_event": T0 + t_ms * MS,
-        "ts_init": T0 + t_ms * MS,
-        "exchange": "coinbase",
-        "symbol": symbol,
-        "tick_ms": 100,
-        "epoch": 1,
-        "bids": [{"price_e8": bid, "size_e8": 1}],
-        "asks": [{"price_e8": 10_000, "size_e8": 1}],
-    }
+def tick(t_ms: int, bid: int, symbol: str = "BTC-USD") -> BookTop:
+    return BookTop(
+        ts_event=T0 + t_ms * MS,
+        ts_init=T0 + t_ms * MS,
+        exchange="coinbase",
+        symbol=symbol,
+        tick_ms=100,
+        epoch=1,
+        bids=(BookLevel(price_e8=bid, size_e8=1),),
+        asks=(BookLevel(price_e8=10_000, size_e8=1),),
+    )
 
 
-def rec(value: dict[str, Any], offset: int, partition: int) -> InRecord:
-    return InRecord(TOPICS.book_top3, partition, offset, value["symbol"], value, 0)
+def rec(value: BookTop, offset: int, partition: int) -> InRecord[BookTop]:
+    return InRecord(TOPICS.book_top3, partition, offset, value.symbol, value, 0)
 
 
 def test_labels_are_keyed_by_symbol_and_the_restart_is_the_oldest_pending_tick() -> None:
@@ -34,7 +33,7 @@ def test_labels_are_keyed_by_symbol_and_the_restart_is_the_oldest_pending_tick()
     out: list[OutRecord] = []
     for k in range(1, 6):
         out += task.process(rec(tick(100 * k, k), 10 + k, partition=1))
-    assert [(o.topic, o.key, o.value["t_event"]) for o in out] == [
+    assert [(o.topic, o.key, o.value.t_event) for o in out] == [
         (TOPICS.labels, "BTC-USD", T0 + 100 * MS),
         (TOPICS.labels, "BTC-USD", T0 + 200 * MS),
         (TOPICS.labels, "BTC-USD", T0 + 300 * MS),

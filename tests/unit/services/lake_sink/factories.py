@@ -59,39 +59,39 @@ def capture_records(frames_per_capture: int | None = None) -> dict[str, tuple[Ke
         if frames_per_capture is not None:
             raws = raws[: frames_per_capture + 1]
         events, _ = Normaliser().process_all(raws)
-        out["md.raw"].extend((raw["feed"], raw) for raw in raws)
-        out["md.events"].extend((event["symbol"], event) for event in events)
+        out["md.raw"].extend((raw.feed, raw) for raw in raws)
+        out["md.events"].extend((event.symbol, event) for event in events)
         book = BookPipeline(100)
         labeler = Labeler(500, 100)
         for event in events:
             for tick in book.process(event):
                 top = tick.book_top
-                out["book.top3"].append((top["symbol"], top))
+                out["book.top3"].append((top.symbol, top))
                 label = labeler.process(top)
                 if label is not None:
-                    out["labels"].append((label["symbol"], label))
+                    out["labels"].append((label.symbol, label))
                 if tick.features is not None:
-                    out["features"].append((top["symbol"], tick.features))
+                    out["features"].append((top.symbol, tick.features))
                     for role in ("CHAMPION", "CHALLENGER"):
                         prediction = predict(tick.features, role)
-                        out["predictions"].append((prediction["symbol"], prediction))
+                        out["predictions"].append((prediction.symbol, prediction))
     return {suffix: tuple(records) for suffix, records in out.items()}
 
 
 def predict(features: Mapping[str, Any], role: str) -> dict[str, Any]:
     """A Prediction of a FeatureVector: a fixed logistic score of its first values (deterministic)."""
-    values = [v for v in features["values"][:4] if math.isfinite(v)]
+    values = [v for v in features.values[:4] if math.isfinite(v)]
     score = sum(values) * (0.7 if role == "CHAMPION" else 0.3)
     return {
-        "ts_event": features["ts_event"],
-        "ts_init": features["ts_init"],
-        "exchange": features["exchange"],
-        "symbol": features["symbol"],
+        "ts_event": features.ts_event,
+        "ts_init": features.ts_init,
+        "exchange": features.exchange,
+        "symbol": features.symbol,
         "p_change": 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, score)))),
         "model_name": "quotewatch",
         "model_version": "3" if role == "CHAMPION" else "4",
         "model_role": role,
-        "feature_spec_id": features["feature_spec_id"],
+        "feature_spec_id": features.feature_spec_id,
     }
 
 

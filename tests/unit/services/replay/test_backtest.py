@@ -82,7 +82,7 @@ def test_a_capture_backtest_reports_models_and_baselines_and_writes_plots_record
     assert features == result.engine.feature_records
     predictions = read_records(tmp_path / "records" / "predictions.avro")
     assert len(predictions) == len(features)
-    assert [p["p_change"] for p in predictions] == result.models[0].p.tolist()
+    assert [p.p_change for p in predictions] == result.models[0].p.tolist()
     serde = AvroSerde()
     for record in predictions[:5]:
         assert serde.decode(serde.encode("x.predictions", record), "x.predictions") == record
@@ -90,8 +90,8 @@ def test_a_capture_backtest_reports_models_and_baselines_and_writes_plots_record
     # The lake output reads back as the trainer reads it.
     lake = read_dataset(str(tmp_path / "lake"), "bt.features", columns=["symbol", "ts_event", "values"])
     assert len(lake) == len(features)
-    assert sorted(zip(lake["symbol"], lake["ts_event"], strict=True)) == sorted(
-        (f["symbol"], f["ts_event"]) for f in features
+    assert sorted(zip(lake.symbol, lake.ts_event, strict=True)) == sorted(
+        (f.symbol, f.ts_event) for f in features
     )
     labels = read_dataset(str(tmp_path / "lake"), "bt.labels", columns=["label"])
     assert len(labels) == result.engine.counts.labels
@@ -104,7 +104,7 @@ def test_a_lake_backtest_from_raw_frames_or_stored_events_equals_the_capture_bac
     raws = list(read_capture(capture).raw_frames())
     write_dataset(tmp_path, "qw.md.raw", raws, "feed", lambda r: 0)
     events, _ = Normaliser().process_all(raws)
-    write_dataset(tmp_path, "qw.md.events", events, "symbol", lambda r: 0 if r["symbol"] == "BTC-USD" else 2)
+    write_dataset(tmp_path, "qw.md.events", events, "symbol", lambda r: 0 if r.symbol == "BTC-USD" else 2)
     window = Window(parse_time("2026-08-09T21:06:00Z"), parse_time("2026-08-09T21:06:10Z"))
     from_lake = run_backtest(settings().model_copy(update={"lake_uri": str(tmp_path)}), SourceSpec("lake", "qw"),
                              window, [model], records_dir=tmp_path / "a")  # fmt: skip
@@ -119,7 +119,7 @@ def test_a_lake_backtest_from_raw_frames_or_stored_events_equals_the_capture_bac
         expected = read_records(tmp_path / "b" / f"{name}.avro")
         assert read_records(tmp_path / "a" / f"{name}.avro") == expected, name
         assert read_records(tmp_path / "c" / f"{name}.avro") == expected, f"{name} from the stored events"
-    in_window = [e for e in events if window.extended(input_lookahead_ns(500)).before_end(e["ts_init"])]
+    in_window = [e for e in events if window.extended(input_lookahead_ns(500)).before_end(e.ts_init)]
     assert (from_events.engine.counts.raw_records, from_events.engine.counts.events) == (0, len(in_window))
     assert from_events.engine.counts.events == from_file.engine.counts.events
     assert from_lake.evaluation is not None
@@ -150,15 +150,15 @@ def test_windows_split_in_two_score_the_rows_of_the_whole_and_stop_their_records
     assert whole.y.size == left.y.size + right.y.size > 1900
     assert left.t.max() == b - 100 * MS  # the last tick before --to is scored...
     labels = read_records(tmp_path / "ab" / "labels.avro")
-    assert max(label["t_event"] for label in labels) == b - 100 * MS  # ...with the label made after --to
+    assert max(label.t_event for label in labels) == b - 100 * MS  # ...with the label made after --to
     for name in ("book.top3", "features", "predictions"):
-        assert all(record["ts_event"] < b for record in read_records(tmp_path / "ab" / f"{name}.avro")), name
+        assert all(record.ts_event < b for record in read_records(tmp_path / "ab" / f"{name}.avro")), name
     # Per symbol, the records of [A, B) are the start of those of [A, C).
     for name in ("book.top3", "features", "labels"):
         first, longer = read_records(tmp_path / "ab" / f"{name}.avro"), read_records(tmp_path / "ac" / f"{name}.avro")
-        for symbol in {record["symbol"] for record in longer}:
-            mine = [record for record in first if record["symbol"] == symbol]
-            assert mine == [record for record in longer if record["symbol"] == symbol][: len(mine)], (name, symbol)
+        for symbol in {record.symbol for record in longer}:
+            mine = [record for record in first if record.symbol == symbol]
+            assert mine == [record for record in longer if record.symbol == symbol][: len(mine)], (name, symbol)
         assert 0 < len(first) < len(longer), name
 
 

@@ -38,7 +38,7 @@ def services_outputs(raws: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
     events = [
         dict(out.value)
         for offset, raw in enumerate(raws)
-        for out in normalise.process(InRecord(TOPICS.md_raw, 0, offset, raw["feed"], raw, 0))
+        for out in normalise.process(InRecord(TOPICS.md_raw, 0, offset, raw.feed, raw, 0))
         if out.topic == TOPICS.md_events
     ]
     book = BookTask(TOPICS, 100, FakeClock(), AvroSerde())
@@ -46,10 +46,10 @@ def services_outputs(raws: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
     offsets: dict[tuple[str, int], int] = defaultdict(int)
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for event in events:  # each symbol's partition in order, partitions interleaved: what the services see
-        partition = partition_of(event["symbol"])
+        partition = partition_of(event.symbol)
         offset = offsets[(TOPICS.md_events, partition)]
         offsets[(TOPICS.md_events, partition)] += 1
-        for record in book.process(InRecord(TOPICS.md_events, partition, offset, event["symbol"], event, 0)):
+        for record in book.process(InRecord(TOPICS.md_events, partition, offset, event.symbol, event, 0)):
             out[record.topic].append(dict(record.value))
             if record.topic == TOPICS.book_top3:
                 top_offset = offsets[(TOPICS.book_top3, partition)]
@@ -80,12 +80,12 @@ def test_the_engine_gives_the_records_of_the_services_stream_tasks(source: str) 
 
     table = engine.feature_table()
     assert table.values.shape == (counts.feature_vectors, len(FEATURE_NAMES))
-    assert table.values.tolist() == [r["values"] for r in engine.feature_records]
-    assert table.t.tolist() == [r["ts_event"] for r in engine.feature_records]
-    assert table.symbol.tolist() == [r["symbol"] for r in engine.feature_records]
+    assert table.values.tolist() == [r.values for r in engine.feature_records]
+    assert table.t.tolist() == [r.ts_event for r in engine.feature_records]
+    assert table.symbol.tolist() == [r.symbol for r in engine.feature_records]
     labels = engine.label_table()
     assert list(zip(labels.symbol.tolist(), labels.t_event.tolist(), labels.label.tolist(), strict=True)) == [
-        (r["symbol"], r["t_event"], r["label"]) for r in engine.label_records
+        (r.symbol, r.t_event, r.label) for r in engine.label_records
     ]
 
 
@@ -112,7 +112,7 @@ def test_scoring_skips_other_specs_and_invalid_outputs_as_inference_falls_back_t
     assert int(scores.scored.sum()) == rows - scores.invalid_outputs
     records = prediction_records(engine, scores)
     assert len(records) == int(scores.scored.sum())
-    assert {(r["model_name"], r["model_version"], r["model_role"]) for r in records} == {("m", "3", "CHAMPION")}
+    assert {(r.model_name, r.model_version, r.model_role) for r in records} == {("m", "3", "CHAMPION")}
 
     other = LoadedModel("m", "4", "sklearn", _Ramp(), "another-spec", FEATURE_NAMES)
     assert score_model(table, other, "CHALLENGER").spec_mismatches == rows

@@ -51,7 +51,7 @@ def test_the_warm_up_goes_at_full_speed_and_the_window_is_paced_from_its_start(s
         AvroSerde(),
     )
     records = list(source)
-    ts = [int(r.value["ts_init"]) for r in records]
+    ts = [int(r.value.ts_init) for r in records]
     first_in_window = next(i for i, t in enumerate(ts) if t >= window.start_ns)
     assert first_in_window > 1000
     assert ts[first_in_window] > window.start_ns

@@ -89,7 +89,7 @@ def write_dataset(root: Path, topic: str, records: list[dict[str, Any]], key: st
         offset = offsets.get(partition, 0)
         offsets[partition] = offset + 1
         row = {**record, "_topic": topic, "_partition": partition, "_offset": offset, "_key": record[key]}
-        row["_timestamp_ms"] = record["ts_init"] // 1_000_000
+        row["_timestamp_ms"] = record.ts_init // 1_000_000
         directory = partition_dir(topic, record)
         same = [run for run in runs if run[0] == partition]
         if same and same[-1][1] == directory:
@@ -115,22 +115,22 @@ def test_lake_windows_start_at_the_connected_record_found_across_hour_partitions
     log = log_over_two_hours()
     write_dataset(tmp_path, "qw.md.raw", log, "feed", lambda r: 0)
     events, _ = Normaliser().process_all(log)
-    write_dataset(tmp_path, "qw.md.events", events, "symbol", lambda r: 0 if r["symbol"] == "BTC-USD" else 1)
+    write_dataset(tmp_path, "qw.md.events", events, "symbol", lambda r: 0 if r.symbol == "BTC-USD" else 1)
 
     window = Window(10 * HOUR + 5 * SECOND, 10 * HOUR + 8 * SECOND)  # in c1, after the hour boundary
     start, total, records = lake_raw_records(str(tmp_path), "qw", window)
-    expected = [r for r in log if r["connection_id"] == "c1" and r["ts_init"] < window.end_ns]
+    expected = [r for r in log if r.connection_id == "c1" and r.ts_init < window.end_ns]
     assert (start.connection_id, start.offset) == ("c1", 0)
     got = [record.value for record in records]
     assert total == len(got) == len(expected)
     assert got == expected
 
     start, total, records = lake_event_records(str(tmp_path), "qw", window)
-    wanted = [e for e in events if start.ts_init <= e["ts_init"] < window.end_ns]
+    wanted = [e for e in events if start.ts_init <= e.ts_init < window.end_ns]
     got = [record.value for record in records]
     assert total == len(wanted)
     for symbol in ("BTC-USD", "ETH-USD"):
-        assert [e for e in got if e["symbol"] == symbol] == [e for e in wanted if e["symbol"] == symbol]
+        assert [e for e in got if e.symbol == symbol] == [e for e in wanted if e.symbol == symbol]
 
     start, _, _ = lake_raw_records(str(tmp_path), "qw", Window(10 * HOUR + HOUR // 2 + 3 * SECOND, None))
     assert start.connection_id == "c2"
@@ -153,7 +153,7 @@ class ListReader(TopicReader):
         return 0, len(self._log)
 
     def offset_for_time(self, partition: int, timestamp_ms: int) -> int | None:
-        return next((i for i, r in enumerate(self._log) if r["ts_init"] // 1_000_000 >= timestamp_ms), None)
+        return next((i for i, r in enumerate(self._log) if r.ts_init // 1_000_000 >= timestamp_ms), None)
 
     def read_at(self, partition: int, offset: int, high: int) -> tuple[int, dict[str, Any]] | None:
         return (offset, self._log[offset]) if offset < min(high, len(self._log)) else None
@@ -200,7 +200,7 @@ def reconnect_log(clock_of_pending: bool) -> list[dict[str, Any]]:
     pending = "c3" if clock_of_pending else "c1"
     log += [control("CLOCK", pending, t + i * 100_000_000) for i in range(10, 13)]  # c3's handshake
     log += session("c3", t + 13 * 100_000_000)
-    assert all(a["ts_init"] < b["ts_init"] for a, b in itertools.pairwise(log))
+    assert all(a.ts_init < b.ts_init for a, b in itertools.pairwise(log))
     return log
 
 
@@ -209,7 +209,7 @@ def test_a_window_finds_the_latest_connected_record_around_reconnects(clock_of_p
     log = reconnect_log(clock_of_pending)
     reader = ListReader(log)
     c1 = 0
-    c3 = next(i for i, r in enumerate(log) if r["kind"] == "CONNECTED" and r["connection_id"] == "c3")
+    c3 = next(i for i, r in enumerate(log) if r.kind == "CONNECTED" and r.connection_id == "c3")
 
     def start_at(index: int) -> tuple[int, str]:
         found = find_raw_start(reader, log[index]["ts_init"])
@@ -217,22 +217,22 @@ def test_a_window_finds_the_latest_connected_record_around_reconnects(clock_of_p
 
     for index in (c1, c1 + 5, c3 - 14):  # inside c1, at its last frame
         assert start_at(index) == (c1, "c1")
-    disconnected = next(i for i, r in enumerate(log) if r["kind"] == "DISCONNECTED")
+    disconnected = next(i for i, r in enumerate(log) if r.kind == "DISCONNECTED")
     for index in range(disconnected, c3):  # the loss, the failed attempt, the backoff, the handshake
         assert start_at(index) == (c1, "c1"), index
     for index in (c3, c3 + 1, c3 + 30, len(log) - 1):
         assert start_at(index) == (c3, "c3")
     assert find_raw_start(reader, None).offset == c1
-    assert find_raw_start(reader, log[0]["ts_init"] - SECOND).offset == c1  # --from before the log
+    assert find_raw_start(reader, log[0].ts_init - SECOND).offset == c1  # --from before the log
 
 
 def test_clocks_ahead_of_the_first_connected_are_skipped_and_a_log_without_its_connected_is_refused() -> None:
     log = [control("CLOCK", "c1", S0 - (3 - i) * 100_000_000) for i in range(3)] + session("c1", S0)
     reader = ListReader(log)
     assert find_raw_start(reader, None).offset == 3
-    assert find_raw_start(reader, log[20]["ts_init"]).offset == 3
+    assert find_raw_start(reader, log[20].ts_init).offset == 3
     with pytest.raises(ReplayError, match=r"starts \(offset 0.*with a CLOCK of connection 'c1', not CONNECTED"):
-        find_raw_start(reader, log[1]["ts_init"])  # the handshake, before any connection in the log
+        find_raw_start(reader, log[1].ts_init)  # the handshake, before any connection in the log
     cut = ListReader(session("c1", S0)[5:] + session("c2", S0 + 5 * SECOND))  # retention cut c1's start
     with pytest.raises(ReplayError, match="of connection 'c1', not CONNECTED"):
         find_raw_start(cut, S0 + 2 * SECOND)

@@ -16,12 +16,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 
 from quotewatch.core import lake
-from quotewatch.core.topics import FEATURES, LABELS, TopicNames
+from quotewatch.core.records import FeatureVector, Label
+from quotewatch.core.topics import FEATURES, LABELS, TopicNames, TopicSpec
 from quotewatch.domain.market.book_pipeline import BookPipeline
 from quotewatch.domain.market.labels import Labeler
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
@@ -33,11 +33,11 @@ DELTA_MS = 500
 
 
 @lru_cache(maxsize=8)
-def _ticks(seconds: int, symbols: tuple[str, ...], seed: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+def _ticks(seconds: int, symbols: tuple[str, ...], seed: int) -> tuple[tuple[FeatureVector, ...], tuple[Label, ...]]:
     config = SyntheticConfig(symbols=symbols, seed=seed, rate=50.0)
     normaliser, pipeline, labeler = Normaliser(), BookPipeline(TICK_MS), Labeler(DELTA_MS, TICK_MS)
-    features: list[dict[str, Any]] = []
-    labels: list[dict[str, Any]] = []
+    features: list[FeatureVector] = []
+    labels: list[Label] = []
     for frame in synthetic_raw_frames("coinbase-advanced", config, seconds * 1_000_000_000, tick_ms=TICK_MS):
         for event in normaliser.process(frame).events:
             for output in pipeline.process(event):
@@ -51,10 +51,10 @@ def _ticks(seconds: int, symbols: tuple[str, ...], seed: int) -> tuple[tuple[Any
 
 def synthetic_ticks(
     seconds: int = 300, symbols: Sequence[str] = SYMBOLS, seed: int = 3
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[FeatureVector], list[Label]]:
     """(FeatureVector records, Label records) of ``seconds`` of the synthetic market, in event order.
 
-    Cached per arguments (callers get fresh lists of the same dicts: do not mutate them).
+    Cached per arguments (callers get fresh lists of the same frozen records).
     """
     features, labels = _ticks(seconds, tuple(symbols), seed)
     return list(features), list(labels)
@@ -65,27 +65,22 @@ def kafka_partition(symbol: str, partitions: int = 3) -> int:
     return zlib.crc32(symbol.encode()) % partitions
 
 
-def write_lake(
-    lake_uri: str | Path, prefix: str, features: Sequence[dict[str, Any]], labels: Sequence[dict[str, Any]]
-) -> None:
+def write_lake(lake_uri: str | Path, prefix: str, features: Sequence[FeatureVector], labels: Sequence[Label]) -> None:
     """File ``features`` and ``labels`` under ``<lake_uri>/<prefix>.features`` and ``<prefix>.labels``."""
     names = TopicNames(prefix)
-    for spec, topic, records in ((FEATURES, names.features, features), (LABELS, names.labels, labels)):
-        by_partition: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    datasets: tuple[tuple[TopicSpec, str, Sequence[FeatureVector | Label]], ...] = (
+        (FEATURES, names.features, features),
+        (LABELS, names.labels, labels),
+    )
+    for spec, topic, records in datasets:
+        by_partition: dict[int, list[FeatureVector | Label]] = defaultdict(list)
         for record in records:
-            by_partition[kafka_partition(record["symbol"], spec.partitions)].append(record)
+            by_partition[kafka_partition(record.symbol, spec.partitions)].append(record)
         schema = lake.file_schema_for(topic)
         for partition, rows in by_partition.items():
-            groups: dict[str, list[dict[str, Any]]] = {}
+            groups: dict[str, list[lake.LakeRow]] = {}
             for offset, record in enumerate(rows):
-                row = {
-                    **record,
-                    "_topic": topic,
-                    "_partition": partition,
-                    "_offset": offset,
-                    "_key": record["symbol"],
-                    "_timestamp_ms": record["ts_init"] // 1_000_000,
-                }
-                groups.setdefault(lake.partition_dir(topic, record), []).append(row)
+                row = lake.lake_row(record, topic, partition, offset, record.symbol, record.ts_init // 1_000_000)
+                groups.setdefault(lake.partition_dir(topic, row), []).append(row)
             tables = [(directory, pa.Table.from_pylist(rows_, schema=schema)) for directory, rows_ in groups.items()]
             lake.write_chunk(str(lake_uri), topic, partition, 0, len(rows) - 1, tables)

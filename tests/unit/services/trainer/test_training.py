@@ -59,7 +59,7 @@ def test_join_on_symbol_and_t_keeps_each_tick_once_and_one_spec() -> None:
     assert data.t.tolist() == sorted(data.t.tolist())
     assert data.x.shape == (10, 3)
     assert data.feature_names == ("x0", "x1", "x2")
-    np.testing.assert_array_equal(data.x[4], features.iloc[4]["values"])
+    np.testing.assert_array_equal(data.x[4], features.iloc[4].values)
 
 
 def test_real_feature_vectors_get_the_spec_names() -> None:
