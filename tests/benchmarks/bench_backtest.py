@@ -30,7 +30,6 @@ import time
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from quotewatch.domain.market import features as spec
 from quotewatch.domain.ml.models import CHALLENGER_ROLE, CHAMPION_ROLE
@@ -57,10 +56,16 @@ def raw_log(hours: float, seed: int = 11) -> list[dict[str, Any]]:
 
 def trained_models() -> list[LoadedModel]:
     """The trainer's LR and XGBoost fitted on 20 min of another seed of the same market."""
-    from quotewatch.services.trainer.training import MODEL_KINDS, TrainingOptions, build_training_set, fit_model
+    from quotewatch.services.trainer.training import (
+        MODEL_KINDS,
+        TrainingOptions,
+        build_training_set,
+        fit_model,
+        records_frame,
+    )
 
     engine = BacktestEngine(TICK_MS, DELTA_MS, keep_records=True).run_raw(raw_log(1 / 3, seed=5))
-    data = build_training_set(pd.DataFrame(engine.feature_records), pd.DataFrame(engine.label_records))
+    data = build_training_set(records_frame(engine.feature_records), records_frame(engine.label_records))
     options = TrainingOptions(delta_ms=DELTA_MS, xgb_n_estimators=200)
     models = []
     for version, kind in enumerate(MODEL_KINDS, start=1):

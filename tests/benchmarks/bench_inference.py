@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
@@ -47,7 +46,13 @@ from quotewatch.domain.ml.registry import make_client
 from quotewatch.local.kafka import free_port
 from quotewatch.local.mlflow import LocalMlflow
 from quotewatch.services.trainer.publish import publish
-from quotewatch.services.trainer.training import GateThresholds, TrainingOptions, build_training_set, train
+from quotewatch.services.trainer.training import (
+    GateThresholds,
+    TrainingOptions,
+    build_training_set,
+    records_frame,
+    train,
+)
 from tests.benchmarks.harness import Context, Result, best_of, produce_when_room
 from tests.unit.services.trainer.market_data import DELTA_MS, TICK_MS, kafka_partition, synthetic_ticks
 
@@ -225,7 +230,7 @@ def run(ctx: Context) -> list[Result]:
     results: list[Result] = []
     try:
         features, labels = synthetic_ticks(300, seed=3)
-        data = build_training_set(pd.DataFrame(features), pd.DataFrame(labels))
+        data = build_training_set(records_frame(features), records_frame(labels))
         trained = train(data, TrainingOptions(delta_ms=DELTA_MS, xgb_threads=2))
         run_id = uuid.uuid4().hex[:6]
         client = make_client(state.tracking_uri)

@@ -74,8 +74,8 @@ for event in events:
     vector = next((t.features for t in pipeline.process(event) if t.features is not None), vector)
     if vector is not None:
         break
-out = {"normaliser_us_per_event": normaliser / len(events) * 1e6, "pipeline_us_per_tick": pipeline_seconds / ticks * 1e6,
-       "ticks": ticks, "labels": labels, "events": len(events)}
+out = {"normaliser_us_per_event": normaliser / len(events) * 1e6, "ticks": ticks, "labels": labels,
+       "pipeline_us_per_tick": pipeline_seconds / ticks * 1e6, "events": len(events)}
 for name, topic, record in (("MarketEvent", "qw.md.events", update), ("FeatureVector", "qw.features", vector)):
     data = serde.encode(topic, record)
     n = 3000
@@ -145,4 +145,6 @@ if __name__ == "__main__":
     quick = "--quick" in sys.argv
     for result in run(Context(bootstrap_servers=None, shared_dir=Path(), scratch=Path(), quick=quick)):
         ratio = (result.peer_value or float("nan")) / result.value
-        print(f"{result.name:<72} {result.value:8.2f} {result.unit:<9} dataclass {result.peer_value:8.2f} ({ratio:.2f}x)")
+        print(
+            f"{result.name:<72} {result.value:8.2f} {result.unit:<9} dataclass {result.peer_value:8.2f} ({ratio:.2f}x)"
+        )

@@ -215,5 +215,5 @@ def test_encoding_a_bad_record_is_a_typed_error() -> None:
 
     with pytest.raises(EncodeError, match="Label"):
         AvroSerde().encode("qw.labels", msgspec.structs.replace(typed_sample("quotewatch.Label"), ts_event="no"))
-    with pytest.raises(EncodeError, match="a dict is not a quotewatch.Label"):
+    with pytest.raises(EncodeError, match=r"a dict is not a quotewatch\.Label"):
         AvroSerde().encode("qw.labels", {"ts_event": 1})  # type: ignore[arg-type]  # not a record: what this test checks

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import msgspec
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
+from quotewatch.core.records import FeatureVector, Label
 from quotewatch.domain.ml import evaluation
 from quotewatch.domain.ml.evaluation import BaselineFit, Scores
 from quotewatch.domain.ml.models import feature_names_for, positive_probability
@@ -151,6 +153,15 @@ class TrainingResult:
 
 
 # -- data -------------------------------------------------------------------------------------------
+
+
+def records_frame(records: Sequence[FeatureVector] | Sequence[Label]) -> pd.DataFrame:
+    """The typed records as a table with one column per field (the lake's columns of that topic).
+
+    Who calls this: backtests and tests that train on records made in-process rather than read
+    from the lake (:func:`build_training_set` takes tables).
+    """
+    return pd.DataFrame(msgspec.to_builtins(list(records)))
 
 
 def build_training_set(features: pd.DataFrame, labels: pd.DataFrame, feature_spec_id: str | None = None) -> TrainingSet:

@@ -18,14 +18,14 @@ from sklearn.pipeline import Pipeline
 
 from quotewatch.domain.market import features as spec
 from quotewatch.domain.ml.models import positive_probability
-from quotewatch.services.trainer.training import TrainingOptions, build_training_set, fit_model
+from quotewatch.services.trainer.training import TrainingOptions, build_training_set, fit_model, records_frame
 from tests.unit.services.trainer.market_data import DELTA_MS, synthetic_ticks
 
 
 def fitted_lr(seed: int = 5, c: float = 1.0) -> Pipeline:
     """The trainer's LR fitted on 300 s of the synthetic market (``seed`` picks the market)."""
     features, labels = synthetic_ticks(300, seed=seed)
-    data = build_training_set(pd.DataFrame(features), pd.DataFrame(labels))
+    data = build_training_set(records_frame(features), records_frame(labels))
     model, _ = fit_model("lr", data.x, data.y, TrainingOptions(delta_ms=DELTA_MS, lr_c=c))
     return model
 

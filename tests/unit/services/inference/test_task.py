@@ -78,9 +78,7 @@ def test_without_a_champion_the_fallback_serves_and_learns_from_labels(
         assert pred.feature_spec_id == spec.FEATURE_SPEC_ID
         assert pred.exchange == "coinbase"
     labelled = [
-        label
-        for label in labels
-        if (label.symbol, label.t_event) in {(f.symbol, f.ts_event) for f in features[:100]}
+        label for label in labels if (label.symbol, label.t_event) in {(f.symbol, f.ts_event) for f in features[:100]}
     ]
     assert feed(task, NAMES.labels, labelled) == []
     assert task.fallback.learned == len(labelled)
@@ -184,11 +182,7 @@ def test_snapshots_carry_features_book_metrics_rate_and_lag(
     assert last_snapshot.feed_state == vector.feed_state
     (metrics,) = last_snapshot.live_metrics
     preds = {(p.symbol, p.ts_event): p.p_change for p in predictions(outputs)}
-    joined = [
-        (lb.label, preds[(lb.symbol, lb.t_event)])
-        for lb in btc_labels
-        if (lb.symbol, lb.t_event) in preds
-    ]
+    joined = [(lb.label, preds[(lb.symbol, lb.t_event)]) for lb in btc_labels if (lb.symbol, lb.t_event) in preds]
     assert len(joined) > 100
     expected = ev.score([y for y, _ in joined], [p for _, p in joined])
     assert metrics.n_labels == len(joined)
@@ -229,8 +223,7 @@ def arrivals(seconds: int = 60) -> list[InRecord]:
     tick; each symbol on its Kafka partition, offsets counting per (topic, partition)."""
     features, labels = synthetic_ticks(seconds)
     events = sorted(
-        [(f.ts_event, 0, NAMES.features, f) for f in features]
-        + [(lb.ts_event, 1, NAMES.labels, lb) for lb in labels],
+        [(f.ts_event, 0, NAMES.features, f) for f in features] + [(lb.ts_event, 1, NAMES.labels, lb) for lb in labels],
         key=lambda event: (event[0], event[1]),
     )
     offsets: dict[tuple[str, int], int] = defaultdict(int)

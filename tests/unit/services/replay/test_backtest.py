@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -37,11 +36,11 @@ def settings() -> BacktestSettings:
 
 def lr_model(seed: int = 3) -> LoadedModel:
     """The trainer's LR fitted on 10 minutes of the synthetic market."""
-    from quotewatch.services.trainer.training import TrainingOptions, build_training_set, fit_model
+    from quotewatch.services.trainer.training import TrainingOptions, build_training_set, fit_model, records_frame
 
     raws = synthetic_raw_records(seed, 1 / 6, ("BTC-USD",), 100, Window())
     engine = BacktestEngine(100, 500, keep_records=True).run_raw(raws)
-    data = build_training_set(pd.DataFrame(engine.feature_records), pd.DataFrame(engine.label_records))
+    data = build_training_set(records_frame(engine.feature_records), records_frame(engine.label_records))
     model, _ = fit_model("lr", data.x, data.y, TrainingOptions(delta_ms=500))
     return LoadedModel("lr", "1", "sklearn", model, spec.FEATURE_SPEC_ID, spec.FEATURE_NAMES)
 
@@ -90,9 +89,7 @@ def test_a_capture_backtest_reports_models_and_baselines_and_writes_plots_record
     # The lake output reads back as the trainer reads it.
     lake = read_dataset(str(tmp_path / "lake"), "bt.features", columns=["symbol", "ts_event", "values"])
     assert len(lake) == len(features)
-    assert sorted(zip(lake.symbol, lake.ts_event, strict=True)) == sorted(
-        (f.symbol, f.ts_event) for f in features
-    )
+    assert sorted(zip(lake.symbol, lake.ts_event, strict=True)) == sorted((f.symbol, f.ts_event) for f in features)
     labels = read_dataset(str(tmp_path / "lake"), "bt.labels", columns=["label"])
     assert len(labels) == result.engine.counts.labels
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
 import numpy as np
 import pytest
 
 from quotewatch.core.clock import FakeClock
 from quotewatch.core.processor import InRecord
-from quotewatch.core.serde import AvroSerde
+from quotewatch.core.records import BookTop, MarketEvent, RawFrame, Record
 from quotewatch.core.topics import CATALOG, TopicNames
 from quotewatch.domain.market.features import FEATURE_NAMES, FEATURE_SPEC_ID
 from quotewatch.domain.ml.registry import LoadedModel
@@ -30,32 +29,33 @@ def partition_of(symbol: str) -> int:
     return sum(symbol.encode()) % CATALOG["md.events"].partitions
 
 
-def services_outputs(raws: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def services_outputs(raws: list[RawFrame]) -> dict[str, list[Record]]:
     """Events, top-3, features and labels the ingest (topic mode), book and labeler tasks give, per partition."""
     from quotewatch.services.ingest.topic_mode import NormaliseTask
 
     normalise = NormaliseTask(TOPICS, FakeClock())
     events = [
-        dict(out.value)
+        out.value
         for offset, raw in enumerate(raws)
         for out in normalise.process(InRecord(TOPICS.md_raw, 0, offset, raw.feed, raw, 0))
         if out.topic == TOPICS.md_events
     ]
-    book = BookTask(TOPICS, 100, FakeClock(), AvroSerde())
+    book = BookTask(TOPICS, 100, FakeClock())
     labeler = LabelerTask(TOPICS, 500, 100)
     offsets: dict[tuple[str, int], int] = defaultdict(int)
-    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    out: dict[str, list[Record]] = defaultdict(list)
     for event in events:  # each symbol's partition in order, partitions interleaved: what the services see
         partition = partition_of(event.symbol)
         offset = offsets[(TOPICS.md_events, partition)]
         offsets[(TOPICS.md_events, partition)] += 1
+        assert isinstance(event, MarketEvent)
         for record in book.process(InRecord(TOPICS.md_events, partition, offset, event.symbol, event, 0)):
-            out[record.topic].append(dict(record.value))
-            if record.topic == TOPICS.book_top3:
+            out[record.topic].append(record.value)
+            if isinstance(record.value, BookTop):
                 top_offset = offsets[(TOPICS.book_top3, partition)]
                 offsets[(TOPICS.book_top3, partition)] += 1
-                top = InRecord(TOPICS.book_top3, partition, top_offset, record.key, dict(record.value), 0)
-                out[TOPICS.labels].extend(dict(label.value) for label in labeler.process(top))
+                top = InRecord(TOPICS.book_top3, partition, top_offset, record.key, record.value, 0)
+                out[TOPICS.labels].extend(label.value for label in labeler.process(top))
     out[TOPICS.md_events] = events
     return out
 
@@ -80,7 +80,7 @@ def test_the_engine_gives_the_records_of_the_services_stream_tasks(source: str) 
 
     table = engine.feature_table()
     assert table.values.shape == (counts.feature_vectors, len(FEATURE_NAMES))
-    assert table.values.tolist() == [r.values for r in engine.feature_records]
+    assert table.values.tolist() == [list(r.values) for r in engine.feature_records]
     assert table.t.tolist() == [r.ts_event for r in engine.feature_records]
     assert table.symbol.tolist() == [r.symbol for r in engine.feature_records]
     labels = engine.label_table()

@@ -12,6 +12,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from xgboost import XGBClassifier
 
+from quotewatch.core.records import FeatureVector, Prediction
 from quotewatch.domain.ml.models import is_valid_probability, positive_probability, prediction_record
 
 
@@ -52,26 +53,30 @@ def test_the_lr_pipeline_path_agrees_with_sklearn(models: dict[str, Any]) -> Non
 
 
 def test_prediction_record_is_a_pure_function_of_the_vector_and_the_model() -> None:
-    vector = {
-        "ts_event": 1_000_000_000,
-        "ts_init": 1_000_000_777,
-        "exchange": "coinbase",
-        "symbol": "BTC-USD",
-        "feature_spec_id": "spec",
-        "values": [1.0],
-    }
+    vector = FeatureVector(
+        ts_event=1_000_000_000,
+        ts_init=1_000_000_777,
+        exchange="coinbase",
+        symbol="BTC-USD",
+        tick_ms=100,
+        epoch=7,
+        feature_spec_id="spec",
+        values=(1.0,),
+        bids=(),
+        asks=(),
+    )
     record = prediction_record(vector, 0.25, "quotewatch", "3", "CHAMPION")
-    assert record == {
-        "ts_event": 1_000_000_000,
-        "ts_init": 1_000_000_777,
-        "exchange": "coinbase",
-        "symbol": "BTC-USD",
-        "p_change": 0.25,
-        "model_name": "quotewatch",
-        "model_version": "3",
-        "model_role": "CHAMPION",
-        "feature_spec_id": "spec",
-    }
+    assert record == Prediction(
+        ts_event=1_000_000_000,
+        ts_init=1_000_000_777,
+        exchange="coinbase",
+        symbol="BTC-USD",
+        p_change=0.25,
+        model_name="quotewatch",
+        model_version="3",
+        model_role="CHAMPION",
+        feature_spec_id="spec",
+    )
     assert [is_valid_probability(p) for p in (0.0, 1.0, 0.5, -0.1, 1.1, float("nan"), float("inf"))] == [
         True,
         True,

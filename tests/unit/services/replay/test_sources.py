@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,15 @@ import pyarrow as pa
 import pytest
 
 from quotewatch.core.errors import ConfigError
-from quotewatch.core.lake import file_schema_for, partition_dir, write_chunk
+from quotewatch.core.lake import LakeRow, file_schema_for, lake_row, partition_dir, write_chunk
+from quotewatch.core.records import MarketEvent, RawFrame, RawKind
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
 from quotewatch.domain.venue.coinbase import FEED_ADVANCED
 from quotewatch.domain.venue.normaliser import Normaliser
 from quotewatch.services.replay.publisher import parse_speed
 from quotewatch.services.replay.sources import (
     LogRecord,
+    LogValue,
     ReplayError,
     SourceSpec,
     TopicReader,
@@ -79,18 +82,19 @@ def test_sources_and_speeds() -> None:
             parse_speed(bad)
 
 
-def write_dataset(root: Path, topic: str, records: list[dict[str, Any]], key: str, partition_of: Any) -> None:
+def write_dataset(
+    root: Path, topic: str, records: Sequence[RawFrame | MarketEvent], key: str, partition_of: Any
+) -> None:
     """Write ``records`` into the lake as the sink would: offsets per partition, a chunk per hive directory run."""
     schema = file_schema_for(topic)
     offsets: dict[int, int] = {}
-    runs: list[tuple[int, str, list[dict[str, Any]]]] = []
+    runs: list[tuple[int, str, list[LakeRow]]] = []
     for record in records:
         partition = partition_of(record)
         offset = offsets.get(partition, 0)
         offsets[partition] = offset + 1
-        row = {**record, "_topic": topic, "_partition": partition, "_offset": offset, "_key": record[key]}
-        row["_timestamp_ms"] = record.ts_init // 1_000_000
-        directory = partition_dir(topic, record)
+        row = lake_row(record, topic, partition, offset, getattr(record, key), record.ts_init // 1_000_000)
+        directory = partition_dir(topic, row)
         same = [run for run in runs if run[0] == partition]
         if same and same[-1][1] == directory:
             same[-1][2].append(row)
@@ -102,9 +106,9 @@ def write_dataset(root: Path, topic: str, records: list[dict[str, Any]], key: st
         write_chunk(str(root), topic, partition, first, last, [(directory, table)])
 
 
-def log_over_two_hours() -> list[dict[str, Any]]:
+def log_over_two_hours() -> list[RawFrame]:
     """A connection at 00:59:50 whose frames run past 01:00 (two hour partitions), then a second one at 01:30."""
-    log: list[dict[str, Any]] = []
+    log: list[RawFrame] = []
     for seed, start, connection in ((1, 10 * HOUR - 10 * SECOND, "c1"), (2, 10 * HOUR + HOUR // 2, "c2")):
         config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=seed, start_ns=start, rate=40.0)
         log.extend(synthetic_raw_frames(FEED_ADVANCED, config, 20 * SECOND, connection_id=connection))
@@ -144,7 +148,7 @@ def test_lake_windows_start_at_the_connected_record_found_across_hour_partitions
 class ListReader(TopicReader):
     """The window search over an in-memory log (the real search code; offsets = list indexes)."""
 
-    def __init__(self, log: list[dict[str, Any]]) -> None:  # no consumer: nothing of the base __init__
+    def __init__(self, log: list[RawFrame]) -> None:  # no consumer: nothing of the base __init__
         self.topic = "qw.md.raw"
         self.partitions = [0]
         self._log = log
@@ -155,7 +159,7 @@ class ListReader(TopicReader):
     def offset_for_time(self, partition: int, timestamp_ms: int) -> int | None:
         return next((i for i, r in enumerate(self._log) if r.ts_init // 1_000_000 >= timestamp_ms), None)
 
-    def read_at(self, partition: int, offset: int, high: int) -> tuple[int, dict[str, Any]] | None:
+    def read_at(self, partition: int, offset: int, high: int) -> tuple[int, LogValue] | None:
         return (offset, self._log[offset]) if offset < min(high, len(self._log)) else None
 
     def records(self, partition: int, start: int, end: int) -> Any:
@@ -165,27 +169,27 @@ class ListReader(TopicReader):
 S0 = 1_786_300_000 * SECOND
 
 
-def control(kind: str, connection: str, ts: int) -> dict[str, Any]:
+def control(kind: RawKind, connection: str, ts: int) -> RawFrame:
     """A control record as the ingest writes it (CLOCK: text ``tick``)."""
-    return {
-        "ts_event": ts,
-        "ts_init": ts,
-        "exchange": "coinbase",
-        "feed": FEED_ADVANCED,
-        "symbols": ["BTC-USD"],
-        "connection_id": connection,
-        "frame_index": -1,
-        "kind": kind,
-        "text": "tick" if kind == "CLOCK" else '{"reason":"test","state":"RECONNECTING"}',
-    }
+    return RawFrame(
+        ts_event=ts,
+        ts_init=ts,
+        exchange="coinbase",
+        feed=FEED_ADVANCED,
+        symbols=("BTC-USD",),
+        connection_id=connection,
+        frame_index=-1,
+        kind=kind,
+        text="tick" if kind == "CLOCK" else '{"reason":"test","state":"RECONNECTING"}',
+    )
 
 
-def session(connection: str, start: int, seconds: int = 3) -> list[dict[str, Any]]:
+def session(connection: str, start: int, seconds: int = 3) -> list[RawFrame]:
     config = SyntheticConfig(symbols=("BTC-USD",), seed=3, start_ns=start, rate=40.0)
     return list(synthetic_raw_frames(FEED_ADVANCED, config, seconds * SECOND, connection_id=connection))
 
 
-def reconnect_log(clock_of_pending: bool) -> list[dict[str, Any]]:
+def reconnect_log(clock_of_pending: bool) -> list[RawFrame]:
     """c1 (3 s), its loss, a connect attempt c2 that fails, a backoff, then c3 after a 300 ms handshake.
 
     ``clock_of_pending``: ticks carry the connection being attempted (the ingest before the fix),
@@ -212,7 +216,7 @@ def test_a_window_finds_the_latest_connected_record_around_reconnects(clock_of_p
     c3 = next(i for i, r in enumerate(log) if r.kind == "CONNECTED" and r.connection_id == "c3")
 
     def start_at(index: int) -> tuple[int, str]:
-        found = find_raw_start(reader, log[index]["ts_init"])
+        found = find_raw_start(reader, log[index].ts_init)
         return found.offset, found.connection_id
 
     for index in (c1, c1 + 5, c3 - 14):  # inside c1, at its last frame

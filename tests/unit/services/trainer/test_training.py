@@ -20,6 +20,7 @@ from quotewatch.services.trainer.training import (
     build_training_set,
     champion_of_another_spec,
     gate,
+    records_frame,
     time_split,
     train,
 )
@@ -30,7 +31,7 @@ MS = 1_000_000
 
 def frames(seconds: int = 300) -> tuple[pd.DataFrame, pd.DataFrame]:
     features, labels = synthetic_ticks(seconds)
-    return pd.DataFrame(features), pd.DataFrame(labels)
+    return records_frame(features), records_frame(labels)
 
 
 def small_frames(
@@ -59,7 +60,7 @@ def test_join_on_symbol_and_t_keeps_each_tick_once_and_one_spec() -> None:
     assert data.t.tolist() == sorted(data.t.tolist())
     assert data.x.shape == (10, 3)
     assert data.feature_names == ("x0", "x1", "x2")
-    np.testing.assert_array_equal(data.x[4], features.iloc[4].values)
+    np.testing.assert_array_equal(data.x[4], features.iloc[4]["values"])
 
 
 def test_real_feature_vectors_get_the_spec_names() -> None:
