@@ -12,7 +12,9 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from quotewatch.core.records import Snapshot
 from quotewatch.core.serde import AvroSerde
+from tests.records import typed
 
 FEATURE_NAMES = ["spread_bps", "imbalance_l1", "imbalance_l3", "microprice_offset_bps", "mid_return_1s"]
 T0_NS = 1_760_000_000_000_000_000
@@ -38,8 +40,11 @@ def make_snapshot(
     feed_state: str = "SUBSCRIBED",
     updates_per_second: float = 10.0,
     consumer_lag: int = 0,
-) -> dict[str, Any]:
-    """A complete Snapshot record; ``model=None`` is the state before inference loaded any model."""
+) -> Snapshot:
+    """A complete Snapshot record; ``model=None`` is the state before inference loaded any model.
+
+    Levels and live metrics are given as plain dicts (the Avro datum) and checked by the conversion.
+    """
     if bids is None:
         bids = [level("67234.51", "0.5"), level("67234.50", "1.25"), level("67234.00", "2")]
     if asks is None:
@@ -62,33 +67,36 @@ def make_snapshot(
             if model is not None
             else []
         )
-    return {
-        "ts_event": ts_event,
-        "ts_init": ts_event + 1_500_000,
-        "exchange": "coinbase",
-        "symbol": symbol,
-        "bids": bids,
-        "asks": asks,
-        "feature_spec_id": "top3-v1",
-        "feature_names": FEATURE_NAMES,
-        "feature_values": [0.15, 0.2, -0.1, 0.05, 0.0],
-        "p_change": p_change,
-        "model_name": name,
-        "model_version": version,
-        "model_role": role,
-        "challenger_p_change": challenger_p_change,
-        "live_metrics": live_metrics,
-        "feed_state": feed_state,
-        "updates_per_second": updates_per_second,
-        "consumer_lag": consumer_lag,
-    }
+    return typed(
+        Snapshot,
+        {
+            "ts_event": ts_event,
+            "ts_init": ts_event + 1_500_000,
+            "exchange": "coinbase",
+            "symbol": symbol,
+            "bids": bids,
+            "asks": asks,
+            "feature_spec_id": "top3-v1",
+            "feature_names": FEATURE_NAMES,
+            "feature_values": [0.15, 0.2, -0.1, 0.05, 0.0],
+            "p_change": p_change,
+            "model_name": name,
+            "model_version": version,
+            "model_role": role,
+            "challenger_p_change": challenger_p_change,
+            "live_metrics": live_metrics,
+            "feed_state": feed_state,
+            "updates_per_second": updates_per_second,
+            "consumer_lag": consumer_lag,
+        },
+    )
 
 
 def produce_snapshots(
     producer: Producer,
     serde: AvroSerde,
     topic: str,
-    records: Iterable[dict[str, Any]],
+    records: Iterable[Snapshot],
     timestamp_ms: int | None = None,
 ) -> None:
     """Produce ``records`` keyed by symbol (as inference does); return once the broker acked them all.

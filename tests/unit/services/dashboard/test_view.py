@@ -9,7 +9,9 @@ import pytest
 from dash import no_update
 from hypothesis import given
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
+from quotewatch.core.records import LiveMetrics, Snapshot
 from quotewatch.core.serde import AvroSerde
 from quotewatch.services.dashboard.view import (
     HIDDEN,
@@ -41,13 +43,14 @@ from quotewatch.services.dashboard.view import (
     sparkline_figure,
     sparkline_update,
 )
+from tests.records import typed
 from tests.unit.services.dashboard.factories import level, make_snapshot
 
 FEED = FeedView(topic="qw.snapshot", records=12, rejected=0, lag=0, caught_up=True)
 STALE_NS = 2_000_000_000
 
 
-def kpis(snapshot: dict[str, Any], age_ns: int = 100_000_000) -> dict[str, Any]:
+def kpis(snapshot: Snapshot, age_ns: int = 100_000_000) -> dict[str, Any]:
     values = render_kpis(Latest(snapshot.symbol, snapshot, age_ns, 1), FEED, STALE_NS)
     return {component: values[(component, prop)] for component, prop in KPI_OUTPUTS if prop == "children"}
 
@@ -193,7 +196,7 @@ def test_no_model_yet() -> None:
 def test_fallback_role() -> None:
     snapshot = make_snapshot(model=("base-rate", "0", "FALLBACK"))
     assert model_text(snapshot) == ("fallback (base-rate)", "FALLBACK")
-    assert model_text(make_snapshot(model=None) | {"model_role": "FALLBACK"}) == ("fallback", "FALLBACK")
+    assert model_text(replace(make_snapshot(model=None), model_role="FALLBACK")) == ("fallback", "FALLBACK")
     values = render_kpis(Latest("BTC-USD", snapshot, 0, 1), FEED, STALE_NS)
     assert values[("kpi-model-role", "className")] == "role fallback"
 
@@ -212,10 +215,10 @@ def test_champion_and_the_metrics_of_the_serving_version() -> None:
     challenger = champion | {"model_version": "4", "model_role": "CHALLENGER", "auc": 0.9}
     snapshot = make_snapshot(model=("xgb", "3", "CHAMPION"), live_metrics=[challenger, champion])
     assert model_text(snapshot) == ("xgb v3", "CHAMPION")
-    assert live_metrics_of(snapshot) == champion
+    assert live_metrics_of(snapshot) == typed(LiveMetrics, champion)
     # A version just hot-reloaded has no entry of its own yet: the role's entry is shown.
     reloaded = make_snapshot(model=("xgb", "5", "CHAMPION"), live_metrics=[challenger, champion])
-    assert live_metrics_of(reloaded) == champion
+    assert live_metrics_of(reloaded) == typed(LiveMetrics, champion)
     shown = kpis(snapshot)
     assert (shown["kpi-auc"], shown["kpi-n-labels"]) == ("0.700", "5,000 labels")
 
@@ -365,7 +368,7 @@ def test_sparkline_update_only_when_a_point_arrived() -> None:
     ],
     ids=["champion", "no-model", "fallback", "empty-book"],
 )
-def test_test_snapshots_are_valid_snapshot_records(snapshot: dict[str, Any]) -> None:
+def test_test_snapshots_are_valid_snapshot_records(snapshot: Snapshot) -> None:
     serde = AvroSerde()
     decoded = serde.decode(serde.encode("qw.snapshot", snapshot), "qw.snapshot")
     assert decoded.symbol == snapshot.symbol

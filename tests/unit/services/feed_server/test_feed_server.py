@@ -157,10 +157,10 @@ def test_exchange_level2_needs_a_valid_signature() -> None:
 
     wrong, right, unsigned = run(synthetic("exchange", exchange_api_secret=secret), client)
     assert wrong[0]["type"] == "error"
-    assert wrong[0].reason == "invalid signature"
+    assert wrong[0]["reason"] == "invalid signature"
     assert right[0]["channels"][0] == {"name": "level2", "product_ids": list(SYMBOLS)}
     assert right[1]["type"] == "snapshot"
-    assert "requires authentication" in unsigned[0].reason
+    assert "requires authentication" in unsigned[0]["reason"]
 
 
 def test_unknown_products_are_refused() -> None:

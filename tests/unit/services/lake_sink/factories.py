@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from quotewatch.core import lake
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config
+from quotewatch.core.records import FeatureVector, ModelRole, Prediction
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market.book_pipeline import BookPipeline
@@ -72,27 +73,28 @@ def capture_records(frames_per_capture: int | None = None) -> dict[str, tuple[Ke
                     out["labels"].append((label.symbol, label))
                 if tick.features is not None:
                     out["features"].append((top.symbol, tick.features))
-                    for role in ("CHAMPION", "CHALLENGER"):
+                    roles: tuple[ModelRole, ...] = ("CHAMPION", "CHALLENGER")
+                    for role in roles:
                         prediction = predict(tick.features, role)
                         out["predictions"].append((prediction.symbol, prediction))
     return {suffix: tuple(records) for suffix, records in out.items()}
 
 
-def predict(features: Mapping[str, Any], role: str) -> dict[str, Any]:
+def predict(features: FeatureVector, role: ModelRole) -> Prediction:
     """A Prediction of a FeatureVector: a fixed logistic score of its first values (deterministic)."""
     values = [v for v in features.values[:4] if math.isfinite(v)]
     score = sum(values) * (0.7 if role == "CHAMPION" else 0.3)
-    return {
-        "ts_event": features.ts_event,
-        "ts_init": features.ts_init,
-        "exchange": features.exchange,
-        "symbol": features.symbol,
-        "p_change": 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, score)))),
-        "model_name": "quotewatch",
-        "model_version": "3" if role == "CHAMPION" else "4",
-        "model_role": role,
-        "feature_spec_id": features.feature_spec_id,
-    }
+    return Prediction(
+        ts_event=features.ts_event,
+        ts_init=features.ts_init,
+        exchange=features.exchange,
+        symbol=features.symbol,
+        p_change=1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, score)))),
+        model_name="quotewatch",
+        model_version="3" if role == "CHAMPION" else "4",
+        model_role=role,
+        feature_spec_id=features.feature_spec_id,
+    )
 
 
 @dataclass(frozen=True)
