@@ -35,11 +35,11 @@ def load(path: Path) -> tuple[Snapshot, Batches]:
     snapshots: Snapshot = {}
     batches: Batches = []
     for event in events:
-        symbol = event["symbol"]
-        if event["kind"] == "SNAPSHOT" and symbol not in snapshots:
-            snapshots[symbol] = (event["snapshot"]["bids"], event["snapshot"]["asks"])
-        elif event["kind"] == "UPDATE" and symbol in snapshots:
-            batches.append((symbol, event["update"]["changes"]))
+        symbol = event.symbol
+        if event.kind == "SNAPSHOT" and symbol not in snapshots:
+            snapshots[symbol] = (event.snapshot.bids, event.snapshot.asks)
+        elif event.kind == "UPDATE" and symbol in snapshots:
+            batches.append((symbol, event.update.changes))
     return snapshots, batches
 
 
@@ -68,8 +68,8 @@ def run_c_extension(snapshots: Snapshot, batches: Batches, read: bool) -> Callab
         books = {}
         for symbol, (bids, asks) in snapshots.items():
             book = CBook()
-            book.bids = {level["price_e8"]: level["size_e8"] for level in bids if level["size_e8"]}
-            book.asks = {level["price_e8"]: level["size_e8"] for level in asks if level["size_e8"]}
+            book.bids = {level.price_e8: level.size_e8 for level in bids if level.size_e8}
+            book.asks = {level.price_e8: level.size_e8 for level in asks if level.size_e8}
             book.bids.index(0)  # sorted once before timing, like a loaded book
             book.asks.index(0)
             books[symbol] = (book, book.bids, book.asks)
@@ -80,9 +80,9 @@ def run_c_extension(snapshots: Snapshot, batches: Batches, read: bool) -> Callab
         for symbol, changes in batches:
             _, bid_side, ask_side = books[symbol]
             for change in changes:
-                side = bid_side if change["side"] == "BID" else ask_side
-                price = change["price_e8"]
-                size = change["size_e8"]
+                side = bid_side if change.side == "BID" else ask_side
+                price = change.price_e8
+                size = change.size_e8
                 if size:
                     side[price] = size
                 elif price in side:
@@ -102,8 +102,8 @@ def run_sortedcontainers(snapshots: Snapshot, batches: Batches, read: bool) -> C
         books = {}
         for symbol, (bids, asks) in snapshots.items():
             books[symbol] = (
-                SortedDict({level["price_e8"]: level["size_e8"] for level in bids if level["size_e8"]}),
-                SortedDict({level["price_e8"]: level["size_e8"] for level in asks if level["size_e8"]}),
+                SortedDict({level.price_e8: level.size_e8 for level in bids if level.size_e8}),
+                SortedDict({level.price_e8: level.size_e8 for level in asks if level.size_e8}),
             )
         return lambda: go(books)
 
@@ -112,11 +112,11 @@ def run_sortedcontainers(snapshots: Snapshot, batches: Batches, read: bool) -> C
         for symbol, changes in batches:
             bid_side, ask_side = books[symbol]
             for change in changes:
-                side = bid_side if change["side"] == "BID" else ask_side
-                if change["size_e8"]:
-                    side[change["price_e8"]] = change["size_e8"]
+                side = bid_side if change.side == "BID" else ask_side
+                if change.size_e8:
+                    side[change.price_e8] = change.size_e8
                 else:
-                    side.pop(change["price_e8"], None)
+                    side.pop(change.price_e8, None)
             if read:
                 top = (
                     [bid_side.peekitem(-1 - i) for i in range(min(3, len(bid_side)))],

@@ -95,7 +95,7 @@ class _DeliveryClock(threading.Thread):
                 continue
             now = time.time()
             record = self._serde.decode(message.value() or b"", self._topic)
-            self.arrived[record["bids"][0]["price_e8"]] = now
+            self.arrived[record.bids[0].price_e8] = now
 
 
 def _start_dashboard(settings: DashboardSettings, push: bool, log_path: Path) -> tuple[str, subprocess.Popen[bytes]]:

@@ -36,7 +36,7 @@ def _pipeline_seconds(streams: list[list[dict[str, Any]]]) -> tuple[float, int, 
         for position, event in enumerate(events):
             for output in pipeline.process(event, position):
                 ticks += 1
-                tops.append((output.book_top["ts_event"], output.book_top["bids"], output.book_top["asks"]))
+                tops.append((output.book_top.ts_event, output.book_top.bids, output.book_top.asks))
     return time.perf_counter() - started, ticks, tops
 
 
@@ -56,8 +56,8 @@ def run(ctx: Context) -> list[Result]:
     levels = [
         (
             t,
-            tuple((lv["price_e8"], lv["size_e8"]) for lv in bids),
-            tuple((lv["price_e8"], lv["size_e8"]) for lv in asks),
+            tuple((lv.price_e8, lv.size_e8) for lv in bids),
+            tuple((lv.price_e8, lv.size_e8) for lv in asks),
         )
         for t, bids, asks in tops
     ]
@@ -74,12 +74,12 @@ def run(ctx: Context) -> list[Result]:
 
     # Loading the full-depth snapshots (tens of thousands of levels) is a one-off per epoch that
     # a day-long backtest amortises; measure it apart to show the steady state too.
-    snapshots = [e["snapshot"] for stream in streams for e in stream if e["kind"] == "SNAPSHOT"]
+    snapshots = [e.snapshot for stream in streams for e in stream if e.kind == "SNAPSHOT"]
     load_best = float("inf")
     for _ in range(repeat):
         started = time.perf_counter()
         for snapshot in snapshots:
-            OrderBook(3).load(snapshot["bids"], snapshot["asks"])
+            OrderBook(3).load(snapshot.bids, snapshot.asks)
         load_best = min(load_best, time.perf_counter() - started)
     per_tick_steady = max(0.0, pipeline_best - load_best) / ticks * 1e6
     per_tick_pipeline = pipeline_best / ticks * 1e6

@@ -121,8 +121,8 @@ def _produce_backlog(bootstrap: str, topic: str, vectors: list[dict[str, Any]]) 
             producer,
             topic,
             serde.encode(topic, vector),
-            vector["symbol"].encode(),
-            partition=kafka_partition(vector["symbol"]),
+            vector.symbol.encode(),
+            partition=kafka_partition(vector.symbol),
         )
     assert producer.flush(60) == 0
 
@@ -147,7 +147,7 @@ def _read_predictions(settings: CommonSettings, until: Any, timeout: float) -> l
                 continue
             received = time.time()
             value = serde.decode(message.value() or b"", topic)
-            out.append((value["symbol"], value["ts_event"], message.timestamp()[1], received, value["model_role"]))
+            out.append((value.symbol, value.ts_event, message.timestamp()[1], received, value.model_role))
     finally:
         consumer.close()
     return out
@@ -163,7 +163,7 @@ def _latency(
     sent_at: dict[tuple[str, int], float] = {}
     created_at: dict[tuple[str, int], int] = {}
     received: list[tuple[str, int, int, float, str]] = []
-    wanted = {(vector["symbol"], vector["ts_event"]) for vector in vectors}
+    wanted = {(vector.symbol, vector.ts_event) for vector in vectors}
     failures: list[BaseException] = []
 
     def read() -> None:
@@ -184,7 +184,7 @@ def _latency(
     thread.start()
     started = time.monotonic()
     for index, vector in enumerate(vectors):
-        key = (vector["symbol"], vector["ts_event"])
+        key = (vector.symbol, vector.ts_event)
 
         def on_delivery(error: Any, message: Any, key: tuple[str, int] = key) -> None:
             if error is None:
@@ -193,9 +193,9 @@ def _latency(
         sent_at[key] = time.time()
         producer.produce(
             names.features,
-            key=vector["symbol"].encode(),
+            key=vector.symbol.encode(),
             value=serde.encode(names.features, vector),
-            partition=kafka_partition(vector["symbol"]),
+            partition=kafka_partition(vector.symbol),
             on_delivery=on_delivery,
         )
         producer.poll(0)

@@ -63,10 +63,10 @@ def _normalise_and_encode(raws: list[dict[str, Any]], serde: AvroSerde) -> tuple
         serde.encode_with(raw_schema, raw, "qw.md.raw-value")
         for event in normaliser.process(raw).events:
             serde.encode_with(event_schema, event, "qw.md.events-value")
-            if event["kind"] == "UPDATE":
-                updates += len(event["update"]["changes"])
-            elif event["kind"] == "SNAPSHOT":
-                snapshot_levels += len(event["snapshot"]["bids"]) + len(event["snapshot"]["asks"])
+            if event.kind == "UPDATE":
+                updates += len(event.update.changes)
+            elif event.kind == "SNAPSHOT":
+                snapshot_levels += len(event.snapshot.bids) + len(event.snapshot.asks)
     return time.perf_counter() - started, updates, snapshot_levels
 
 
@@ -74,9 +74,9 @@ def _naive(raws: list[dict[str, Any]]) -> float:
     """The peer: stdlib json + Decimal for every price and size, no normalising, no encoding."""
     started = time.perf_counter()
     for raw in raws:
-        if raw["kind"] != "FRAME":
+        if raw.kind != "FRAME":
             continue
-        message = json.loads(raw["text"])
+        message = json.loads(raw.text)
         if message.get("type") == "l2update":
             [(side, Decimal(p), Decimal(s)) for side, p, s in message["changes"]]
         elif message.get("type") == "snapshot":
@@ -103,7 +103,7 @@ def _cpu(ctx: Context) -> list[Result]:
     for name, raws in _inputs(ctx):
         seconds, updates, snapshot_levels = _best(lambda raws=raws: _normalise_and_encode(raws, serde), repeat)
         naive = min(_naive(raws) for _ in range(repeat))
-        frames = sum(1 for r in raws if r["kind"] == "FRAME")
+        frames = sum(1 for r in raws if r.kind == "FRAME")
         synthetic = name.startswith("synthetic")
         results.append(
             Result(
@@ -131,8 +131,8 @@ def _broker(ctx: Context) -> list[Result]:
     seconds = 10 if ctx.quick else 30
     config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=2, rate=2000)
     raws = list(synthetic_raw_frames("coinbase-advanced", config, seconds * 1_000_000_000))
-    items = [QueueItem(r["kind"], r["text"], r["connection_id"], r["frame_index"], r["ts_init"]) for r in raws]
-    updates = sum(len(e["update"]["changes"]) for e in Normaliser().process_all(raws)[0] if e["kind"] == "UPDATE")
+    items = [QueueItem(r.kind, r.text, r.connection_id, r.frame_index, r.ts_init) for r in raws]
+    updates = sum(len(e.update.changes) for e in Normaliser().process_all(raws)[0] if e.kind == "UPDATE")
     timings = {}
     for mode in ("writer", "raw only"):
         settings = IngestSettings(
@@ -173,7 +173,7 @@ def _broker(ctx: Context) -> list[Result]:
         flush_or_fail(producer, 60)
         delivery.raise_if_failed()
         timings[mode] = time.perf_counter() - started
-    frames = sum(1 for r in raws if r["kind"] == "FRAME")
+    frames = sum(1 for r in raws if r.kind == "FRAME")
     return [
         Result(
             suite=SUITE,

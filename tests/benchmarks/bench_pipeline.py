@@ -115,7 +115,7 @@ def run(ctx: Context) -> list[Result]:
     engine = BacktestEngine(100, 500).run_events(events)
     ticks, labels = engine.counts.feature_vectors, engine.counts.labels
     serde = AvroSerde()
-    values = [(e["symbol"].encode(), serde.encode(names.md_events, e)) for e in events]
+    values = [(e.symbol.encode(), serde.encode(names.md_events, e)) for e in events]
     mean_size = round(sum(len(v) for _, v in values) / len(values))
 
     logs = ctx.scratch / f"pipeline-{settings.topic_prefix}"

@@ -60,14 +60,14 @@ def raw_log(minutes: float) -> list[dict[str, Any]]:
 
 def level_updates(log: list[dict[str, Any]]) -> int:
     events, _ = Normaliser().process_all(log)
-    return sum(len(e["update"]["changes"]) for e in events if e["kind"] == "UPDATE")
+    return sum(len(e.update.changes) for e in events if e.kind == "UPDATE")
 
 
 def produce(settings: CommonSettings, topic: str, log: list[dict[str, Any]]) -> None:
     serde = AvroSerde()
     producer = Producer(producer_config(settings, "bench-replay"))
     for record in log:
-        produce_when_room(producer, topic, serde.encode(topic, record), record["feed"].encode())
+        produce_when_room(producer, topic, serde.encode(topic, record), record.feed.encode())
         producer.poll(0)
     assert producer.flush(60) == 0
 

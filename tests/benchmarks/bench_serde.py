@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import msgspec
+
+from quotewatch.core.records import TOPIC_RECORDS, Record
 from quotewatch.core.serde import AvroSerde, registry_client
 from quotewatch.core.topics import CATALOG
 from tests.benchmarks.harness import Context, Result, best_of
@@ -15,12 +18,14 @@ def run(ctx: Context) -> list[Result]:
     results = []
     for spec in CATALOG.values():
         topic = spec.name("qw")
-        record = sample_record(single.store.current(spec.value_schema).schema)
+        record = msgspec.convert(
+            sample_record(single.store.current(spec.value_schema).schema), TOPIC_RECORDS[spec.suffix]
+        )
         timings = {}
         for label, serde in (("single-object", single), ("confluent", confluent)):
             serde.decode(serde.encode(topic, record), topic)
 
-            def round_trip(serde: AvroSerde = serde, topic: str = topic, record: dict = record) -> None:
+            def round_trip(serde: AvroSerde = serde, topic: str = topic, record: Record = record) -> None:
                 serde.decode(serde.encode(topic, record), topic)
 
             timings[label] = best_of(round_trip, repeat=5, number=number) * 1e6
