@@ -19,6 +19,7 @@ from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, make_admin, query_watermarks
 from quotewatch.core.serde import AvroSerde
 from quotewatch.local.kafka import free_port
+from tests.records import plain
 
 T = TypeVar("T")
 
@@ -51,6 +52,9 @@ def read_topic(
 ) -> list[dict[str, Any]]:
     """Every record of ``topic`` from the beginning, decoded, with ``_partition``/``_offset``/``_key``.
 
+    Each is decoded into its typed record (so it is checked to be one) and returned as that record's
+    plain Avro datum (:func:`tests.records.plain`) with the coordinates added: a row of the topic.
+
     Reads until the committed end of every partition (or until ``expected`` records arrived).
     """
     serde = AvroSerde()
@@ -75,7 +79,7 @@ def read_topic(
             if message.error():
                 continue
             idle_since = time.monotonic()
-            value: dict[str, Any] = serde.decode(message.value() or b"", topic) if decode else {"_raw": message.value()}
+            value = plain(serde.decode(message.value() or b"", topic)) if decode else {"_raw": message.value()}
             value["_partition"], value["_offset"] = message.partition(), message.offset()
             key = message.key()
             value["_key"] = key.decode() if key else None

@@ -35,6 +35,7 @@ from mlflow import MlflowClient
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import ensure_topics, make_admin, producer_config
+from quotewatch.core.records import RawFrame
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
@@ -54,7 +55,7 @@ SECOND = 1_000_000_000
 DERIVED = ("book.top3", "features", "labels", "predictions")
 
 
-def raw_log(capture: Path) -> list[dict[str, Any]]:
+def raw_log(capture: Path) -> list[RawFrame]:
     """The capture's connection (closed by a DISCONNECTED), then a synthetic connection of both symbols."""
     log = list(read_capture(capture).raw_frames(disconnect=True))
     config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=21, start_ns=SYNTHETIC_START_NS)
@@ -62,12 +63,12 @@ def raw_log(capture: Path) -> list[dict[str, Any]]:
     return log
 
 
-def produce_raw(settings: CommonSettings, records: list[dict[str, Any]]) -> None:
+def produce_raw(settings: CommonSettings, records: list[RawFrame]) -> None:
     serde = AvroSerde()
     topic = TopicNames(settings.topic_prefix).md_raw
     producer = Producer(producer_config(settings, "parity-test"))
     for record in records:
-        producer.produce(topic, serde.encode(topic, record), key=record["feed"].encode())
+        producer.produce(topic, serde.encode(topic, record), key=record.feed.encode())
         producer.poll(0)
     assert producer.flush(60) == 0
 
@@ -115,7 +116,7 @@ def file_bytes(path: Path, topic: str) -> dict[str, list[bytes]]:
     serde = AvroSerde()
     out: dict[str, list[bytes]] = defaultdict(list)
     for record in read_records(path):
-        out[record["symbol"]].append(serde.encode(topic, record))
+        out[record.symbol].append(serde.encode(topic, record))
     return out
 
 
@@ -128,7 +129,7 @@ def split_at(
     after: dict[str, list[bytes]] = defaultdict(list)
     for symbol, items in values.items():
         for item in items:
-            (before if serde.decode(item, topic)[field] < ts_ns else after)[symbol].append(item)
+            (before if getattr(serde.decode(item, topic), field) < ts_ns else after)[symbol].append(item)
     return before, after
 
 
@@ -202,8 +203,8 @@ def test_live_replay_and_backtest_give_byte_identical_records(
             {**env, "BACKTEST_EXPERIMENT": f"backtest-{name}"},
         )
         # What the services on B make of the replayed raw records (the synthetic CONNECTED .. --to).
-        replayed_raw = [r for r in log if SYNTHETIC_START_NS <= r["ts_init"] < window_to]
-        assert replayed_raw[0]["kind"] == "CONNECTED"
+        replayed_raw = [r for r in log if SYNTHETIC_START_NS <= r.ts_init < window_to]
+        assert replayed_raw[0].kind == "CONNECTED"
         expected_b = BacktestEngine(100, 500).run_raw(replayed_raw).counts  # only to know when B is done
 
         def done(settings: CommonSettings, topic: str, total: int) -> bool:
