@@ -79,7 +79,9 @@ def read_topic(
             if message.error():
                 continue
             idle_since = time.monotonic()
-            value = plain(serde.decode(message.value() or b"", topic)) if decode else {"_raw": message.value()}
+            value: dict[str, Any] = (
+                plain(serde.decode(message.value() or b"", topic)) if decode else {"_raw": message.value()}
+            )
             value["_partition"], value["_offset"] = message.partition(), message.offset()
             key = message.key()
             value["_key"] = key.decode() if key else None

@@ -6,13 +6,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, make_producer
 from quotewatch.core.processor import StreamProcessor, StreamTask
+from quotewatch.core.records import BookTop, FeatureVector, MarketEvent
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market.book_pipeline import BookPipeline
@@ -54,20 +54,21 @@ def running(settings: CommonSettings, service: str, task: StreamTask, topic: str
         assert not errors, errors
 
 
-def produce_events(settings: CommonSettings, events: list[dict[str, Any]]) -> None:
+def produce_events(settings: CommonSettings, events: list[MarketEvent]) -> None:
     topic = TopicNames(settings.topic_prefix).md_events
     serde = AvroSerde()
     producer = make_producer(settings, "test-events")
     for record in events:
-        producer.produce(topic, key=record["symbol"].encode(), value=serde.encode(topic, record))
+        producer.produce(topic, key=record.symbol.encode(), value=serde.encode(topic, record))
         producer.poll(0)
     assert producer.flush(30) == 0
 
 
-def expected_outputs(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+def expected_outputs(events: list[MarketEvent]) -> tuple[list[BookTop], list[FeatureVector], int]:
     """BookTops, FeatureVectors and the label count the pure domain code gives."""
     pipeline = BookPipeline(TICK_MS)
-    tops, vectors = [], []
+    tops: list[BookTop] = []
+    vectors: list[FeatureVector] = []
     for position, record in enumerate(events):
         for output in pipeline.process(record, position):
             tops.append(output.book_top)

@@ -17,7 +17,7 @@ import pytest
 from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import ensure_topics, make_admin
-from quotewatch.core.serde import AvroSerde
+from quotewatch.core.records import MarketEvent
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.venue.captures import read_capture
 from quotewatch.domain.venue.normaliser import Normaliser
@@ -25,6 +25,7 @@ from quotewatch.services.book.main import BookTask
 from quotewatch.services.labeler.main import LabelerTask
 from tests.broker.services.book.streams import DELTA_MS, TICK_MS, expected_outputs, produce_events, running
 from tests.helpers import read_topic, shared_data_dir, wait_for
+from tests.records import plain
 from tests.unit.services.book.market_events import synthetic_feed
 
 
@@ -34,15 +35,13 @@ def count(settings: CommonSettings, topic: str) -> int:
     return len(read_topic(settings, topic, decode=False, timeout=60))
 
 
-def run_book_and_labeler(settings: CommonSettings, events: list[dict[str, Any]]) -> dict[str, list[Any]]:
+def run_book_and_labeler(settings: CommonSettings, events: list[MarketEvent]) -> dict[str, list[Any]]:
     names = TopicNames(settings.topic_prefix)
     ensure_topics(make_admin(settings), settings.topic_prefix)
     tops, vectors, labels = expected_outputs(events)
     produce_events(settings, events)
     with ExitStack() as stack:
-        stack.enter_context(
-            running(settings, "book", BookTask(names, TICK_MS, SystemClock(), AvroSerde()), names.md_events)
-        )
+        stack.enter_context(running(settings, "book", BookTask(names, TICK_MS, SystemClock()), names.md_events))
         stack.enter_context(running(settings, "labeler", LabelerTask(names, DELTA_MS, TICK_MS), names.book_top3))
         wait_for(lambda: count(settings, names.features) >= len(vectors), timeout=120, message="all features")
         wait_for(lambda: count(settings, names.labels) >= labels, timeout=120, message="all labels")
@@ -59,7 +58,7 @@ def run_book_and_labeler(settings: CommonSettings, events: list[dict[str, Any]])
     for partition in {r["_partition"] for r in decoded}:
         got = [{k: v for k, v in r.items() if not k.startswith("_")} for r in decoded if r["_partition"] == partition]
         symbols = {r["symbol"] for r in got}
-        assert got == [v for v in vectors if v["symbol"] in symbols]
+        assert got == [plain(v) for v in vectors if v.symbol in symbols]
     assert not read_topic(settings, names.dlq, timeout=10), "no dead letters"
     return result
 
