@@ -20,14 +20,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from quotewatch.core import lake
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config
-from quotewatch.core.records import FeatureVector, ModelRole, Prediction
+from quotewatch.core.records import FeatureVector, ModelRole, Prediction, Record
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market.book_pipeline import BookPipeline
@@ -35,6 +34,7 @@ from quotewatch.domain.market.labels import Labeler
 from quotewatch.domain.venue.captures import read_capture
 from quotewatch.domain.venue.normaliser import Normaliser
 from tests.helpers import committed_past, shared_data_dir
+from tests.records import plain as plain_datum
 
 CAPTURES = (
     "exchange_level2_BTC-USD_2018-04-17_gdax-orderbook-ml.jsonl",
@@ -44,7 +44,7 @@ CAPTURES = (
 TRANSACTIONAL = ("book.top3", "features", "labels", "predictions")
 """Derived topics: written in transactions by the services, so their logs hold commit markers."""
 
-Keyed = tuple[str, dict[str, Any]]
+Keyed = tuple[str, Record]
 
 
 @cache
@@ -249,7 +249,7 @@ def assert_lake_holds_exactly(root: Path | str, produced: list[ProducedRecord]) 
         rows = {(row["_partition"], row["_offset"]): row for row in lake.read_table(str(root), topic).to_pylist()}
         for record in records:
             row = rows[(record.partition, record.offset)]
-            decoded = serde.decode(record.value, topic)
+            decoded = plain_datum(serde.decode(record.value, topic))  # the record's Avro datum: what the columns hold
             # repr() so that NaN feature values compare equal to themselves.
             assert repr({key: row[key] for key in decoded}) == repr(decoded), (topic, record.partition, record.offset)
             assert (row["_topic"], row["_key"]) == (topic, record.key)
