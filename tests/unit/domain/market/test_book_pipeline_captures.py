@@ -12,11 +12,10 @@ import heapq
 import json
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from quotewatch.core.records import BookLevel
+from quotewatch.core.records import BookLevel, MarketEvent
 from quotewatch.domain.market.book_pipeline import BookPipeline, TickOutput
 from quotewatch.domain.venue.captures import capture_files, read_capture
 from quotewatch.domain.venue.normaliser import Normaliser
@@ -88,7 +87,7 @@ def read_lines(path: Path) -> list[str]:
         return [line.rstrip("\n") for line in handle if line.strip()]
 
 
-def expected_ticks(events: list[dict[str, Any]], symbol: str, max_carried: int) -> list[int]:
+def expected_ticks(events: list[MarketEvent], symbol: str, max_carried: int) -> list[int]:
     """The grid ticks a synced symbol must emit, from the event times alone (test oracle)."""
     ticks: list[int] = []
     watermark: int | None = None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -84,7 +82,7 @@ def test_one_sided_ticks_get_no_label() -> None:
 
 
 def test_symbols_are_labelled_independently_when_interleaved() -> None:
-    tops: list[dict[str, Any]] = []
+    tops: list[BookTop] = []
     for k in range(1, 6):
         tops.append(top(100 * k, 10 * k, 1000, symbol="BTC-USD"))
         tops.append(top(100 * k, 7, 8, symbol="ETH-USD"))
@@ -125,9 +123,9 @@ def test_bad_ticks_are_rejected_without_changing_the_state() -> None:
     assert label.label == 0
 
 
-def _book_tops(seed: int) -> list[dict[str, Any]]:
+def _book_tops(seed: int) -> list[BookTop]:
     pipeline = BookPipeline(100)
-    tops: list[dict[str, Any]] = []
+    tops: list[BookTop] = []
     for position, record in enumerate(synthetic_feed(seed, count=600)):
         tops.extend(output.book_top for output in pipeline.process(record, position))
     return tops

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from sortedcontainers import SortedDict
 
+from quotewatch.core.records import MarketEvent
 from quotewatch.core.serde import AvroSerde
 from quotewatch.domain.venue.captures import capture_files, read_capture
 from quotewatch.domain.venue.normaliser import Normaliser
@@ -130,7 +131,7 @@ def _capture(stem: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def normalised() -> dict[str, tuple[Any, list[dict[str, Any]], list[Any]]]:
+def normalised() -> dict[str, tuple[Any, list[MarketEvent], list[Any]]]:
     out = {}
     for path in capture_files(shared_data_dir()):
         capture = read_capture(path)

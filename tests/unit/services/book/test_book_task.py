@@ -66,10 +66,10 @@ def test_a_bad_update_is_dead_lettered_with_the_ticks_it_closed() -> None:
     out = list(task.process(consumed))
     assert [o.topic for o in out] == [TOPICS.book_top3, TOPICS.features, TOPICS.dlq]
     dead = out[-1].value
+    assert isinstance(dead, DeadLetter)
     assert (dead.source_topic, dead.source_partition, dead.source_offset) == (TOPICS.md_events, 0, 1)
     assert dead.error_type == "MarketEventError"
     assert "negative size" in dead.reason
-    assert isinstance(dead, DeadLetter)
     assert dead.source_value == original, "the bytes consumed, never re-encoded"
     assert dead.ts_event == 1_700_000_000_000 * MS
     assert dead.source_key == b"BTC-USD"
