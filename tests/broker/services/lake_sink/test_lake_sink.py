@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+from msgspec.structs import replace
 from prometheus_client import REGISTRY
 
 from quotewatch.core import lake
@@ -23,10 +24,12 @@ from quotewatch.core.errors import FatalError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, make_admin
 from quotewatch.core.lake import LakeLocation, publish_file
+from quotewatch.core.records import FeatureVector
 from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde, registry_client
 from quotewatch.core.topics import TopicNames
 from quotewatch.services.lake_sink.sink import LakeSink
 from tests.helpers import RegistryOutage, read_topic, wait_for
+from tests.records import plain
 from tests.unit.services.lake_sink.factories import (
     ProducedRecord,
     assert_lake_holds_exactly,
@@ -148,9 +151,9 @@ def test_every_offset_lands_exactly_once_with_identical_content(sink_settings: L
     hours = duckdb.execute(
         f"select distinct symbol, date, hour from read_parquet('{events}/**/*.parquet', hive_partitioning=1)"
     ).fetchall()
-    expected_dirs = {lake.partition_dir(names.md_events, value) for _, value in records["md.events"]}
+    expected_dirs = {lake.partition_dir(names.md_events, plain(value)) for _, value in records["md.events"]}
     assert {f"symbol={s}/date={d}/hour={h}" for s, d, h in hours} == expected_dirs
-    assert len(expected_dirs) > len({value["symbol"] for _, value in records["md.events"]}), "several hours"
+    assert len(expected_dirs) > len({value.symbol for _, value in records["md.events"]}), "several hours"
     # Health and metrics saw the progress.
     status = liveness.status()
     assert status.detail["records_processed"] >= len(produced)
@@ -172,7 +175,7 @@ def test_poison_records_go_to_the_dlq_with_coordinates_and_the_sink_carries_on(
         serde.encode(names.features, features[0]),
         b"not avro at all",
         SINGLE_OBJECT_MAGIC + (0xDEADBEEF).to_bytes(8, "little") + b"\x00",
-        serde.encode(names.features, {**features[1], "symbol": ""}),
+        serde.encode(names.features, replace(features[1], symbol="")),
         serde.encode(names.labels, capture_records(600)["labels"][0][1]),  # another schema on this topic
         serde.encode(names.features, features[2]),
     ]
@@ -295,17 +298,21 @@ def produce_features(settings: LakeSinkSettings, count: int, start: int = 0) -> 
     names = TopicNames(settings.topic_prefix)
     serde = AvroSerde()
     # The 2021 capture's ten symbols tick together, so consecutive vectors alternate symbols.
-    values = [value for _, value in capture_records()["features"] if value["symbol"] not in ("BTC-USD", "ETH-USD")]
+    values = [
+        value
+        for _, value in capture_records()["features"]
+        if isinstance(value, FeatureVector) and value.symbol not in ("BTC-USD", "ETH-USD")
+    ]
     values = values[start : start + count]
     assert len(values) == count
-    assert len({v["symbol"] for v in values[:40]}) >= 3
+    assert len({v.symbol for v in values[:40]}) >= 3
     delivered: list[Any] = []
     producer = Producer(
         {"bootstrap.servers": settings.kafka_bootstrap_servers, "on_delivery": lambda e, m: delivered.append(m)}
     )
     for value in values:
         encoded = serde.encode(names.features, value)
-        producer.produce(names.features, key=value["symbol"].encode(), value=encoded, partition=0)
+        producer.produce(names.features, key=value.symbol.encode(), value=encoded, partition=0)
     assert producer.flush(10) == 0
     return [ProducedRecord(m.topic(), m.partition(), m.offset(), m.key().decode(), m.value()) for m in delivered]
 
