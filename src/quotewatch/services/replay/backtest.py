@@ -35,6 +35,7 @@ from quotewatch.services.replay import report, sources
 from quotewatch.services.replay.engine import (
     BacktestEngine,
     ModelScores,
+    PipelineRun,
     input_lookahead_ns,
     prediction_records,
     score_model,
@@ -48,7 +49,8 @@ logger = logging.getLogger(__name__)
 class BacktestResult:
     """Everything a backtest computed."""
 
-    engine: BacktestEngine
+    engine: PipelineRun
+    """The engine of a serial run, the merged partitions of a parallel one."""
     models: list[ModelScores]
     evaluation: report.Evaluation | None
     start: RawStart | None
@@ -146,6 +148,8 @@ def run_backtest(
     raws: Iterable[dict[str, Any]] | None = None,
     lake_out: tuple[str, str] | None = None,
     events: bool = False,
+    workers: int = 1,
+    dask_scheduler: str | None = None,
 ) -> BacktestResult:
     """Run the pipeline over the window, score, evaluate, write the report.
 
@@ -155,25 +159,32 @@ def run_backtest(
     ``lake_out`` = (lake URI, namespace) files the derived records there (:func:`write_lake`).
     ``events``: read the stored market events of a topic or lake source instead of its raw log
     (the normaliser, most of a backtest's time, is skipped; the events are the ones it made live).
+    ``workers`` > 1 or ``dask_scheduler``: the pipeline runs per symbol-day in that many local
+    processes or on that Dask cluster (:mod:`quotewatch.services.replay.parallel`), with the same
+    results as this serial run.
     """
-    from tqdm import tqdm
-
-    serde = AvroSerde()
-    start: RawStart | None = None
-    total: int | None = None
-    if raws is None:
-        read = event_input if events else raw_input
-        start, total, raws = read(settings, source, window.extended(input_lookahead_ns(settings.delta_ms)), serde)
     keep = records_dir is not None or lake_out is not None
-    engine = BacktestEngine(settings.tick_ms, settings.delta_ms, keep_records=keep, end_ns=window.end_ns)
-    began = time.perf_counter()
-    if progress:
-        raws = tqdm(raws, total=total, unit="rec", desc="backtest", mininterval=0.5)
-    if events:
-        engine.run_events(raws)
+    start: RawStart | None = None
+    engine: PipelineRun
+    if workers > 1 or dask_scheduler is not None:
+        if raws is not None:
+            raise ConfigError("a parallel backtest reads its source itself: no pre-read records")
+        from quotewatch.services.replay.parallel import run_parallel
+
+        began = time.perf_counter()
+        parallel = run_parallel(
+            settings,
+            source,
+            window,
+            events=events,
+            keep_records=keep,
+            workers=workers,
+            dask_scheduler=dask_scheduler,
+        )
+        pipeline_seconds = time.perf_counter() - began
+        engine, start = parallel, parallel.start
     else:
-        engine.run_raw(raws)
-    pipeline_seconds = time.perf_counter() - began
+        engine, start, pipeline_seconds = _run_serial(settings, source, window, raws, events, keep, progress)
     features = engine.feature_table()
     began = time.perf_counter()
     scored = [
@@ -239,6 +250,35 @@ def run_backtest(
     return result
 
 
+def _run_serial(
+    settings: BacktestSettings,
+    source: SourceSpec,
+    window: Window,
+    raws: Iterable[dict[str, Any]] | None,
+    events: bool,
+    keep: bool,
+    progress: bool,
+) -> tuple[BacktestEngine, RawStart | None, float]:
+    """The whole window through one :class:`BacktestEngine`: (engine, the CONNECTED it started at, seconds)."""
+    from tqdm import tqdm
+
+    serde = AvroSerde()
+    start: RawStart | None = None
+    total: int | None = None
+    if raws is None:
+        read = event_input if events else raw_input
+        start, total, raws = read(settings, source, window.extended(input_lookahead_ns(settings.delta_ms)), serde)
+    engine = BacktestEngine(settings.tick_ms, settings.delta_ms, keep_records=keep, end_ns=window.end_ns)
+    began = time.perf_counter()
+    if progress:
+        raws = tqdm(raws, total=total, unit="rec", desc="backtest", mininterval=0.5)
+    if events:
+        engine.run_events(raws)
+    else:
+        engine.run_raw(raws)
+    return engine, start, time.perf_counter() - began
+
+
 RECORD_FILES = {
     "book.top3": "quotewatch.BookTop",
     "features": "quotewatch.FeatureVector",
@@ -247,7 +287,7 @@ RECORD_FILES = {
 }
 
 
-def write_records(directory: Path, engine: BacktestEngine, scored: Sequence[ModelScores]) -> None:
+def write_records(directory: Path, engine: PipelineRun, scored: Sequence[ModelScores]) -> None:
     """The derived records as Avro container files ``<topic suffix>.avro`` (current schemas)."""
     import fastavro
 
@@ -269,7 +309,7 @@ def write_records(directory: Path, engine: BacktestEngine, scored: Sequence[Mode
             fastavro.writer(out, store.current(schema_name).schema, contents[suffix])
 
 
-def write_lake(lake_uri: str, prefix: str, engine: BacktestEngine, scored: Sequence[ModelScores]) -> dict[str, int]:
+def write_lake(lake_uri: str, prefix: str, engine: PipelineRun, scored: Sequence[ModelScores]) -> dict[str, int]:
     """File the derived records in the lake under namespace ``prefix`` (the lake sink's layout and chunk files).
 
     So ``quotewatch train`` (``TOPIC_PREFIX=prefix``) can train on a backtested window, e.g. a
