@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import ensure_topics, make_admin, producer_config
@@ -93,7 +93,14 @@ def caught_up(settings: CommonSettings, service: str, survivors: list[ServicePro
         for partition, last in last_data_offsets(settings, topic).items()
     }
     alive = all(process.assert_alive() for process in survivors)
-    return alive and committed_past(settings, f"{settings.topic_prefix}.{service}", lasts)
+    try:
+        return alive and committed_past(settings, f"{settings.topic_prefix}.{service}", lasts)
+    except KafkaException as exc:
+        # The group's offsets are held back while the killed replica's transaction is open (this
+        # reader is read_committed too, KIP-447): not yet.
+        if exc.args[0].code() == KafkaError._TIMED_OUT:
+            return False
+        raise
 
 
 def copy_topic(source: CommonSettings, target: CommonSettings, topic_suffix: str) -> int:
