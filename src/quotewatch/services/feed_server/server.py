@@ -50,7 +50,8 @@ from websockets.exceptions import ConnectionClosed
 from quotewatch.domain.simulation.synthetic import SyntheticBatch, SyntheticConfig, SyntheticMarket
 from quotewatch.domain.venue import coinbase_messages as msgs
 from quotewatch.domain.venue.captures import Capture, read_capture
-from quotewatch.domain.venue.coinbase import EXCHANGE_SIGNATURE_PATH, FEED_ADVANCED, FEED_EXCHANGE, parse_time_ns
+from quotewatch.domain.venue.coinbase import FEED_ADVANCED, FEED_EXCHANGE, parse_time_ns
+from quotewatch.domain.venue.coinbase_auth import EXCHANGE_SIGNATURE_PATH
 from quotewatch.domain.venue.coinbase_messages import TradePrint
 from quotewatch.services.feed_server.retime import TIMESTAMPS, Timestamps, first_exchange_time, shift_for, shifted
 

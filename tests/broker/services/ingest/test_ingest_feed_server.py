@@ -372,7 +372,7 @@ def test_clock_ticks_during_a_reconnect_belong_to_the_previous_connection_and_wi
     ticks carry the previous connection's id, never the id of a connection that has not connected
     yet, and a replay window starting inside the new connection or inside the handshake finds its
     CONNECTED record."""
-    import quotewatch.services.ingest.service as ingest_module
+    import quotewatch.services.ingest.connection as ingest_module
 
     real_connect = ingest_module.connect
     recorder: list[RawKindRecorder] = []

@@ -16,7 +16,9 @@ from websockets.exceptions import ConnectionClosed
 
 from quotewatch.domain.simulation.synthetic import SyntheticConfig
 from quotewatch.domain.venue.captures import capture_files, read_capture
-from quotewatch.domain.venue.coinbase import ExchangeCredentials, parse_time_ns, subscribe_messages
+from quotewatch.domain.venue.coinbase import parse_time_ns
+from quotewatch.domain.venue.coinbase_auth import ExchangeCredentials
+from quotewatch.domain.venue.coinbase_feeds import subscribe_messages
 from quotewatch.services.feed_server.server import (
     CaptureSource,
     FaultPlan,
