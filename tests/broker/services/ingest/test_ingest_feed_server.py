@@ -102,6 +102,7 @@ def ingest_settings(make_settings: Callable[..., Any], url: str, protocol: str, 
         "heartbeat_timeout_seconds": 1.5,
         "backoff_initial_seconds": 0.2,
         "backoff_max_seconds": 1.0,
+        "reconnect_jitter_seconds": 0.1,
     }
     values.update(overrides)
     settings: IngestSettings = make_settings(IngestSettings, **values)
