@@ -125,8 +125,8 @@ def verify_cdp_websocket_jwt(token: Any, public_key_pem: str, *, now_seconds: in
             algorithms=[CDP_ALGORITHM],
             issuer=CDP_ISSUER,
             leeway=leeway,
-            options={"require": ["iss", "sub", "nbf", "exp"], "verify_iat": False},
-            # PyJWT checks times against its own clock; the caller's time is checked below.
+            # The times are checked below against the caller's clock, not PyJWT's own.
+            options={"require": ["iss", "sub", "nbf", "exp"], "verify_exp": False, "verify_nbf": False},
         )
     except jwt.PyJWTError as exc:
         raise ValueError(f"invalid jwt: {exc}") from None
@@ -136,6 +136,8 @@ def verify_cdp_websocket_jwt(token: Any, public_key_pem: str, *, now_seconds: in
         raise ValueError("invalid jwt: no nonce header")
     if "uri" in claims:
         raise ValueError("invalid jwt: a WebSocket jwt has no uri claim")
+    if not isinstance(claims["nbf"], int) or not isinstance(claims["exp"], int):
+        raise ValueError("invalid jwt: nbf and exp must be integers")
     if not claims["nbf"] - leeway <= now_seconds <= claims["exp"] + leeway:
         raise ValueError("invalid jwt: not valid now")
     if claims["exp"] - claims["nbf"] > CDP_JWT_LIFETIME_SECONDS:

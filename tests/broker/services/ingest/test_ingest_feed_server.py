@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import re
 import threading
 import time
@@ -112,11 +113,14 @@ def ingest_settings(make_settings: Callable[..., Any], url: str, protocol: str, 
 
 @contextmanager
 def running_ingest(
-    settings: IngestSettings, producer: Producer | None = None, clock: Clock | None = None
+    settings: IngestSettings,
+    producer: Producer | None = None,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
 ) -> Iterator[IngestService]:
     clock = clock or SystemClock()
     service = IngestService(
-        settings, serde=AvroSerde(), clock=clock, liveness=Liveness("ingest", clock, 30), producer=producer
+        settings, serde=AvroSerde(), clock=clock, liveness=Liveness("ingest", clock, 30), producer=producer, rng=rng
     )
     errors: list[BaseException] = []
 
@@ -153,12 +157,14 @@ def market_exhausted(running: RunningFeedServer) -> bool:
     return bool(running.call(lambda: isinstance(source, SyntheticSource) and source.exhausted))
 
 
-def wait_for_books_to_match(settings: IngestSettings, running: RunningFeedServer, timeout: float = 40) -> list[Any]:
+def wait_for_books_to_match(
+    settings: IngestSettings, running: RunningFeedServer, timeout: float = 40, symbols: tuple[str, ...] = SYMBOLS
+) -> list[Any]:
     """Wait until the market stopped and the book rebuilt from md.events equals the server's book."""
     wait_for(lambda: market_exhausted(running), timeout=timeout, message="the synthetic market to finish")
     market = running.server.market
     assert market is not None
-    expected = {s: running.call(partial(market.book, s)) for s in SYMBOLS}
+    expected = {s: running.call(partial(market.book, s)) for s in symbols}
     topic = TopicNames(settings.topic_prefix).md_events
     state: dict[str, Any] = {}
 
@@ -167,13 +173,13 @@ def wait_for_books_to_match(settings: IngestSettings, running: RunningFeedServer
         books = books_from_events(sorted(events, key=lambda e: (e["_partition"], e["_offset"])))
         state["events"] = events
         state["books"] = books
-        return all(s in books and books[s].synced and books[s].as_dict() == expected[s] for s in SYMBOLS)
+        return all(s in books and books[s].synced and books[s].as_dict() == expected[s] for s in symbols)
 
     try:
         wait_for(books_match, timeout=timeout, interval=0.5, message="the events book to equal the server's book")
     except AssertionError:
         books = state.get("books", {})
-        for s in SYMBOLS:
+        for s in symbols:
             if s in books:
                 got = books[s].as_dict()
                 diff = {side: len(set(got[side].items()) ^ set(expected[s][side].items())) for side in ("BID", "ASK")}
