@@ -280,7 +280,7 @@ def test_an_advanced_book_event_that_does_not_parse_fails_its_product_not_the_fr
 def test_a_multi_product_l2_data_frame_with_one_bad_event_keeps_the_other_products() -> None:
     good = {"side": "offer", "event_time": "2026-08-09T21:05:48.1Z", "price_level": "2", "new_quantity": "3"}
     bad = {"side": "bid", "event_time": "2026-08-09T21:05:48.2Z", "price_level": "1,5", "new_quantity": "1"}
-    message = {
+    message: dict[str, Any] = {
         "channel": "l2_data",
         "sequence_num": 7,
         "timestamp": "2026-08-09T21:05:48.3Z",
