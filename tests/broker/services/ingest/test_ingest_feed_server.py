@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from quotewatch.core.clock import Clock, SystemClock
@@ -65,7 +65,7 @@ def read_to_end(settings: Any, topic: str, *, decode: bool = True, timeout: floa
     records: list[dict[str, Any]] = []
     try:
         partitions = sorted(make_admin(settings).list_topics(topic, timeout=10).topics[topic].partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        ends = {p: _high_watermark(consumer, topic, p) for p in partitions}
         pending = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         deadline = time.monotonic() + timeout
@@ -93,6 +93,24 @@ def read_to_end(settings: Any, topic: str, *, decode: bool = True, timeout: floa
     finally:
         consumer.close()
     return sorted(records, key=lambda r: (r["_partition"], r["_offset"]))
+
+
+_LEADERSHIP_ERRORS = frozenset(
+    {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._TRANSPORT}
+)
+
+
+def _high_watermark(consumer: Consumer, topic: str, partition: int) -> int:
+    """The partition's high watermark; a leadership change under load (NOT_LEADER_FOR_PARTITION) is retried."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1])
+        except KafkaException as exc:
+            error = exc.args[0]
+            if (error.code() not in _LEADERSHIP_ERRORS and not error.retriable()) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def ingest_settings(make_settings: Callable[..., Any], url: str, protocol: str, **overrides: Any) -> IngestSettings:
