@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import re
 import threading
 import time
@@ -22,7 +23,7 @@ from functools import partial
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from quotewatch.core.clock import Clock, SystemClock
@@ -64,7 +65,7 @@ def read_to_end(settings: Any, topic: str, *, decode: bool = True, timeout: floa
     records: list[dict[str, Any]] = []
     try:
         partitions = sorted(make_admin(settings).list_topics(topic, timeout=10).topics[topic].partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        ends = {p: _high_watermark(consumer, topic, p) for p in partitions}
         pending = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         deadline = time.monotonic() + timeout
@@ -94,6 +95,24 @@ def read_to_end(settings: Any, topic: str, *, decode: bool = True, timeout: floa
     return sorted(records, key=lambda r: (r["_partition"], r["_offset"]))
 
 
+_LEADERSHIP_ERRORS = frozenset(
+    {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._TRANSPORT}
+)
+
+
+def _high_watermark(consumer: Consumer, topic: str, partition: int) -> int:
+    """The partition's high watermark; a leadership change under load (NOT_LEADER_FOR_PARTITION) is retried."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1])
+        except KafkaException as exc:
+            error = exc.args[0]
+            if (error.code() not in _LEADERSHIP_ERRORS and not error.retriable()) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def ingest_settings(make_settings: Callable[..., Any], url: str, protocol: str, **overrides: Any) -> IngestSettings:
     values: dict[str, Any] = {
         "coinbase_ws_url": url,
@@ -102,6 +121,7 @@ def ingest_settings(make_settings: Callable[..., Any], url: str, protocol: str, 
         "heartbeat_timeout_seconds": 1.5,
         "backoff_initial_seconds": 0.2,
         "backoff_max_seconds": 1.0,
+        "reconnect_jitter_seconds": 0.1,
     }
     values.update(overrides)
     settings: IngestSettings = make_settings(IngestSettings, **values)
@@ -111,11 +131,14 @@ def ingest_settings(make_settings: Callable[..., Any], url: str, protocol: str, 
 
 @contextmanager
 def running_ingest(
-    settings: IngestSettings, producer: Producer | None = None, clock: Clock | None = None
+    settings: IngestSettings,
+    producer: Producer | None = None,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
 ) -> Iterator[IngestService]:
     clock = clock or SystemClock()
     service = IngestService(
-        settings, serde=AvroSerde(), clock=clock, liveness=Liveness("ingest", clock, 30), producer=producer
+        settings, serde=AvroSerde(), clock=clock, liveness=Liveness("ingest", clock, 30), producer=producer, rng=rng
     )
     errors: list[BaseException] = []
 
@@ -152,12 +175,14 @@ def market_exhausted(running: RunningFeedServer) -> bool:
     return bool(running.call(lambda: isinstance(source, SyntheticSource) and source.exhausted))
 
 
-def wait_for_books_to_match(settings: IngestSettings, running: RunningFeedServer, timeout: float = 40) -> list[Any]:
+def wait_for_books_to_match(
+    settings: IngestSettings, running: RunningFeedServer, timeout: float = 40, symbols: tuple[str, ...] = SYMBOLS
+) -> list[Any]:
     """Wait until the market stopped and the book rebuilt from md.events equals the server's book."""
     wait_for(lambda: market_exhausted(running), timeout=timeout, message="the synthetic market to finish")
     market = running.server.market
     assert market is not None
-    expected = {s: running.call(partial(market.book, s)) for s in SYMBOLS}
+    expected = {s: running.call(partial(market.book, s)) for s in symbols}
     topic = TopicNames(settings.topic_prefix).md_events
     state: dict[str, Any] = {}
 
@@ -166,13 +191,13 @@ def wait_for_books_to_match(settings: IngestSettings, running: RunningFeedServer
         books = books_from_events(sorted(events, key=lambda e: (e["_partition"], e["_offset"])))
         state["events"] = events
         state["books"] = books
-        return all(s in books and books[s].synced and books[s].as_dict() == expected[s] for s in SYMBOLS)
+        return all(s in books and books[s].synced and books[s].as_dict() == expected[s] for s in symbols)
 
     try:
         wait_for(books_match, timeout=timeout, interval=0.5, message="the events book to equal the server's book")
     except AssertionError:
         books = state.get("books", {})
-        for s in SYMBOLS:
+        for s in symbols:
             if s in books:
                 got = books[s].as_dict()
                 diff = {side: len(set(got[side].items()) ^ set(expected[s][side].items())) for side in ("BID", "ASK")}
@@ -372,7 +397,7 @@ def test_clock_ticks_during_a_reconnect_belong_to_the_previous_connection_and_wi
     ticks carry the previous connection's id, never the id of a connection that has not connected
     yet, and a replay window starting inside the new connection or inside the handshake finds its
     CONNECTED record."""
-    import quotewatch.services.ingest.service as ingest_module
+    import quotewatch.services.ingest.connection as ingest_module
 
     real_connect = ingest_module.connect
     recorder: list[RawKindRecorder] = []

@@ -16,19 +16,18 @@ from sortedcontainers import SortedDict
 
 from quotewatch.domain.venue.captures import capture_files, read_capture
 from quotewatch.domain.venue.coinbase import (
-    ExchangeCredentials,
     ExchangeMessageError,
     InvalidFieldError,
     MalformedFrameError,
     UnknownMessageError,
     decimal_e8,
-    exchange_signature,
     format_time_ns,
-    parse_advanced_message,
-    parse_exchange_message,
     parse_time_ns,
-    subscribe_messages,
 )
+from quotewatch.domain.venue.coinbase_advanced import parse_advanced_message
+from quotewatch.domain.venue.coinbase_auth import ExchangeCredentials, exchange_signature
+from quotewatch.domain.venue.coinbase_exchange import parse_exchange_message
+from quotewatch.domain.venue.coinbase_feeds import subscribe_messages
 from tests.helpers import shared_data_dir
 
 
@@ -242,13 +241,11 @@ def l2_bid_update(event_time: str, price_level: str) -> dict[str, Any]:
             InvalidFieldError,
             True,
         ),
-        (l2_bid_update("2026-08-09T21:05:48Z", "1,5"), InvalidFieldError, True),
         (
             {"channel": "l2_data", "sequence_num": 2**63, "timestamp": "2026-08-09T21:05:48Z", "events": []},
             InvalidFieldError,
             True,
         ),
-        (l2_bid_update("2263-01-01T00:00:00Z", "1"), InvalidFieldError, True),
         (
             {
                 "channel": "market_trades",
@@ -267,6 +264,43 @@ def test_advanced_rejections_say_whether_the_book_is_affected(
     with pytest.raises(error) as info:
         parse_advanced_message(message)
     assert info.value.book_affected is book_affected  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "message", [l2_bid_update("2026-08-09T21:05:48Z", "1,5"), l2_bid_update("2263-01-01T00:00:00Z", "1")]
+)
+def test_an_advanced_book_event_that_does_not_parse_fails_its_product_not_the_frame(message: dict[str, Any]) -> None:
+    parsed = parse_advanced_message(message)
+    assert parsed.events == []
+    (error,) = parsed.failed
+    assert isinstance(error, InvalidFieldError)
+    assert (error.symbol, error.book_affected) == ("BTC-USD", True)
+
+
+def test_a_multi_product_l2_data_frame_with_one_bad_event_keeps_the_other_products() -> None:
+    good = {"side": "offer", "event_time": "2026-08-09T21:05:48.1Z", "price_level": "2", "new_quantity": "3"}
+    bad = {"side": "bid", "event_time": "2026-08-09T21:05:48.2Z", "price_level": "1,5", "new_quantity": "1"}
+    message: dict[str, Any] = {
+        "channel": "l2_data",
+        "sequence_num": 7,
+        "timestamp": "2026-08-09T21:05:48.3Z",
+        "events": [
+            {"type": "update", "product_id": "ETH-USD", "updates": [good]},
+            {"type": "update", "product_id": "BTC-USD", "updates": [good]},
+            {"type": "update", "product_id": "BTC-USD", "updates": [bad]},
+            {"type": "snapshot", "product_id": "SOL-USD", "updates": [good]},
+        ],
+    }
+    parsed = parse_advanced_message(message)
+    # BTC-USD's events are all dropped (its book is out of sync from the bad one); the others stand.
+    assert [(e.kind, e.symbol) for e in parsed.events] == [("UPDATE", "ETH-USD"), ("SNAPSHOT", "SOL-USD")]
+    assert parsed.confirmed == ("SOL-USD",)
+    assert [(e.symbol, e.book_affected) for e in parsed.failed] == [("BTC-USD", True)]
+    # A bad event that names no product fails the whole frame.
+    message["events"].append({"type": "update", "updates": [good]})
+    with pytest.raises(InvalidFieldError) as info:
+        parse_advanced_message(message)
+    assert info.value.book_affected
 
 
 @pytest.mark.parametrize(

@@ -183,9 +183,12 @@ def test_sequence_gap_is_stamped_per_symbol_at_its_last_good_event_not_at_the_re
 def test_unreadable_book_frame_with_a_readable_timestamp_is_a_gap_at_the_last_good_event() -> None:
     log, normaliser, pipeline, last = _synced_log()
     out = normaliser.process(_l2_at(log, "ETH-USD", "update", 2_000, 2_900, quantity="one"))
-    assert [r.error_type for r in out.rejects] == ["InvalidField"]
+    assert [(r.error_type, r.symbol) for r in out.rejects] == [("InvalidField", "ETH-USD")]
     assert {e["gap"]["reason"] for e in out.events} == {"PARSE_ERROR"}
-    assert {e["symbol"]: e["ts_event"] for e in out.events} == last  # not the frame's timestamp, 2.9 s
+    # The event names its product: only that product's book is lost, at its last good event.
+    assert {e["symbol"]: e["ts_event"] for e in out.events} == {"ETH-USD": last["ETH-USD"]}  # not 2.9 s
+    assert (out.resync, out.resync_symbols) == (None, ["ETH-USD"])
+    assert normaliser.synced == {"BTC-USD"}
     _gaps_close_no_tick(pipeline, out.events)
 
 
