@@ -55,9 +55,8 @@ format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix src tests
 	$(BIN)/ruff format src tests
 
-bench: setup system-deps browser-deps  ## benchmarks side by side in one run -> docs/benchmarks.md (+ README's table)
+bench: setup system-deps browser-deps  ## benchmarks side by side in one run -> docs/benchmarks.md
 	$(BIN)/python -m tests.benchmarks $(BENCH_ARGS)
-	$(BIN)/python -m tests.readme
 
 faults: setup system-deps  ## the whole fault suite (a subset runs in make test); table -> docs/faults.md
 	QUOTEWATCH_FAULTS=full $(BIN)/python -m pytest tests/faults -m faults $(PYTEST_ARGS)

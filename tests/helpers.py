@@ -9,19 +9,32 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import requests
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, make_admin, query_watermarks
+from quotewatch.core.records import Record
 from quotewatch.core.serde import AvroSerde
 from quotewatch.local.kafka import free_port
 from tests.records import plain
 
 T = TypeVar("T")
+R = TypeVar("R", bound=Record)
+
+
+@dataclass(frozen=True, slots=True)
+class Consumed(Generic[R]):
+    """A typed record read back from a topic, with its coordinates."""
+
+    value: R
+    partition: int
+    offset: int
+    key: str | None = None
 
 
 def wait_for(

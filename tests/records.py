@@ -7,7 +7,7 @@ content field by field can compare it with a literal dict without losing anythin
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -37,12 +37,8 @@ def _lists(value: Any) -> Any:
     return value
 
 
-@overload
-def body(event: MarketEvent, kind: type[B]) -> B: ...
-@overload
-def body(event: MarketEvent) -> Any: ...
-def body(event: MarketEvent, kind: type[Any] | None = None) -> Any:
-    """The body of ``event`` named by its kind (``event.update`` of an UPDATE, ...), asserted present."""
+def body(event: MarketEvent, kind: type[B]) -> B:
+    """The body of ``event`` named by its kind (``event.update`` of an UPDATE, ...), asserted present and a ``kind``."""
     value = {
         "SNAPSHOT": event.snapshot,
         "UPDATE": event.update,
@@ -51,6 +47,5 @@ def body(event: MarketEvent, kind: type[Any] | None = None) -> Any:
         "STATUS": event.status,
     }.get(event.kind)
     assert value is not None, f"a {event.kind} event without its body"
-    if kind is not None:
-        assert isinstance(value, kind)
+    assert isinstance(value, kind), f"a {event.kind} event's body is a {type(value).__name__}, not a {kind.__name__}"
     return value

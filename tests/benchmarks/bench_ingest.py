@@ -7,7 +7,7 @@ synthetic market's generation capacity.
   market in each protocol. "level updates" = level changes in UPDATE events (snapshot levels are
   counted separately in the notes). Peer: the same frames parsed naively (stdlib ``json`` +
   ``decimal.Decimal`` per price/size, no encoding), i.e. what a straightforward parser costs.
-- ``writer -> broker``: the ingest's :class:`~quotewatch.services.ingest.service.RawWriter` writing raw +
+- ``writer -> broker``: the ingest's :class:`~quotewatch.services.ingest.writer.RawWriter` writing raw +
   events to the real broker with the idempotent producer, flushed. Peer: producing only the raw
   frames (the normaliser's and the events' share is the difference).
 - ``synthetic market``: generation + Coinbase-protocol encoding of the feed server's market.
@@ -32,7 +32,7 @@ from quotewatch.core.serde import AvroSerde
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, SyntheticMarket, batch_frames, synthetic_raw_frames
 from quotewatch.domain.venue.captures import capture_files, read_capture
 from quotewatch.domain.venue.normaliser import Normaliser
-from quotewatch.services.ingest.service import IngestStats, QueueItem, RawWriter
+from quotewatch.services.ingest.writer import IngestStats, QueueItem, RawWriter
 from tests.benchmarks.harness import Context, Result
 
 SUITE = "ingest"
@@ -131,8 +131,8 @@ def _broker(ctx: Context) -> list[Result]:
     seconds = 10 if ctx.quick else 30
     config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=2, rate=2000)
     raws = list(synthetic_raw_frames("coinbase-advanced", config, seconds * 1_000_000_000))
-    items = [QueueItem(r.kind, r.text, r.connection_id, r.frame_index, r.ts_init) for r in raws]
-    updates = sum(len(e.update.changes) for e in Normaliser().process_all(raws)[0] if e.kind == "UPDATE")
+    items = [QueueItem(r.kind, r.text, r.connection_id, r.frame_index, r.ts_init, 0) for r in raws]
+    updates = sum(len(e.update.changes) for e in Normaliser().process_all(raws)[0] if e.update is not None)
     timings = {}
     for mode in ("writer", "raw only"):
         settings = IngestSettings(
@@ -149,6 +149,7 @@ def _broker(ctx: Context) -> list[Result]:
         writer = RawWriter(
             settings=settings,
             feed="coinbase-advanced",
+            groups=[settings.symbols],
             serde=serde,
             producer=producer,
             delivery=delivery,
@@ -156,7 +157,7 @@ def _broker(ctx: Context) -> list[Result]:
             items=queue.Queue(),
             liveness=Liveness("bench", clock, 30),
             stats=IngestStats(),
-            on_resync=lambda connection, reason: None,
+            on_resync=lambda connection, reason, symbols: None,
         )
         raw_topic = f"{settings.topic_prefix}.md.raw"
         raw_schema = serde.store.current("quotewatch.RawFrame")

@@ -40,6 +40,7 @@ from quotewatch.core import lake
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, make_admin, query_watermarks
 from quotewatch.core.lake import LAKE_TOPICS
+from quotewatch.core.records import BookTop, FeatureVector, Label, MarketEvent, Prediction, RawFrame, Record
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market.book_pipeline import BookPipeline
@@ -47,7 +48,7 @@ from quotewatch.domain.market.labels import Labeler
 from quotewatch.domain.simulation.synthetic import SyntheticConfig
 from quotewatch.local.kafka import free_port
 from quotewatch.services.feed_server.server import FeedServer, RunningFeedServer, SyntheticSource
-from tests.helpers import committed_past, wait_for
+from tests.helpers import R, committed_past, wait_for
 
 QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
 FULL = os.environ.get("QUOTEWATCH_FAULTS", "").strip().lower() == "full"
@@ -418,7 +419,7 @@ class Rec:
     offset: int
     key: str | None
     raw: bytes
-    value: dict[str, Any] | None
+    value: Record | None
 
 
 def read_all(settings: CommonSettings, topic: str, timeout: float = 120.0) -> list[Rec]:
@@ -448,7 +449,7 @@ def read_all(settings: CommonSettings, topic: str, timeout: float = 120.0) -> li
                 if offset < ends[partition]:
                     raw = message.value() or b""
                     try:
-                        value: dict[str, Any] | None = serde.decode(raw, topic)
+                        value: Record | None = serde.decode(raw, topic)
                     except Exception:  # noqa: BLE001 - a poison record is kept undecoded
                         value = None
                     key = message.key()
@@ -539,57 +540,71 @@ def verify_pipeline(
             out.append(record)
         return out
 
+    def decoded_as(suffix: str, cls: type[R]) -> list[tuple[int, R]]:
+        """``(offset, value)`` of the records of ``suffix`` that decode, each checked to be a ``cls``."""
+        out = []
+        for record in decoded(suffix):
+            if not isinstance(record.value, cls):
+                where = f"{record.topic}[{record.partition}]@{record.offset}"
+                verdict.add(f"{where} is a {type(record.value).__name__}, not a {cls.__name__}", mismatched=1)
+                continue
+            out.append((record.offset, record.value))
+        return out
+
     # md.raw: each connection's frames are logged once each, in order, with no hole.
     frames: dict[str, list[int]] = defaultdict(list)
-    for record in decoded("md.raw"):
-        assert record.value is not None
-        if record.value["kind"] == "FRAME":
-            frames[record.value["connection_id"]].append(record.value["frame_index"])
+    for _, raw in decoded_as("md.raw", RawFrame):
+        if raw.kind == "FRAME":
+            frames[raw.connection_id].append(raw.frame_index)
     for connection, indexes in frames.items():
         counts = Counter(indexes)
         holes = (max(indexes) + 1) - len(counts)
         verdict.add(f"md.raw frames of {connection}", lost=holes, duplicated=sum(c - 1 for c in counts.values()))
     verdict.counts["md.raw frames"] = sum(len(v) for v in frames.values())
 
-    events = decoded("md.events")
+    events = decoded_as("md.events", MarketEvent)
     verdict.counts["md.events"] = len(events)
     if "book" in services:
         pipeline = BookPipeline(TICK_MS)
-        expected_tops, expected_features = [], []
-        for record in events:
-            assert record.value is not None
-            for tick in pipeline.process(record.value, record.offset):
+        expected_tops: list[BookTop] = []
+        expected_features: list[FeatureVector] = []
+        for offset, event in events:
+            for tick in pipeline.process(event, offset):
                 expected_tops.append(tick.book_top)
                 if tick.features is not None:
                     expected_features.append(tick.features)
-        for suffix, expected in (("book.top3", expected_tops), ("features", expected_features)):
-            _compare(
-                verdict,
-                suffix,
-                (((r["symbol"], r["ts_event"]), r) for r in expected),
-                (((r.value["symbol"], r.value["ts_event"]), r.value) for r in decoded(suffix) if r.value),
-            )
+        _compare(
+            verdict,
+            "book.top3",
+            (((r.symbol, r.ts_event), r) for r in expected_tops),
+            (((r.symbol, r.ts_event), r) for _, r in decoded_as("book.top3", BookTop)),
+        )
+        _compare(
+            verdict,
+            "features",
+            (((r.symbol, r.ts_event), r) for r in expected_features),
+            (((r.symbol, r.ts_event), r) for _, r in decoded_as("features", FeatureVector)),
+        )
     if "labeler" in services:
         labeler = Labeler(DELTA_MS, TICK_MS)
         expected_labels = []
-        for record in decoded("book.top3"):
-            assert record.value is not None
-            label = labeler.process(record.value, record.offset)
+        for offset, top in decoded_as("book.top3", BookTop):
+            label = labeler.process(top, offset)
             if label is not None:
                 expected_labels.append(label)
         _compare(
             verdict,
             "labels",
-            (((r["symbol"], r["t_event"]), r) for r in expected_labels),
-            (((r.value["symbol"], r.value["t_event"]), r.value) for r in decoded("labels") if r.value),
+            (((r.symbol, r.t_event), r) for r in expected_labels),
+            (((r.symbol, r.t_event), r) for _, r in decoded_as("labels", Label)),
         )
     if "inference" in services:
-        served = [r.value for r in decoded("predictions") if r.value and r.value["model_role"] != "CHALLENGER"]
+        served = [p for _, p in decoded_as("predictions", Prediction) if p.model_role != "CHALLENGER"]
         _compare(
             verdict,
             "predictions (served)",
-            (((f.value["symbol"], f.value["ts_event"]), f.value["ts_init"]) for f in decoded("features") if f.value),
-            (((p["symbol"], p["ts_event"]), p["ts_init"]) for p in served),
+            (((f.symbol, f.ts_event), f.ts_init) for _, f in decoded_as("features", FeatureVector)),
+            (((p.symbol, p.ts_event), p.ts_init) for p in served),
         )
     if "lake-sink" in services and lake_dir is not None:
         serde = AvroSerde()
@@ -609,7 +624,7 @@ def verify_pipeline(
                 found = wanted.get((row["_partition"], row["_offset"]))
                 if found is None:
                     continue
-                value = serde.decode(found.raw, topic)
+                value = serde.decode_datum(found.raw, topic)  # the Avro datum: what the lake row holds
                 if repr({k: row[k] for k in value}) != repr(value) or row["_key"] != found.key:
                     mismatched += 1
             verdict.add(f"lake {topic}", lost=lost, duplicated=duplicated, mismatched=mismatched)

@@ -289,6 +289,12 @@ class IngestSettings(CommonSettings):
     """COINBASE_API_SECRET (default unset): base64 Exchange API secret."""
     coinbase_api_passphrase: SecretStr | None = None
     """COINBASE_API_PASSPHRASE (default unset): Exchange API passphrase."""
+    coinbase_cdp_key_name: SecretStr | None = None
+    """COINBASE_CDP_KEY_NAME (default unset): Advanced Trade CDP API key name (organizations/{org}/apiKeys/{id});
+    with COINBASE_CDP_PRIVATE_KEY, every subscribe carries a fresh ES256 JWT (Coinbase recommends it).
+    """
+    coinbase_cdp_private_key: SecretStr | None = None
+    """COINBASE_CDP_PRIVATE_KEY (default unset): the CDP API key's EC private key, PEM (newlines or \\n escapes)."""
     ingest_source: Literal["websocket", "topic"] = "websocket"
     """INGEST_SOURCE (default websocket): websocket reads the feed; topic re-normalises <prefix>.md.raw (replays)."""
     ws_max_frame_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
@@ -300,7 +306,19 @@ class IngestSettings(CommonSettings):
     heartbeat_timeout_seconds: float = Field(default=5.0, gt=0)
     """HEARTBEAT_TIMEOUT_SECONDS (default 5): silence longer than this is a dead connection."""
     subscribe_timeout_seconds: float = Field(default=5.0, gt=0)
-    """SUBSCRIBE_TIMEOUT_SECONDS (default 5): connect + subscribe must finish within this."""
+    """SUBSCRIBE_TIMEOUT_SECONDS (default 5): the connect handshake, and any silence before the subscription is
+    confirmed (every byte received resets it: Coinbase confirms level2 after its multi-MB snapshots).
+    """
+    subscribe_max_seconds: float = Field(default=120.0, gt=0)
+    """SUBSCRIBE_MAX_SECONDS (default 120): hard cap on the time from connect to a confirmed subscription."""
+    products_per_connection: int = Field(default=10, gt=0)
+    """PRODUCTS_PER_CONNECTION (default 10): SYMBOLS are spread over connections of at most this many products
+    (Coinbase's advice), each with its own state machine, sequence check and gaps.
+    """
+    reconnect_jitter_seconds: float = Field(default=1.0, ge=0)
+    """RECONNECT_JITTER_SECONDS (default 1): a lost subscribed connection reconnects after a delay uniform in
+    [0, this] (no thundering herd when the exchange restarts).
+    """
     backoff_initial_seconds: float = Field(default=0.5, gt=0)
     """BACKOFF_INITIAL_SECONDS (default 0.5): first reconnect delay cap (full jitter)."""
     backoff_max_seconds: float = Field(default=30.0, gt=0)
@@ -316,6 +334,16 @@ class IngestSettings(CommonSettings):
     @classmethod
     def _check_ws_url(cls, value: str | None) -> str | None:
         return check_url(value, ("wss", "ws")) if value is not None else None
+
+    @model_validator(mode="after")
+    def _subscribe_timeout_is_at_most_the_cap(self) -> IngestSettings:
+        if self.subscribe_timeout_seconds > self.subscribe_max_seconds:
+            raise ValueError(
+                f"SUBSCRIBE_TIMEOUT_SECONDS={self.subscribe_timeout_seconds} is above "
+                f"SUBSCRIBE_MAX_SECONDS={self.subscribe_max_seconds}: the silence allowed before a confirmation cannot "
+                "exceed the cap on the whole wait"
+            )
+        return self
 
     @model_validator(mode="after")
     def _backoff_initial_is_at_most_max(self) -> IngestSettings:

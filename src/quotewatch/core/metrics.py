@@ -45,8 +45,19 @@ GAPS = Counter(
 RECONNECTS = Counter("quotewatch_reconnects_total", "WebSocket reconnects.", ["service"])
 FEED_STATE = Gauge(
     "quotewatch_feed_state",
-    "1 for the current state of the ingest connection state machine.",
+    "Ingest connections in each state of the connection state machine (1/0 with one connection).",
     ["service", "state"],
+)
+CONTROL_FRAME_ANOMALIES = Counter(
+    "quotewatch_control_frame_anomalies_total",
+    "Odd control frames (subscription acks, heartbeats) used anyway, by message type and anomaly "
+    "(invalid_field, unknown_field, unusable); details in the log.",
+    ["service", "feed", "message_type", "anomaly"],
+)
+FEED_ERRORS = Counter(
+    "quotewatch_feed_errors_total",
+    "Error messages sent by the exchange (a refused subscribe or key); the text is in the log and the DLQ.",
+    ["service", "feed"],
 )
 MODEL_VERSION = Gauge(
     "quotewatch_model_version",

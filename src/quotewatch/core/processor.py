@@ -14,6 +14,15 @@ metadata, the task's :meth:`StreamTask.restart_offset`: the earliest input offse
 re-processing rebuilds the current state. After a restart or rebalance it seeks there and
 re-processes up to the committed offset with outputs discarded (``InRecord.replaying``), then
 carries on live. Outputs are therefore identical to an uninterrupted run.
+
+**Replicas.** Instances of a service with distinct INSTANCE_IDs (so distinct transactional ids)
+share its consumer group and split the input partitions (librdkafka's range assignor, eager
+rebalancing: a rebalance revokes every partition, and each partition assigned rebuilds its state
+from the restart offset stored with its last commit, whichever member made it). A member that died
+mid-transaction leaves that transaction's offsets pending until the coordinator aborts it
+(``transaction.timeout.ms``); the member taking its partitions over waits for them instead of
+reading an offset that is about to change (:meth:`StreamProcessor._committed`). Test:
+``tests/e2e/services/test_replicas.py`` (two replicas of each stream service, one SIGKILLed).
 """
 
 from __future__ import annotations
@@ -59,6 +68,19 @@ from quotewatch.core.topics import TopicNames
 logger = logging.getLogger(__name__)
 
 TopicPartitionKey = tuple[str, int]
+
+COMMITTED_TIMEOUT_SECONDS = 30.0
+"""How long one fetch of the group's committed offsets may take before it is asked again."""
+_COMMITTED_RETRIABLE = frozenset(
+    {
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.UNSTABLE_OFFSET_COMMIT,
+    }
+)
 
 
 V = TypeVar("V", bound=Record)
@@ -242,8 +264,44 @@ class StreamProcessor(Generic[V]):
 
     # -- rebalance and recovery ------------------------------------------------------------
 
+    def _committed(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
+        """The group's committed offsets (with their metadata) of ``partitions``, asked again until
+        they come; None when shutdown was requested meanwhile.
+
+        Waiting is the normal case after a replica died: read_committed, the offset fetch (KIP-447,
+        require_stable) holds the answer while a transaction that committed offsets for these
+        partitions is open, and the open transaction of a replica killed mid-batch stays open until
+        the coordinator aborts it, ``transaction.timeout.ms`` later. The coordinator may also be
+        loading (a broker just started). Raising out of the rebalance callback instead would end the
+        service that is taking the dead replica's partitions over.
+
+        Raises:
+            FatalError: any other error (e.g. not authorised for the group).
+        """
+        assert self._consumer is not None
+        while True:
+            try:
+                return list(self._consumer.committed(partitions, timeout=COMMITTED_TIMEOUT_SECONDS))
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if error.fatal() or error.code() not in _COMMITTED_RETRIABLE:
+                    raise FatalError(
+                        f"cannot read the committed offsets of the group {self._group_id}: {error}"
+                    ) from exc
+                logger.warning(
+                    "waiting for the committed offsets (an open transaction of a member that left, or the "
+                    "coordinator is not ready): %s",
+                    error,
+                    extra={"partitions": [f"{tp.topic}[{tp.partition}]" for tp in partitions]},
+                )
+            self._liveness.beat()  # waiting for the coordinator is not a stuck loop
+            if self._shutdown.requested:
+                return None
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        committed = consumer.committed(partitions, timeout=30)
+        committed = self._committed(partitions)
+        if committed is None:
+            return  # shutting down: the loop ends before it polls again
         for tp in committed:
             key = (tp.topic, tp.partition)
             self._task.reset(*key)
@@ -274,7 +332,9 @@ class StreamProcessor(Generic[V]):
         partitions = [TopicPartition(topic, partition) for topic, partition in sorted(self._assigned)]
         if not partitions:
             return
-        committed = self._consumer.committed(partitions, timeout=30)
+        committed = self._committed(partitions)
+        if committed is None:
+            return  # shutting down: nothing more is processed
         for tp in committed:
             key = (tp.topic, tp.partition)
             self._task.reset(*key)

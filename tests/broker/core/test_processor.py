@@ -5,31 +5,33 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from quotewatch.core import processor as processor_module
 from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.health import Liveness
-from quotewatch.core.kafka import ShutdownSignal, consumer_config
+from quotewatch.core.kafka import ShutdownSignal, consumer_config, producer_config
 from quotewatch.core.processor import InRecord, OutRecord, StreamProcessor
+from quotewatch.core.records import BookLevel, BookTop, Label
 from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde, registry_client
 from quotewatch.core.topics import TopicNames
 from tests.helpers import RegistryOutage, read_topic, wait_for
 
 
-def top(symbol: str, t: int, bid: int) -> dict[str, Any]:
-    return {
-        "ts_event": t,
-        "ts_init": t,
-        "exchange": "coinbase",
-        "symbol": symbol,
-        "tick_ms": 100,
-        "epoch": 1,
-        "bids": [{"price_e8": bid, "size_e8": 1}],
-        "asks": [{"price_e8": bid + 1, "size_e8": 1}],
-    }
+def top(symbol: str, t: int, bid: int) -> BookTop:
+    return BookTop(
+        ts_event=t,
+        ts_init=t,
+        exchange="coinbase",
+        symbol=symbol,
+        tick_ms=100,
+        epoch=1,
+        bids=(BookLevel(price_e8=bid, size_e8=1),),
+        asks=(BookLevel(price_e8=bid + 1, size_e8=1),),
+    )
 
 
 class RunningSumTask:
@@ -44,31 +46,31 @@ class RunningSumTask:
         self.first_offset: dict[tuple[str, int], int] = {}
         self.partition_of: dict[str, tuple[str, int]] = {}
 
-    def process(self, record: InRecord) -> Iterable[OutRecord]:
+    def process(self, record: InRecord[BookTop]) -> Iterable[OutRecord]:
         value = record.value
-        if value["symbol"] == "POISON":
+        if value.symbol == "POISON":
             raise ValueError("a record the task cannot handle")
         key = (record.topic, record.partition)
         self.first_offset.setdefault(key, record.offset)
-        self.partition_of[value["symbol"]] = key
-        self.counts[value["symbol"]] = self.counts.get(value["symbol"], 0) + 1
+        self.partition_of[value.symbol] = key
+        self.counts[value.symbol] = self.counts.get(value.symbol, 0) + 1
         yield OutRecord(
             self.output,
-            value["symbol"],
-            {
-                "ts_event": value["ts_event"],
-                "ts_init": value["ts_init"],
-                "exchange": "coinbase",
-                "symbol": value["symbol"],
-                "t_event": value["ts_event"],
-                "delta_ms": 0,
-                "epoch": 1,
-                "label": self.counts[value["symbol"]],
-                "best_bid_e8": 0,
-                "best_ask_e8": 0,
-                "future_best_bid_e8": 0,
-                "future_best_ask_e8": 0,
-            },
+            value.symbol,
+            Label(
+                ts_event=value.ts_event,
+                ts_init=value.ts_init,
+                exchange="coinbase",
+                symbol=value.symbol,
+                t_event=value.ts_event,
+                delta_ms=0,
+                epoch=1,
+                label=self.counts[value.symbol],
+                best_bid_e8=0,
+                best_ask_e8=0,
+                future_best_bid_e8=0,
+                future_best_ask_e8=0,
+            ),
         )
 
     def restart_offset(self, topic: str, partition: int) -> int | None:
@@ -91,7 +93,7 @@ class StopWhileRebuilding(RunningSumTask):
         self.at = at
         self.rebuilt: list[int] = []
 
-    def process(self, record: InRecord) -> Iterable[OutRecord]:
+    def process(self, record: InRecord[BookTop]) -> Iterable[OutRecord]:
         if record.replaying:
             self.rebuilt.append(record.offset)
             if record.offset >= self.at:
@@ -141,7 +143,7 @@ def running(
         assert not errors, errors
 
 
-def produce(settings: CommonSettings, values: list[bytes | dict[str, Any]], key: bytes = b"BTC-USD") -> None:
+def produce(settings: CommonSettings, values: list[bytes | BookTop], key: bytes = b"BTC-USD") -> None:
     topic = TopicNames(settings.topic_prefix).book_top3
     serde = AvroSerde()
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
@@ -247,7 +249,45 @@ def test_a_schema_registry_outage_retries_the_batch_instead_of_dead_lettering(
         raw = wait_for(
             lambda: (r := read_topic(topics, names.labels, decode=False)) and len(r) >= 3 and r, message="3 labels"
         )
-    labels = [writer.decode(record["_raw"], names.labels) for record in raw]
-    assert [label["label"] for label in labels] == [1, 2, 3], "each record processed once, after the outage"
+    labels = [writer.decode_as(record["_raw"], names.labels, Label) for record in raw]
+    assert [label.label for label in labels] == [1, 2, 3], "each record processed once, after the outage"
     assert outage.lookups == 3, "two failed lookups, then the schema was found and cached"
     assert read_topic(topics, names.dlq, timeout=2) == [], "a registry outage is not the record's fault"
+
+
+def test_offsets_a_dead_member_left_in_an_open_transaction_are_waited_for_not_fatal(
+    topics: CommonSettings, group_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica SIGKILLed mid-transaction leaves its offsets pending until the coordinator aborts the
+    transaction (``transaction.timeout.ms`` later); meanwhile the member taking its partitions over
+    gets no committed offset (read_committed, KIP-447). It must wait for it, then start from the
+    offset committed before (the dead replica's pending one is aborted): every label exactly once.
+
+    Before the fix the offset fetch in the rebalance callback timed out and the exception ended the
+    service taking over (seen in tests/e2e/services/test_replicas.py on a loaded machine).
+    """
+    names = TopicNames(topics.topic_prefix)
+    produce(topics, [top("BTC-USD", t, 100 + t) for t in range(20)])
+    with running(topics, RunningSumTask(names.labels), group_id):
+        wait_for(lambda: len(read_topic(topics, names.labels)) >= 10, message="the first labels")
+    committed_before = committed_offset(topics, group_id, names.book_top3)
+    # The dead member: its transaction holds offsets for the group and is never ended by it.
+    dead = Producer(producer_config(topics, "dead-replica", f"{group_id}-dead", **{"transaction.timeout.ms": 4000}))
+    dead.init_transactions(30)
+    dead.begin_transaction()
+    metadata_of = Consumer(consumer_config(topics, group_id, "dead-replica-meta"))
+    dead.send_offsets_to_transaction(
+        [TopicPartition(names.book_top3, 0, committed_before + 5)], metadata_of.consumer_group_metadata(), 30
+    )
+    metadata_of.close()
+    monkeypatch.setattr(processor_module, "COMMITTED_TIMEOUT_SECONDS", 0.5)
+    produce(topics, [top("BTC-USD", t, 100 + t) for t in range(20, 30)])
+    with running(topics, RunningSumTask(names.labels), group_id):
+        labels = wait_for(
+            lambda: (r := read_topic(topics, names.labels)) and len(r) >= 30 and r,
+            timeout=90,
+            message="30 labels after the dead member's transaction was aborted",
+        )
+    assert [label["t_event"] for label in labels] == list(range(30)), "a label was written twice or lost"
+    assert [label["label"] for label in labels] == list(range(1, 31)), "state rebuilt from the committed offset"
+    del dead  # held until here: the transaction was never ended by its producer

@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,8 +222,31 @@ def test_demo_trains_a_champion_and_serves_it_everywhere(demo: DemoRun) -> None:
             champion_on_screen, timeout=60, interval=0.5, message="the champion on screen"
         )
         assert 0.0 <= float(p_change) <= 1.0, p_change
+        save_dashboard_screenshot(browser)
     finally:
         browser.quit()
+
+
+README_SCREENSHOT = Path(__file__).resolve().parents[3] / "docs" / "images" / "dashboard.png"
+"""The README's picture of the dashboard: this test takes it (QUOTEWATCH_UPDATE_SCREENSHOT=1 rewrites it)."""
+
+
+def save_dashboard_screenshot(browser: Any) -> Path:
+    """A screenshot of the live dashboard serving the champion, kept with the test's artifacts.
+
+    With ``QUOTEWATCH_UPDATE_SCREENSHOT=1`` it also replaces the README's screenshot
+    (docs/images/dashboard.png), so the picture the README shows is one this test took.
+    """
+    root = os.environ.get("QUOTEWATCH_ARTIFACTS_DIR")
+    directory = Path(root) / "e2e" if root else Path(tempfile.mkdtemp(prefix="quotewatch-e2e-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    shot = directory / "dashboard-demo.png"
+    assert browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 20_000, "a real, populated dashboard"
+    if os.environ.get("QUOTEWATCH_UPDATE_SCREENSHOT") == "1":
+        README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        README_SCREENSHOT.write_bytes(shot.read_bytes())
+    return shot
 
 
 # -- the notebooks on the demo's lake and MLflow ----------------------------------------------------

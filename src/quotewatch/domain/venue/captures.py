@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from quotewatch.core.records import RawFrame, RawKind
-from quotewatch.domain.venue.coinbase import detect_feed
+from quotewatch.domain.venue.coinbase_feeds import detect_feed
 from quotewatch.domain.venue.normaliser import CONNECTING, STOPPED, control_text
 
 SIDECAR_SUFFIXES = (".recv_ts.tsv", ".mongo_ids.tsv")

@@ -58,6 +58,24 @@ logger = logging.getLogger(__name__)
 @click.option(
     "--fault-connections", type=int, default=1, show_default=True, help="Faults hit the first N connections (0 = all)."
 )
+@click.option(
+    "--bad-event-after", type=int, default=None, help="Fault (advanced): one bad product event after N frames."
+)
+@click.option(
+    "--slow-snapshots-ms",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Send snapshots in 4 KiB fragments, one every N ms.",
+)
+@click.option("--odd-control-frames", is_flag=True, help="Acks with an empty timestamp, undocumented fields.")
+@click.option(
+    "--require-jwt",
+    "require_jwt",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Advanced: refuse subscribes without a valid CDP API key JWT (PEM public key file).",
+)
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
 def command(
     host: str,
@@ -80,6 +98,10 @@ def command(
     delay_ms: int,
     delay_frames: int,
     fault_connections: int,
+    bad_event_after: int | None,
+    slow_snapshots_ms: int,
+    odd_control_frames: bool,
+    require_jwt: Path | None,
     log_level: str,
 ) -> None:
     """Serve Coinbase market data over WebSocket: a capture replay or the synthetic market.
@@ -97,6 +119,9 @@ def command(
         delay_after=delay_after,
         delay_ms=delay_ms,
         delay_frames=delay_frames,
+        bad_event_after=bad_event_after,
+        snapshot_fragment_ms=slow_snapshots_ms,
+        odd_control_frames=odd_control_frames,
         connections=fault_connections,
     )
     try:
@@ -113,6 +138,7 @@ def command(
             faults=faults,
             subscribe_timeout=subscribe_timeout,
             exchange_api_secret=os.environ.get("COINBASE_API_SECRET") or None,
+            cdp_public_key=require_jwt.read_text() if require_jwt is not None else None,
         )
     except (FeedServerError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc

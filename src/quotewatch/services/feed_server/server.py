@@ -4,22 +4,22 @@ Coinbase cannot be reached from the build machines, so the ingest is tested agai
 over real sockets with real message formats. It honours subscribe semantics: only subscribed
 channels and products are sent, the book snapshot comes first, a connection without a subscribe
 within ``subscribe_timeout`` seconds is closed (Coinbase does the same after 5 s), heartbeats are
-sent once a second on the heartbeat channel.
+sent once a second on the heartbeat channel. In Coinbase's order: Advanced Trade confirms a
+``level2`` subscription (the ``subscriptions`` message) only *after* the products' snapshots (the
+2026 capture has the acknowledgement at sequence 24, after a 5.1 MB and a 2.5 MB snapshot);
+Exchange confirms first. With ``cdp_public_key`` (``--require-jwt``) every Advanced subscribe must
+carry a valid CDP API key JWT (:func:`~quotewatch.domain.venue.coinbase_auth.verify_cdp_websocket_jwt`),
+else it is refused with an ``error`` message.
 
-Sources:
-
-- :class:`SyntheticSource`: one shared :class:`~quotewatch.domain.simulation.synthetic.SyntheticMarket`
-  advanced with the wall clock (event time = wall time from the server start); every
-  connection gets a snapshot of the current book on subscribing, then the live batches.
-- :class:`CaptureSource`: a recorded capture replayed from its start for each connection, at the
-  original pace, x N, or as fast as possible (Advanced ``sequence_num`` renumbered per connection),
-  with its original exchange timestamps (default) or moved to the connection's start
-  (``--timestamps now``, :mod:`quotewatch.services.feed_server.retime`).
+Sources (:mod:`.sources`): the synthetic market (every connection gets a snapshot of the current
+book on subscribing, then the live batches) or a capture replayed from its start for each
+connection (Advanced ``sequence_num`` renumbered per connection).
 
 Faults (:class:`FaultPlan`) apply to the first ``connections`` connections (0 = all), counting
 frames sent on the connection: drop the TCP connection, go silent, skip a sequence number (drop
 one book update; Advanced only), send a malformed (truncated) frame in place of a book update,
-delay frames.
+delay frames, send snapshots slowly in fragments (a slow link), send odd control frames
+(:class:`~.connection.FaultPlan`).
 
 Usable in-process (``await FeedServer(...).start()``, :func:`serve_in_thread`) and from the CLI
 (``quotewatch feed serve``).
@@ -36,25 +36,42 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from quotewatch.domain.simulation.synthetic import SyntheticBatch, SyntheticConfig, SyntheticMarket
+from quotewatch.domain.simulation.synthetic import SyntheticBatch, SyntheticMarket
 from quotewatch.domain.venue import coinbase_messages as msgs
-from quotewatch.domain.venue.captures import Capture, read_capture
-from quotewatch.domain.venue.coinbase import EXCHANGE_SIGNATURE_PATH, FEED_ADVANCED, FEED_EXCHANGE, parse_time_ns
+from quotewatch.domain.venue.coinbase import FEED_ADVANCED, FEED_EXCHANGE, JsonMessage
+from quotewatch.domain.venue.coinbase_auth import EXCHANGE_SIGNATURE_PATH, verify_cdp_websocket_jwt
 from quotewatch.domain.venue.coinbase_messages import TradePrint
-from quotewatch.services.feed_server.retime import TIMESTAMPS, Timestamps, first_exchange_time, shift_for, shifted
-
-JsonMessage = dict[str, Any]  # not a topic record: a client's or the exchange's JSON message
+from quotewatch.services.feed_server.connection import (
+    Connection,
+    ConnectionStats,
+    FaultPlan,
+    Item,
+    SlowConsumerError,
+    advanced_heartbeat,
+    advanced_l2,
+    advanced_subscriptions,
+    advanced_trades,
+    fixed,
+)
+from quotewatch.services.feed_server.retime import shifted
+from quotewatch.services.feed_server.sources import (
+    CaptureSource,
+    FeedServerError,
+    SyntheticSource,
+    capture_source,
+    classify,
+    event_time,
+    parse_speed,
+    renumber,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,254 +82,6 @@ ADVANCED_CHANNELS = frozenset({"level2", "heartbeats", "market_trades", "ticker"
 EXCHANGE_CHANNELS = frozenset({"level2", "level2_batch", "matches", "heartbeat", "ticker"})
 EXCHANGE_AUTH_CHANNELS = frozenset({"level2"})
 _BOOK_CHANNELS = frozenset({"level2", "level2_batch"})
-
-
-class FeedServerError(ValueError):
-    """The server was configured in a way it cannot honour."""
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """Which faults to inject, counted in frames sent on a connection."""
-
-    drop_after: int | None = None
-    """Abort the TCP connection (no close frame) after this many frames."""
-    silent_after: int | None = None
-    """Send nothing more (the socket stays open) after this many frames."""
-    skip_sequence_after: int | None = None
-    """Advanced: after this many frames, drop the next book update (its sequence_num is consumed)."""
-    malformed_after: int | None = None
-    """After this many frames, replace the next book update by its truncated text."""
-    delay_after: int | None = None
-    """After this many frames, hold each of the next ``delay_frames`` frames back for ``delay_ms``."""
-    delay_ms: int = 0
-    delay_frames: int = 1
-    connections: int = 1
-    """Faults apply to the first N connections; 0 = every connection."""
-
-    @property
-    def any(self) -> bool:
-        return any(
-            v is not None
-            for v in (
-                self.drop_after,
-                self.silent_after,
-                self.skip_sequence_after,
-                self.malformed_after,
-                self.delay_after,
-            )
-        )
-
-
-@dataclass
-class ConnectionStats:
-    """What happened on one connection (read by tests and logged on close)."""
-
-    number: int
-    remote: str
-    faulted: bool
-    subscriptions: dict[str, list[str]] = field(default_factory=dict)
-    subscribe_messages: int = 0
-    frames_sent: int = 0
-    book_updates_sent: int = 0
-    skipped_sequences: list[int] = field(default_factory=list)
-    malformed_sent: int = 0
-    delayed: int = 0
-    silent: bool = False
-    dropped: bool = False
-    replay_finished: bool = False
-    """Capture replay: every frame of the capture has been queued for this connection."""
-    closed: str | None = None
-
-
-@dataclass(slots=True)
-class _Item:
-    """One message waiting to be sent to one connection (rendered late: Advanced sequence numbers
-    are per connection)."""
-
-    render: Callable[[int], str]
-    """sequence_num -> text (Exchange renderers ignore it)."""
-    book_update: bool = False
-    consumes_sequence: bool = True
-
-
-class _Connection:
-    """Per-connection state: subscriptions, the outgoing queue, sequence numbers, faults."""
-
-    def __init__(self, server: FeedServer, ws: ServerConnection, stats: ConnectionStats, faults: FaultPlan) -> None:
-        self.server = server
-        self.ws = ws
-        self.stats = stats
-        self.faults = faults if stats.faulted else FaultPlan()
-        self.queue: deque[_Item] = deque()
-        self.wakeup = asyncio.Event()
-        self.sequence = 0
-        self.subscribed = asyncio.Event()
-        self.replay: asyncio.Task[None] | None = None
-        self.heartbeats: asyncio.Task[None] | None = None
-        self._skipped = False
-        self._malformed = False
-        self.capture_clock_ns = 0
-        """Capture replay: event time of the last frame queued (heartbeats are stamped from it)."""
-        self.capture_clock_at = time.monotonic_ns()
-        source = server.source
-        self.capture_shift_ns = source.shift_at(time.time_ns()) if isinstance(source, CaptureSource) else 0
-        """Capture replay: added to every recorded exchange time (``--timestamps now``), else 0."""
-
-    # -- subscriptions ------------------------------------------------------------------------
-
-    def products(self, channel: str) -> list[str]:
-        return self.stats.subscriptions.get(channel, [])
-
-    def wants(self, channel: str, product: str | None = None) -> bool:
-        products = self.stats.subscriptions.get(channel)
-        return products is not None and (product is None or product in products)
-
-    @property
-    def book_channel(self) -> str | None:
-        for name in ("level2", "level2_batch"):
-            if name in self.stats.subscriptions:
-                return name
-        return None
-
-    # -- sending ------------------------------------------------------------------------------
-
-    def enqueue(self, item: _Item) -> None:
-        if len(self.queue) >= self.server.max_queue:
-            # Coinbase drops consumers that cannot keep up; so does this server.
-            raise _SlowConsumerError(f"{len(self.queue)} messages queued")
-        self.queue.append(item)
-        self.wakeup.set()
-
-    async def sender(self) -> None:
-        """Send queued items in order, applying the connection's faults, until the connection closes."""
-        with contextlib.suppress(ConnectionClosed):
-            await self._send_loop()
-
-    async def _send_loop(self) -> None:
-        faults = self.faults
-        stats = self.stats
-        advanced = self.server.protocol == "advanced"
-        while True:
-            while not self.queue:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-            item = self.queue.popleft()
-            sent = stats.frames_sent
-            if stats.silent:
-                continue
-            if faults.silent_after is not None and sent >= faults.silent_after:
-                stats.silent = True
-                logger.info("fault: going silent", extra={"connection": stats.number, "frames": sent})
-                continue
-            if (
-                item.book_update
-                and advanced
-                and not self._skipped
-                and faults.skip_sequence_after is not None
-                and sent >= faults.skip_sequence_after
-            ):
-                self._skipped = True
-                stats.skipped_sequences.append(self.sequence)
-                self.sequence += 1
-                logger.info("fault: skipping a sequence number", extra={"connection": stats.number})
-                continue
-            text = item.render(self.sequence)
-            if item.consumes_sequence:
-                self.sequence += 1
-            if (
-                item.book_update
-                and not self._malformed
-                and faults.malformed_after is not None
-                and sent >= faults.malformed_after
-            ):
-                self._malformed = True
-                stats.malformed_sent += 1
-                text = text[: max(1, len(text) // 2)]
-                logger.info("fault: sending a malformed frame", extra={"connection": stats.number})
-            if (
-                faults.delay_after is not None
-                and sent >= faults.delay_after
-                and stats.delayed < faults.delay_frames
-                and faults.delay_ms > 0
-            ):
-                stats.delayed += 1
-                await asyncio.sleep(faults.delay_ms / 1000)
-            await self.ws.send(text)
-            stats.frames_sent += 1
-            if item.book_update:
-                stats.book_updates_sent += 1
-            if faults.drop_after is not None and stats.frames_sent >= faults.drop_after:
-                stats.dropped = True
-                logger.info("fault: dropping the connection", extra={"connection": stats.number})
-                self.ws.transport.abort()
-                return
-
-
-class _SlowConsumerError(Exception):
-    pass
-
-
-class SyntheticSource:
-    """The shared synthetic market, advanced with the wall clock in batch steps."""
-
-    def __init__(self, config: SyntheticConfig, max_updates: int | None = None) -> None:
-        self.config = config
-        self.max_updates = max_updates
-        self.market: SyntheticMarket | None = None
-        self._started_wall_ns = 0
-
-    @property
-    def symbols(self) -> tuple[str, ...]:
-        return self.config.symbols
-
-    def create(self, wall_ns: int) -> SyntheticMarket:
-        # Event time = wall time: the market starts now, so its timestamps look live.
-        self.market = SyntheticMarket(SyntheticConfig(**{**self.config.__dict__, "start_ns": wall_ns}))
-        self._started_wall_ns = wall_ns
-        return self.market
-
-    @property
-    def exhausted(self) -> bool:
-        return (
-            self.market is not None and self.max_updates is not None and self.market.level_updates >= self.max_updates
-        )
-
-
-class CaptureSource:
-    """A recorded capture, replayed per connection.
-
-    Args:
-        speed: None = as fast as possible; 1.0 = original pace; N = N times faster.
-        timestamps: ``original`` (the default: exchange times as recorded) or ``now`` (moved so
-            that each connection's replay starts at its own wall-clock start; :mod:`.retime`).
-    """
-
-    def __init__(self, capture: Capture, speed: float | None, timestamps: Timestamps = "original") -> None:
-        if timestamps not in TIMESTAMPS:
-            raise FeedServerError(f"--timestamps must be one of {', '.join(TIMESTAMPS)}, not {timestamps!r}")
-        self.capture = capture
-        self.speed = speed
-        self.timestamps: Timestamps = timestamps
-        self._messages = [_decode(line) for line in capture.lines]
-        first = first_exchange_time(self._messages)
-        self.first_exchange_ns = first if first is not None else (capture.recv_ns[0] if capture.recv_ns else 0)
-        """The capture's first exchange time (its first receive time if no message has one)."""
-
-    def shift_at(self, wall_ns: int) -> int:
-        """The offset added to every exchange time of a connection that starts at ``wall_ns``."""
-        return shift_for(wall_ns, self.first_exchange_ns) if self.timestamps == "now" else 0
-
-    @property
-    def symbols(self) -> tuple[str, ...]:
-        return self.capture.symbols
-
-
-def _decode(line: str) -> Any:
-    try:
-        return orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
 
 
 class FeedServer:
@@ -329,6 +98,7 @@ class FeedServer:
         subscribe_timeout: float = 5.0,
         heartbeat_interval: float = 1.0,
         exchange_api_secret: str | None = None,
+        cdp_public_key: str | None = None,
         max_queue: int = 100_000,
     ) -> None:
         if protocol not in PROTOCOL_FEEDS:
@@ -339,6 +109,8 @@ class FeedServer:
                 "skip-sequence needs --protocol advanced: Exchange level2 messages carry no sequence number, "
                 "so a skipped one could not be detected by any client"
             )
+        if cdp_public_key is not None and protocol != "advanced":
+            raise FeedServerError("--require-jwt needs --protocol advanced (CDP API keys are Advanced Trade's)")
         if isinstance(source, CaptureSource) and PROTOCOL_FEEDS[protocol] != source.capture.feed:
             raise FeedServerError(
                 f"{source.capture.path.name} is a {source.capture.feed} capture; serve it with the matching --protocol"
@@ -351,9 +123,11 @@ class FeedServer:
         self.subscribe_timeout = subscribe_timeout
         self.heartbeat_interval = heartbeat_interval
         self.exchange_api_secret = exchange_api_secret
+        self.cdp_public_key = cdp_public_key
+        """PEM public key of the CDP API key every Advanced subscribe must be signed with (None: no auth)."""
         self.max_queue = max_queue
         self.connections: list[ConnectionStats] = []
-        self._live: set[_Connection] = set()
+        self._live: set[Connection] = set()
         self._server: Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._numbers = itertools.count(1)
@@ -419,23 +193,23 @@ class FeedServer:
         for conn in list(self._live):
             try:
                 self._enqueue_batch(conn, market, batch)
-            except _SlowConsumerError as exc:
+            except SlowConsumerError as exc:
                 logger.warning("dropping a slow consumer", extra={"connection": conn.stats.number, "why": str(exc)})
                 conn.stats.closed = f"slow consumer: {exc}"
                 conn.ws.transport.abort()
                 self._live.discard(conn)
 
-    def _enqueue_batch(self, conn: _Connection, market: SyntheticMarket, batch: SyntheticBatch) -> None:
+    def _enqueue_batch(self, conn: Connection, market: SyntheticMarket, batch: SyntheticBatch) -> None:
         symbol = batch.symbol
         if self.protocol == "advanced":
             if batch.trades and conn.wants("market_trades", symbol):
                 trades = batch.trades
-                conn.enqueue(_Item(partial(_advanced_trades, batch.ts_ns, trades, "update")))
+                conn.enqueue(Item(partial(advanced_trades, batch.ts_ns, trades, "update")))
             if batch.changes and conn.wants("level2", symbol):
                 changes = batch.changes
                 conn.enqueue(
-                    _Item(
-                        partial(_advanced_l2, batch.ts_ns, symbol, "update", changes),
+                    Item(
+                        partial(advanced_l2, batch.ts_ns, symbol, "update", changes),
                         book_update=True,
                     )
                 )
@@ -443,23 +217,23 @@ class FeedServer:
             if batch.trades and conn.wants("matches", symbol):
                 for trade in batch.trades:
                     text = msgs.exchange_match(trade, market.next_exchange_sequence(symbol))
-                    conn.enqueue(_Item(_fixed(text)))
+                    conn.enqueue(Item(fixed(text)))
             book = conn.book_channel
             if batch.changes and book and conn.wants(book, symbol):
                 text = msgs.exchange_l2update(symbol, batch.changes, batch.ts_ns)
-                conn.enqueue(_Item(_fixed(text), book_update=True))
+                conn.enqueue(Item(fixed(text), book_update=True))
 
-    def _synthetic_snapshot(self, conn: _Connection, symbol: str) -> None:
+    def _synthetic_snapshot(self, conn: Connection, symbol: str) -> None:
         market = self.market
         assert market is not None
         bids, asks = market.book_levels(symbol)
         now = market.now_ns
         if self.protocol == "advanced":
             levels = [("BID", p, s) for p, s in bids] + [("ASK", p, s) for p, s in asks]
-            conn.enqueue(_Item(partial(_advanced_l2, now, symbol, "snapshot", levels)))
+            conn.enqueue(Item(partial(advanced_l2, now, symbol, "snapshot", levels), snapshot=True))
         else:
             text = msgs.exchange_snapshot(symbol, bids, asks, now)
-            conn.enqueue(_Item(_fixed(text)))
+            conn.enqueue(Item(fixed(text), snapshot=True))
 
     # -- connections --------------------------------------------------------------------------
 
@@ -468,7 +242,16 @@ class FeedServer:
         faulted = self.faults.any and (self.faults.connections == 0 or number <= self.faults.connections)
         stats = ConnectionStats(number=number, remote=str(ws.remote_address), faulted=faulted)
         self.connections.append(stats)
-        conn = _Connection(self, ws, stats, self.faults)
+        source = self.source
+        shift = source.shift_at(time.time_ns()) if isinstance(source, CaptureSource) else 0
+        conn = Connection(
+            ws,
+            stats,
+            self.faults,
+            advanced=self.protocol == "advanced",
+            max_queue=self.max_queue,
+            capture_shift_ns=shift,
+        )
         sender = asyncio.create_task(conn.sender())
         logger.info("connection opened", extra={"connection": number, "faulted": faulted})
         deadline = asyncio.get_running_loop().time() + self.subscribe_timeout
@@ -488,7 +271,7 @@ class FeedServer:
                     return
         except ConnectionClosed as exc:
             stats.closed = stats.closed or f"closed by the client: {exc.rcvd.code if exc.rcvd else 'abnormal'}"
-        except _SlowConsumerError as exc:
+        except SlowConsumerError as exc:
             stats.closed = f"slow consumer: {exc}"
         finally:
             self._live.discard(conn)
@@ -499,7 +282,7 @@ class FeedServer:
                 stats.closed = "dropped (fault)"
             logger.info("connection closed", extra={"connection": number, "why": stats.closed})
 
-    def _on_message(self, conn: _Connection, raw: str | bytes) -> None:
+    def _on_message(self, conn: Connection, raw: str | bytes) -> None:
         try:
             message = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -511,7 +294,9 @@ class FeedServer:
         conn.stats.subscribe_messages += 1
         try:
             requested = (
-                self._advanced_request(message) if self.protocol == "advanced" else self._exchange_request(message)
+                self._advanced_request(message, conn)
+                if self.protocol == "advanced"
+                else self._exchange_request(message)
             )
         except FeedServerError as exc:
             self._error(conn, "Failed to subscribe", str(exc))
@@ -533,23 +318,40 @@ class FeedServer:
                     current.append(product)
                     if channel in _BOOK_CHANNELS:
                         new_book.append(product)
-        self._send_subscriptions(conn)
-        if "market_trades" in requested and self.protocol == "advanced":
+        advanced = self.protocol == "advanced"
+        replaying = isinstance(self.source, CaptureSource) and conn.replay is not None
+        if advanced and not replaying:
+            # Coinbase's order: a level2 subscription is acknowledged after its snapshots.
+            conn.unacked_book.update(new_book)
+        else:
+            self._send_subscriptions(conn)  # Exchange acknowledges first
+        if "market_trades" in requested and advanced:
             now = self._now_ns(conn)
-            conn.enqueue(_Item(partial(_advanced_trades, now, [], "snapshot")))
+            conn.enqueue(Item(partial(advanced_trades, now, [], "snapshot")))
         self._live.add(conn)
         conn.subscribed.set()
         if isinstance(self.source, SyntheticSource):
             for product in new_book:
                 self._synthetic_snapshot(conn, product)
+            conn.unacked_book.difference_update(new_book)
         elif conn.replay is None and conn.book_channel is not None:
             conn.replay = asyncio.create_task(self._replay(conn, self.source))
+        if advanced and not replaying and (not conn.unacked_book or not new_book):
+            self._send_subscriptions(conn)
         if conn.heartbeats is None and (
             "heartbeats" in conn.stats.subscriptions or "heartbeat" in conn.stats.subscriptions
         ):
             conn.heartbeats = asyncio.create_task(self._heartbeats(conn))
 
-    def _advanced_request(self, message: JsonMessage) -> dict[str, list[str]]:
+    def _advanced_request(self, message: JsonMessage, conn: Connection) -> dict[str, list[str]]:
+        if self.cdp_public_key is not None:
+            try:
+                verify_cdp_websocket_jwt(message.get("jwt"), self.cdp_public_key, now_seconds=int(time.time()))
+            except ValueError as exc:
+                conn.stats.auth_failures.append(str(exc))
+                logger.warning("refusing a subscribe: %s", exc, extra={"connection": conn.stats.number})
+                raise FeedServerError(f"authentication failed: {exc}") from None
+            conn.stats.authenticated += 1
         channel = message.get("channel")
         if not isinstance(channel, str):
             raise FeedServerError("one channel per subscribe message: 'channel' must be a string")
@@ -608,46 +410,48 @@ class FeedServer:
         if unknown:
             raise FeedServerError(f"unknown product ids {unknown}; this server has {list(self.source.symbols)}")
 
-    def _error(self, conn: _Connection, message: str, reason: str) -> None:
+    def _error(self, conn: Connection, message: str, reason: str) -> None:
         if self.protocol == "advanced":
             text = orjson.dumps({"type": "error", "message": f"{message}: {reason}"}).decode()
         else:
             text = msgs.exchange_error(message, reason)
-        conn.enqueue(_Item(_fixed(text), consumes_sequence=False))
+        conn.enqueue(Item(fixed(text), consumes_sequence=False))
 
-    def _send_subscriptions(self, conn: _Connection) -> None:
-        subs = {k: list(v) for k, v in conn.stats.subscriptions.items()}
+    def _send_subscriptions(self, conn: Connection) -> None:
+        """Queue the ``subscriptions`` message (Advanced: book products without their snapshot left out)."""
         if self.protocol == "advanced":
+            subs = {k: [p for p in v if p not in conn.unacked_book] for k, v in conn.stats.subscriptions.items()}
             ts = self._now_ns(conn)
-            conn.enqueue(_Item(partial(_advanced_subscriptions, ts, subs)))
+            acked = {k: v for k, v in subs.items() if v}
+            conn.enqueue(Item(partial(advanced_subscriptions, ts, acked), control=True))
         else:
-            text = msgs.exchange_subscriptions(subs)
-            conn.enqueue(_Item(_fixed(text)))
+            subs = {k: list(v) for k, v in conn.stats.subscriptions.items()}
+            conn.enqueue(Item(fixed(msgs.exchange_subscriptions(subs)), control=True))
 
-    def _now_ns(self, conn: _Connection) -> int:
+    def _now_ns(self, conn: Connection) -> int:
         """Exchange time now: the market's clock, or the replayed capture's clock."""
         if isinstance(self.source, SyntheticSource):
             market = self.source.market
             return market.now_ns if market is not None else time.time_ns()
         return conn.capture_clock_ns or self.source.first_exchange_ns + conn.capture_shift_ns
 
-    async def _heartbeats(self, conn: _Connection) -> None:
+    async def _heartbeats(self, conn: Connection) -> None:
         counter = 0
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             counter += 1
             ts = self._heartbeat_time(conn)
             if self.protocol == "advanced":
-                conn.enqueue(_Item(partial(_advanced_heartbeat, ts, counter)))
+                conn.enqueue(Item(partial(advanced_heartbeat, ts, counter), control=True))
             else:
                 market = self.market
                 for product in conn.products("heartbeat"):
                     sequence = market.next_exchange_sequence(product) if market else counter
                     last_trade = market.last_trade_id(product) if market else 0
                     text = msgs.exchange_heartbeat(product, sequence, last_trade, ts)
-                    conn.enqueue(_Item(_fixed(text)))
+                    conn.enqueue(Item(fixed(text), control=True))
 
-    def _heartbeat_time(self, conn: _Connection) -> int:
+    def _heartbeat_time(self, conn: Connection) -> int:
         if isinstance(self.source, SyntheticSource):
             return self._now_ns(conn)
         # Capture replay: the capture's clock, moved on by the wall time since the last frame.
@@ -656,13 +460,13 @@ class FeedServer:
 
     # -- capture replay -----------------------------------------------------------------------
 
-    async def _replay(self, conn: _Connection, source: CaptureSource) -> None:
+    async def _replay(self, conn: Connection, source: CaptureSource) -> None:
         capture = source.capture
         started = time.monotonic()
         first_ns = capture.recv_ns[0]
         advanced = self.protocol == "advanced"
-        for index, (line, message) in enumerate(zip(capture.lines, source._messages, strict=True)):
-            channel, products, book_update = _classify(message, advanced)
+        for index, (line, message) in enumerate(zip(capture.lines, source.messages, strict=True)):
+            channel, products, book_update = classify(message, advanced)
             if channel == "level2_batch":
                 channel = conn.book_channel or channel  # Exchange: level2 (authenticated) gets the same messages
             if channel is None:
@@ -682,92 +486,38 @@ class FeedServer:
             shift = conn.capture_shift_ns
             if shift:
                 message = shifted(message, shift)
-            event_ns = _event_time(message)
+            event_ns = event_time(message)
             if event_ns is not None:
                 conn.capture_clock_ns = event_ns
                 conn.capture_clock_at = time.monotonic_ns()
             if advanced:
-                conn.enqueue(_Item(partial(_renumber, message), book_update=book_update))
+                snapshots = _snapshot_products(message)
+                conn.enqueue(Item(partial(renumber, message), book_update=book_update, snapshot=bool(snapshots)))
+                if conn.unacked_book and snapshots:
+                    conn.unacked_book.difference_update(snapshots)
+                    if not conn.unacked_book:
+                        self._send_subscriptions(conn)
             elif shift:
-                conn.enqueue(_Item(_fixed(orjson.dumps(message).decode()), book_update=book_update))
+                conn.enqueue(Item(fixed(orjson.dumps(message).decode()), book_update=book_update))
             else:
-                conn.enqueue(_Item(_fixed(line), book_update=book_update))
+                conn.enqueue(Item(fixed(line), book_update=book_update))
+        if conn.unacked_book:  # the capture has no snapshot of some product: acknowledge at its end
+            conn.unacked_book.clear()
+            self._send_subscriptions(conn)
         conn.stats.replay_finished = True
         logger.info("capture replay finished", extra={"connection": conn.stats.number, "frames": len(capture.lines)})
 
 
-# Renderers: sequence_num last, so ``partial`` binds everything else.
-
-
-def _fixed(text: str) -> Callable[[int], str]:
-    def render(_sequence: int) -> str:
-        return text
-
-    return render
-
-
-def _advanced_l2(ts_ns: int, symbol: str, kind: str, changes: list[msgs.Change], sequence: int) -> str:
-    return msgs.advanced_l2(sequence, ts_ns, symbol, kind, changes, ts_ns)
-
-
-def _advanced_trades(ts_ns: int, trades: list[TradePrint], kind: str, sequence: int) -> str:
-    return msgs.advanced_trades(sequence, ts_ns, trades, kind=kind)
-
-
-def _advanced_subscriptions(ts_ns: int, subscriptions: dict[str, list[str]], sequence: int) -> str:
-    return msgs.advanced_subscriptions(sequence, ts_ns, subscriptions)
-
-
-def _advanced_heartbeat(ts_ns: int, counter: int, sequence: int) -> str:
-    return msgs.advanced_heartbeat(sequence, ts_ns, counter)
-
-
-def _classify(message: Any, advanced: bool) -> tuple[str | None, list[str], bool]:
-    """(subscription channel, products, is a book update) of a captured message; channel None = never replayed.
-
-    An empty product list means "not per product" (ticker/candles are matched on the channel alone).
-    """
-    if not isinstance(message, dict):
-        return None, [], False
-    if advanced:
-        channel = message.get("channel")
-        events = [e for e in message.get("events") or () if isinstance(e, dict)]
-        if channel == "l2_data":
-            products = [e["product_id"] for e in events if isinstance(e.get("product_id"), str)]
-            return "level2", products, any(e.get("type") == "update" for e in events)
-        if channel == "market_trades":
-            trades = [t for e in events for t in e.get("trades") or () if isinstance(t, dict)]
-            return "market_trades", [t["product_id"] for t in trades if isinstance(t.get("product_id"), str)], False
-        if channel in ("ticker", "candles"):
-            return str(channel), [], False
-        return None, [], False  # subscriptions and heartbeats are the server's own
-    kind = message.get("type")
-    product = message.get("product_id")
-    products = [product] if isinstance(product, str) else []
-    if kind in ("snapshot", "l2update"):
-        return "level2_batch", products, kind == "l2update"
-    if kind in ("match", "last_match"):
-        return "matches", products, False
-    if kind == "ticker":
-        return "ticker", products, False
-    return None, [], False
-
-
-def _renumber(message: JsonMessage, sequence: int) -> str:
-    return orjson.dumps({**message, "sequence_num": sequence}).decode()
-
-
-def _event_time(message: Any) -> int | None:
-    if not isinstance(message, dict):
-        return None
-    for key in ("timestamp", "time"):
-        value = message.get(key)
-        if isinstance(value, str):
-            try:
-                return parse_time_ns(value)
-            except ValueError:
-                return None
-    return None
+def _snapshot_products(message: Any) -> set[str]:
+    """The products an Advanced ``l2_data`` message carries a snapshot of."""
+    if not isinstance(message, dict) or message.get("channel") != "l2_data":
+        return set()
+    events = message.get("events") or ()
+    return {
+        e["product_id"]
+        for e in events
+        if isinstance(e, dict) and e.get("type") == "snapshot" and isinstance(e.get("product_id"), str)
+    }
 
 
 # -- running the server --------------------------------------------------------------------------
@@ -815,30 +565,6 @@ def serve_in_thread(server: FeedServer) -> Iterator[RunningFeedServer]:
         running.stop()
 
 
-def capture_source(path: Path | str, speed: str, timestamps: str = "original") -> CaptureSource:
-    """A capture source from a file, a ``--speed`` value (``max``, ``1x`` or ``Nx``) and ``--timestamps``.
-
-    Raises:
-        FeedServerError: the speed or the timestamps mode is not one of those.
-    """
-    if timestamps not in TIMESTAMPS:
-        raise FeedServerError(f"--timestamps must be one of {', '.join(TIMESTAMPS)}, not {timestamps!r}")
-    return CaptureSource(read_capture(path), parse_speed(speed), timestamps)  # type: ignore[arg-type]  # checked above
-
-
-def parse_speed(speed: str) -> float | None:
-    if speed == "max":
-        return None
-    text = speed.removesuffix("x")
-    try:
-        value = float(text)
-    except ValueError:
-        raise FeedServerError(f"--speed must be max, 1x or Nx, not {speed!r}") from None
-    if value <= 0:
-        raise FeedServerError("--speed must be positive")
-    return value
-
-
 __all__ = [
     "CaptureSource",
     "ConnectionStats",
@@ -849,5 +575,6 @@ __all__ = [
     "SyntheticSource",
     "TradePrint",
     "capture_source",
+    "parse_speed",
     "serve_in_thread",
 ]

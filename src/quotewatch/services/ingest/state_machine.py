@@ -16,6 +16,9 @@
 - Failures are forgotten once a connection has stayed SUBSCRIBED for ``reset_seconds``.
 - A connection lost before that counts as a failure too; RECONNECTING then goes straight to
   BACKOFF instead of reconnecting at once (a flapping server is not hammered).
+- A lost connection reconnects after a delay uniform in ``[0, reconnect_jitter]`` (the RECONNECTING
+  transition's ``delay_seconds``): when the exchange restarts, every client's connection drops at
+  once, and clients that all reconnect at once are a thundering herd.
 
 Who drives it: :class:`quotewatch.services.ingest.service.IngestService`, from its event loop; each
 transition is reported to ``on_transition`` (logs, metrics, control records).
@@ -53,7 +56,7 @@ class Transition:
     at_ns: int
     """Monotonic time of the transition."""
     delay_seconds: float = 0.0
-    """For BACKOFF: how long before the next attempt."""
+    """For BACKOFF and RECONNECTING: how long before the next attempt."""
 
 
 _ALLOWED: dict[FeedState, frozenset[FeedState]] = {
@@ -78,8 +81,10 @@ class ConnectionStateMachine:
         monotonic_ns: Callable[[], int],
         rng: random.Random | None = None,
         on_transition: Callable[[Transition], None] | None = None,
+        reconnect_jitter_seconds: float = 0.0,
     ) -> None:
         self._initial = backoff_initial_seconds
+        self._jitter = reconnect_jitter_seconds
         self._max = backoff_max_seconds
         self._reset_ns = int(backoff_reset_seconds * 1e9)
         self._now = monotonic_ns
@@ -134,11 +139,13 @@ class ConnectionStateMachine:
 
         A connection that was stable for ``reset_seconds`` clears the failure count; a shorter
         one counts as a failure, and after two of those in a row :meth:`should_back_off` says so.
+        The transition's ``delay_seconds`` is the jittered wait before reconnecting.
         """
         stable = self._subscribed_at is not None and self._now() - self._subscribed_at >= self._reset_ns
         self.failures = 0 if stable else self.failures + 1
         self._subscribed_at = None
-        return self._go(FeedState.RECONNECTING, reason)
+        delay = self._rng.uniform(0.0, self._jitter) if self._jitter > 0 else 0.0
+        return self._go(FeedState.RECONNECTING, reason, delay)
 
     def should_back_off(self) -> bool:
         """In RECONNECTING: True when connections keep dying young (go to BACKOFF, don't reconnect at once)."""

@@ -23,14 +23,13 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import msgspec
 
 from quotewatch.core.config import BacktestSettings
 from quotewatch.core.errors import ConfigError
 from quotewatch.core.records import (
-    TOPIC_RECORDS,
     BookTop,
     FeatureVector,
     Label,
@@ -47,6 +46,7 @@ from quotewatch.services.replay import report, sources
 from quotewatch.services.replay.engine import (
     BacktestEngine,
     ModelScores,
+    PipelineRun,
     input_lookahead_ns,
     prediction_records,
     score_model,
@@ -60,7 +60,8 @@ logger = logging.getLogger(__name__)
 class BacktestResult:
     """Everything a backtest computed."""
 
-    engine: BacktestEngine
+    engine: PipelineRun
+    """The engine of a serial run, the merged partitions of a parallel one."""
     models: list[ModelScores]
     evaluation: report.Evaluation | None
     start: RawStart | None
@@ -169,6 +170,8 @@ def run_backtest(
     raws: Iterable[RawFrame] | Iterable[MarketEvent] | None = None,
     lake_out: tuple[str, str] | None = None,
     events: bool = False,
+    workers: int = 1,
+    dask_scheduler: str | None = None,
 ) -> BacktestResult:
     """Run the pipeline over the window, score, evaluate, write the report.
 
@@ -178,28 +181,32 @@ def run_backtest(
     ``lake_out`` = (lake URI, namespace) files the derived records there (:func:`write_lake`).
     ``events``: read the stored market events of a topic or lake source instead of its raw log
     (the normaliser, most of a backtest's time, is skipped; the events are the ones it made live).
+    ``workers`` > 1 or ``dask_scheduler``: the pipeline runs per symbol-day in that many local
+    processes or on that Dask cluster (:mod:`quotewatch.services.replay.parallel`), with the same
+    results as this serial run.
     """
-    from tqdm import tqdm
-
-    serde = AvroSerde()
-    start: RawStart | None = None
-    total: int | None = None
-    inputs: Iterable[RawFrame | MarketEvent]
-    if raws is not None:
-        inputs = raws
-    else:
-        read = event_input if events else raw_input
-        start, total, inputs = read(settings, source, window.extended(input_lookahead_ns(settings.delta_ms)), serde)
     keep = records_dir is not None or lake_out is not None
-    engine = BacktestEngine(settings.tick_ms, settings.delta_ms, keep_records=keep, end_ns=window.end_ns)
-    began = time.perf_counter()
-    if progress:
-        inputs = tqdm(inputs, total=total, unit="rec", desc="backtest", mininterval=0.5)
-    if events:
-        engine.run_events(_checked(inputs, MarketEvent))
+    start: RawStart | None = None
+    engine: PipelineRun
+    if workers > 1 or dask_scheduler is not None:
+        if raws is not None:
+            raise ConfigError("a parallel backtest reads its source itself: no pre-read records")
+        from quotewatch.services.replay.parallel import run_parallel
+
+        began = time.perf_counter()
+        parallel = run_parallel(
+            settings,
+            source,
+            window,
+            events=events,
+            keep_records=keep,
+            workers=workers,
+            dask_scheduler=dask_scheduler,
+        )
+        pipeline_seconds = time.perf_counter() - began
+        engine, start = parallel, parallel.start
     else:
-        engine.run_raw(_checked(inputs, RawFrame))
-    pipeline_seconds = time.perf_counter() - began
+        engine, start, pipeline_seconds = _run_serial(settings, source, window, raws, events, keep, progress)
     features = engine.feature_table()
     began = time.perf_counter()
     scored = [
@@ -265,15 +272,52 @@ def run_backtest(
     return result
 
 
-RECORD_FILES = {
-    "book.top3": "quotewatch.BookTop",
-    "features": "quotewatch.FeatureVector",
-    "labels": "quotewatch.Label",
-    "predictions": "quotewatch.Prediction",
+def _run_serial(
+    settings: BacktestSettings,
+    source: SourceSpec,
+    window: Window,
+    raws: Iterable[RawFrame] | Iterable[MarketEvent] | None,
+    events: bool,
+    keep: bool,
+    progress: bool,
+) -> tuple[BacktestEngine, RawStart | None, float]:
+    """The whole window through one :class:`BacktestEngine`: (engine, the CONNECTED it started at, seconds)."""
+    from tqdm import tqdm
+
+    serde = AvroSerde()
+    start: RawStart | None = None
+    total: int | None = None
+    inputs: Iterable[RawFrame | MarketEvent]
+    if raws is not None:
+        inputs = raws
+    else:
+        read = event_input if events else raw_input
+        start, total, inputs = read(settings, source, window.extended(input_lookahead_ns(settings.delta_ms)), serde)
+    engine = BacktestEngine(settings.tick_ms, settings.delta_ms, keep_records=keep, end_ns=window.end_ns)
+    began = time.perf_counter()
+    if progress:
+        inputs = tqdm(inputs, total=total, unit="rec", desc="backtest", mininterval=0.5)
+    if events:
+        engine.run_events(_checked(inputs, MarketEvent))
+    else:
+        engine.run_raw(_checked(inputs, RawFrame))
+    return engine, start, time.perf_counter() - began
+
+
+OutputRecord = BookTop | FeatureVector | Label | Prediction
+"""A record of the files :func:`write_records` writes (:data:`RECORD_FILES`)."""
+_OutputT = TypeVar("_OutputT", BookTop, FeatureVector, Label, Prediction)
+_OUTPUT_CLASSES: dict[str, type[OutputRecord]] = {
+    "book.top3": BookTop,
+    "features": FeatureVector,
+    "labels": Label,
+    "predictions": Prediction,
 }
+RECORD_FILES = {suffix: f"quotewatch.{cls.__name__}" for suffix, cls in _OUTPUT_CLASSES.items()}
+"""The record files of a backtest (``<topic suffix>.avro``) and their schemas."""
 
 
-def write_records(directory: Path, engine: BacktestEngine, scored: Sequence[ModelScores]) -> None:
+def write_records(directory: Path, engine: PipelineRun, scored: Sequence[ModelScores]) -> None:
     """The derived records as Avro container files ``<topic suffix>.avro`` (current schemas)."""
     import fastavro
 
@@ -296,7 +340,7 @@ def write_records(directory: Path, engine: BacktestEngine, scored: Sequence[Mode
             fastavro.writer(out, store.current(schema_name).schema, datums)
 
 
-def write_lake(lake_uri: str, prefix: str, engine: BacktestEngine, scored: Sequence[ModelScores]) -> dict[str, int]:
+def write_lake(lake_uri: str, prefix: str, engine: PipelineRun, scored: Sequence[ModelScores]) -> dict[str, int]:
     """File the derived records in the lake under namespace ``prefix`` (the lake sink's layout and chunk files).
 
     So ``quotewatch train`` (``TOPIC_PREFIX=prefix``) can train on a backtested window, e.g. a
@@ -343,10 +387,24 @@ def write_lake(lake_uri: str, prefix: str, engine: BacktestEngine, scored: Seque
     return written
 
 
-def read_records(path: Path) -> list[Record]:
-    """The typed records of one file written by :func:`write_records` (``<topic suffix>.avro``)."""
+@overload
+def read_records(path: Path) -> list[OutputRecord]: ...
+@overload
+def read_records(path: Path, cls: type[_OutputT]) -> list[_OutputT]: ...
+def read_records(path: Path, cls: type[_OutputT] | None = None) -> list[OutputRecord] | list[_OutputT]:
+    """The typed records of one file written by :func:`write_records` (``<topic suffix>.avro``);
+    with ``cls``, checked to be the file's record class.
+
+    Raises:
+        ValueError: ``path`` is not one of :data:`RECORD_FILES`, or it holds other records than ``cls``.
+    """
     import fastavro
 
-    cls = TOPIC_RECORDS[path.name.removesuffix(".avro")]
+    suffix = path.name.removesuffix(".avro")
+    if suffix not in _OUTPUT_CLASSES:
+        raise ValueError(f"{path.name} is not a backtest record file ({', '.join(RECORD_FILES)})")
+    file_cls = _OUTPUT_CLASSES[suffix]
+    if cls is not None and cls is not file_cls:
+        raise ValueError(f"{path.name} holds {file_cls.__name__} records, not {cls.__name__}")
     with path.open("rb") as handle:
-        return [msgspec.convert(datum, cls) for datum in fastavro.reader(handle)]
+        return [msgspec.convert(datum, file_cls) for datum in fastavro.reader(handle)]

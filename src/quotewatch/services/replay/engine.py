@@ -36,6 +36,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -51,6 +52,7 @@ SCORE_CHUNK_ROWS = 65_536
 """Rows scored per call (bounds the temporary matrices; results do not depend on it)."""
 _NS_PER_MS = 1_000_000
 _NO_END = 2**63  # past every int64 ts
+_NO_START = -(2**63)  # at or before every int64 ts
 
 
 def input_lookahead_ns(delta_ms: int) -> int:
@@ -71,7 +73,7 @@ class PipelineCounts:
     bad_tops: int = 0
     """BookTop records the labeler rejected."""
     ticks: int = 0
-    """Ticks emitted (``t < end_ns``); ``raw_records`` and ``events`` count the whole input."""
+    """Ticks emitted (``start_ns <= t < end_ns``); ``raw_records`` and ``events`` count the whole input."""
     feature_vectors: int = 0
     labels: int = 0
 
@@ -112,6 +114,21 @@ class ModelScores:
         return ~np.isnan(self.p)
 
 
+class PipelineRun(Protocol):
+    """What a backtest's pipeline hands to scoring, the report and the record files: a
+    :class:`BacktestEngine`, or the merged partitions of a parallel run
+    (:class:`quotewatch.services.replay.parallel.ParallelRun`)."""
+
+    counts: PipelineCounts
+    book_tops: list[BookTop]
+    feature_records: list[FeatureVector]
+    label_records: list[Label]
+
+    def feature_table(self) -> FeatureTable: ...
+
+    def label_table(self) -> LabelTable: ...
+
+
 @dataclass
 class BacktestEngine:
     """Runs the services' pure pipeline over a log in one process.
@@ -120,12 +137,16 @@ class BacktestEngine:
         tick_ms, delta_ms: the grid step and the label horizon (TICK_MS, DELTA_MS).
         keep_records: also keep every MarketEvent, BookTop, FeatureVector and Label record.
         end_ns: emit only ticks ``t < end_ns`` (and their labels); None: every tick.
+        start_ns: emit only ticks ``t >= start_ns`` (and their labels); None: from the first tick.
+            Earlier ticks still feed the labeler (a parallel backtest's partition starts mid-stream,
+            :mod:`quotewatch.services.replay.parallel`).
     """
 
     tick_ms: int
     delta_ms: int
     keep_records: bool = False
     end_ns: int | None = None
+    start_ns: int | None = None
     counts: PipelineCounts = field(default_factory=PipelineCounts)
     events: list[MarketEvent] = field(default_factory=list)
     book_tops: list[BookTop] = field(default_factory=list)
@@ -190,10 +211,11 @@ class BacktestEngine:
         keep = self.keep_records
         symbol_id = self._symbol_id
         end = _NO_END if self.end_ns is None else self.end_ns
+        start = _NO_START if self.start_ns is None else self.start_ns
         for tick in ticks:
             top = tick.book_top
-            # Past the end the ticks still go to the labeler (they label the ticks before it).
-            inside = top.ts_event < end
+            # Outside [start, end) the ticks still go to the labeler (they label the ticks inside).
+            inside = start <= top.ts_event < end
             if inside:
                 counts.ticks += 1
                 if keep:
@@ -203,7 +225,7 @@ class BacktestEngine:
             except LabelInputError:
                 counts.bad_tops += int(inside)
                 label = None
-            if label is not None and label.t_event < end:
+            if label is not None and start <= label.t_event < end:
                 counts.labels += 1
                 self._label_t.append(label.t_event)
                 self._label_symbol.append(symbol_id(label.symbol))
@@ -281,7 +303,7 @@ def score_model(features: FeatureTable, model: LoadedModel, role: ModelRole) -> 
     return ModelScores(model, role, p, spec_mismatches=int(rows - matches.sum()), invalid_outputs=invalid)
 
 
-def prediction_records(engine: BacktestEngine, scores: ModelScores) -> list[Prediction]:
+def prediction_records(engine: PipelineRun, scores: ModelScores) -> list[Prediction]:
     """The Prediction records inference would write for the kept feature records (needs ``keep_records``)."""
     if len(engine.feature_records) != scores.p.size:
         raise ValueError("prediction records need an engine run with keep_records=True")

@@ -109,6 +109,19 @@ def replay_command(
 @click.option(
     "--no-mlflow", is_flag=True, help="Do not log an MLflow evaluation run even if MLFLOW_TRACKING_URI is set."
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Run the window as symbol-days in this many local processes (1: serially, in this process).",
+)
+@click.option(
+    "--dask-scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Run the symbol-days on the Dask cluster of this scheduler (tcp://host:8786); its workers need quotewatch.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def backtest_command(
     start: str | None,
@@ -121,6 +134,8 @@ def backtest_command(
     lake_out: str | None,
     lake_prefix: str,
     no_mlflow: bool,
+    workers: int,
+    dask_scheduler: str | None,
     no_progress: bool,
 ) -> None:
     """Run book -> features -> labels -> predictions over a window in-process and report the models.
@@ -128,7 +143,11 @@ def backtest_command(
     Reports AUC, Brier, balanced accuracy, log loss and base rate of each --model and of the naive
     baselines (base rate, changed in the last Δ, rolling change frequency) on the labelled ticks of
     the window; ROC and calibration plots; an MLflow evaluation run when MLFLOW_TRACKING_URI is set.
+    With --workers N or --dask-scheduler, each symbol's UTC days run as separate partitions in
+    parallel; the records and the report are the serial run's.
     """
+    if workers > 1 and dask_scheduler:
+        raise click.UsageError("--workers and --dask-scheduler exclude each other (the cluster has its own workers)")
     from quotewatch.services.replay.backtest import load_models, run_backtest
     from quotewatch.services.replay.report import format_table
 
@@ -148,6 +167,8 @@ def backtest_command(
         log_mlflow=not no_mlflow,
         lake_out=(lake_out, lake_prefix) if lake_out else None,
         events=input_kind == "events",
+        workers=workers,
+        dask_scheduler=dask_scheduler,
     )
     click.echo(result.summary())
     if lake_out:

@@ -396,13 +396,22 @@ def values_of(records: Iterable[LogRecord], cls: type[LogValueT]) -> Iterator[Lo
     Raises:
         ReplayError: a record of the other kind (a source holding what its topic should not).
     """
+    return (value for _, value in typed_records(records, cls))
+
+
+def typed_records(records: Iterable[LogRecord], cls: type[LogValueT]) -> Iterator[tuple[LogRecord, LogValueT]]:
+    """Each of ``records`` with its value, checked to be a ``cls`` (:func:`values_of`, with the coordinates).
+
+    Raises:
+        ReplayError: a record of the other kind (a source holding what its topic should not).
+    """
     for record in records:
         value = record.value
         if not isinstance(value, cls):
             raise ReplayError(
                 f"expected {cls.__name__} records, got a {type(value).__name__} at offset {record.offset}"
             )
-        yield value
+        yield record, value
 
 
 def _connected_of_stretch(reader: TopicReader, first: int, end: int) -> RawStart | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import re
 import threading
 import time
@@ -22,7 +23,7 @@ from functools import partial
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from quotewatch.core.clock import Clock, SystemClock
@@ -31,6 +32,7 @@ from quotewatch.core.errors import FatalError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, consumer_config, ensure_topics, make_admin, make_producer
 from quotewatch.core.processor import StreamProcessor
+from quotewatch.core.records import DeadLetter, FeedStatus, Gap, MarketEvent, RawFrame
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.simulation.synthetic import SyntheticConfig
@@ -47,24 +49,39 @@ from quotewatch.services.ingest.service import IngestService
 from quotewatch.services.ingest.state_machine import FeedState
 from quotewatch.services.ingest.topic_mode import NormaliseTask
 from quotewatch.services.replay.sources import TopicReader, find_raw_start
-from tests.helpers import shared_data_dir, wait_for
-from tests.unit.domain.venue.test_normaliser_golden import books_from_events, reference_books
+from tests.helpers import Consumed, R, shared_data_dir, wait_for
+from tests.records import body
+from tests.unit.domain.venue.test_normaliser_golden import EventBook, books_from_events, reference_books
 
 SYMBOLS = ("BTC-USD", "ETH-USD")
 
 
-def read_to_end(settings: Any, topic: str, *, decode: bool = True, timeout: float = 30.0) -> list[dict[str, Any]]:
-    """Every committed record of ``topic`` up to the end offsets at the time of the call.
+def read_to_end(settings: Any, topic: str, cls: type[R], *, timeout: float = 30.0) -> list[Consumed[R]]:
+    """Every committed record of ``topic`` up to the end offsets at the time of the call, decoded as
+    ``cls`` records, in (partition, offset) order.
 
     ``tests.helpers.read_topic`` stops when the topic has been idle for a while, which a live
     ingest (CLOCK events every TICK_MS) never is; this reads up to a fixed end instead.
     """
     serde = AvroSerde()
+    return [
+        Consumed(serde.decode_as(message.value() or b"", topic, cls), partition, offset, key)
+        for partition, offset, key, message in _messages_to_end(settings, topic, timeout)
+    ]
+
+
+def values_to_end(settings: Any, topic: str, cls: type[R], *, timeout: float = 30.0) -> list[R]:
+    """:func:`read_to_end` without the coordinates."""
+    return [record.value for record in read_to_end(settings, topic, cls, timeout=timeout)]
+
+
+def _messages_to_end(settings: Any, topic: str, timeout: float) -> list[tuple[int, int, str | None, Message]]:
+    """``(partition, offset, key, message)`` of every committed record of ``topic`` up to its end offsets now."""
     consumer = Consumer(consumer_config(settings, f"end-{uuid.uuid4().hex[:8]}", "test-reader"))
-    records: list[dict[str, Any]] = []
+    messages: list[tuple[int, int, str | None, Message]] = []
     try:
         partitions = sorted(make_admin(settings).list_topics(topic, timeout=10).topics[topic].partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        ends = {p: _high_watermark(consumer, topic, p) for p in partitions}
         pending = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         deadline = time.monotonic() + timeout
@@ -80,18 +97,32 @@ def read_to_end(settings: Any, topic: str, *, decode: bool = True, timeout: floa
                 continue
             partition, offset = message.partition() or 0, message.offset() or 0
             if offset < ends[partition]:
-                value: dict[str, Any] = (
-                    serde.decode(message.value() or b"", topic) if decode else {"_raw": message.value()}
-                )
                 key = message.key()
-                value.update(_partition=partition, _offset=offset, _key=key.decode() if key else None)
-                records.append(value)
+                messages.append((partition, offset, key.decode() if key else None, message))
             if offset + 1 >= ends[partition]:
                 pending.discard(partition)
         assert not pending, f"did not reach the end of {topic} partitions {pending}"
     finally:
         consumer.close()
-    return sorted(records, key=lambda r: (r["_partition"], r["_offset"]))
+    return sorted(messages, key=lambda m: (m[0], m[1]))
+
+
+_LEADERSHIP_ERRORS = frozenset(
+    {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._TRANSPORT}
+)
+
+
+def _high_watermark(consumer: Consumer, topic: str, partition: int) -> int:
+    """The partition's high watermark; a leadership change under load (NOT_LEADER_FOR_PARTITION) is retried."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1])
+        except KafkaException as exc:
+            error = exc.args[0]
+            if (error.code() not in _LEADERSHIP_ERRORS and not error.retriable()) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def ingest_settings(make_settings: Callable[..., Any], url: str, protocol: str, **overrides: Any) -> IngestSettings:
@@ -102,6 +133,7 @@ def ingest_settings(make_settings: Callable[..., Any], url: str, protocol: str, 
         "heartbeat_timeout_seconds": 1.5,
         "backoff_initial_seconds": 0.2,
         "backoff_max_seconds": 1.0,
+        "reconnect_jitter_seconds": 0.1,
     }
     values.update(overrides)
     settings: IngestSettings = make_settings(IngestSettings, **values)
@@ -111,11 +143,14 @@ def ingest_settings(make_settings: Callable[..., Any], url: str, protocol: str, 
 
 @contextmanager
 def running_ingest(
-    settings: IngestSettings, producer: Producer | None = None, clock: Clock | None = None
+    settings: IngestSettings,
+    producer: Producer | None = None,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
 ) -> Iterator[IngestService]:
     clock = clock or SystemClock()
     service = IngestService(
-        settings, serde=AvroSerde(), clock=clock, liveness=Liveness("ingest", clock, 30), producer=producer
+        settings, serde=AvroSerde(), clock=clock, liveness=Liveness("ingest", clock, 30), producer=producer, rng=rng
     )
     errors: list[BaseException] = []
 
@@ -152,41 +187,43 @@ def market_exhausted(running: RunningFeedServer) -> bool:
     return bool(running.call(lambda: isinstance(source, SyntheticSource) and source.exhausted))
 
 
-def wait_for_books_to_match(settings: IngestSettings, running: RunningFeedServer, timeout: float = 40) -> list[Any]:
-    """Wait until the market stopped and the book rebuilt from md.events equals the server's book."""
+def wait_for_books_to_match(
+    settings: IngestSettings, running: RunningFeedServer, timeout: float = 40, symbols: tuple[str, ...] = SYMBOLS
+) -> list[MarketEvent]:
+    """Wait until the market stopped and the book rebuilt from md.events equals the server's book; the
+    events (in partition order)."""
     wait_for(lambda: market_exhausted(running), timeout=timeout, message="the synthetic market to finish")
     market = running.server.market
     assert market is not None
-    expected = {s: running.call(partial(market.book, s)) for s in SYMBOLS}
+    expected = {s: running.call(partial(market.book, s)) for s in symbols}
     topic = TopicNames(settings.topic_prefix).md_events
-    state: dict[str, Any] = {}
+    events: list[MarketEvent] = []
+    books: dict[str, EventBook] = {}
 
     def books_match() -> bool:
-        events = read_to_end(settings, topic)
-        books = books_from_events(sorted(events, key=lambda e: (e["_partition"], e["_offset"])))
-        state["events"] = events
-        state["books"] = books
-        return all(s in books and books[s].synced and books[s].as_dict() == expected[s] for s in SYMBOLS)
+        events[:] = values_to_end(settings, topic, MarketEvent)
+        books.clear()
+        books.update(books_from_events(events))
+        return all(s in books and books[s].synced and books[s].as_dict() == expected[s] for s in symbols)
 
     try:
         wait_for(books_match, timeout=timeout, interval=0.5, message="the events book to equal the server's book")
     except AssertionError:
-        books = state.get("books", {})
-        for s in SYMBOLS:
+        for s in symbols:
             if s in books:
                 got = books[s].as_dict()
                 diff = {side: len(set(got[side].items()) ^ set(expected[s][side].items())) for side in ("BID", "ASK")}
                 print(s, "synced", books[s].synced, "differences", diff)
         raise
-    return list(state["events"])
+    return events
 
 
 def transitions(service: IngestService) -> list[tuple[str, str]]:
     return [(t.previous.value, t.state.value) for t in service.machine.history]
 
 
-def gaps(events: list[dict[str, Any]]) -> Counter[str]:
-    return Counter(e["gap"]["reason"] for e in events if e["kind"] == "GAP")
+def gaps(events: list[MarketEvent]) -> Counter[str]:
+    return Counter(body(e, Gap).reason for e in events if e.kind == "GAP")
 
 
 @pytest.mark.parametrize("protocol", ["advanced", "exchange"])
@@ -199,15 +236,15 @@ def test_a_normal_session_fills_raw_and_events_and_the_book_matches(
             events = wait_for_books_to_match(settings, running)
         connections = running.call(lambda: list(running.server.connections))
     names = TopicNames(settings.topic_prefix)
-    raw = read_to_end(settings, names.md_raw)
-    kinds = Counter(r["kind"] for r in raw)
+    raw = values_to_end(settings, names.md_raw, RawFrame)
+    kinds = Counter(r.kind for r in raw)
     assert kinds["CONNECTED"] == 1, (kinds, raw[:3], len(raw))
     assert kinds["FRAME"] == service.stats.frames == connections[0].frames_sent
     assert kinds["CLOCK"] > 0
     assert kinds["DISCONNECTED"] == 1  # the stop
-    assert [r["frame_index"] for r in raw if r["kind"] == "FRAME"] == list(range(kinds["FRAME"]))
-    assert all(a["ts_init"] < b["ts_init"] for a, b in itertools.pairwise(raw))
-    event_kinds = Counter((e["symbol"], e["kind"]) for e in read_to_end(settings, names.md_events))
+    assert [r.frame_index for r in raw if r.kind == "FRAME"] == list(range(kinds["FRAME"]))
+    assert all(a.ts_init < b.ts_init for a, b in itertools.pairwise(raw))
+    event_kinds = Counter((e.symbol, e.kind) for e in values_to_end(settings, names.md_events, MarketEvent))
     for symbol in SYMBOLS:
         assert event_kinds[(symbol, "SNAPSHOT")] == 1
         assert event_kinds[(symbol, "UPDATE")] > 10
@@ -216,9 +253,11 @@ def test_a_normal_session_fills_raw_and_events_and_the_book_matches(
         assert event_kinds[(symbol, "CLOCK")] == kinds["CLOCK"]
     assert gaps(events) == Counter({"RECONNECT": 2})  # the connection start, for each symbol
     assert transitions(service) == [("INIT", "CONNECTING"), ("CONNECTING", "SUBSCRIBED"), ("SUBSCRIBED", "STOPPED")]
-    assert read_to_end(settings, names.dlq) == []
+    assert values_to_end(settings, names.dlq, DeadLetter) == []
     # Event keys are symbols; every record of a symbol lands on one partition.
-    assert {e["_key"] for e in events} == set(SYMBOLS)
+    stored = read_to_end(settings, names.md_events, MarketEvent)
+    assert {e.key for e in stored} == set(SYMBOLS)
+    assert all(e.key == e.value.symbol for e in stored)
 
 
 FAULTS = {
@@ -258,20 +297,20 @@ def test_each_fault_is_a_gap_a_resubscription_and_the_book_recovers(
     )
     found = gaps(events)
     assert found[gap_reason] >= 1, found
-    statuses = [e["status"]["state"] for e in events if e["kind"] == "STATUS" and e["symbol"] == "BTC-USD"]
+    statuses = [body(e, FeedStatus).state for e in events if e.kind == "STATUS" and e.symbol == "BTC-USD"]
     assert statuses[:2] == ["CONNECTING", "SUBSCRIBED"]
     assert "RECONNECTING" in statuses
     assert statuses[-1] == "SUBSCRIBED"
-    per_symbol_snapshots = Counter(e["symbol"] for e in events if e["kind"] == "SNAPSHOT")
+    per_symbol_snapshots = Counter(e.symbol for e in events if e.kind == "SNAPSHOT")
     assert per_symbol_snapshots == {s: 2 for s in SYMBOLS}
     if fault == "malformed":
-        (letter,) = read_to_end(settings, TopicNames(settings.topic_prefix).dlq)
-        assert letter["error_type"] == "MalformedFrame"
-        assert letter["source_topic"] == TopicNames(settings.topic_prefix).md_raw
-        connection_id, frame_index = letter["source_ref"].rsplit(":", 1)
-        raw = read_to_end(settings, TopicNames(settings.topic_prefix).md_raw)
-        (frame,) = [r for r in raw if r["connection_id"] == connection_id and r["frame_index"] == int(frame_index)]
-        assert frame["text"].encode() == letter["source_value"]
+        (letter,) = values_to_end(settings, TopicNames(settings.topic_prefix).dlq, DeadLetter)
+        assert letter.error_type == "MalformedFrame"
+        assert letter.source_topic == TopicNames(settings.topic_prefix).md_raw
+        connection_id, frame_index = letter.source_ref.rsplit(":", 1)
+        raw = values_to_end(settings, TopicNames(settings.topic_prefix).md_raw, RawFrame)
+        (frame,) = [r for r in raw if r.connection_id == connection_id and r.frame_index == int(frame_index)]
+        assert frame.text.encode() == letter.source_value
 
 
 def test_a_short_delay_is_no_gap_and_the_book_matches(make_settings: Callable[..., Any]) -> None:
@@ -322,17 +361,17 @@ def test_backpressure_overflow_is_recorded_as_a_gap_and_resynced(make_settings: 
             service_producer.resume.set()
             events = wait_for_books_to_match(settings, running)
             wait_for(lambda: service.stats.raw_written > 0)
-    raw = read_to_end(settings, TopicNames(settings.topic_prefix).md_raw)
-    overflows = [r for r in raw if r["kind"] == "OVERFLOW"]
+    raw = values_to_end(settings, TopicNames(settings.topic_prefix).md_raw, RawFrame)
+    overflows = [r for r in raw if r.kind == "OVERFLOW"]
     assert overflows, "the overflow is in the raw log"
     # Nothing silently dropped: every frame received is either in the log or named by an OVERFLOW record.
-    logged = [r for r in raw if r["kind"] == "FRAME"]
+    logged = [r for r in raw if r.kind == "FRAME"]
     named = 0
     for record in overflows:
-        match = re.search(r"(\d+) frames not logged(?: \(frame_index (\d+)\.\.(\d+)\))?", record["text"])
-        assert match, record["text"]
+        match = re.search(r"(\d+) frames not logged(?: \(frame_index (\d+)\.\.(\d+)\))?", record.text)
+        assert match, record.text
         named += int(match.group(1))
-        indexes = sorted(r["frame_index"] for r in logged if r["connection_id"] == record["connection_id"])
+        indexes = sorted(r.frame_index for r in logged if r.connection_id == record.connection_id)
         assert indexes == list(range(len(indexes)))  # the log of the connection has no hole...
         if match.group(2):
             assert int(match.group(2)) == len(indexes)  # ...and the loss starts right after it
@@ -354,8 +393,8 @@ class RawKindRecorder:
     def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, **kwargs: Any) -> None:
         self._producer.produce(topic, value=value, key=key, **kwargs)
         if topic == self._raw_topic:
-            record = self._serde.decode(value or b"", topic)
-            self.raw.append((record["kind"], record["connection_id"]))
+            record = self._serde.decode_as(value or b"", topic, RawFrame)
+            self.raw.append((record.kind, record.connection_id))
 
     def clocks(self) -> int:
         return sum(1 for kind, _ in self.raw if kind == "CLOCK")
@@ -372,7 +411,7 @@ def test_clock_ticks_during_a_reconnect_belong_to_the_previous_connection_and_wi
     ticks carry the previous connection's id, never the id of a connection that has not connected
     yet, and a replay window starting inside the new connection or inside the handshake finds its
     CONNECTED record."""
-    import quotewatch.services.ingest.service as ingest_module
+    import quotewatch.services.ingest.connection as ingest_module
 
     real_connect = ingest_module.connect
     recorder: list[RawKindRecorder] = []
@@ -395,27 +434,28 @@ def test_clock_ticks_during_a_reconnect_belong_to_the_previous_connection_and_wi
         with running_ingest(settings, producer=recorder[0]) as service:  # type: ignore[arg-type]
             wait_for_books_to_match(settings, running)
     assert service.stats.connections == 2
-    raw = read_to_end(settings, names.md_raw)
-    connected = [i for i, r in enumerate(raw) if r["kind"] == "CONNECTED"]
+    logged = read_to_end(settings, names.md_raw, RawFrame)
+    raw = [record.value for record in logged]
+    connected = [i for i, r in enumerate(raw) if r.kind == "CONNECTED"]
     assert len(connected) == 2
-    first, second = raw[connected[0]]["connection_id"], raw[connected[1]]["connection_id"]
+    first, second = raw[connected[0]].connection_id, raw[connected[1]].connection_id
     # Every CLOCK carries the connection of the latest CONNECTED record before it.
     latest = ""
     for record in raw:
-        if record["kind"] == "CONNECTED":
-            latest = record["connection_id"]
-        elif record["kind"] == "CLOCK":
-            assert record["connection_id"] == latest, (record["ts_init"], record["connection_id"], latest)
-    disconnected = next(i for i, r in enumerate(raw) if r["kind"] == "DISCONNECTED")
+        if record.kind == "CONNECTED":
+            latest = record.connection_id
+        elif record.kind == "CLOCK":
+            assert record.connection_id == latest, (record.ts_init, record.connection_id, latest)
+    disconnected = next(i for i, r in enumerate(raw) if r.kind == "DISCONNECTED")
     handshake = raw[disconnected + 1 : connected[1]]
     assert len(handshake) >= 3
-    assert {(r["kind"], r["connection_id"]) for r in handshake} == {("CLOCK", first)}
+    assert {(r.kind, r.connection_id) for r in handshake} == {("CLOCK", first)}
 
     with TopicReader(settings, names.md_raw, AvroSerde()) as reader:
-        inside_second = find_raw_start(reader, raw[connected[1] + 20]["ts_init"])
-        inside_handshake = find_raw_start(reader, handshake[1]["ts_init"])
-    assert (inside_second.offset, inside_second.connection_id) == (raw[connected[1]]["_offset"], second)
-    assert (inside_handshake.offset, inside_handshake.connection_id) == (raw[connected[0]]["_offset"], first)
+        inside_second = find_raw_start(reader, raw[connected[1] + 20].ts_init)
+        inside_handshake = find_raw_start(reader, handshake[1].ts_init)
+    assert (inside_second.offset, inside_second.connection_id) == (logged[connected[1]].offset, second)
+    assert (inside_handshake.offset, inside_handshake.connection_id) == (logged[connected[0]].offset, first)
 
 
 def test_topic_mode_renormalises_the_raw_log_byte_for_byte(
@@ -469,9 +509,8 @@ def test_topic_mode_renormalises_the_raw_log_byte_for_byte(
 def _values(settings: Any, topic: str) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
     """Raw (key, value) bytes of every committed record of ``topic``, per partition, in order."""
     out: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
-    for record in sorted(read_to_end(settings, topic, decode=False), key=lambda r: (r["_partition"], r["_offset"])):
-        key = record["_key"].encode() if record["_key"] is not None else None
-        out.setdefault(record["_partition"], []).append((key, record["_raw"]))
+    for partition, _, _, message in _messages_to_end(settings, topic, 30.0):
+        out.setdefault(partition, []).append((message.key(), message.value()))
     return out
 
 
@@ -487,7 +526,7 @@ def test_a_capture_replayed_through_the_server_gives_the_reference_book(make_set
             wait_for(lambda: running.call(lambda: any(c.replay_finished for c in server.connections)), timeout=60)
 
             def rebuilt() -> bool:
-                books = books_from_events(read_to_end(settings, topic))
+                books = books_from_events(values_to_end(settings, topic, MarketEvent))
                 return all(s in books and books[s].as_dict() == reference[s] for s in capture.symbols)
 
             wait_for(rebuilt, timeout=90, interval=1.0, message="the capture's book from md.events")

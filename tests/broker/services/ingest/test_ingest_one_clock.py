@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from quotewatch.core.clock import SystemClock
+from quotewatch.core.records import FeedStatus, MarketEvent
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market.book_pipeline import BookPipeline, MarketEventError, TickOutput
 from quotewatch.domain.venue.captures import capture_files, read_capture
@@ -27,7 +28,8 @@ from tests.broker.services.ingest.test_ingest_feed_server import (
     running_ingest,
     synthetic_server,
 )
-from tests.helpers import shared_data_dir, wait_for
+from tests.helpers import Consumed, shared_data_dir, wait_for
+from tests.records import body
 from tests.unit.domain.market.test_book_pipeline_captures import ReferenceBooks
 
 TICK_MS = 100
@@ -46,21 +48,22 @@ class SkewedClock(SystemClock):
         return super().now_ns() + self.skew_ns
 
 
-def book_ticks(events: list[dict[str, Any]]) -> dict[str, list[TickOutput]]:
-    """The book service's ticks for ``events`` (md.events in partition order: per symbol in stream order)."""
+def book_ticks(records: list[Consumed[MarketEvent]]) -> dict[str, list[TickOutput]]:
+    """The book service's ticks for ``records`` (md.events in partition order: per symbol in stream order)."""
     pipeline = BookPipeline(TICK_MS)
     out: dict[str, list[TickOutput]] = {}
-    for event in events:
+    for record in records:
+        event = record.value
         try:
-            ticks = pipeline.process(event, event["_offset"])
+            ticks = pipeline.process(event, record.offset)
         except MarketEventError as exc:
             ticks = exc.outputs
-        out.setdefault(event["symbol"], []).extend(ticks)
+        out.setdefault(event.symbol, []).extend(ticks)
     return out
 
 
 def on_the_grid(ticks: list[TickOutput]) -> bool:
-    times = [t.book_top["ts_event"] for t in ticks]
+    times = [t.book_top.ts_event for t in ticks]
     return all(t % TICK_NS == 0 for t in times) and all(a < b for a, b in itertools.pairwise(times))
 
 
@@ -90,29 +93,29 @@ def test_a_recording_served_with_its_original_timestamps_gives_the_reference_boo
             wait_for(lambda: replay_finished(running, server), timeout=90, message="the capture replayed")
 
             def every_book_is_past_its_last_update() -> bool:
-                events = read_to_end(settings, topic)
-                for event in events:
-                    if event["kind"] in ("UPDATE", "SNAPSHOT"):
-                        last_update[event["symbol"]] = max(last_update.get(event["symbol"], 0), event["ts_event"])
-                ticks = book_ticks(events)
+                records = read_to_end(settings, topic, MarketEvent)
+                for event in (record.value for record in records):
+                    if event.kind in ("UPDATE", "SNAPSHOT"):
+                        last_update[event.symbol] = max(last_update.get(event.symbol, 0), event.ts_event)
+                ticks = book_ticks(records)
                 return set(ticks) >= set(capture.symbols) and all(
-                    ticks[s] and ticks[s][-1].book_top["ts_event"] > last_update.get(s, 0) for s in capture.symbols
+                    ticks[s] and ticks[s][-1].book_top.ts_event > last_update.get(s, 0) for s in capture.symbols
                 )
 
             wait_for(every_book_is_past_its_last_update, timeout=90, interval=1.0, message="ticks after every update")
-            events = read_to_end(settings, topic)
-    ticks = book_ticks(events)
-    recorded = [e["ts_event"] for e in events if e["kind"] in ("UPDATE", "TRADE")]
+            records = read_to_end(settings, topic, MarketEvent)
+    ticks = book_ticks(records)
+    recorded = [r.value.ts_event for r in records if r.value.kind in ("UPDATE", "TRADE")]
     first, last = min(recorded), max(recorded)
     for symbol in capture.symbols:
         assert on_the_grid(ticks[symbol]), symbol
-        times = [t.book_top["ts_event"] for t in ticks[symbol]]
+        times = [t.book_top.ts_event for t in ticks[symbol]]
         # The exchange's clock, not today's: every tick lies within the recording (the end of the
         # window: the ticks that CLOCKs close after the last frame, estimated from the feed's heartbeats).
         assert first - SECOND <= times[0], symbol
         assert times[-1] <= last + 600 * SECOND, symbol
         top = ticks[symbol][-1].book_top
-        assert (top["bids"], top["asks"]) == reference.top3(symbol), f"{symbol}: last top-3 = the raw JSON's book"
+        assert (top.bids, top.asks) == reference.top3(symbol), f"{symbol}: last top-3 = the raw JSON's book"
         assert any(t.features is not None for t in ticks[symbol]), symbol
 
 
@@ -128,34 +131,35 @@ def test_an_ingest_clock_off_by_ten_minutes_still_gives_ticks_at_exchange_time(
         with running_ingest(settings, clock=clock):
 
             def five_seconds_of_ticks() -> bool:
-                ticks = book_ticks(read_to_end(settings, topic))
+                ticks = book_ticks(read_to_end(settings, topic, MarketEvent))
                 return all(len(ticks.get(s, ())) >= 50 for s in SYMBOLS)
 
             wait_for(five_seconds_of_ticks, timeout=60, interval=1.0, message="5 s of ticks per symbol")
-            events = read_to_end(settings, topic)
+            records = read_to_end(settings, topic, MarketEvent)
+    events = [record.value for record in records]
     # Control records of the first connection carry the skewed local time (nothing else is known).
-    status = [e for e in events if e["kind"] == "STATUS" and e["status"]["state"] == "CONNECTING"]
+    status = [e for e in events if e.kind == "STATUS" and body(e, FeedStatus).state == "CONNECTING"]
     assert status
-    assert abs(status[0]["ts_event"] - status[0]["ts_init"]) < SECOND
+    assert abs(status[0].ts_event - status[0].ts_init) < SECOND
     pipeline = BookPipeline(TICK_MS)
     worst: dict[str, int] = {}
     newest_tick: dict[str, int] = {}
     synced_at: dict[str, int] = {}
-    for event in events:
-        symbol = event["symbol"]
-        for tick in pipeline.process(event, event["_offset"]):
-            newest_tick[symbol] = tick.book_top["ts_event"]
-        if event["kind"] == "SNAPSHOT":
-            synced_at.setdefault(symbol, event["ts_event"])
-        if event["kind"] in TIMED and symbol in synced_at and event["ts_event"] >= synced_at[symbol] + SECOND:
+    for record in records:
+        event, symbol = record.value, record.value.symbol
+        for tick in pipeline.process(event, record.offset):
+            newest_tick[symbol] = tick.book_top.ts_event
+        if event.kind == "SNAPSHOT":
+            synced_at.setdefault(symbol, event.ts_event)
+        if event.kind in TIMED and symbol in synced_at and event.ts_event >= synced_at[symbol] + SECOND:
             # The tick grid trails this event's exchange time by at most 1 s.
-            lag = event["ts_event"] - newest_tick.get(symbol, 0)
+            lag = event.ts_event - newest_tick.get(symbol, 0)
             worst[symbol] = max(worst.get(symbol, 0), lag)
             assert lag <= SECOND, f"{symbol}: ticks {lag / 1e9:.1f} s behind exchange time"
     assert set(worst) == set(SYMBOLS)
-    clocks = [e for e in events if e["kind"] == "CLOCK"]
+    clocks = [e for e in events if e.kind == "CLOCK"]
     assert clocks
-    updates = [e["ts_event"] for e in events if e["kind"] == "UPDATE"]
+    updates = [e.ts_event for e in events if e.kind == "UPDATE"]
     # CLOCKs are exchange-time estimates: within a second of the feed's own times, not of the host's.
-    assert all(abs(c["ts_event"] - c["ts_init"] + skew_seconds * SECOND) < 2 * SECOND for c in clocks)
-    assert min(updates) - SECOND <= clocks[0]["ts_event"] <= max(updates) + SECOND
+    assert all(abs(c.ts_event - c.ts_init + skew_seconds * SECOND) < 2 * SECOND for c in clocks)
+    assert min(updates) - SECOND <= clocks[0].ts_event <= max(updates) + SECOND

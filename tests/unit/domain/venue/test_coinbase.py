@@ -14,24 +14,30 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sortedcontainers import SortedDict
 
-from quotewatch.core.records import Trade
+from quotewatch.core.records import BookSnapshot, BookUpdate, Trade
 from quotewatch.domain.venue.captures import capture_files, read_capture
 from quotewatch.domain.venue.coinbase import (
-    ExchangeCredentials,
     ExchangeMessageError,
     InvalidFieldError,
     MalformedFrameError,
+    Parsed,
     UnknownMessageError,
     decimal_e8,
-    exchange_signature,
     format_time_ns,
-    parse_advanced_message,
-    parse_exchange_message,
     parse_time_ns,
-    subscribe_messages,
 )
+from quotewatch.domain.venue.coinbase_advanced import parse_advanced_message
+from quotewatch.domain.venue.coinbase_auth import ExchangeCredentials, exchange_signature
+from quotewatch.domain.venue.coinbase_exchange import parse_exchange_message
+from quotewatch.domain.venue.coinbase_feeds import subscribe_messages
 from tests.helpers import shared_data_dir
 from tests.records import plain
+
+
+def _body(parsed: Parsed) -> BookSnapshot | BookUpdate | Trade:
+    """The body of a parsed SNAPSHOT, UPDATE or TRADE (asserted present)."""
+    assert parsed.body is not None, f"a parsed {parsed.kind} without its body"
+    return parsed.body
 
 
 @pytest.mark.parametrize(
@@ -89,7 +95,7 @@ def test_exchange_l2update_and_snapshot() -> None:
         }
     )
     assert [(e.kind, e.symbol, e.ts_event) for e in update.events] == [("UPDATE", "BTC-USD", 1_523_926_504_358_000_000)]
-    assert plain(update.events[0].body) == {
+    assert plain(_body(update.events[0])) == {
         "changes": [
             {"side": "BID", "price_e8": 804_133_000_000, "size_e8": 0},
             {"side": "ASK", "price_e8": 804_290_000_000, "size_e8": 150_000_000},
@@ -100,7 +106,7 @@ def test_exchange_l2update_and_snapshot() -> None:
     )
     assert snapshot.confirmed == ("ETH-USD",)
     assert snapshot.events[0].ts_event == -1  # no time in the message: the normaliser uses ts_init
-    assert plain(snapshot.events[0].body) == {
+    assert plain(_body(snapshot.events[0])) == {
         "bids": [{"price_e8": 1_000_000_000, "size_e8": 100_000_000}],
         "asks": [{"price_e8": 1_100_000_000, "size_e8": 200_000_000}],
     }
@@ -117,14 +123,16 @@ def test_exchange_match_aggressor_is_the_opposite_of_the_maker_side() -> None:
         "time": "2018-04-17T00:55:11.045000Z",
     }
     buy_maker = parse_exchange_message({**base, "side": "buy"})
-    assert plain(buy_maker.events[0].body) == {
+    assert plain(_body(buy_maker.events[0])) == {
         "trade_id": "41766821",
         "aggressor_side": "SELL",
         "price_e8": 804_290_000_000,
         "size_e8": 15_520_000,
     }
     assert buy_maker.sequence == 5693130267
-    assert parse_exchange_message({**base, "side": "sell"}).events[0].body.aggressor_side == "BUY"  # type: ignore[index]
+    sell_maker = parse_exchange_message({**base, "side": "sell"}).events[0].body
+    assert isinstance(sell_maker, Trade)
+    assert sell_maker.aggressor_side == "BUY"
 
 
 def test_advanced_market_trades_side_is_the_maker_side_in_the_recorded_capture() -> None:
@@ -194,7 +202,7 @@ def test_advanced_l2_data_event_time_is_the_latest_update_time() -> None:
     )
     assert parsed.sequence == 14
     assert parsed.events[0].ts_event == parse_time_ns("2026-08-09T21:05:48.210890Z")
-    assert plain(parsed.events[0].body) == {
+    assert plain(_body(parsed.events[0])) == {
         "changes": [
             {"side": "BID", "price_e8": 100_000_000, "size_e8": 0},
             {"side": "ASK", "price_e8": 200_000_000, "size_e8": 300_000_000},
@@ -246,13 +254,11 @@ def l2_bid_update(event_time: str, price_level: str) -> dict[str, Any]:
             InvalidFieldError,
             True,
         ),
-        (l2_bid_update("2026-08-09T21:05:48Z", "1,5"), InvalidFieldError, True),
         (
             {"channel": "l2_data", "sequence_num": 2**63, "timestamp": "2026-08-09T21:05:48Z", "events": []},
             InvalidFieldError,
             True,
         ),
-        (l2_bid_update("2263-01-01T00:00:00Z", "1"), InvalidFieldError, True),
         (
             {
                 "channel": "market_trades",
@@ -271,6 +277,43 @@ def test_advanced_rejections_say_whether_the_book_is_affected(
     with pytest.raises(error) as info:
         parse_advanced_message(message)
     assert info.value.book_affected is book_affected  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "message", [l2_bid_update("2026-08-09T21:05:48Z", "1,5"), l2_bid_update("2263-01-01T00:00:00Z", "1")]
+)
+def test_an_advanced_book_event_that_does_not_parse_fails_its_product_not_the_frame(message: dict[str, Any]) -> None:
+    parsed = parse_advanced_message(message)
+    assert parsed.events == []
+    (error,) = parsed.failed
+    assert isinstance(error, InvalidFieldError)
+    assert (error.symbol, error.book_affected) == ("BTC-USD", True)
+
+
+def test_a_multi_product_l2_data_frame_with_one_bad_event_keeps_the_other_products() -> None:
+    good = {"side": "offer", "event_time": "2026-08-09T21:05:48.1Z", "price_level": "2", "new_quantity": "3"}
+    bad = {"side": "bid", "event_time": "2026-08-09T21:05:48.2Z", "price_level": "1,5", "new_quantity": "1"}
+    message: dict[str, Any] = {
+        "channel": "l2_data",
+        "sequence_num": 7,
+        "timestamp": "2026-08-09T21:05:48.3Z",
+        "events": [
+            {"type": "update", "product_id": "ETH-USD", "updates": [good]},
+            {"type": "update", "product_id": "BTC-USD", "updates": [good]},
+            {"type": "update", "product_id": "BTC-USD", "updates": [bad]},
+            {"type": "snapshot", "product_id": "SOL-USD", "updates": [good]},
+        ],
+    }
+    parsed = parse_advanced_message(message)
+    # BTC-USD's events are all dropped (its book is out of sync from the bad one); the others stand.
+    assert [(e.kind, e.symbol) for e in parsed.events] == [("UPDATE", "ETH-USD"), ("SNAPSHOT", "SOL-USD")]
+    assert parsed.confirmed == ("SOL-USD",)
+    assert [(e.symbol, e.book_affected) for e in parsed.failed] == [("BTC-USD", True)]
+    # A bad event that names no product fails the whole frame.
+    message["events"].append({"type": "update", "updates": [good]})
+    with pytest.raises(InvalidFieldError) as info:
+        parse_advanced_message(message)
+    assert info.value.book_affected
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from msgspec.structs import replace
 
-from quotewatch.core.records import BookLevel, FeedStatus, LevelChange, MarketEvent, RawFrame, RawKind
+from quotewatch.core.records import (
+    BookLevel,
+    BookSnapshot,
+    BookUpdate,
+    FeedStatus,
+    Gap,
+    LevelChange,
+    MarketEvent,
+    RawFrame,
+    RawKind,
+)
 from quotewatch.core.serde import AvroSerde
 from quotewatch.domain.market.book_pipeline import BookPipeline
 from quotewatch.domain.venue.normaliser import Normaliser, control_text, parse_control_text
@@ -96,7 +106,7 @@ def test_connected_emits_status_and_gap_for_every_symbol() -> None:
         ("ETH-USD", "GAP"),
     ]
     assert out.events[0].status == FeedStatus(state="CONNECTING", detail="test")
-    assert body(out.events[2]).reason == "RECONNECT"
+    assert body(out.events[2], Gap).reason == "RECONNECT"
     assert all(e.ts_init == log.ts and e.connection_id == "c1" for e in out.events)
 
 
@@ -106,12 +116,12 @@ def test_snapshot_syncs_and_subscribes_and_updates_follow() -> None:
     normaliser.process(log.connected("c1"))
     out = normaliser.process(log.l2("snapshot", "BTC-USD", ("bid", "10", "1"), ("offer", "11", "2")))
     assert _kinds(out.events) == [("BTC-USD", "STATUS"), ("BTC-USD", "SNAPSHOT")]
-    assert body(out.events[0]).state == "SUBSCRIBED"
+    assert body(out.events[0], FeedStatus).state == "SUBSCRIBED"
     assert out.events[1].source_sequence == 0
     assert normaliser.synced == {"BTC-USD"}
     out = normaliser.process(log.l2("update", "BTC-USD", ("bid", "10", "0")))
     assert _kinds(out.events) == [("BTC-USD", "UPDATE")]
-    assert body(out.events[0]).changes == (LevelChange(side="BID", price_e8=1_000_000_000, size_e8=0),)
+    assert body(out.events[0], BookUpdate).changes == (LevelChange(side="BID", price_e8=1_000_000_000, size_e8=0),)
     assert out.resync is None
 
 
@@ -122,7 +132,7 @@ def test_sequence_jump_is_a_gap_for_synced_symbols_and_a_resync() -> None:
     normaliser.process(log.l2("snapshot", "BTC-USD", ("bid", "10", "1")))
     out = normaliser.process(log.l2("update", "BTC-USD", ("bid", "10", "2"), sequence=5))
     assert _kinds(out.events) == [("BTC-USD", "GAP"), ("BTC-USD", "UPDATE")]
-    gap = body(out.events[0])
+    gap = body(out.events[0], Gap)
     assert (gap.reason, gap.expected_sequence, gap.received_sequence) == ("SEQUENCE_JUMP", 1, 5)
     assert "jumped from 0 to 5" in (out.resync or "")
     assert normaliser.synced == set()
@@ -137,7 +147,7 @@ def _at(ms: int) -> str:
 
 def _l2_at(
     log: Log, symbol: str, kind: str, event_ms: int, sent_ms: int, sequence: int | None = None, quantity: str = "1"
-) -> dict[str, Any]:
+) -> RawFrame:
     """An Advanced l2_data frame whose update is at ``event_ms`` and whose envelope is sent at ``sent_ms``."""
     if sequence is None:
         sequence = log.sequence
@@ -166,7 +176,7 @@ def _synced_log() -> tuple[Log, Normaliser, BookPipeline, dict[str, int]]:
     return log, normaliser, pipeline, {"BTC-USD": T0 + 1_500 * MS, "ETH-USD": T0 + 1_250 * MS}
 
 
-def _gaps_close_no_tick(pipeline: BookPipeline, events: list[dict[str, Any]]) -> None:
+def _gaps_close_no_tick(pipeline: BookPipeline, events: list[MarketEvent]) -> None:
     for event in events:
         if event.kind == "GAP":
             assert pipeline.process(event) == [], "a GAP for lost changes closes no tick with the stale book"
@@ -186,9 +196,12 @@ def test_sequence_gap_is_stamped_per_symbol_at_its_last_good_event_not_at_the_re
 def test_unreadable_book_frame_with_a_readable_timestamp_is_a_gap_at_the_last_good_event() -> None:
     log, normaliser, pipeline, last = _synced_log()
     out = normaliser.process(_l2_at(log, "ETH-USD", "update", 2_000, 2_900, quantity="one"))
-    assert [r.error_type for r in out.rejects] == ["InvalidField"]
-    assert {body(e).reason for e in out.events} == {"PARSE_ERROR"}
-    assert {e.symbol: e.ts_event for e in out.events} == last  # not the frame's timestamp, 2.9 s
+    assert [(r.error_type, r.symbol) for r in out.rejects] == [("InvalidField", "ETH-USD")]
+    assert {body(e, Gap).reason for e in out.events} == {"PARSE_ERROR"}
+    # The event names its product: only that product's book is lost, at its last good event.
+    assert {e.symbol: e.ts_event for e in out.events} == {"ETH-USD": last["ETH-USD"]}  # not 2.9 s
+    assert (out.resync, out.resync_symbols) == (None, ["ETH-USD"])
+    assert normaliser.synced == {"BTC-USD"}
     _gaps_close_no_tick(pipeline, out.events)
 
 
@@ -228,7 +241,7 @@ def test_overflow_and_disconnect_gap_only_synced_symbols_and_disconnect_reports_
     normaliser.process(log.l2("snapshot", "ETH-USD", ("bid", "10", "1")))
     out = normaliser.process(log.record("OVERFLOW", "queue full (50000 frames)"))
     assert _kinds(out.events) == [("ETH-USD", "GAP")]
-    assert body(out.events[0]).reason == "BUFFER_OVERFLOW"
+    assert body(out.events[0], Gap).reason == "BUFFER_OVERFLOW"
     assert out.resync is not None
     out = normaliser.process(log.record("DISCONNECTED", control_text("RECONNECTING", "resync after overflow")))
     assert _kinds(out.events) == [("BTC-USD", "STATUS"), ("ETH-USD", "STATUS")]  # nothing left synced to gap
@@ -251,7 +264,7 @@ def test_malformed_book_frame_is_a_reject_a_gap_and_a_resync_on_the_exchange_fee
     out = normaliser.process(log.frame('{"type":"l2update","product_id":"BTC-USD","chan'))
     assert [(r.error_type, r.source_ref) for r in out.rejects] == [("MalformedFrame", "c1:1")]
     assert _kinds(out.events) == [("BTC-USD", "GAP")]
-    assert body(out.events[0]).reason == "PARSE_ERROR"
+    assert body(out.events[0], Gap).reason == "PARSE_ERROR"
     assert out.resync is not None
 
 
@@ -286,7 +299,7 @@ def test_a_snapshot_without_exchange_time_is_held_until_its_symbols_next_timed_e
     assert _kinds(out.events) == [("BTC-USD", "SNAPSHOT"), ("BTC-USD", "UPDATE")]
     held, update = out.events
     assert held.ts_event == update.ts_event == 1_786_309_548_300_000_000
-    assert body(held).bids == (BookLevel(price_e8=100_000_000, size_e8=100_000_000),)
+    assert body(held, BookSnapshot).bids == (BookLevel(price_e8=100_000_000, size_e8=100_000_000),)
     assert held.ts_init < update.ts_init, "ts_init stays the snapshot frame's own"
     assert normaliser.synced == {"BTC-USD"}
 
@@ -300,7 +313,7 @@ def test_a_held_snapshot_is_released_by_a_clock_record_and_replaced_by_a_later_o
     out = normaliser.process(log.record("CLOCK", "tick", ts_event=EXCHANGE_NS))
     assert _kinds(out.events) == [("BTC-USD", "SNAPSHOT"), ("BTC-USD", "CLOCK"), ("ETH-USD", "CLOCK")]
     assert out.events[0].ts_event == EXCHANGE_NS
-    assert body(out.events[0]).bids[0].price_e8 == 300_000_000
+    assert body(out.events[0], BookSnapshot).bids[0].price_e8 == 300_000_000
 
 
 def test_a_held_snapshot_is_dropped_when_changes_are_lost_after_it_or_the_connection_ends() -> None:
@@ -367,7 +380,7 @@ def test_gap_times_do_not_depend_on_an_earlier_connection() -> None:
     full, _ = Normaliser().process_all(records)
     tail, _ = Normaliser().process_all(records[2:])
     assert full[-len(tail) :] == tail
-    assert [e.ts_event for e in tail if e.kind == "GAP" and body(e).reason == "SEQUENCE_JUMP"] == [T0 + 1_200 * MS]
+    assert [e.ts_event for e in tail if e.kind == "GAP" and body(e, Gap).reason == "SEQUENCE_JUMP"] == [T0 + 1_200 * MS]
 
 
 def test_event_times_after_connected_do_not_depend_on_an_earlier_connection() -> None:
@@ -537,5 +550,5 @@ def test_text_that_is_not_json_is_always_a_malformed_reject_and_a_gap(feed: str,
     normaliser.process(snapshot)
     out = normaliser.process(log.frame(text))
     assert [r.error_type for r in out.rejects] == ["MalformedFrame"]
-    assert [(e.symbol, body(e).reason) for e in out.events] == [("BTC-USD", "PARSE_ERROR")]
+    assert [(e.symbol, body(e, Gap).reason) for e in out.events] == [("BTC-USD", "PARSE_ERROR")]
     assert out.resync

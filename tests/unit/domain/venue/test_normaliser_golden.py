@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 from sortedcontainers import SortedDict
 
-from quotewatch.core.records import MarketEvent
+from quotewatch.core.records import BookSnapshot, BookUpdate, MarketEvent
 from quotewatch.core.serde import AvroSerde
 from quotewatch.domain.venue.captures import capture_files, read_capture
 from quotewatch.domain.venue.normaliser import Normaliser
 from tests.helpers import shared_data_dir
+from tests.records import body
 
 Book = dict[str, dict[int, int]]
 
@@ -37,14 +38,15 @@ class EventBook:
     unknown_deletes: int = 0
     crossed: int = 0
 
-    def apply(self, event: Mapping[str, Any]) -> None:
+    def apply(self, event: MarketEvent) -> None:
         kind = event.kind
         if kind == "SNAPSHOT":
-            self.bids = SortedDict({lvl.price_e8: lvl.size_e8 for lvl in event.snapshot.bids})
-            self.asks = SortedDict({lvl.price_e8: lvl.size_e8 for lvl in event.snapshot.asks})
+            snapshot = body(event, BookSnapshot)
+            self.bids = SortedDict({lvl.price_e8: lvl.size_e8 for lvl in snapshot.bids})
+            self.asks = SortedDict({lvl.price_e8: lvl.size_e8 for lvl in snapshot.asks})
             self.synced = True
         elif kind == "UPDATE":
-            for change in event.update.changes:
+            for change in body(event, BookUpdate).changes:
                 side = self.bids if change.side == "BID" else self.asks
                 if change.size_e8 == 0:
                     if side.pop(change.price_e8, None) is None:
@@ -61,7 +63,7 @@ class EventBook:
         return {"BID": dict(self.bids), "ASK": dict(self.asks)}
 
 
-def books_from_events(events: Iterable[Mapping[str, Any]]) -> dict[str, EventBook]:
+def books_from_events(events: Iterable[MarketEvent]) -> dict[str, EventBook]:
     books: dict[str, EventBook] = {}
     for event in events:
         books.setdefault(event.symbol, EventBook()).apply(event)
@@ -112,15 +114,15 @@ def reference_books(lines: Iterable[str]) -> dict[str, Book]:
     }
 
 
-def _level_updates(events: Iterable[Mapping[str, Any]]) -> Counter[str]:
+def _level_updates(events: Iterable[MarketEvent]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for event in events:
         if event.kind == "UPDATE":
-            counts[event.symbol] += len(event.update.changes)
+            counts[event.symbol] += len(body(event, BookUpdate).changes)
     return counts
 
 
-def _kinds(events: Iterable[Mapping[str, Any]]) -> Counter[tuple[str, str]]:
+def _kinds(events: Iterable[MarketEvent]) -> Counter[tuple[str, str]]:
     return Counter((event.symbol, event.kind) for event in events)
 
 

@@ -9,13 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quotewatch.core.clock import FakeClock
-from quotewatch.services.ingest.service import ExchangeClock
 from quotewatch.services.ingest.state_machine import (
     ConnectionStateMachine,
     FeedState,
     IllegalTransitionError,
     Transition,
 )
+from quotewatch.services.ingest.writer import ExchangeClock
 
 S = 1_000_000_000
 
@@ -105,6 +105,33 @@ def test_a_stable_connection_resets_the_backoff_and_a_short_one_counts_as_a_fail
     transition = m.back_off("flapping")
     assert transition.state is FeedState.BACKOFF
     assert 0.0 <= transition.delay_seconds <= 1.0
+
+
+def test_a_lost_connection_waits_a_jittered_delay_before_reconnecting() -> None:
+    """No thundering herd: every drop waits uniform [0, jitter] (deterministic with the injected rng)."""
+    clock = FakeClock()
+    m = ConnectionStateMachine(
+        backoff_initial_seconds=0.5,
+        backoff_max_seconds=8.0,
+        backoff_reset_seconds=60.0,
+        monotonic_ns=clock.monotonic_ns,
+        rng=random.Random(42),
+        reconnect_jitter_seconds=3.0,
+    )
+    expected = random.Random(42)
+    delays = []
+    m.connect()
+    for _ in range(20):
+        m.subscribed()
+        clock.advance(61 * S)  # stable: the failure count is reset, no backoff
+        transition = m.lost("the exchange restarted")
+        assert transition.state is FeedState.RECONNECTING
+        assert transition.delay_seconds == expected.uniform(0.0, 3.0)
+        assert not m.should_back_off()
+        delays.append(transition.delay_seconds)
+    assert all(0.0 <= d <= 3.0 for d in delays)
+    assert len(set(delays)) == len(delays)  # spread, not one fixed delay
+    assert max(delays) - min(delays) > 1.5
 
 
 def test_reconnect_failure_goes_to_backoff() -> None:

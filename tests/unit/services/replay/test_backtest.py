@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from quotewatch.cli import main
 from quotewatch.core.config import BacktestSettings
 from quotewatch.core.lake import read_dataset
+from quotewatch.core.records import FeatureVector, Label, Prediction
 from quotewatch.core.serde import AvroSerde
 from quotewatch.domain.market import features as spec
 from quotewatch.domain.ml.evaluation import BASELINES
@@ -77,9 +78,9 @@ def test_a_capture_backtest_reports_models_and_baselines_and_writes_plots_record
     assert metrics["counts"]["ticks"] == result.engine.counts.ticks
 
     # The record files decode to what the engine made (and re-encode with the topic serde).
-    features = read_records(tmp_path / "records" / "features.avro")
+    features = read_records(tmp_path / "records" / "features.avro", FeatureVector)
     assert features == result.engine.feature_records
-    predictions = read_records(tmp_path / "records" / "predictions.avro")
+    predictions = read_records(tmp_path / "records" / "predictions.avro", Prediction)
     assert len(predictions) == len(features)
     assert [p.p_change for p in predictions] == result.models[0].p.tolist()
     serde = AvroSerde()
@@ -146,7 +147,7 @@ def test_windows_split_in_two_score_the_rows_of_the_whole_and_stop_their_records
     assert key(whole) == key(left) + key(right)
     assert whole.y.size == left.y.size + right.y.size > 1900
     assert left.t.max() == b - 100 * MS  # the last tick before --to is scored...
-    labels = read_records(tmp_path / "ab" / "labels.avro")
+    labels = read_records(tmp_path / "ab" / "labels.avro", Label)
     assert max(label.t_event for label in labels) == b - 100 * MS  # ...with the label made after --to
     for name in ("book.top3", "features", "predictions"):
         assert all(record.ts_event < b for record in read_records(tmp_path / "ab" / f"{name}.avro")), name
