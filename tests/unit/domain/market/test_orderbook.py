@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import typing
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quotewatch.core.records import BookLevel, LevelChange
+from quotewatch.core.records import BookLevel, LevelChange, Side
 from quotewatch.core.units import parse_e8
 from quotewatch.domain.market.orderbook import BookError, OrderBook
 
@@ -21,6 +24,25 @@ def ch(side: str, price: int, size: int) -> LevelChange:
     # Built without validation (msgspec checks types when decoding, not in __init__), so the book's
     # own checks of side, price and size are what these tests exercise.
     return LevelChange(side=side, price_e8=price, size_e8=size)  # type: ignore[arg-type]  # any side: tested
+
+
+ORDERBOOK_PYX = Path(__file__).resolve().parents[4] / "src" / "quotewatch" / "domain" / "market" / "_orderbook.pyx"
+
+
+def test_the_compiled_book_reads_only_fields_and_sides_the_generated_records_have() -> None:
+    """The .pyx reads the records by attribute at run time, where mypy does not look: renaming an
+    Avro field of BookLevel or LevelChange (or a Side symbol) and regenerating must fail here."""
+    source = ORDERBOOK_PYX.read_text()
+    # ``for change in changes`` (OrderBook.apply: LevelChange) and ``for level in source`` (_fill: BookLevel).
+    assert re.search(r"\bfor change in changes\b", source)
+    assert re.search(r"\bfor level in source\b", source)
+    reads = {(name, field) for name, field in re.findall(r"\b(change|level)\.(\w+)", source)}
+    records = {"change": LevelChange, "level": BookLevel}
+    assert {name for name, _ in reads} == set(records)
+    missing = sorted(f"{name}.{field}" for name, field in reads if field not in records[name].__struct_fields__)
+    assert not missing, f"_orderbook.pyx reads fields the generated records do not have: {missing}"
+    sides = dict(re.findall(r'cdef str (_BID|_ASK) = "(\w+)"', source))
+    assert set(sides.values()) == set(typing.get_args(Side)), "the book's side constants are the Side symbols"
 
 
 def test_snapshot_then_changes_give_the_best_levels_first() -> None:
