@@ -23,6 +23,12 @@ def test_ensure_topics_creates_the_catalog_idempotently(settings: CommonSettings
         assert info.partitions == spec.partitions
         assert info.cleanup_policy == str(spec.cleanup_policy)
     assert infos[TopicNames(settings.topic_prefix).snapshot].cleanup_policy == "compact"
+    metadata = admin.list_topics(timeout=10)
+    if (
+        len(metadata.brokers) == 1
+    ):  # one replica on a single broker (the cluster's 3: tests/faults/test_cluster_faults.py)
+        for name in TopicNames(settings.topic_prefix).all():
+            assert {len(p.replicas) for p in metadata.topics[name].partitions.values()} == {1}, name
 
 
 def test_cli_create_list_and_tail(settings: CommonSettings, monkeypatch: object) -> None:
