@@ -544,8 +544,13 @@ def query_watermarks(
 
 
 def flush_or_fail(producer: Producer, timeout: float = 30.0) -> None:
-    """Flush ``producer``; raise :class:`FatalError` if records are still queued after ``timeout``."""
-    remaining = producer.flush(timeout)
+    """Flush ``producer``; raise :class:`FatalError` if records are still queued after ``timeout``,
+    or if the producer is in a fatal state (e.g. a transactional producer fenced by a newer
+    instance with its transactional id: librdkafka raises that from ``flush``)."""
+    try:
+        remaining = producer.flush(timeout)
+    except KafkaException as exc:
+        raise FatalError(f"producer cannot flush: {exc.args[0]}") from exc
     if remaining:
         raise FatalError(f"{remaining} records still undelivered after {timeout}s flush")
 
