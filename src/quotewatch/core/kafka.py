@@ -183,8 +183,9 @@ def ensure_topics(
 ) -> list[str]:
     """Create the catalog's topics in namespace ``prefix`` and apply their configs. Idempotent.
 
-    New topics get the replication of the cluster's size (:func:`quotewatch.core.topics.replication_for`:
-    1 on a single broker, 3 with ``min.insync.replicas=2`` from three brokers up). Existing topics
+    New topics get the replication of the cluster's size (:func:`cluster_size`,
+    :func:`quotewatch.core.topics.replication_for`: 1 on a single broker, 3 with
+    ``min.insync.replicas=2`` from three brokers up). Existing topics
     get their catalog configs set again (incremental alter, ``min.insync.replicas`` from their own
     replica count); a partition count or replication factor that differs from the catalog is
     reported, never changed (moving keys between partitions, or replicas between brokers, is an
@@ -199,7 +200,7 @@ def ensure_topics(
     specs = list(specs if specs is not None else CATALOG.values())
     metadata = _cluster_metadata(admin, timeout)
     existing = dict(metadata.topics)
-    replicas, _ = replication_for(len(metadata.brokers))
+    replicas, _ = replication_for(cluster_size(metadata))
     to_create = [spec for spec in specs if spec.name(prefix) not in existing]
     created: list[str] = []
     if to_create:
@@ -260,6 +261,22 @@ def ensure_topics(
     if created:
         await_topics_visible(admin, created, timeout)
     return created
+
+
+def cluster_size(metadata: ClusterMetadata) -> int:
+    """How many brokers the cluster has: those answering now and those any partition has a replica on.
+
+    A broker that is down is missing from the metadata's broker list but still named in the replica
+    lists of its partitions, so a service that (re)starts while one broker of three is down still
+    counts three. (A fresh cluster with a broker down and no topic yet cannot be told from a smaller one.)
+    """
+    replica_brokers = {
+        broker
+        for topic in metadata.topics.values()
+        for partition in topic.partitions.values()
+        for broker in partition.replicas
+    }
+    return len(set(metadata.brokers) | replica_brokers)
 
 
 def _replica_count(topic: Any) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from confluent_kafka.admin import BrokerMetadata, ClusterMetadata, PartitionMetadata, TopicMetadata
 
+from quotewatch.core.kafka import cluster_size
 from quotewatch.core.topics import CATALOG, MD_EVENTS, replication_for
 
 
@@ -18,3 +20,22 @@ def test_a_replicated_topic_gets_min_insync_replicas_and_a_single_replica_keeps_
         assert "min.insync.replicas" not in spec.configs()
         assert "min.insync.replicas" not in spec.configs(1)
         assert spec.configs(3)["cleanup.policy"] == spec.configs()["cleanup.policy"]
+
+
+def _metadata(live: list[int], replica_lists: list[list[int]]) -> ClusterMetadata:
+    metadata = ClusterMetadata()
+    metadata.brokers = {broker: BrokerMetadata() for broker in live}
+    topic = TopicMetadata()
+    for index, replicas in enumerate(replica_lists):
+        partition = PartitionMetadata()
+        partition.replicas = replicas
+        topic.partitions[index] = partition
+    metadata.topics = {"t": topic} if replica_lists else {}
+    return metadata
+
+
+def test_a_broker_that_is_down_still_counts_in_the_cluster_size() -> None:
+    assert cluster_size(_metadata([1], [])) == 1
+    assert cluster_size(_metadata([1, 2, 3], [[1, 2, 3]])) == 3
+    # Broker 2 killed: the metadata lists two brokers, the replica lists still name three.
+    assert cluster_size(_metadata([1, 3], [[2, 3, 1], [3, 1, 2]])) == 3
