@@ -23,13 +23,17 @@ service that exits, nothing more); restarts are in the notes.
 **Zombie** (:func:`test_a_frozen_book_is_fenced_by_its_replacement_and_its_transaction_never_shows`):
 the book is frozen with SIGSTOP **in the middle of a transaction** (retried until a freeze lands
 while its output partitions hold records of an open transaction: read_committed end offset below
-the read_uncommitted one, stable across two queries). A replacement with the same ``INSTANCE_ID``
+the read_uncommitted one, still so after ``SETTLE_SECONDS``). A replacement with the same ``INSTANCE_ID``
 (so the same ``transactional.id``) starts: its ``init_transactions`` bumps the producer epoch and
 aborts the zombie's open transaction; it takes the partitions once the zombie's group session
 expires. Then the zombie is resumed with SIGCONT: its next transactional call is refused
 (producer fenced) and it must exit non-zero, having made nothing visible: the records of its open
 transaction are in the log (a read_uncommitted reader gets them) and no read_committed reader
-ever gets them (neither the checker, live, nor a reader afterwards). Under ``make faults`` this
+ever gets them (neither the checker, live, nor a reader afterwards). A freeze can still land
+after the zombie's commit request reached the coordinator and before the markers were written
+(seen once under a load average of 25); the takeover then completes that commit, which is
+legitimate: such a round is checked to be whole (all of its records visible, or none) and does not
+count, and rounds go on until the required number caught an open transaction. Under ``make faults`` this
 runs on the cluster with the whole pipeline, 3 rounds; in ``make test`` on the session broker
 with ingest and book, 1 round (about a minute).
 
@@ -43,6 +47,7 @@ its topic. The checker's own rules (duplicates, gaps per key, offset order) are 
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 import uuid
@@ -86,10 +91,14 @@ KILL_TARGETS = ("md.raw", "md.events", "book.top3")
 """The topics whose partition leader each trial kills, in turn."""
 PIPELINE_TOPICS = ("md.raw", "md.events", "book.top3", "features", "labels", "predictions")
 FREEZE_ATTEMPTS = 300
-"""SIGSTOPs of the book tried before one lands inside a transaction (1 to 16 in the runs so far: the
+"""SIGSTOPs of the book tried before one lands inside a transaction (1 to 80 in the runs so far: the
 book spends most of its time polling between transactions)."""
 KILLS = 3
 """Leader kills per run (one per target topic)."""
+SETTLE_SECONDS = 3.0
+"""How long a frozen book's transaction must stay open before it counts as open (see _open_transaction)."""
+EXTRA_ROUNDS = 3
+"""Zombie rounds allowed beyond the required ones, for freezes that land in a commit already under way."""
 
 cluster_only = pytest.mark.skipif(
     not FULL, reason="the 3-broker cluster runs under make faults (QUOTEWATCH_FAULTS=full) only"
@@ -293,20 +302,48 @@ def zombie_bootstrap(request: pytest.FixtureRequest) -> tuple[str, str]:
     return info.bootstrap_servers, info.kind
 
 
-def _settled_ends(admin: AdminClient, partitions: list[TopicPartition]) -> dict[tuple[str, int], tuple[int, int]]:
-    """With the producer frozen: per partition (read_committed end, read_uncommitted end), asked
-    until two answers in a row agree, so a commit or abort already on its way to the broker has
-    landed. A partition whose first is below its second holds records of an open transaction."""
+def _settled_ends(
+    admin: AdminClient, partitions: list[TopicPartition], hold: float = 0.0
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """With the producer frozen: per partition (read_committed end, read_uncommitted end), once the
+    answers have stayed the same for ``hold`` seconds (and at least two answers in a row), so a
+    commit or abort already on its way has landed. A partition whose first is below its second
+    holds records of an open transaction."""
     previous: dict[tuple[str, int], tuple[int, int]] | None = None
-    deadline = time.monotonic() + 60
+    since = time.monotonic()
+    deadline = since + 60 + hold
     while time.monotonic() < deadline:
         committed = _end_offsets(admin, partitions, IsolationLevel.READ_COMMITTED)
         written = _end_offsets(admin, partitions, IsolationLevel.READ_UNCOMMITTED)
         now = {key: (committed[key], written[key]) for key in written}
-        if now == previous:
+        if now != previous:
+            previous, since = now, time.monotonic()
+        elif time.monotonic() - since >= hold:
             return now
-        previous = now
     raise AssertionError("the output partitions' end offsets did not settle with the book frozen")
+
+
+def _open_transaction(
+    admin: AdminClient, partitions: list[TopicPartition]
+) -> tuple[dict[tuple[str, int], tuple[int, int]], dict[tuple[str, int], tuple[int, int]], bool]:
+    """With the book frozen: (every partition's settled ends, the (first, end) offsets its open
+    transaction holds per output partition, empty if none, whether a transaction that looked open
+    ended while frozen). A transaction whose commit reached the coordinator before the freeze looks
+    open until the coordinator has written its markers (longer under load): it counts as open only
+    if it still looks open after ``SETTLE_SECONDS``."""
+    ends = _settled_ends(admin, partitions)
+    if not any(first < end for first, end in ends.values()):
+        return ends, {}, False
+    confirmed = _settled_ends(admin, partitions, hold=SETTLE_SECONDS)
+    if confirmed != ends:
+        return confirmed, {}, True
+    return ends, {key: (first, end) for key, (first, end) in ends.items() if first < end}, False
+
+
+def _refused_call(log: str) -> str:
+    """The zombie's transactional call that was refused as fenced, from librdkafka's log line."""
+    match = re.search(r"Fatal transaction error: Failed to ([a-z ]+?)(?: on broker |: )", log)
+    return match.group(1) if match else "?"
 
 
 @pytest.mark.timeout(1800)
@@ -333,10 +370,17 @@ def test_a_frozen_book_is_fenced_by_its_replacement_and_its_transaction_never_sh
         )
     )
     zombies: list[ServiceProcess] = []
-    open_ranges: list[tuple[str, int, int, int]] = []
+    aborted: list[tuple[list[tuple[str, int, int, int]], int]] = []
+    """Rounds whose frozen transaction the takeover aborted: (offset ranges, records written)."""
+    committed: list[tuple[list[tuple[str, int, int, int]], int]] = []
+    """Rounds whose frozen transaction turned out to be committing already (its commit had reached
+    the coordinator before the freeze, the markers had not): completed, visible, legitimate."""
     attempts: list[int] = []
     takeovers: list[float] = []
     exits: list[int] = []
+    refused: list[str] = []
+    settled_late = 0
+    """Freezes whose seemingly open transaction ended while the book was frozen (commit in flight)."""
     try:
         pipeline.start()
         checker = ReadCommittedChecker(settings, TICK_MS, DELTA_MS).start()
@@ -345,14 +389,14 @@ def test_a_frozen_book_is_fenced_by_its_replacement_and_its_transaction_never_sh
             for topic in (names.book_top3, names.features)
             for p in sorted(admin.list_topics(topic, timeout=10).topics[topic].partitions)
         ]
-        for round_ in range(rounds):
+        while len(aborted) < rounds and len(takeovers) < rounds + EXTRA_ROUNDS:
             zombie = pipeline["book"]
             pipeline.wait_progress("book", 50)
             open_now: dict[tuple[str, int], tuple[int, int]] = {}
             for attempt in range(1, FREEZE_ATTEMPTS + 1):
                 zombie.signal(signal.SIGSTOP)
-                ends = _settled_ends(admin, outputs)
-                open_now = {key: (first, end) for key, (first, end) in ends.items() if first < end}
+                ends, open_now, ended_while_frozen = _open_transaction(admin, outputs)
+                settled_late += ended_while_frozen
                 if open_now:
                     attempts.append(attempt)
                     break
@@ -367,21 +411,21 @@ def test_a_frozen_book_is_fenced_by_its_replacement_and_its_transaction_never_sh
             assert open_now, f"no SIGSTOP in {FREEZE_ATTEMPTS} landed inside one of the book's transactions"
             zombies.append(zombie)
             replacement = ServiceProcess(
-                f"book-replacement-{round_ + 1}",
+                f"book-replacement-{len(takeovers) + 1}",
                 ["run", "book"],
                 {**zombie.env, "METRICS_PORT": str(free_port())},
                 tmp_path / "run",
             ).start()
             started = time.monotonic()
             pipeline.services["book"] = replacement
-            # The replacement's init_transactions aborts the zombie's open transaction.
+            # The replacement's init_transactions ends the zombie's open transaction: aborts it, or
+            # completes it if the zombie's commit request had reached the coordinator after all.
             wait_for(
                 partial(_resolved, admin, outputs, open_now),
                 timeout=180,
                 interval=0.2,
-                message="the zombie's open transaction to be resolved",
+                message="the zombie's open transaction to be ended",
             )
-            open_ranges.extend((topic, p, first, end) for (topic, p), (first, end) in open_now.items())
             delivered = {"book.top3": checker.delivered("book.top3")}
             pipeline.wait_progress("book", 50, timeout=180)  # once the zombie's group session expired
             wait_for(
@@ -391,24 +435,32 @@ def test_a_frozen_book_is_fenced_by_its_replacement_and_its_transaction_never_sh
                 message="read_committed book.top3 records from the replacement",
             )
             takeovers.append(time.monotonic() - started)
+            # The replacement writes behind the range now: a read_committed reader gets past it.
+            ranges = [(topic, p, first, end) for (topic, p), (first, end) in open_now.items()]
+            written = sum(len(offsets_in(settings, *r, "read_uncommitted")) for r in ranges)
+            visible = sum(len(offsets_in(settings, *r, "read_committed")) for r in ranges)
+            assert written > 0, f"the zombie's open transaction holds no record: {ranges}"
+            assert visible in (0, written), f"a transaction partly visible: {visible} of {written} records"
+            (aborted if visible == 0 else committed).append((ranges, written))
             zombie.signal(signal.SIGCONT)
             assert zombie.process is not None
             exits.append(zombie.process.wait(120))
             assert exits[-1] != 0, f"the zombie exited cleanly; log tail:\n{zombie.log_tail()}"
-            assert "fenced" in zombie.log_tail(20_000).lower(), f"zombie not fenced? log:\n{zombie.log_tail()}"
+            log = zombie.log_path.read_text(errors="replace")
+            assert "fenced by a newer instance" in log, f"the zombie was not fenced; log tail:\n{zombie.log_tail()}"
+            refused.append(_refused_call(log))
             pipeline.wait_progress("book", 50, timeout=120)
         pipeline.finish()
         report = checker.finish()
         verdict = verify_pipeline(settings, pipeline.lake_dir if "lake-sink" in services else None, services=services)
-        written = visible = 0
-        for topic, partition, first, end in open_ranges:
-            written += len(offsets_in(settings, topic, partition, first, end, "read_uncommitted"))
-            visible += len(offsets_in(settings, topic, partition, first, end, "read_committed"))
-        seen_by_checker = checker.delivered_in(open_ranges)
+        aborted_ranges = [r for ranges, _ in aborted for r in ranges]
+        visible_after = sum(len(offsets_in(settings, *r, "read_committed")) for r in aborted_ranges)
+        seen_by_checker = checker.delivered_in(aborted_ranges)
     finally:
         pipeline.close()
         for zombie in zombies:
             zombie.close()
+    written_aborted = sum(written for _, written in aborted)
     _report(
         fault_report,
         "zombie book (SIGSTOP mid-transaction, replacement with the same INSTANCE_ID, SIGCONT)",
@@ -416,16 +468,18 @@ def test_a_frozen_book_is_fenced_by_its_replacement_and_its_transaction_never_sh
         seconds=takeovers,
         verdict=verdict,
         report=report,
-        extra_lost=visible + seen_by_checker,
+        extra_lost=visible_after + seen_by_checker,
         notes=(
-            f"{broker_kind}; frozen inside a transaction after {attempts} SIGSTOPs; its open transactions held "
-            f"{written} records, {visible} visible to read_committed afterwards and {seen_by_checker} to the "
-            f"live checker; zombie exits {exits} (fenced); seconds = replacement start to its first "
-            f"read_committed output"
+            f"{broker_kind}; frozen inside a transaction after {attempts} SIGSTOPs; {len(aborted)} open "
+            f"transactions aborted by the takeover, holding {written_aborted} records: {visible_after} visible "
+            f"to read_committed afterwards, {seen_by_checker} to the live checker; {len(committed)} frozen "
+            f"while already committing (completed, whole), {settled_late} freezes whose transaction "
+            f"ended within {SETTLE_SECONDS:.0f} s not used; zombies refused at '{', '.join(refused)}' "
+            f"(fenced), exits {exits}; seconds = replacement start to its first read_committed output"
         ),
     )
-    assert written > 0, "the zombie's open transactions wrote nothing: the test did not test fencing"
-    assert visible == 0, "records of the zombie's aborted transaction are visible to read_committed readers"
+    assert len(aborted) == rounds, f"only {len(aborted)} of {len(takeovers)} freezes caught an open transaction"
+    assert visible_after == 0, "records of the zombie's aborted transaction are visible to read_committed readers"
     assert seen_by_checker == 0, "records of the zombie's aborted transaction reached the live checker"
     assert report.ok, report.violations[:20]
     assert verdict.ok, verdict.problems
