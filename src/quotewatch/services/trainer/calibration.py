@@ -4,15 +4,15 @@ Who calls this: :func:`quotewatch.services.trainer.training.train` for every mod
 quality report for every walk-forward fold, after the model was fitted on the whole training window.
 
 **Out-of-fold predictions.** Calibrating on the predictions of a model on its own training rows
-would calibrate its over-confidence on data it has memorised. So the training window is cut in
-two forward folds: the model kind is fitted on the first half (minus the gap ≥ Δ) and predicts the
-third quarter, then on the first three quarters (minus the gap) and predicts the last quarter.
-Those predictions are out of sample, in time order, like the test window's will be.
+would calibrate its over-confidence on data it has memorised. So the model kind is fitted once
+more on the first two thirds of the training window (minus the gap ≥ Δ) and predicts the last
+third: out-of-sample predictions, later than the data the model saw, as the test window's will be.
 
-**The choice.** Platt and isotonic are each fitted on the third quarter's predictions and judged
-by their log loss on the last quarter's (later data, as the test window is later); the one with
-the lower log loss wins, and is refitted on both quarters' predictions. The final model (fitted on
-the whole training window) is calibrated with it. Nothing of the test window is used.
+**The choice.** Platt and isotonic are each fitted on the first half of those predictions (in time)
+and judged by their log loss on the second half; the one with the lower log loss wins, and is
+refitted on all of them. The final model (fitted on the whole training window) is calibrated with
+it. Nothing of the test window is used. (One extra fit per model: two forward folds cost a second
+fit of XGBoost for little gain in the choice.)
 """
 
 from __future__ import annotations
@@ -47,21 +47,21 @@ def choose_calibration(
     """Pick and fit Platt or isotonic calibration for ``kind`` from its training rows (see the module doc)."""
     gap_ns = max(options.gap_ms or options.delta_ms, options.delta_ms) * 1_000_000
     start, end = int(t.min()), int(t.max()) + 1
-    half, three_quarters = start + (end - start) // 2, start + 3 * (end - start) // 4
-    stretches = []
-    for fit_end, predict_start, predict_end in ((half, half, three_quarters), (three_quarters, three_quarters, end)):
-        fit_rows = t < fit_end - gap_ns
-        predict_rows = (t >= predict_start) & (t < predict_end)
-        counts = [int(np.count_nonzero(y[rows] == cls)) for rows in (fit_rows, predict_rows) for cls in (0, 1)]
-        if min(counts) < MIN_CLASS_ROWS:
-            return CalibrationChoice(
-                None,
-                reason=f"not calibrated: an out-of-fold stretch of the training window has fewer than "
-                f"{MIN_CLASS_ROWS} rows of a class ({counts[0]}/{counts[1]} fit, {counts[2]}/{counts[3]} held out)",
-            )
-        model, _ = fit_model(kind, x[fit_rows], y[fit_rows], options)
-        stretches.append((positive_probability(model, x[predict_rows]), y[predict_rows]))
-    (p_first, y_first), (p_second, y_second) = stretches
+    cut = start + 2 * (end - start) // 3
+    fit_rows = t < cut - gap_ns
+    held_out = np.flatnonzero(t >= cut)
+    first, second = held_out[: held_out.size // 2], held_out[held_out.size // 2 :]
+    counts = [int(np.count_nonzero(y[rows] == cls)) for rows in (fit_rows, first, second) for cls in (0, 1)]
+    if min(counts) < MIN_CLASS_ROWS:
+        return CalibrationChoice(
+            None,
+            reason=f"not calibrated: a stretch of the training window has fewer than {MIN_CLASS_ROWS} rows of a "
+            f"class (negatives/positives: {counts[0]}/{counts[1]} to fit, {counts[2]}/{counts[3]} and "
+            f"{counts[4]}/{counts[5]} held out)",
+        )
+    model, _ = fit_model(kind, x[fit_rows], y[fit_rows], options)
+    p_first, p_second = positive_probability(model, x[first]), positive_probability(model, x[second])
+    y_first, y_second = y[first], y[second]
     losses = {"uncalibrated": calibration.log_loss_of(p_second, y_second)}
     for method in METHODS:
         losses[method] = calibration.log_loss_of(calibration.fit(method, p_first, y_first).apply(p_second), y_second)

@@ -1,4 +1,4 @@
-"""``capture export`` round trip with the real broker: md.raw -> capture file -> feed server -> ingest -> the same events.
+"""``capture export`` round trip with the real broker: md.raw -> capture -> feed server -> ingest -> the same events.
 
 A session of the synthetic market (Advanced Trade protocol, two symbols) is written to ``A.md.raw``
 as the ingest writes it (CONNECTED, frames, CLOCKs). ``quotewatch capture export --source topic:A``
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import ensure_topics, make_admin, producer_config
@@ -50,9 +50,7 @@ def content(events: list[dict[str, Any]]) -> dict[str, list[tuple[Any, ...]]]:
     return dict(out)
 
 
-def test_export_then_serve_then_ingest_gives_the_same_events(
-    make_settings: Callable[..., Any], tmp_path: Path
-) -> None:
+def test_export_then_serve_then_ingest_gives_the_same_events(make_settings: Callable[..., Any], tmp_path: Path) -> None:
     source: CommonSettings = make_settings()
     ensure_topics(make_admin(source), source.topic_prefix)
     config = SyntheticConfig(symbols=SYMBOLS, seed=13, rate=150.0)
@@ -86,19 +84,40 @@ def test_export_then_serve_then_ingest_gives_the_same_events(
     assert set(expected) == set(SYMBOLS)
     server = FeedServer("advanced", CaptureSource(capture, speed=None), heartbeat_interval=0.25)
     with serve_in_thread(server) as running:
+        # A long heartbeat timeout: this test is about content, and a reconnect (a stall of the busy test
+        # machine) would replay the capture from its start a second time.
         target = ingest_settings(
-            make_settings, running.url, "advanced", symbols=",".join(SYMBOLS), topic_prefix=f"{source.topic_prefix}-b"
+            make_settings,
+            running.url,
+            "advanced",
+            symbols=",".join(SYMBOLS),
+            topic_prefix=f"{source.topic_prefix}-b",
+            heartbeat_timeout_seconds=20.0,
         )
         events_topic = TopicNames(target.topic_prefix).md_events
         state: dict[str, Any] = {}
 
         def arrived() -> bool:
-            state["got"] = content(read_to_end(target, events_topic))
+            try:
+                state["got"] = content(read_to_end(target, events_topic))
+            except KafkaException:  # the topic's leader right after creation, on a busy broker
+                return False
             return all(len(state["got"].get(s, [])) >= len(expected[s]) for s in SYMBOLS)
 
         with running_ingest(target) as service:
             wait_for(lambda: running.call(lambda: any(c.replay_finished for c in server.connections)), timeout=60)
-            wait_for(arrived, timeout=90, interval=1.0, message="the served capture's events in B.md.events")
+            try:
+                wait_for(arrived, timeout=90, interval=1.0, message="the served capture's events in B.md.events")
+            except AssertionError as exc:
+                got = state.get("got", {})
+                counts = {s: (len(got.get(s, [])), len(expected[s])) for s in SYMBOLS}
+                first = {
+                    s: next(
+                        (i for i, (a, b) in enumerate(zip(got.get(s, []), expected[s], strict=False)) if a != b), None
+                    )
+                    for s in SYMBOLS
+                }
+                raise AssertionError(f"{exc}: (got, expected) {counts}, first difference {first}") from None
     assert service.stats.connections == 1
     assert service.stats.dead_letters == 0
     assert state["got"] == expected

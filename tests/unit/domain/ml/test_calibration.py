@@ -125,4 +125,4 @@ def test_the_trainer_chooses_the_calibration_on_the_training_window_only() -> No
     rare[:3] = 1
     none = choose_calibration("lr", x, rare, t, options)
     assert none.calibrator is None
-    assert none.reason.startswith("not calibrated: an out-of-fold stretch of the training window has fewer than 5")
+    assert none.reason.startswith("not calibrated: a stretch of the training window has fewer than 5 rows of a class")

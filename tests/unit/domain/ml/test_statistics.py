@@ -146,6 +146,7 @@ def test_point_estimates_are_the_plain_metrics_of_the_rows() -> None:
     assert got["brier"].estimate == pytest.approx(plain.brier, abs=1e-12)
     assert got["log_loss"].estimate == pytest.approx(plain.log_loss, abs=1e-12)
     assert got["balanced_accuracy"].estimate == pytest.approx(plain.balanced_accuracy, abs=1e-12)
+    assert plain.roc_auc is not None
     assert result.lifts["m"].estimate == pytest.approx(plain.roc_auc - 0.5, abs=1e-12)
     for interval in got.values():
         assert interval.low is not None
