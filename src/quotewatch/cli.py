@@ -28,6 +28,7 @@ LAZY_COMMANDS: dict[str, dict[str, str]] = {
         "train": "quotewatch.services.trainer.main:command",
         "replay": "quotewatch.services.replay.main:replay_command",
         "backtest": "quotewatch.services.replay.main:backtest_command",
+        "quality": "quotewatch.quality.main:command",
     },
     "run": {
         "book": "quotewatch.services.book.main:command",
@@ -42,6 +43,9 @@ LAZY_COMMANDS: dict[str, dict[str, str]] = {
     },
     "lake": {
         "info": "quotewatch.services.lake_sink.main:info_command",
+    },
+    "capture": {
+        "export": "quotewatch.services.replay.export:command",
     },
 }
 
@@ -299,6 +303,11 @@ def feed() -> None:
 @main.group(cls=LazyGroup, lazy_path="lake")
 def lake() -> None:
     """The Parquet lake."""
+
+
+@main.group(cls=LazyGroup, lazy_path="capture")
+def capture() -> None:
+    """Capture files (one WebSocket frame a line + a receive-time sidecar)."""
 
 
 if __name__ == "__main__":
