@@ -28,6 +28,7 @@ LAZY_COMMANDS: dict[str, dict[str, str]] = {
         "train": "quotewatch.services.trainer.main:command",
         "replay": "quotewatch.services.replay.main:replay_command",
         "backtest": "quotewatch.services.replay.main:backtest_command",
+        "quality": "quotewatch.quality.main:command",
     },
     "run": {
         "book": "quotewatch.services.book.main:command",
@@ -42,6 +43,9 @@ LAZY_COMMANDS: dict[str, dict[str, str]] = {
     },
     "lake": {
         "info": "quotewatch.services.lake_sink.main:info_command",
+    },
+    "capture": {
+        "export": "quotewatch.services.replay.export:command",
     },
 }
 
@@ -99,38 +103,73 @@ _DATA_DIR = click.option(
 
 @main.group()
 def broker() -> None:
-    """A local Apache Kafka 4.x broker in KRaft mode (no Docker needed)."""
+    """A local Apache Kafka 4.x broker (or a cluster of them) in KRaft mode (no Docker needed)."""
 
 
 @broker.command("start")
-@click.option("--port", type=int, default=9092, show_default=True, help="Kafka listener port on 127.0.0.1.")
+@click.option(
+    "--port", type=int, default=9092, show_default=True, help="Kafka listener port on 127.0.0.1 (a cluster: the first)."
+)
+@click.option(
+    "--brokers",
+    type=click.IntRange(1, 5),
+    default=1,
+    show_default=True,
+    help="Brokers on this box, on --port, --port+1, ...; from 3 up topics get 3 replicas, min.insync.replicas 2.",
+)
 @_DATA_DIR
-@click.option("--timeout", type=float, default=90.0, show_default=True, help="Seconds to wait for the broker.")
-def broker_start(port: int, data_dir: Path | None, timeout: float) -> None:
+@click.option("--timeout", type=float, default=90.0, show_default=True, help="Seconds to wait for the broker(s).")
+def broker_start(port: int, brokers: int, data_dir: Path | None, timeout: float) -> None:
     """Start the broker (resolving its jars and formatting storage on first use)."""
-    from quotewatch.local.kafka import LocalKafka
+    from quotewatch.core.errors import BrokerError
+    from quotewatch.local.kafka import LocalKafka, LocalKafkaCluster, default_data_dir
 
-    state = LocalKafka(data_dir).start(port=port, timeout=timeout)
-    click.echo(f"broker running: pid {state.pid}, bootstrap {state.bootstrap_servers}, data {state.data_dir}")
+    directory = data_dir or default_data_dir()
+    is_cluster = LocalKafkaCluster.holds_cluster(directory)
+    if brokers > 1 or is_cluster:
+        if not is_cluster and (directory / "broker.json").exists():
+            raise BrokerError(f"{directory} holds a single broker: give a cluster its own --data-dir")
+        cluster = LocalKafkaCluster(directory) if is_cluster else LocalKafkaCluster(directory, brokers)
+        existing = cluster.status()
+        if existing is not None and len(existing.nodes) != brokers:
+            raise BrokerError(f"{directory} holds a cluster of {len(existing.nodes)} brokers, not {brokers}")
+        state = cluster.start([port + i for i in range(brokers)] if existing is None else None, timeout=timeout * 2)
+        pids = ", ".join(str(node.pid) for node in state.nodes)
+        click.echo(f"cluster of {brokers} running: pids {pids}, bootstrap {state.bootstrap_servers}, data {directory}")
+        return
+    single = LocalKafka(data_dir).start(port=port, timeout=timeout)
+    click.echo(f"broker running: pid {single.pid}, bootstrap {single.bootstrap_servers}, data {single.data_dir}")
 
 
 @broker.command("stop")
 @_DATA_DIR
 def broker_stop(data_dir: Path | None) -> None:
-    """Stop the broker by its recorded PID and wait for it to exit."""
-    from quotewatch.local.kafka import LocalKafka
+    """Stop the broker (every broker of a cluster) by its recorded PID and wait for it to exit."""
+    from quotewatch.local.kafka import LocalKafka, LocalKafkaCluster, default_data_dir
 
-    local = LocalKafka(data_dir)
+    directory = data_dir or default_data_dir()
+    local = LocalKafkaCluster(directory) if LocalKafkaCluster.holds_cluster(directory) else LocalKafka(directory)
     click.echo("broker stopped" if local.stop() else f"no broker running from {local.data_dir}")
 
 
 @broker.command("status")
 @_DATA_DIR
 def broker_status(data_dir: Path | None) -> None:
-    """Print whether the broker runs, its PID and bootstrap address; exit 1 if it does not run."""
-    from quotewatch.local.kafka import LocalKafka
+    """Print whether the broker (each broker of a cluster) runs, its PID and address; exit 1 if one does not."""
+    from quotewatch.local.kafka import LocalKafka, LocalKafkaCluster, default_data_dir
 
-    local = LocalKafka(data_dir)
+    directory = data_dir or default_data_dir()
+    if LocalKafkaCluster.holds_cluster(directory):
+        cluster = LocalKafkaCluster(directory).status()
+        assert cluster is not None
+        for node in cluster.nodes:
+            what = f"running: pid {node.pid}" if node.running else "not running"
+            click.echo(f"broker {node.node_id}: {what}, bootstrap {node.bootstrap_servers}")
+        click.echo(f"cluster bootstrap {cluster.bootstrap_servers}, data {cluster.data_dir}")
+        if not cluster.running:
+            sys.exit(1)
+        return
+    local = LocalKafka(directory)
     state = local.status()
     if state is None or not state.running:
         click.echo(f"not running (data dir {local.data_dir})")
@@ -282,6 +321,11 @@ def feed() -> None:
 @main.group(cls=LazyGroup, lazy_path="lake")
 def lake() -> None:
     """The Parquet lake."""
+
+
+@main.group(cls=LazyGroup, lazy_path="capture")
+def capture() -> None:
+    """Capture files (one WebSocket frame a line + a receive-time sidecar)."""
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ class FaultRow:
     duplicated: int
     notes: str = ""
     test: str = ""
+    seconds: float | None = None
+    """How long the slowest trial took to recover (from the fault to normal service), when measured."""
 
 
 _ROWS: list[FaultRow] = []
@@ -47,8 +49,17 @@ class FaultReport:
     def __init__(self, nodeid: str) -> None:
         self._nodeid = nodeid
 
-    def add(self, fault: str, trials: int, recovered: int, lost: int, duplicated: int, notes: str = "") -> None:
-        _ROWS.append(FaultRow(fault, trials, recovered, lost, duplicated, notes, self._nodeid))
+    def add(
+        self,
+        fault: str,
+        trials: int,
+        recovered: int,
+        lost: int,
+        duplicated: int,
+        notes: str = "",
+        seconds: float | None = None,
+    ) -> None:
+        _ROWS.append(FaultRow(fault, trials, recovered, lost, duplicated, notes, self._nodeid, seconds))
 
 
 @pytest.fixture
@@ -58,11 +69,12 @@ def fault_report(request: pytest.FixtureRequest) -> FaultReport:
 
 def table(rows: list[FaultRow]) -> str:
     lines = [
-        "| fault | trials | recovered | records lost | records duplicated | notes |",
-        "|---|---|---|---|---|---|",
+        "| fault | trials | recovered | seconds | records lost | records duplicated | notes |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r.fault} | {r.trials} | {r.recovered} | {r.lost} | {r.duplicated} | {r.notes.replace('|', '/')} |"
+        f"| {r.fault} | {r.trials} | {r.recovered} | {'–' if r.seconds is None else f'{r.seconds:.1f}'} "
+        f"| {r.lost} | {r.duplicated} | {r.notes.replace('|', '/')} |"
         for r in rows
     ]
     return "\n".join(lines)

@@ -542,7 +542,7 @@ def verify_pipeline(
 
     def decoded_as(suffix: str, cls: type[R]) -> list[tuple[int, R]]:
         """``(offset, value)`` of the records of ``suffix`` that decode, each checked to be a ``cls``."""
-        out = []
+        out: list[tuple[int, R]] = []
         for record in decoded(suffix):
             if not isinstance(record.value, cls):
                 where = f"{record.topic}[{record.partition}]@{record.offset}"

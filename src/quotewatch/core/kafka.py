@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
+    ClusterMetadata,
     ConfigEntry,
     ConfigResource,
     NewTopic,
@@ -37,7 +38,7 @@ from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import BrokerError, ConfigError, FatalError
 from quotewatch.core.records import DeadLetter
-from quotewatch.core.topics import CATALOG, LARGE_MESSAGE_BYTES, TopicSpec
+from quotewatch.core.topics import CATALOG, LARGE_MESSAGE_BYTES, TopicSpec, replication_for
 
 ClientConfig = dict[str, Any]  # not a topic record: a librdkafka client configuration
 
@@ -185,9 +186,13 @@ def ensure_topics(
 ) -> list[str]:
     """Create the catalog's topics in namespace ``prefix`` and apply their configs. Idempotent.
 
-    Existing topics get their catalog configs set again (incremental alter); a partition count
-    that differs from the catalog is reported, never changed (it would move keys between
-    partitions).
+    New topics get the replication of the cluster's size (:func:`cluster_size`,
+    :func:`quotewatch.core.topics.replication_for`: 1 on a single broker, 3 with
+    ``min.insync.replicas=2`` from three brokers up). Existing topics
+    get their catalog configs set again (incremental alter, ``min.insync.replicas`` from their own
+    replica count); a partition count or replication factor that differs from the catalog is
+    reported, never changed (moving keys between partitions, or replicas between brokers, is an
+    operator's decision).
 
     Returns:
         The names of the topics created by this call.
@@ -196,12 +201,22 @@ def ensure_topics(
         BrokerError: the broker refused a creation or a config change.
     """
     specs = list(specs if specs is not None else CATALOG.values())
-    existing = _topic_metadata(admin, timeout)
+    metadata = _cluster_metadata(admin, timeout)
+    existing = dict(metadata.topics)
+    replicas, _ = replication_for(cluster_size(metadata))
     to_create = [spec for spec in specs if spec.name(prefix) not in existing]
     created: list[str] = []
     if to_create:
         futures = admin.create_topics(
-            [NewTopic(spec.name(prefix), num_partitions=spec.partitions, config=spec.configs()) for spec in to_create],
+            [
+                NewTopic(
+                    spec.name(prefix),
+                    num_partitions=spec.partitions,
+                    replication_factor=replicas,
+                    config=spec.configs(replicas),
+                )
+                for spec in to_create
+            ],
             operation_timeout=timeout,
             request_timeout=timeout,
         )
@@ -212,14 +227,21 @@ def ensure_topics(
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise BrokerError(f"cannot create topic {name}: {exc}") from exc
+    existing_replicas: dict[str, int] = {}
     for spec in specs:
         name = spec.name(prefix)
         if name in existing:
             actual = len(existing[name].partitions)
+            existing_replicas[name] = _replica_count(existing[name])
             if actual != spec.partitions:
                 logger.warning(
                     "topic has a different partition count than the catalog",
                     extra={"topic": name, "partitions": actual, "catalog_partitions": spec.partitions},
+                )
+            if existing_replicas[name] != replicas:
+                logger.warning(
+                    "topic has a different replication factor than this cluster's topics get",
+                    extra={"topic": name, "replicas": existing_replicas[name], "cluster_replicas": replicas},
                 )
     resources = [
         ConfigResource(
@@ -227,7 +249,7 @@ def ensure_topics(
             spec.name(prefix),
             incremental_configs=[
                 ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
-                for key, value in spec.configs().items()
+                for key, value in spec.configs(existing_replicas[spec.name(prefix)]).items()
             ],
         )
         for spec in specs
@@ -242,6 +264,27 @@ def ensure_topics(
     if created:
         await_topics_visible(admin, created, timeout)
     return created
+
+
+def cluster_size(metadata: ClusterMetadata) -> int:
+    """How many brokers the cluster has: those answering now and those any partition has a replica on.
+
+    A broker that is down is missing from the metadata's broker list but still named in the replica
+    lists of its partitions, so a service that (re)starts while one broker of three is down still
+    counts three. (A fresh cluster with a broker down and no topic yet cannot be told from a smaller one.)
+    """
+    replica_brokers = {
+        broker
+        for topic in metadata.topics.values()
+        for partition in topic.partitions.values()
+        for broker in partition.replicas
+    }
+    return len(set(metadata.brokers) | replica_brokers)
+
+
+def _replica_count(topic: Any) -> int:
+    """The replication factor of a topic in a metadata answer (its partitions' largest replica set)."""
+    return max((len(partition.replicas) for partition in topic.partitions.values()), default=1)
 
 
 def await_topics_visible(
@@ -316,8 +359,13 @@ class TransientBackoff:
 
 def _topic_metadata(admin: AdminClient, timeout: float) -> dict[str, Any]:  # not a topic record: metadata
     """Every topic's metadata by name, as the broker answers now."""
+    return dict(_cluster_metadata(admin, timeout).topics)
+
+
+def _cluster_metadata(admin: AdminClient, timeout: float) -> ClusterMetadata:
+    """The brokers and topics, as the cluster answers now."""
     try:
-        return dict(admin.list_topics(timeout=timeout).topics)
+        return admin.list_topics(timeout=timeout)
     except KafkaException as exc:
         raise BrokerError(f"cannot list topics: {exc}") from exc
 
@@ -520,8 +568,13 @@ def query_watermarks(
 
 
 def flush_or_fail(producer: Producer, timeout: float = 30.0) -> None:
-    """Flush ``producer``; raise :class:`FatalError` if records are still queued after ``timeout``."""
-    remaining = producer.flush(timeout)
+    """Flush ``producer``; raise :class:`FatalError` if records are still queued after ``timeout``,
+    or if the producer is in a fatal state (e.g. a transactional producer fenced by a newer
+    instance with its transactional id: librdkafka raises that from ``flush``)."""
+    try:
+        remaining = producer.flush(timeout)
+    except KafkaException as exc:
+        raise FatalError(f"producer cannot flush: {exc.args[0]}") from exc
     if remaining:
         raise FatalError(f"{remaining} records still undelivered after {timeout}s flush")
 

@@ -16,6 +16,20 @@ from types import MappingProxyType
 DAY_MS = 24 * 60 * 60 * 1000
 # A BTC-USD level-2 snapshot frame is several MB of JSON; the broker default (1 MB) is too small.
 LARGE_MESSAGE_BYTES = 32 * 1024 * 1024
+REPLICAS = 3
+"""Replication factor of every topic on a cluster of at least this many brokers."""
+
+
+def replication_for(brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) of the topics on a cluster of ``brokers`` brokers.
+
+    Three replicas and ``min.insync.replicas=2`` from three brokers up: with ``acks=all`` (every
+    producer of ours) a write is on two brokers before it is acknowledged, so any one broker may
+    die, even by ``kill -9``, without losing an acknowledged record, and writes go on while it is
+    down. Fewer brokers: one replica per broker (a single broker: 1 and 1).
+    """
+    replicas = max(1, min(REPLICAS, brokers))
+    return replicas, max(1, replicas - 1)
 
 
 class CleanupPolicy(StrEnum):
@@ -44,10 +58,16 @@ class TopicSpec:
         """The full topic name in namespace ``prefix``."""
         return f"{prefix}.{self.suffix}"
 
-    def configs(self) -> dict[str, str]:
-        """Topic-level configs applied by ``quotewatch topics create``."""
+    def configs(self, replicas: int = 1) -> dict[str, str]:
+        """Topic-level configs applied by ``quotewatch topics create`` to a topic of ``replicas`` replicas.
+
+        A replicated topic also gets its ``min.insync.replicas`` (:func:`replication_for`); a
+        single replica keeps the broker's default.
+        """
         configs = {"cleanup.policy": str(self.cleanup_policy)}
         configs["retention.ms"] = str(self.retention_ms if self.retention_ms is not None else -1)
+        if replicas > 1:
+            configs["min.insync.replicas"] = str(max(1, replicas - 1))
         configs.update(self.extra_configs)
         return configs
 

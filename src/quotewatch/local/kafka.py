@@ -1,5 +1,6 @@
-"""A real single-node Apache Kafka 4.x broker in KRaft mode (combined broker + controller),
-run from Maven Central jars on a machine without Docker.
+"""Real Apache Kafka 4.x in KRaft mode, run from Maven Central jars on a machine without Docker:
+one node (:class:`LocalKafka`, combined broker + controller) or a cluster of them on one box
+(:class:`LocalKafkaCluster`, ``quotewatch broker start --brokers 3``, what ``make faults`` kills).
 
 ``quotewatch broker start|stop|status`` and the pytest broker fixture use :class:`LocalKafka`:
 
@@ -13,10 +14,23 @@ run from Maven Central jars on a machine without Docker.
   ``quotewatch broker start`` leaves it running on its own, which is that command's point.
 
 Everything about one broker lives in its data directory: properties, data, PID, log, ports.
+
+**The cluster** (:class:`LocalKafkaCluster`): N nodes, each a :class:`LocalKafka` in
+``<data dir>/node-<id>`` with its own listener, controller port, log and PID, all *combined*
+(broker + controller) and all voters of one static controller quorum
+(``controller.quorum.voters``). Combined, not separate controllers: a separate quorum that
+survives one loss needs three more JVMs (six on a 2-core box), and a single separate controller
+would be a point of failure the brokers' replication does not have. Combined, killing a node can
+kill the active controller *and* partition leaders at once, the harder failover. Replication
+follows :func:`quotewatch.core.topics.replication_for`: with 3 nodes every topic, the consumer
+offsets and the transaction log have 3 replicas and ``min.insync.replicas=2`` (an acks=all write
+is on two nodes before it is acknowledged), unclean leader election off. :meth:`LocalKafkaCluster.kill`
+is a ``kill -9`` of one node; :meth:`LocalKafkaCluster.start_node` brings it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,13 +41,15 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import platformdirs
 import psutil
 
 from quotewatch.core.errors import BrokerError
+from quotewatch.core.topics import replication_for
 from quotewatch.local.lifetime import die_with_parent as _die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -164,16 +180,46 @@ class BrokerState:
     cluster_id: str
     pid: int | None = None
     running: bool = False
+    node_id: int = 1
 
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
 
-class LocalKafka:
-    """One local broker, identified by its data directory."""
+@dataclass(frozen=True)
+class ClusterMember:
+    """How one node of a :class:`LocalKafkaCluster` joins it: its id and the static controller quorum."""
 
-    def __init__(self, data_dir: Path | None = None) -> None:
+    node_id: int
+    cluster_id: str
+    controllers: tuple[tuple[int, int], ...]
+    """Every voter of the quorum as (node id, controller port): every node of the cluster."""
+
+    @property
+    def controller_port(self) -> int:
+        return dict(self.controllers)[self.node_id]
+
+    @property
+    def size(self) -> int:
+        return len(self.controllers)
+
+    def voters(self) -> str:
+        """``controller.quorum.voters``: ``1@127.0.0.1:port,2@...``."""
+        return ",".join(f"{node}@127.0.0.1:{port}" for node, port in self.controllers)
+
+
+class LocalKafka:
+    """One local broker, identified by its data directory.
+
+    Args:
+        member: this broker is one node of a :class:`LocalKafkaCluster` (its node id, cluster id
+            and controller quorum come from there); None: a standalone single-node cluster.
+    """
+
+    def __init__(self, data_dir: Path | None = None, member: ClusterMember | None = None) -> None:
+        self.member = member
+        self.node_id = member.node_id if member is not None else 1
         self.data_dir = (data_dir or default_data_dir()).expanduser().resolve()
         self._state_file = self.data_dir / "broker.json"
         self._pid_file = self.data_dir / "broker.pid"
@@ -181,6 +227,8 @@ class LocalKafka:
         self._properties = self.data_dir / "server.properties"
         self._log_dirs = self.data_dir / "kraft"
         self._launched: subprocess.Popen[bytes] | None = None
+        self._launched_now = False
+        self._state: BrokerState | None = None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -193,6 +241,7 @@ class LocalKafka:
             port=raw["port"],
             controller_port=raw["controller_port"],
             cluster_id=raw["cluster_id"],
+            node_id=self.node_id,
         )
 
     def _save_state(self, state: BrokerState) -> None:
@@ -230,7 +279,9 @@ class LocalKafka:
     ) -> BrokerState:
         """Start the broker (formatting its storage on first start) and wait until it answers.
 
-        Idempotent: a broker already running from this data directory is left alone.
+        Idempotent: a broker already running from this data directory is left alone. A node of a
+        cluster is up once it is a registered, unfenced broker of the cluster (which needs a
+        majority of the controller quorum running).
 
         Args:
             die_with_parent: the kernel sends the broker SIGTERM when the thread that called this
@@ -240,6 +291,23 @@ class LocalKafka:
         Raises:
             BrokerError: java/mvn missing, the port is taken, or the broker did not come up.
         """
+        state = self.launch(port, heap, die_with_parent=die_with_parent)
+        if not self._launched_now:
+            return state
+        self.wait_until_up(timeout)
+        state.pid, state.running = self._running_pid(), True
+        return state
+
+    def launch(self, port: int = 9092, heap: str = "768m", *, die_with_parent: bool = False) -> BrokerState:
+        """Start the broker's process without waiting for it (formatting its storage on first start).
+
+        A cluster launches all its nodes this way, then waits for them together: no node answers
+        before a majority of the quorum runs. A broker already running is left alone.
+
+        Raises:
+            BrokerError: java/mvn missing, a port is taken, or formatting failed.
+        """
+        self._launched_now = False
         current = self.status()
         if current is not None and current.running:
             if current.port != port:
@@ -250,8 +318,11 @@ class LocalKafka:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
         if state is None:
-            controller_port = free_port()
-            state = BrokerState(str(self.data_dir), port, controller_port, _cluster_id())
+            if self.member is not None:
+                controller_port, cluster_id = self.member.controller_port, self.member.cluster_id
+            else:
+                controller_port, cluster_id = free_port(), _cluster_id()
+            state = BrokerState(str(self.data_dir), port, controller_port, cluster_id, node_id=self.node_id)
         state.port = port
         if not port_is_free(port):
             raise BrokerError(f"port {port} is already in use on 127.0.0.1: stop what listens there or pass --port")
@@ -264,15 +335,21 @@ class LocalKafka:
             self._format(libs, state)
         self._save_state(state)
         self._launch(libs, heap, die_with_parent=die_with_parent)
-        self._wait_until_up(state, timeout)
-        state.pid, state.running = self._running_pid(), True
+        self._launched_now = True
+        self._state = state
         return state
 
     def _write_config(self, state: BrokerState) -> None:
+        replicas, min_insync = replication_for(self.member.size if self.member is not None else 1)
+        quorum = (
+            {"controller.quorum.voters": self.member.voters()}
+            if self.member is not None
+            else {"controller.quorum.bootstrap.servers": f"127.0.0.1:{state.controller_port}"}
+        )
         properties = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.bootstrap.servers": f"127.0.0.1:{state.controller_port}",
+            "node.id": str(self.node_id),
+            **quorum,
             "listeners": f"PLAINTEXT://127.0.0.1:{state.port},CONTROLLER://127.0.0.1:{state.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{state.port},CONTROLLER://127.0.0.1:{state.controller_port}",
             "controller.listener.names": "CONTROLLER",
@@ -282,13 +359,18 @@ class LocalKafka:
             "num.partitions": "1",
             "num.network.threads": "2",
             "num.io.threads": "4",
-            "offsets.topic.replication.factor": "1",
+            # Internal topics replicated like ours (quotewatch.core.topics.replication_for): with
+            # 3 nodes the group offsets and transaction states survive the loss of any one.
+            "default.replication.factor": str(replicas),
+            "min.insync.replicas": str(min_insync),
+            "unclean.leader.election.enable": "false",
+            "offsets.topic.replication.factor": str(replicas),
             "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": str(replicas),
+            "transaction.state.log.min.isr": str(min_insync),
             "transaction.state.log.num.partitions": "10",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": str(replicas),
+            "share.coordinator.state.topic.min.isr": str(min_insync),
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "true",
             "message.max.bytes": str(33 * 1024 * 1024),
@@ -322,7 +404,9 @@ class LocalKafka:
                 "256m",
                 "kafka.tools.StorageTool",
                 "format",
-                "--standalone",
+                # Standalone: this node is the whole quorum. A cluster node: the static quorum of
+                # controller.quorum.voters in its properties.
+                *(["--standalone"] if self.member is None else []),
                 "-t",
                 state.cluster_id,
                 "-c",
@@ -350,9 +434,17 @@ class LocalKafka:
         self._pid_file.write_text(f"{process.pid}\n")
         self._launched = process
 
-    def _wait_until_up(self, state: BrokerState, timeout: float) -> None:
+    def wait_until_up(self, timeout: float = 90.0) -> None:
+        """Wait until this broker answers metadata requests as a registered broker of its cluster.
+
+        Raises:
+            BrokerError: the broker exited, or did not come up within ``timeout`` (it is stopped).
+        """
         from confluent_kafka.admin import AdminClient
 
+        state = self._state or self._load_state()
+        if state is None:
+            raise BrokerError(f"no broker was ever started from {self.data_dir}")
         deadline = time.monotonic() + timeout
         admin = AdminClient({"bootstrap.servers": state.bootstrap_servers, "log_level": 0})
         while time.monotonic() < deadline:
@@ -362,8 +454,10 @@ class LocalKafka:
             if launched is not None and launched.poll() is not None:
                 raise BrokerError(f"the broker exited during start-up; last log lines: {self.log_tail()}")
             try:
+                # Only this node's listener is asked (librdkafka may learn the others from it, so
+                # the node must itself be among the registered brokers, not just some node).
                 metadata = admin.list_topics(timeout=2)
-                if metadata.brokers:
+                if self.node_id in metadata.brokers:
                     return
             except Exception:  # noqa: BLE001, S112 - not up yet: librdkafka raises several types while connecting
                 continue
@@ -388,6 +482,23 @@ class LocalKafka:
 
     # -- stop -------------------------------------------------------------------------------
 
+    def kill(self, timeout: float = 30.0) -> bool:
+        """``kill -9`` the broker (no shutdown at all: a crash) and wait until it is gone.
+
+        Returns:
+            True if a running broker was killed, False if none was running.
+        """
+        pid = self._running_pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGKILL)
+        if self._launched is not None and self._launched.pid == pid:
+            self._launched.wait(timeout)  # our child: reaped here, so its exit code stays readable
+        else:
+            psutil.Process(pid).wait(timeout)
+        self._pid_file.unlink(missing_ok=True)
+        return True
+
     def stop(self, timeout: float = 60.0) -> bool:
         """Stop the broker by its recorded PID and wait for it to exit.
 
@@ -408,6 +519,195 @@ class LocalKafka:
             process.wait(10)
         self._pid_file.unlink(missing_ok=True)
         return True
+
+
+@dataclass(frozen=True)
+class _NodeLayout:
+    node_id: int
+    port: int
+    controller_port: int
+
+
+@dataclass
+class ClusterState:
+    """What ``status`` reports for a :class:`LocalKafkaCluster`: every node's state."""
+
+    data_dir: str
+    cluster_id: str
+    nodes: list[BrokerState] = field(default_factory=list)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Every node's listener: a client finds the cluster through any node that is up."""
+        return ",".join(node.bootstrap_servers for node in self.nodes)
+
+    @property
+    def running(self) -> bool:
+        """True when every node runs."""
+        return bool(self.nodes) and all(node.running for node in self.nodes)
+
+
+class LocalKafkaCluster:
+    """N local brokers on one box, one KRaft cluster (see the module docstring: combined nodes,
+    a static quorum of all of them, replication from :func:`~quotewatch.core.topics.replication_for`).
+
+    Identified by its data directory, which holds ``cluster.json`` (the cluster id, node ids and
+    ports, fixed when the cluster is first formatted) and one ``node-<id>`` directory per node.
+    Node ids run 1..N.
+    """
+
+    def __init__(self, data_dir: Path | None = None, brokers: int = 3) -> None:
+        if brokers < 2:
+            raise BrokerError(f"a cluster needs at least 2 brokers, got {brokers} (one broker: LocalKafka)")
+        self.data_dir = (data_dir or default_data_dir()).expanduser().resolve()
+        self.size = brokers
+        self._state_file = self.data_dir / "cluster.json"
+        self._nodes: dict[int, LocalKafka] = {}
+
+    @staticmethod
+    def holds_cluster(data_dir: Path) -> bool:
+        """True when ``data_dir`` is (or was) a cluster's, not a single broker's."""
+        return (data_dir.expanduser() / "cluster.json").exists()
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def _load_layout(self) -> tuple[str, list[_NodeLayout]] | None:
+        if not self._state_file.exists():
+            return None
+        raw = json.loads(self._state_file.read_text())
+        return str(raw["cluster_id"]), [_NodeLayout(**node) for node in raw["nodes"]]
+
+    def _save_layout(self, cluster_id: str, layout: list[_NodeLayout]) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        data = {"cluster_id": cluster_id, "nodes": [asdict(node) for node in layout]}
+        self._state_file.write_text(json.dumps(data, indent=2) + "\n")
+
+    def _make_nodes(self, cluster_id: str, layout: list[_NodeLayout]) -> dict[int, LocalKafka]:
+        controllers = tuple((node.node_id, node.controller_port) for node in layout)
+        self.size = len(layout)
+        self._nodes = {
+            node.node_id: LocalKafka(
+                self.data_dir / f"node-{node.node_id}", ClusterMember(node.node_id, cluster_id, controllers)
+            )
+            for node in layout
+        }
+        return self._nodes
+
+    def nodes(self) -> dict[int, LocalKafka]:
+        """The nodes by id (empty before the first start)."""
+        if not self._nodes and (loaded := self._load_layout()) is not None:
+            self._make_nodes(*loaded)
+        return self._nodes
+
+    def node(self, node_id: int) -> LocalKafka:
+        """One node by id.
+
+        Raises:
+            KeyError: no such node.
+        """
+        return self.nodes()[node_id]
+
+    # -- state ------------------------------------------------------------------------------
+
+    def status(self) -> ClusterState | None:
+        """Every node's ports and PID, or None if this data directory never held a cluster."""
+        loaded = self._load_layout()
+        if loaded is None:
+            return None
+        cluster_id, layout = loaded
+        nodes = self.nodes()
+        states = []
+        for spec in layout:
+            state = nodes[spec.node_id].status()
+            if state is None:  # in the layout, never launched
+                state = BrokerState(
+                    str(nodes[spec.node_id].data_dir), spec.port, spec.controller_port, cluster_id, node_id=spec.node_id
+                )
+            states.append(state)
+        return ClusterState(str(self.data_dir), cluster_id, states)
+
+    # -- start / stop -----------------------------------------------------------------------
+
+    def start(
+        self,
+        ports: Sequence[int] | None = None,
+        timeout: float = 180.0,
+        heap: str = "256m",
+        *,
+        die_with_parent: bool = False,
+    ) -> ClusterState:
+        """Start every node that is not running and wait until all are brokers of the cluster.
+
+        Args:
+            ports: the nodes' listener ports (node 1 first) on the first start; later starts reuse
+                the recorded ones (default 9092, 9093, ...).
+            heap: each node's max heap (three JVMs share the box: keep it small).
+            die_with_parent: see :meth:`LocalKafka.start`.
+
+        Raises:
+            BrokerError: a port is taken, a node exited or the cluster did not form in time.
+        """
+        loaded = self._load_layout()
+        if loaded is None:
+            ports = list(ports) if ports is not None else [9092 + i for i in range(self.size)]
+            if len(ports) != self.size:
+                raise BrokerError(f"{self.size} brokers need {self.size} ports, got {len(ports)}")
+            cluster_id = _cluster_id()
+            layout = [_NodeLayout(i + 1, port, free_port()) for i, port in enumerate(ports)]
+            self._save_layout(cluster_id, layout)
+        else:
+            cluster_id, layout = loaded
+            if ports is not None and list(ports) != [node.port for node in layout]:
+                raise BrokerError(
+                    f"the cluster in {self.data_dir} listens on {[node.port for node in layout]}, "
+                    f"fixed when it was formatted; asked for {list(ports)}"
+                )
+        nodes = self._make_nodes(cluster_id, layout)
+        for spec in layout:
+            nodes[spec.node_id].launch(spec.port, heap, die_with_parent=die_with_parent)
+        deadline = time.monotonic() + timeout
+        for node in nodes.values():
+            node.wait_until_up(max(1.0, deadline - time.monotonic()))
+        state = self.status()
+        assert state is not None
+        return state
+
+    def start_node(
+        self, node_id: int, timeout: float = 180.0, heap: str = "256m", *, die_with_parent: bool = False
+    ) -> BrokerState:
+        """Start one node again (after :meth:`kill` or :meth:`stop_node`) and wait until it is a broker.
+
+        Raises:
+            BrokerError: the node did not come back.
+        """
+        node = self.node(node_id)
+        loaded = self._load_layout()
+        assert loaded is not None
+        port = next(spec.port for spec in loaded[1] if spec.node_id == node_id)
+        return node.start(port, timeout, heap, die_with_parent=die_with_parent)
+
+    def kill(self, node_id: int) -> bool:
+        """``kill -9`` one node (a crash: no controlled shutdown, no leadership handed over)."""
+        return self.node(node_id).kill()
+
+    def stop_node(self, node_id: int, timeout: float = 60.0) -> bool:
+        """Stop one node cleanly (SIGTERM: a controlled shutdown that moves its leaderships first)."""
+        return self.node(node_id).stop(timeout)
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Stop every node (SIGTERM to all first, so they shut down together) and wait for them.
+
+        Returns:
+            True if any node was running.
+        """
+        nodes = list(self.nodes().values())
+        running = [(node, pid) for node in nodes if (pid := node._running_pid()) is not None]
+        for _, pid in running:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).send_signal(signal.SIGTERM)
+        for node, _ in running:
+            node.stop(timeout)
+        return bool(running)
 
 
 def min_heap(heap: str) -> str:

@@ -8,6 +8,7 @@ from confluent_kafka import Producer
 from quotewatch.cli import main
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import describe_topics, ensure_topics, make_admin
+from quotewatch.core.records import Label
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import CATALOG, TopicNames
 
@@ -23,6 +24,12 @@ def test_ensure_topics_creates_the_catalog_idempotently(settings: CommonSettings
         assert info.partitions == spec.partitions
         assert info.cleanup_policy == str(spec.cleanup_policy)
     assert infos[TopicNames(settings.topic_prefix).snapshot].cleanup_policy == "compact"
+    metadata = admin.list_topics(timeout=10)
+    if (
+        len(metadata.brokers) == 1
+    ):  # one replica on a single broker (the cluster's 3: tests/faults/test_cluster_faults.py)
+        for name in TopicNames(settings.topic_prefix).all():
+            assert {len(p.replicas) for p in metadata.topics[name].partitions.values()} == {1}, name
 
 
 def test_cli_create_list_and_tail(settings: CommonSettings, monkeypatch: object) -> None:
@@ -46,20 +53,20 @@ def test_cli_create_list_and_tail(settings: CommonSettings, monkeypatch: object)
             key=b"BTC-USD",
             value=serde.encode(
                 topic,
-                {
-                    "ts_event": 1_000 + i,
-                    "ts_init": 2_000 + i,
-                    "exchange": "coinbase",
-                    "symbol": "BTC-USD",
-                    "t_event": i,
-                    "delta_ms": 500,
-                    "epoch": 1,
-                    "label": i % 2,
-                    "best_bid_e8": 1,
-                    "best_ask_e8": 2,
-                    "future_best_bid_e8": 1,
-                    "future_best_ask_e8": 3,
-                },
+                Label(
+                    ts_event=1_000 + i,
+                    ts_init=2_000 + i,
+                    exchange="coinbase",
+                    symbol="BTC-USD",
+                    t_event=i,
+                    delta_ms=500,
+                    epoch=1,
+                    label=i % 2,
+                    best_bid_e8=1,
+                    best_ask_e8=2,
+                    future_best_bid_e8=1,
+                    future_best_ask_e8=3,
+                ),
             ),
         )
     producer.produce(topic, key=b"BTC-USD", value=b"garbage")

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from confluent_kafka import KafkaError, KafkaException
 
 from quotewatch.cli import main
 from quotewatch.core.config import CommonSettings
-from quotewatch.core.errors import ConfigError
-from quotewatch.core.kafka import make_admin, make_consumer, make_producer
+from quotewatch.core.errors import ConfigError, FatalError
+from quotewatch.core.kafka import flush_or_fail, make_admin, make_consumer, make_producer
 
 
 def refused(tmp_path: Path) -> CommonSettings:
@@ -43,3 +44,17 @@ def test_topic_commands_print_one_error_line_and_exit_1(
     assert "error: cannot create a Kafka" in result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+class _FencedProducer:
+    """A transactional producer in librdkafka's fatal state: flush raises."""
+
+    def flush(self, timeout: float) -> int:
+        raise KafkaException(
+            KafkaError(KafkaError._FENCED, "This instance has been fenced by a newer instance", fatal=True)
+        )
+
+
+def test_flushing_a_fenced_producer_is_a_fatal_error_naming_the_cause() -> None:
+    with pytest.raises(FatalError, match=r"producer cannot flush: .*fenced"):
+        flush_or_fail(_FencedProducer())  # type: ignore[arg-type]  # a stand-in with flush() only

@@ -7,7 +7,9 @@ XGBoost), and scored with :func:`quotewatch.domain.ml.models.positive_probabilit
 version gives the same p in every process.
 
 A QuoteWatch model records the feature spec it was trained on in its MLmodel ``metadata``
-(``feature_spec_id``, ``feature_names``); the signature's input columns are the same names.
+(``feature_spec_id``, ``feature_names``); the signature's input columns are the same names. Its
+calibration, when it has one, is the metadata's ``calibration`` entry (JSON numbers, see
+:mod:`quotewatch.domain.ml.calibration`), applied by :meth:`LoadedModel.predict`.
 
 Registry webhooks are signed as mlflow 3.17 signs them (``mlflow/webhooks/delivery.py``):
 ``X-MLflow-Signature: v1,<base64 HMAC-SHA256(secret, "<delivery id>.<timestamp>.<body>")>``
@@ -32,6 +34,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from quotewatch.core.errors import ConfigError, QuoteWatchError, RetriableError
+from quotewatch.domain.ml.calibration import CalibrationError, Calibrator
+from quotewatch.domain.ml.calibration import from_metadata as calibration_from_metadata
 from quotewatch.domain.ml.models import positive_probability
 
 if TYPE_CHECKING:
@@ -138,10 +142,13 @@ class LoadedModel:
     feature_names: tuple[str, ...]
     run_id: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)  # not a topic record: MLflow model metadata
+    calibrator: Calibrator | None = None
+    """The model's calibration (its metadata's ``calibration`` entry), applied after scoring."""
 
     def predict(self, features: NDArray[np.float64]) -> NDArray[np.float64]:
-        """P(y = 1) per row of ``features`` (see :func:`positive_probability`)."""
-        return positive_probability(self.model, features)
+        """P(y = 1) per row of ``features`` (see :func:`positive_probability`), calibrated if the model is."""
+        p = positive_probability(self.model, features)
+        return p if self.calibrator is None else self.calibrator.apply(p)
 
 
 def load_model_version(tracking_uri: str, name: str, version: str, dst_dir: Path | None = None) -> LoadedModel:
@@ -192,6 +199,10 @@ def load_model_version(tracking_uri: str, name: str, version: str, dst_dir: Path
         except Exception as exc:  # corrupt artifacts raise anything, from zip to skops errors
             raise ModelLoadError(f"{uri}: cannot load the {flavor} model: {type(exc).__name__}: {exc}") from exc
     metadata = dict(description.metadata or {})
+    try:
+        calibrator = calibration_from_metadata(metadata)
+    except CalibrationError as exc:
+        raise ModelLoadError(f"{uri}: unusable calibration: {exc}") from exc
     names = metadata.get("feature_names")
     if not names and description.signature is not None:
         names = description.signature.inputs.input_names()
@@ -204,6 +215,7 @@ def load_model_version(tracking_uri: str, name: str, version: str, dst_dir: Path
         feature_names=tuple(str(n) for n in (names or ())),
         run_id=description.run_id,
         metadata=metadata,
+        calibrator=calibrator,
     )
 
 

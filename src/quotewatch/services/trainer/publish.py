@@ -25,9 +25,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from quotewatch import __version__
-from quotewatch.domain.ml import evaluation
+from quotewatch.domain.ml import calibration, evaluation
 from quotewatch.domain.ml.evaluation import Scores
-from quotewatch.domain.ml.models import FeatureSpecMismatchError, probability_problems
+from quotewatch.domain.ml.models import FeatureSpecMismatchError, positive_probability, probability_problems
 from quotewatch.domain.ml.registry import (
     CHAMPION,
     ModelLoadError,
@@ -172,7 +172,7 @@ def publish(
         say("no champion registered")
     elif isinstance(champion, UnscoredChampion):
         say(champion.reason)
-    decision = gate(candidate.scores, result.baselines, champion, thresholds, champion_version)
+    decision = gate(candidate.scores, result.baselines, champion, thresholds, champion_version, lift=candidate.lift)
     champion_scores = champion if isinstance(champion, Scores) else None
     try:
         mlflow.set_experiment(experiment_name)
@@ -236,6 +236,9 @@ def _log_run(
     }
     mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
     metrics = candidate.scores.finite_items("test_")
+    for key, value in candidate.lift.as_dict().items():
+        if value is not None:
+            metrics[f"test_auc_lift_{key}"] = value
     for kind, other in result.candidates.items():
         metrics.update(other.scores.finite_items(f"{kind}_test_"))
     for name, scores in result.baselines.items():
@@ -249,6 +252,7 @@ def _log_run(
             "quotewatch.gate_reasons": "; ".join(decision.reasons)[:5000],
             "quotewatch.champion_version": champion_version or "",
             "quotewatch.model_kind": candidate.kind,
+            "quotewatch.calibration": candidate.calibration_note[:5000],
         }
     )
     mlflow.log_dict(
@@ -262,7 +266,14 @@ def _log_run(
     )
     mlflow.log_dict(
         {
-            "candidate": {"kind": candidate.kind, **candidate.scores.as_dict()},
+            "candidate": {
+                "kind": candidate.kind,
+                **candidate.scores.as_dict(),
+                "auc_lift": candidate.lift.as_dict(),
+                "bootstrap_block_rows": candidate.block_length,
+                "calibration": candidate.calibrator.to_json() if candidate.calibrator is not None else None,
+                "calibration_choice": candidate.calibration_note,
+            },
             "candidates": {kind: c.scores.as_dict() for kind, c in result.candidates.items()},
             "baselines": {name: scores.as_dict() for name, scores in result.baselines.items()},
             "champion": {"version": champion_version, **(champion.as_dict() if champion else {})},
@@ -277,10 +288,15 @@ def _log_run(
         },
         **{f"baseline: {name}": p for name, p in result.baseline_p_test.items()},
     }
+    reliability = dict(curves)
+    if candidate.calibrator is not None:
+        # The reliability diagram also shows what calibration corrected.
+        reliability[f"{candidate.kind} before calibration"] = positive_probability(candidate.model, result.x_test)
     with tempfile.TemporaryDirectory(prefix="qw-plots-") as scratch:
-        for name, plot in (("roc.png", _roc_plot), ("calibration.png", _calibration_plot)):
+        for name, plot, shown in (("roc.png", _roc_plot, curves), ("calibration.png", _calibration_plot, reliability)):
             path = Path(scratch) / name
-            plot(result.y_test, curves, path)
+            plot(result.y_test, shown, path)
+            # Logged as PNG images under plots/ (MLflow shows them in the run's artifacts).
             mlflow.log_artifact(str(path), artifact_path="plots")
 
 
@@ -338,7 +354,7 @@ def _log_model(result: TrainingResult, candidate: Candidate, context: RunContext
     names = list(result.data.feature_names)
     sample = result.x_test[: min(100, len(result.y_test))]
     signature = infer_signature(pd.DataFrame(sample, columns=names), candidate.p_test[: len(sample)])
-    metadata = {
+    metadata: dict[str, Any] = {  # not a topic record: the MLmodel metadata
         "feature_spec_id": result.data.feature_spec_id,
         "feature_names": names,
         "model_kind": candidate.kind,
@@ -346,6 +362,9 @@ def _log_model(result: TrainingResult, candidate: Candidate, context: RunContext
         "tick_ms": context.get("tick_ms"),
         "quotewatch_version": __version__,
     }
+    if candidate.calibrator is not None:
+        # JSON parameters in the MLmodel file, next to the model: applied by LoadedModel.predict.
+        metadata[calibration.METADATA_KEY] = candidate.calibrator.to_json()
     # Explicit requirements: inferring them imports the model in a subprocess (slow) and would
     # list the trainer's whole environment.
     if candidate.kind == "xgb":
@@ -410,6 +429,13 @@ def write_summary(outcome: PublishOutcome, result: TrainingResult, candidate: Ca
             f"{name:<34} {s.n:>7} {_f(s.roc_auc):>7} {_f(s.brier, 5):>8} {_f(s.log_loss):>8} "
             f"{_f(s.balanced_accuracy):>7} {_f(s.base_rate, 3):>6}"
         )
+    lift = candidate.lift
+    if lift.has_interval:
+        lines.append(
+            f"{candidate.kind} AUC lift over the best naive baseline: {lift.estimate:+.4f}, 95 % interval "
+            f"[{lift.low:+.4f}, {lift.high:+.4f}] (moving blocks of {candidate.block_length} rows)"
+        )
+    lines.append(f"{candidate.kind} calibration: {candidate.calibration_note}")
     verdict = "PASSED" if outcome.decision.passed else "REFUSED"
     lines.append(f"registered {outcome.model_name} v{outcome.version} (run {outcome.run_id}); gate {verdict}:")
     lines.extend(f"  - {reason}" for reason in outcome.decision.reasons)

@@ -10,7 +10,13 @@ training label (known at t + Δ) looks into the test window.
 
 **Models.** ``lr``: one scikit-learn Pipeline of StandardScaler and LogisticRegression (the scaler
 ships inside the model). ``xgb``: XGBoost's XGBClassifier with ``max_depth`` 4 (no scaling needed).
-Both are scored with :func:`quotewatch.domain.ml.models.positive_probability`, as inference does.
+Both are scored with :func:`quotewatch.domain.ml.models.positive_probability`, as inference does,
+then calibrated (Platt or isotonic, chosen on the training window only:
+:mod:`quotewatch.services.trainer.calibration`); the calibrator ships with the registered model.
+
+**Judged with intervals.** Each candidate's AUC lift over the best naive baseline on the test
+window comes with its 95 % moving-block bootstrap interval
+(:func:`quotewatch.domain.ml.statistics.bootstrap`); the gate reads its lower bound.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from quotewatch.core.records import FeatureVector, Label
-from quotewatch.domain.ml import evaluation
+from quotewatch.domain.ml import evaluation, statistics
+from quotewatch.domain.ml.calibration import Calibrator
 from quotewatch.domain.ml.evaluation import BaselineFit, Scores
 from quotewatch.domain.ml.models import feature_names_for, positive_probability
+from quotewatch.domain.ml.statistics import Interval
 
 Params = dict[str, Any]  # not a topic record: model parameters and descriptions logged to MLflow
 
@@ -62,6 +70,11 @@ class TrainingOptions:
     xgb_learning_rate: float = 0.1
     xgb_threads: int = 2
     random_state: int = 7
+    tick_ms: int = 100
+    """The grid step: with ``delta_ms`` it gives the label horizon in ticks (the bootstrap's shortest block)."""
+    calibrate: bool = True
+    """Choose and fit a calibrator on the training window (:mod:`quotewatch.services.trainer.calibration`)."""
+    bootstrap_resamples: int = statistics.DEFAULT_RESAMPLES
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,7 @@ class GateThresholds:
     min_auc: float = 0.5
     """The test AUC must be at least this."""
     min_auc_lift: float = 0.0
-    """…and at least this much above the best naive baseline's AUC."""
+    """…and the lower bound of the 95 % interval of its AUC lift over the best naive baseline must be above this."""
     max_brier_ratio: float = 1.0
     """The test Brier must be below this fraction of the base-rate baseline's Brier."""
     metric: GateMetric = "auc"
@@ -128,6 +141,13 @@ class Candidate:
     params: Params
     scores: Scores
     p_test: NDArray[np.float64]
+    """Calibrated (when a calibrator was fitted): what the registered model serves."""
+    calibrator: Calibrator | None = None
+    calibration_note: str = ""
+    lift: Interval = field(default_factory=lambda: Interval(None))
+    """AUC lift over the best naive baseline on the test window, with its 95 % block-bootstrap interval."""
+    block_length: int = 0
+    """Rows per bootstrap block (Politis-White, at least the label horizon)."""
 
 
 @dataclass
@@ -334,8 +354,22 @@ def train(
     on_round: Callable[[int, int], None] | None = None,
 ) -> TrainingResult:
     """Split, fit the baselines and each model kind, and score everything on the test window."""
+    return train_on_split(data, time_split(data, options), options, kinds, progress, on_round)
+
+
+def train_on_split(
+    data: TrainingSet,
+    split: Split,
+    options: TrainingOptions,
+    kinds: Sequence[ModelKind] = MODEL_KINDS,
+    progress: Callable[[str], None] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+) -> TrainingResult:
+    """Fit the baselines and each model kind on ``split.train`` and score everything on ``split.test``.
+
+    :func:`train` with its own split; the quality report calls it once per walk-forward fold.
+    """
     say = progress or (lambda message: None)
-    split = time_split(data, options)
     train_label_mask = data.labels["t_event"].to_numpy(dtype=np.int64) < split.train_end_ns
     train_labels = data.labels[train_label_mask]
     fit = evaluation.fit_baselines(
@@ -363,8 +397,46 @@ def train(
         say(f"fitting {kind} on {len(y_train)} rows x {data.x.shape[1]} features")
         model, params = fit_model(kind, x_train, y_train, options, on_round=on_round)
         p_test = positive_probability(model, data.x[split.test])
-        result.candidates[kind] = Candidate(kind, model, params, evaluation.score(y_test, p_test), p_test)
+        calibrator, note = None, "calibration off"
+        if options.calibrate:
+            from quotewatch.services.trainer.calibration import choose_calibration
+
+            say(f"choosing the calibration of {kind} on the training window")
+            choice = choose_calibration(kind, x_train, y_train, data.t[split.train], options)
+            calibrator, note = choice.calibrator, choice.reason
+            if calibrator is not None:
+                p_test = calibrator.apply(p_test)
+        params["calibration"] = calibrator.method if calibrator is not None else "none"
+        lift, length = lift_interval(y_test, p_test, baseline_p, data.t[split.test], options)
+        result.candidates[kind] = Candidate(
+            kind, model, params, evaluation.score(y_test, p_test), p_test, calibrator, note, lift, length
+        )
     return result
+
+
+def lift_interval(
+    y: NDArray[np.int64],
+    p: NDArray[np.float64],
+    baselines: Mapping[str, NDArray[np.float64]],
+    t: NDArray[np.int64],
+    options: TrainingOptions,
+) -> tuple[Interval, int]:
+    """(AUC lift of ``p`` over the best of ``baselines`` with its 95 % interval, the block length in rows).
+
+    Rows in time order (a :class:`TrainingSet` is sorted by t). The block length is the
+    Politis-White length of y, p and (p - y)^2, at least the label horizon (Δ / TICK ticks).
+    """
+    minimum = statistics.horizon_rows(t, options.delta_ms, options.tick_ms)
+    length = statistics.block_length([y, p, (p - y) ** 2], minimum=minimum)
+    result = statistics.bootstrap(
+        y,
+        {"model": p},
+        baselines,
+        block_length=length,
+        resamples=options.bootstrap_resamples,
+        seed=options.random_state,
+    )
+    return result.lifts["model"], result.block_length
 
 
 # -- the gate ---------------------------------------------------------------------------------------
@@ -470,8 +542,16 @@ def gate(
     champion: Scores | UnscoredChampion | None,
     thresholds: GateThresholds,
     champion_version: str | None = None,
+    *,
+    lift: Interval,
 ) -> GateDecision:
     """Does ``candidate`` pass the thresholds and beat the champion on the same test window?
+
+    ``lift`` is the candidate's AUC lift over the best naive baseline with its 95 % block-bootstrap
+    interval (:attr:`Candidate.lift`): the candidate must beat the baselines **at 95 %**, i.e. the
+    interval's lower bound must be above ``thresholds.min_auc_lift`` (the quality report's rule,
+    :mod:`quotewatch.domain.ml.statistics`). A lift without an interval (too few test rows or
+    positives for a statement) fails. A point estimate above the threshold is not enough.
 
     ``champion`` is what :func:`quotewatch.services.trainer.publish.assess_champion` found:
 
@@ -498,14 +578,22 @@ def gate(
         default=None,
     )
     if best_baseline is not None:
-        needed = best_baseline[1] + thresholds.min_auc_lift
-        if auc is None or auc < needed:
+        versus = f"the best naive baseline ({best_baseline[0]} AUC {best_baseline[1]:.4f})"
+        if not lift.has_interval:
             failures.append(
-                f"test AUC {_fmt(auc)} is not {thresholds.min_auc_lift:+.4f} above the best naive baseline "
-                f"({best_baseline[0]} AUC {best_baseline[1]:.4f})"
+                f"AUC lift {_signed(lift.estimate)} over {versus} has no 95 % interval: too few test rows or "
+                "positives to tell it from chance"
+            )
+        elif not lift.above(thresholds.min_auc_lift):
+            failures.append(
+                f"AUC lift {_signed(lift.estimate)} over {versus} has a 95 % lower bound of {_signed(lift.low)}, "
+                f"not above {thresholds.min_auc_lift:+.4f}"
             )
         else:
-            successes.append(f"AUC {_fmt(auc)} vs best naive baseline {best_baseline[0]} {best_baseline[1]:.4f}")
+            successes.append(
+                f"AUC {_fmt(auc)} vs {versus}: lift {_signed(lift.estimate)}, 95 % interval "
+                f"[{_signed(lift.low)}, {_signed(lift.high)}]"
+            )
     reference = baselines.get(evaluation.BASELINE_BASE_RATE)
     if reference is not None and reference.brier is not None:
         limit = reference.brier * thresholds.max_brier_ratio
@@ -536,3 +624,7 @@ def _when(ns: int) -> str:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.4f}"
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:+.4f}"

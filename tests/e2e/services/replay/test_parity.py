@@ -9,7 +9,9 @@ of both symbols on a new connection) is written to ``A.md.raw``. Then, as real p
     session: the replay must find its CONNECTED record behind the capture's connection) and the
     same four services on B;
 (c) ``quotewatch backtest --source topic:A --from X --to Y --model models:/<name>/1 --records DIR``
-    and ``quotewatch backtest --source capture:FILE`` (in-process, the capture through the same parser).
+    and ``quotewatch backtest --source capture:FILE`` (in-process, the capture through the same parser);
+(d) ``quotewatch capture export --source topic:A --from X --to Y+Δ+5s`` and a backtest of that capture
+    on [X, Y): its metrics are those of (a)'s live predictions and labels of the ticks in [X, Y).
 
 Records are compared as bytes after serde (the backtest's records re-encoded with the topic serde),
 ``ts_init`` included, per symbol in stream order: (c) on the window = (a)'s synthetic session on
@@ -20,6 +22,7 @@ labels); (c) on the capture = (a)'s capture session.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +33,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from confluent_kafka import Producer
 from mlflow import MlflowClient
 
@@ -38,6 +42,7 @@ from quotewatch.core.kafka import ensure_topics, make_admin, producer_config
 from quotewatch.core.records import RawFrame
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
+from quotewatch.domain.ml import evaluation
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
 from quotewatch.domain.venue.captures import read_capture
 from quotewatch.domain.venue.coinbase import FEED_ADVANCED
@@ -257,3 +262,34 @@ def test_live_replay_and_backtest_give_byte_identical_records(
         # (c) on the capture file = (a) on the capture's connection.
         assert count(capture_records) > 0, suffix
         assert dict(capture_records) == dict(live_capture), f"{suffix}: capture backtest != live"
+
+    # (d) A capture exported from the live session (the synthetic connection, up to Δ + 5 s past --to
+    # for the labels of the window's last ticks) backtests to the metrics of the live predictions.
+    exported = tmp_path / "exported.jsonl.gz"
+    lookahead = format_time(window_to + 6 * SECOND)
+    out = run_cli(
+        ["capture", "export", "--source", f"topic:{a.prefix}", "--from", format_time(window_from), "--to", lookahead,
+         "--output", str(exported)],
+        env,
+    )  # fmt: skip
+    assert "of connection synthetic" in out, out
+    run_cli(
+        ["backtest", "--source", f"capture:{exported}", *window, "--model", model_uri, "--output",
+         str(tmp_path / "report-exported"), "--no-mlflow", "--no-progress"],
+        env,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "report-exported" / "metrics.json").read_text())
+    live_p = {
+        (r["symbol"], r["ts_event"]): r["p_change"]
+        for r in read_topic(live, a.predictions)
+        if r["model_role"] == "CHAMPION"
+    }
+    live_y = {(r["symbol"], r["t_event"]): r["label"] for r in read_topic(live, a.labels)}
+    rows = sorted(key for key in live_p if key in live_y and window_from <= key[1] < window_to)
+    live_scores = evaluation.score([live_y[key] for key in rows], [live_p[key] for key in rows]).as_dict()
+    backtest_scores = report["scores"][f"{name} v{version}"]
+    assert backtest_scores["n"] == live_scores["n"] == len(rows)
+    assert len(rows) > 100
+    for metric, value in live_scores.items():
+        # The same rows and p; only the order of the sums differs (emission order vs sorted).
+        assert backtest_scores[metric] == pytest.approx(value, rel=1e-12, abs=1e-15), metric

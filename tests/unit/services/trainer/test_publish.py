@@ -85,7 +85,8 @@ def assess(result: TrainingResult) -> tuple[str | None, Any]:
 
 
 def passes(result: TrainingResult, champion: Any) -> bool:
-    return gate(result.best("auc").scores, result.baselines, champion, GateThresholds(), "7").passed
+    best = result.best("auc")
+    return gate(best.scores, result.baselines, champion, GateThresholds(), "7", lift=best.lift).passed
 
 
 def test_the_candidate_passes_the_thresholds_on_its_own(result: TrainingResult) -> None:
@@ -101,7 +102,8 @@ def test_a_champion_that_cannot_be_loaded_is_not_taken_for_no_champion(
     assert version == "7"
     assert isinstance(champion, UnscoredChampion)
     assert not champion.replaceable
-    decision = gate(result.best("auc").scores, result.baselines, champion, GateThresholds(), version)
+    best = result.best("auc")
+    decision = gate(best.scores, result.baselines, champion, GateThresholds(), version, lift=best.lift)
     assert not decision.passed
     (reason,) = decision.reasons
     assert reason.startswith("champion v7 exists but cannot be loaded (models:/quotewatch/7: cannot download the model")
@@ -115,7 +117,8 @@ def test_after_an_upgrade_the_candidate_is_compared_with_a_champion_of_the_new_s
     registry.model = champion_model("spec-new", width=4)
     version, champion = assess(result)
     assert champion == ev.score(result.y_test, registry.model.predict(result.x_test))
-    decision = gate(result.best("auc").scores, result.baselines, champion, GateThresholds(), version)
+    best = result.best("auc")
+    decision = gate(best.scores, result.baselines, champion, GateThresholds(), version, lift=best.lift)
     assert any(reason.endswith(f"vs {champion.roc_auc:.4f}") and "champion v7" in reason for reason in decision.reasons)
 
 

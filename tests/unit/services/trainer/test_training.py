@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from quotewatch.domain.market import features as feature_spec
 from quotewatch.domain.ml import evaluation as ev
 from quotewatch.domain.ml.evaluation import Scores
 from quotewatch.domain.ml.models import positive_probability
+from quotewatch.domain.ml.statistics import Interval
 from quotewatch.services.trainer.training import (
     GateThresholds,
     TrainingDataError,
@@ -118,8 +120,14 @@ def test_both_models_learn_and_the_scores_are_those_of_their_own_predictions(tra
     y_test = result.y_test
     for candidate in result.candidates.values():
         assert candidate.p_test.shape == y_test.shape
-        np.testing.assert_array_equal(candidate.p_test, positive_probability(candidate.model, result.x_test))
+        # p_test is what the registered model serves: the model's p through its calibrator.
+        assert candidate.calibrator is not None
+        assert candidate.params["calibration"] == candidate.calibrator.method
+        raw = positive_probability(candidate.model, result.x_test)
+        np.testing.assert_array_equal(candidate.p_test, candidate.calibrator.apply(raw))
         assert candidate.scores == ev.score(y_test, candidate.p_test)
+        assert candidate.lift.has_interval
+        assert candidate.block_length >= 5
         assert candidate.scores.roc_auc is not None
         assert candidate.scores.roc_auc > 0.6
     lr = result.candidates["lr"]
@@ -135,6 +143,17 @@ def test_training_is_deterministic(trained: Any) -> None:
         np.testing.assert_array_equal(again.candidates[kind].p_test, trained.candidates[kind].p_test)
 
 
+def test_calibration_is_chosen_on_the_training_window_only(trained: Any) -> None:
+    """Flipping every test label changes the test scores, not the calibrator nor the model."""
+    data = trained.data
+    flipped = dataclasses.replace(data, y=np.where(trained.split.test, 1 - data.y, data.y))
+    options = TrainingOptions(delta_ms=DELTA_MS, xgb_n_estimators=60, xgb_threads=1)
+    again = train(flipped, options, kinds=("lr",))
+    assert again.candidates["lr"].calibrator == trained.candidates["lr"].calibrator
+    assert again.candidates["lr"].calibration_note == trained.candidates["lr"].calibration_note
+    assert again.candidates["lr"].scores != trained.candidates["lr"].scores
+
+
 def test_baselines_only_use_training_labels_for_their_frequencies(trained: Any) -> None:
     fit = trained.baseline_fit
     data = trained.data
@@ -147,24 +166,58 @@ def scores(auc: float | None, brier: float, log_loss: float = 0.3) -> Scores:
 
 
 BASELINES = {ev.BASELINE_BASE_RATE: scores(0.5, 0.16), ev.BASELINE_CHANGED_LAST_DELTA: scores(0.62, 0.15)}
+CLEAR_LIFT = Interval(0.08, 0.06, 0.10)
+"""An AUC lift of +0.08 over the best baseline whose 95 % interval is [+0.06, +0.10]."""
 
 
 def test_gate_passes_a_candidate_that_beats_baselines_and_champion() -> None:
-    decision = gate(scores(0.70, 0.12), BASELINES, scores(0.66, 0.13), GateThresholds(min_auc_lift=0.05), "7")
+    decision = gate(
+        scores(0.70, 0.12), BASELINES, scores(0.66, 0.13), GateThresholds(min_auc_lift=0.05), "7", lift=CLEAR_LIFT
+    )
     assert decision.passed
     assert decision.reasons == (
-        "AUC 0.7000 vs best naive baseline changed_last_delta 0.6200",
+        "AUC 0.7000 vs the best naive baseline (changed_last_delta AUC 0.6200): lift +0.0800, 95 % interval "
+        "[+0.0600, +0.1000]",
         "beats champion v7 on test auc: 0.7000 vs 0.6600",
+    )
+
+
+def test_gate_reads_the_lower_bound_of_the_lift_not_the_point_estimate() -> None:
+    """+0.08 is above the required +0.05, but the interval reaches down to +0.03: not shown at 95 %."""
+    uncertain = Interval(0.08, 0.03, 0.13)
+    decision = gate(scores(0.70, 0.12), BASELINES, None, GateThresholds(min_auc_lift=0.05), lift=uncertain)
+    assert not decision.passed
+    assert decision.reasons == (
+        "AUC lift +0.0800 over the best naive baseline (changed_last_delta AUC 0.6200) has a 95 % lower bound of "
+        "+0.0300, not above +0.0500",
+    )
+    assert gate(scores(0.70, 0.12), BASELINES, None, GateThresholds(min_auc_lift=0.02), lift=uncertain).passed
+    # The default threshold 0: the interval must exclude 0.
+    assert not gate(scores(0.70, 0.12), BASELINES, None, GateThresholds(), lift=Interval(0.08, -0.01, 0.15)).passed
+
+
+def test_gate_refuses_a_lift_without_an_interval() -> None:
+    decision = gate(scores(0.90, 0.12), BASELINES, None, GateThresholds(), lift=Interval(0.28))
+    assert not decision.passed
+    assert decision.reasons == (
+        "AUC lift +0.2800 over the best naive baseline (changed_last_delta AUC 0.6200) has no 95 % interval: too few "
+        "test rows or positives to tell it from chance",
     )
 
 
 def test_gate_refuses_a_worse_model_and_says_why() -> None:
     decision = gate(
-        scores(0.64, 0.17), BASELINES, scores(0.66, 0.13), GateThresholds(min_auc=0.55, min_auc_lift=0.05), "7"
+        scores(0.64, 0.17),
+        BASELINES,
+        scores(0.66, 0.13),
+        GateThresholds(min_auc=0.55, min_auc_lift=0.05),
+        "7",
+        lift=Interval(0.02, -0.01, 0.05),
     )
     assert not decision.passed
     assert decision.reasons == (
-        "test AUC 0.6400 is not +0.0500 above the best naive baseline (changed_last_delta AUC 0.6200)",
+        "AUC lift +0.0200 over the best naive baseline (changed_last_delta AUC 0.6200) has a 95 % lower bound of "
+        "-0.0100, not above +0.0500",
         "test Brier 0.1700 is not below 1 x the base-rate Brier (0.160000)",
         "does not beat champion v7 on test auc: 0.6400 vs 0.6600",
     )
@@ -172,11 +225,14 @@ def test_gate_refuses_a_worse_model_and_says_why() -> None:
 
 def test_gate_on_a_lower_is_better_metric_and_without_champion() -> None:
     thresholds = GateThresholds(metric="log_loss")
-    assert gate(scores(0.7, 0.1, log_loss=0.25), BASELINES, scores(0.7, 0.1, log_loss=0.3), thresholds).passed
-    refused = gate(scores(0.7, 0.1, log_loss=0.35), BASELINES, scores(0.7, 0.1, log_loss=0.3), thresholds)
+    lift = CLEAR_LIFT
+    assert gate(
+        scores(0.7, 0.1, log_loss=0.25), BASELINES, scores(0.7, 0.1, log_loss=0.3), thresholds, lift=lift
+    ).passed
+    refused = gate(scores(0.7, 0.1, log_loss=0.35), BASELINES, scores(0.7, 0.1, log_loss=0.3), thresholds, lift=lift)
     assert refused.reasons == ("does not beat the champion on test log_loss: 0.3500 vs 0.3000",)
-    assert gate(scores(0.7, 0.1), BASELINES, None, thresholds).reasons[-1] == "no champion to beat"
-    assert not gate(scores(None, 0.1), BASELINES, None, thresholds).passed
+    assert gate(scores(0.7, 0.1), BASELINES, None, thresholds, lift=lift).reasons[-1] == "no champion to beat"
+    assert not gate(scores(None, 0.1), BASELINES, None, thresholds, lift=Interval(None)).passed
 
 
 # -- feature-spec upgrades and champions that cannot be scored -----------------------------------------
@@ -228,17 +284,20 @@ RETIRED = UnscoredChampion("7", "champion v7 uses a spec the stream no longer ca
 
 def test_gate_refuses_when_a_champion_exists_but_could_not_be_scored_and_may_be_better() -> None:
     good = scores(0.70, 0.12)
-    assert gate(good, BASELINES, None, GateThresholds(), None).passed, "the thresholds alone pass"
-    decision = gate(good, BASELINES, UNLOADABLE, GateThresholds(), "7")
+    assert gate(good, BASELINES, None, GateThresholds(), None, lift=CLEAR_LIFT).passed, "the thresholds alone pass"
+    decision = gate(good, BASELINES, UNLOADABLE, GateThresholds(), "7", lift=CLEAR_LIFT)
     assert not decision.passed
     assert decision.reasons == (UNLOADABLE.reason,)
 
 
 def test_gate_judges_on_the_thresholds_alone_a_champion_that_cannot_serve() -> None:
-    decision = gate(scores(0.70, 0.12), BASELINES, RETIRED, GateThresholds(), "7")
+    decision = gate(scores(0.70, 0.12), BASELINES, RETIRED, GateThresholds(), "7", lift=CLEAR_LIFT)
     assert decision.passed
     assert decision.reasons[-1] == RETIRED.reason
-    assert not gate(scores(0.55, 0.12), BASELINES, RETIRED, GateThresholds(), "7").passed, "below a baseline"
+    below = Interval(-0.07, -0.09, -0.05)
+    assert not gate(scores(0.55, 0.12), BASELINES, RETIRED, GateThresholds(), "7", lift=below).passed, (
+        "below a baseline"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +315,9 @@ def test_a_champion_of_the_spec_the_stream_left_is_replaced_on_the_thresholds(up
         "1970-01-01T00:01:39.900+00:00, past champion v7's, which end at 1970-01-01T00:00:59.900+00:00), so "
         "champion v7 scores no live vector: the candidate replaces it on the thresholds alone"
     )
-    assert gate(upgraded.best("auc").scores, upgraded.baselines, verdict, GateThresholds(), "7").passed
+    assert gate(
+        upgraded.best("auc").scores, upgraded.baselines, verdict, GateThresholds(), "7", lift=upgraded.best("auc").lift
+    ).passed
 
 
 def test_a_champion_with_data_as_new_as_the_candidates_is_not_replaced_by_another_spec(upgraded: Any) -> None:
@@ -265,7 +326,9 @@ def test_a_champion_with_data_as_new_as_the_candidates_is_not_replaced_by_anothe
     assert not verdict.replaceable
     assert "the candidate's data end at 1970-01-01T00:01:39.900+00:00, not after champion v7's" in verdict.reason
     assert "the champion stays" in verdict.reason
-    assert not gate(upgraded.best("auc").scores, upgraded.baselines, verdict, GateThresholds(), "7").passed
+    assert not gate(
+        upgraded.best("auc").scores, upgraded.baselines, verdict, GateThresholds(), "7", lift=upgraded.best("auc").lift
+    ).passed
 
 
 def test_a_champion_of_another_spec_without_a_data_window_is_not_replaced(upgraded: Any) -> None:
