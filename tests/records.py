@@ -15,11 +15,18 @@ from quotewatch.core.records import AnyRecord, BookSnapshot, BookUpdate, FeedSta
 
 R = TypeVar("R", bound=AnyRecord)
 B = TypeVar("B", BookSnapshot, BookUpdate, Trade, Gap, FeedStatus)
+T = TypeVar("T")
 
 
 def typed(cls: type[R], fields: dict[str, Any]) -> R:
     """The ``cls`` record of a plain dict (validated: a wrong type or a missing field raises)."""
     return msgspec.convert(fields, cls)
+
+
+def checked(value: object, cls: type[T]) -> T:
+    """``value``, asserted to be a ``cls`` (e.g. the record of an ``OutRecord``, typed as any record)."""
+    assert isinstance(value, cls), f"a {type(value).__name__}, not a {cls.__name__}"
+    return value
 
 
 def plain(record: AnyRecord) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from selenium.webdriver.chrome.options import Options
 
 from quotewatch.core.config import DashboardSettings
 from quotewatch.core.kafka import make_producer
+from quotewatch.core.records import Snapshot
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.services.dashboard.app import DashboardApp, create_app
@@ -55,7 +56,7 @@ def publish(dashboard_settings: DashboardSettings, snapshot_topic: str) -> Itera
     producer: Producer = make_producer(dashboard_settings, "test-snapshot-producer")
     serde = AvroSerde()
 
-    def send(*records: dict[str, Any]) -> None:
+    def send(*records: Snapshot) -> None:
         produce_snapshots(producer, serde, snapshot_topic, records)
 
     yield send

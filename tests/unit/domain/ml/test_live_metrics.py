@@ -109,4 +109,6 @@ def test_summary_is_cached_until_the_next_join() -> None:
     assert tracker.summary() is first, "a prediction without a label changes no metric"
     tracker.add_label("A", 2, 0)
     assert tracker.summary() is not first
-    assert np.isclose(tracker.summary()[0].base_rate, 0.5)
+    base_rate = tracker.summary()[0].base_rate
+    assert base_rate is not None
+    assert np.isclose(base_rate, 0.5)

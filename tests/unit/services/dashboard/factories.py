@@ -115,9 +115,7 @@ def produce_snapshots(
     assert remaining == 0, f"{remaining} snapshots were not delivered"
 
 
-def history(
-    symbol: str = "BTC-USD", points: int = 300, *, t0_ns: int = T0_NS, mid: float = 67234.5
-) -> list[dict[str, Any]]:
+def history(symbol: str = "BTC-USD", points: int = 300, *, t0_ns: int = T0_NS, mid: float = 67234.5) -> list[Snapshot]:
     """``points`` snapshots 100 ms apart in event time, p_change and mid moving, for the sparklines."""
     import math
 

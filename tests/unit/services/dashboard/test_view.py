@@ -370,7 +370,7 @@ def test_sparkline_update_only_when_a_point_arrived() -> None:
 )
 def test_test_snapshots_are_valid_snapshot_records(snapshot: Snapshot) -> None:
     serde = AvroSerde()
-    decoded = serde.decode(serde.encode("qw.snapshot", snapshot), "qw.snapshot")
+    decoded = serde.decode_as(serde.encode("qw.snapshot", snapshot), "qw.snapshot", Snapshot)
     assert decoded.symbol == snapshot.symbol
     assert decoded.feature_names == snapshot.feature_names
     assert render_kpis(Latest(decoded.symbol, decoded, 0, 1), FEED, STALE_NS).keys() == set(KPI_OUTPUTS)

@@ -22,6 +22,7 @@ from quotewatch.domain.ml import evaluation as ev
 from quotewatch.domain.ml.models import FALLBACK_MODEL_NAME, positive_probability
 from quotewatch.services.inference.models import FeatureSample, ModelManager
 from quotewatch.services.inference.task import InferenceTask
+from tests.records import checked
 from tests.unit.services.inference.conftest import FakeRegistry, loaded
 from tests.unit.services.trainer.market_data import kafka_partition, synthetic_ticks
 
@@ -40,9 +41,7 @@ def feed(task: InferenceTask, topic: str, records: Sequence[FeatureVector | Labe
 
 
 def predictions(outputs: list[OutRecord]) -> list[Prediction]:
-    out = [out.value for out in outputs if out.topic == NAMES.predictions]
-    assert all(isinstance(value, Prediction) for value in out)
-    return out  # type: ignore[return-value]  # checked just above
+    return [checked(out.value, Prediction) for out in outputs if out.topic == NAMES.predictions]
 
 
 def snapshots(outputs: list[OutRecord]) -> list[Snapshot]:
@@ -120,7 +119,7 @@ def test_a_prediction_depends_only_on_the_record_and_the_version(
     features, labels = ticks
     registry.versions["1"] = loaded("1")
     registry.aliases["champion"] = "1"
-    runs: list[list[dict[str, Any]]] = []
+    runs: list[list[Prediction]] = []
     for _ in range(2):
         manager, _, sample = make_manager()
         manager.check_now()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from quotewatch.core.processor import InRecord, OutRecord
-from quotewatch.core.records import BookLevel, BookTop
+from quotewatch.core.records import BookLevel, BookTop, Label
 from quotewatch.core.topics import TopicNames
 from quotewatch.services.labeler.main import LabelerTask
+from tests.records import checked
 from tests.unit.services.book.market_events import MS, T0
 
 TOPICS = TopicNames("qw")
@@ -33,7 +34,7 @@ def test_labels_are_keyed_by_symbol_and_the_restart_is_the_oldest_pending_tick()
     out: list[OutRecord] = []
     for k in range(1, 6):
         out += task.process(rec(tick(100 * k, k), 10 + k, partition=1))
-    assert [(o.topic, o.key, o.value.t_event) for o in out] == [
+    assert [(o.topic, o.key, checked(o.value, Label).t_event) for o in out] == [
         (TOPICS.labels, "BTC-USD", T0 + 100 * MS),
         (TOPICS.labels, "BTC-USD", T0 + 200 * MS),
         (TOPICS.labels, "BTC-USD", T0 + 300 * MS),

@@ -20,6 +20,7 @@ from quotewatch.services.book.main import BookTask
 from quotewatch.services.labeler.main import LabelerTask
 from quotewatch.services.replay.engine import BacktestEngine, prediction_records, score_model
 from tests.helpers import shared_data_dir
+from tests.records import checked
 
 TOPICS = TopicNames("qw")
 CAPTURE = "exchange_level2_BTC-USD_2018-04-17_gdax-orderbook-ml.jsonl"
@@ -35,7 +36,7 @@ def services_outputs(raws: list[RawFrame]) -> dict[str, list[Record]]:
 
     normalise = NormaliseTask(TOPICS, FakeClock())
     events = [
-        out.value
+        checked(out.value, MarketEvent)
         for offset, raw in enumerate(raws)
         for out in normalise.process(InRecord(TOPICS.md_raw, 0, offset, raw.feed, raw, 0))
         if out.topic == TOPICS.md_events
@@ -48,7 +49,6 @@ def services_outputs(raws: list[RawFrame]) -> dict[str, list[Record]]:
         partition = partition_of(event.symbol)
         offset = offsets[(TOPICS.md_events, partition)]
         offsets[(TOPICS.md_events, partition)] += 1
-        assert isinstance(event, MarketEvent)
         for record in book.process(InRecord(TOPICS.md_events, partition, offset, event.symbol, event, 0)):
             out[record.topic].append(record.value)
             if isinstance(record.value, BookTop):
@@ -56,7 +56,7 @@ def services_outputs(raws: list[RawFrame]) -> dict[str, list[Record]]:
                 offsets[(TOPICS.book_top3, partition)] += 1
                 top = InRecord(TOPICS.book_top3, partition, top_offset, record.key, record.value, 0)
                 out[TOPICS.labels].extend(label.value for label in labeler.process(top))
-    out[TOPICS.md_events] = events
+    out[TOPICS.md_events] = list(events)
     return out
 
 

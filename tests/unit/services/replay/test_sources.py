@@ -30,6 +30,7 @@ from quotewatch.services.replay.sources import (
     lake_raw_records,
     parse_source,
     parse_time,
+    values_of,
 )
 
 SECOND = 1_000_000_000
@@ -121,20 +122,21 @@ def test_lake_windows_start_at_the_connected_record_found_across_hour_partitions
     events, _ = Normaliser().process_all(log)
     write_dataset(tmp_path, "qw.md.events", events, "symbol", lambda r: 0 if r.symbol == "BTC-USD" else 1)
 
-    window = Window(10 * HOUR + 5 * SECOND, 10 * HOUR + 8 * SECOND)  # in c1, after the hour boundary
+    end_ns = 10 * HOUR + 8 * SECOND
+    window = Window(10 * HOUR + 5 * SECOND, end_ns)  # in c1, after the hour boundary
     start, total, records = lake_raw_records(str(tmp_path), "qw", window)
-    expected = [r for r in log if r.connection_id == "c1" and r.ts_init < window.end_ns]
+    expected = [r for r in log if r.connection_id == "c1" and r.ts_init < end_ns]
     assert (start.connection_id, start.offset) == ("c1", 0)
     got = [record.value for record in records]
     assert total == len(got) == len(expected)
     assert got == expected
 
     start, total, records = lake_event_records(str(tmp_path), "qw", window)
-    wanted = [e for e in events if start.ts_init <= e.ts_init < window.end_ns]
-    got = [record.value for record in records]
+    wanted = [e for e in events if start.ts_init <= e.ts_init < end_ns]
+    got_events = list(values_of(records, MarketEvent))
     assert total == len(wanted)
     for symbol in ("BTC-USD", "ETH-USD"):
-        assert [e for e in got if e.symbol == symbol] == [e for e in wanted if e.symbol == symbol]
+        assert [e for e in got_events if e.symbol == symbol] == [e for e in wanted if e.symbol == symbol]
 
     start, _, _ = lake_raw_records(str(tmp_path), "qw", Window(10 * HOUR + HOUR // 2 + 3 * SECOND, None))
     assert start.connection_id == "c2"
