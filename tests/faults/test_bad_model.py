@@ -22,6 +22,7 @@ import pytest
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import ensure_topics, make_admin
+from quotewatch.core.records import Prediction
 from quotewatch.core.topics import TopicNames
 from quotewatch.local.kafka import free_port
 from tests.broker.services.inference.registry_models import corrupt_artifact, fitted_lr, nan_model, register, set_alias
@@ -30,6 +31,7 @@ from tests.conftest import MlflowServerInfo
 from tests.faults.conftest import FaultReport
 from tests.faults.support import ServiceProcess, metric_value, read_all, trials
 from tests.helpers import wait_for
+from tests.records import checked
 from tests.unit.services.trainer.market_data import synthetic_ticks
 
 
@@ -114,23 +116,23 @@ def test_a_bad_champion_is_refused_and_the_previous_model_keeps_serving(
             if serving == float(good):
                 refused[kind] += 1
         feeder.join(600)
-        expected = {(f["symbol"], f["ts_event"]) for f in features}
+        expected = {(f.symbol, f.ts_event) for f in features}
 
-        def all_served() -> list[dict[str, Any]] | None:
+        def all_served() -> list[Prediction] | None:
             inference.assert_alive()
-            served = [r.value for r in read_all(settings, names.predictions) if r.value]
-            served = [p for p in served if p["model_role"] != "CHALLENGER"]
-            return served if {(p["symbol"], p["ts_event"]) for p in served} >= expected else None
+            predictions = [checked(r.value, Prediction) for r in read_all(settings, names.predictions)]
+            served = [p for p in predictions if p.model_role != "CHALLENGER"]
+            return served if {(p.symbol, p.ts_event) for p in served} >= expected else None
 
         served = wait_for(all_served, timeout=180, interval=1.0, message="every tick served")
         log = inference.log_path.read_text(errors="replace")
         assert inference.stop() == 0, inference.log_tail()
     finally:
         inference.close()
-    keys = Counter((p["symbol"], p["ts_event"]) for p in served)
+    keys = Counter((p.symbol, p.ts_event) for p in served)
     lost = len(expected - set(keys))
     duplicated = sum(c - 1 for c in keys.values() if c > 1)
-    versions = Counter((p["model_role"], p["model_version"]) for p in served)
+    versions = Counter((p.model_role, p.model_version) for p in served)
     fault_report.add(
         "bad model promoted to champion",
         trials=count,

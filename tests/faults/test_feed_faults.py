@@ -27,6 +27,7 @@ import pytest
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import ensure_topics, make_admin
+from quotewatch.core.records import DeadLetter, Gap, MarketEvent, RawFrame
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, SyntheticMarket
 from quotewatch.local.kafka import free_port
@@ -34,6 +35,7 @@ from quotewatch.services.feed_server.server import FaultPlan, FeedServer, Runnin
 from tests.faults.conftest import FaultReport
 from tests.faults.support import SYMBOLS, Rec, ServiceProcess, metric_value, read_all, trials
 from tests.helpers import wait_for
+from tests.records import body, checked
 from tests.unit.domain.venue.test_normaliser_golden import EventBook
 
 AFTER = 30
@@ -66,7 +68,7 @@ def window_end(ts: int, config: SyntheticConfig) -> int:
     return config.start_ns + windows * config.batch_ns
 
 
-def check_symbol(symbol: str, events: list[dict[str, Any]], config: SyntheticConfig) -> SymbolCheck:
+def check_symbol(symbol: str, events: list[MarketEvent], config: SyntheticConfig) -> SymbolCheck:
     """Rebuild ``symbol``'s book from its events and compare it with the replica market at checkpoints."""
     replica = SyntheticMarket(replace(config, symbols=(symbol,)))
     book = EventBook()
@@ -74,17 +76,17 @@ def check_symbol(symbol: str, events: list[dict[str, Any]], config: SyntheticCon
     epoch_ok = True
     updates_in_epoch = 0
 
-    def compare(event: dict[str, Any], why: str) -> bool:
-        replica.advance(window_end(event["ts_event"], config))
+    def compare(event: MarketEvent, why: str) -> bool:
+        replica.advance(window_end(event.ts_event, config))
         result.checkpoints += 1
         if book.as_dict() != replica.book(symbol):
-            result.mismatches.append(f"{symbol} {why} at ts_event {event['ts_event']}")
+            result.mismatches.append(f"{symbol} {why} at ts_event {event.ts_event}")
             return False
         return True
 
-    last_update: dict[str, Any] | None = None
+    last_update: MarketEvent | None = None
     for event in events:
-        kind = event["kind"]
+        kind = event.kind
         if kind == "GAP":
             if book.synced:  # an epoch ends: check where it got to
                 if last_update is not None:
@@ -195,13 +197,15 @@ def test_feed_faults_every_book_matches_the_reference_after_resync(
     assert not connections[count].faulted
     events = read_all(settings, names.md_events)
     raw = read_all(settings, names.md_raw)
-    by_symbol: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_symbol: dict[str, list[MarketEvent]] = defaultdict(list)
     for record in events:
-        assert record.value is not None
-        by_symbol[record.value["symbol"]].append(record.value)
+        by_symbol[checked(record.value, MarketEvent).symbol].append(checked(record.value, MarketEvent))
     checks = {symbol: check_symbol(symbol, by_symbol[symbol], config) for symbol in SYMBOLS}
-    gaps = Counter(r.value["gap"]["reason"] for r in events if r.value and r.value["kind"] == "GAP")
-    connected = [r.value for r in raw if r.value and r.value["kind"] == "CONNECTED"]
+    gaps: Counter[str] = Counter(
+        body(e, Gap).reason for symbol_events in by_symbol.values() for e in symbol_events if e.kind == "GAP"
+    )
+    raw_frames = [checked(r.value, RawFrame) for r in raw]
+    connected = [frame for frame in raw_frames if frame.kind == "CONNECTED"]
     lost, duplicated = frame_log_faults(raw)
     dead_letters = read_all(settings, names.dlq)
     reconnects = int(metric_value(metrics, "quotewatch_reconnects_total", service="ingest"))
@@ -230,13 +234,13 @@ def test_feed_faults_every_book_matches_the_reference_after_resync(
         assert check.epochs_verified == count + 1, f"{symbol}: every epoch checked and equal to the market"
     assert (lost, duplicated) == (0, 0)
     if kind == "malformed frame":
-        refs = {(r.value["connection_id"], r.value["frame_index"]): r.value for r in raw if r.value}
+        refs = {(frame.connection_id, frame.frame_index): frame for frame in raw_frames}
         assert len(dead_letters) == count
-        for letter in dead_letters:
-            assert letter.value is not None
-            assert letter.value["source_topic"] == names.md_raw
-            connection_id, frame_index = letter.value["source_ref"].rsplit(":", 1)
-            assert refs[(connection_id, int(frame_index))]["text"].encode() == letter.value["source_value"]
+        for record in dead_letters:
+            letter = checked(record.value, DeadLetter)
+            assert letter.source_topic == names.md_raw
+            connection_id, frame_index = letter.source_ref.rsplit(":", 1)
+            assert refs[(connection_id, int(frame_index))].text.encode() == letter.source_value
     else:
         assert dead_letters == []
 
@@ -245,8 +249,9 @@ def frame_log_faults(raw: list[Rec]) -> tuple[int, int]:
     """(frames missing, frames logged twice) in ``md.raw``, over every connection."""
     indexes: dict[str, Counter[int]] = defaultdict(Counter)
     for record in raw:
-        if record.value and record.value["kind"] == "FRAME":
-            indexes[record.value["connection_id"]][record.value["frame_index"]] += 1
+        frame = checked(record.value, RawFrame)
+        if frame.kind == "FRAME":
+            indexes[frame.connection_id][frame.frame_index] += 1
     lost = sum(max(seen) + 1 - len(seen) for seen in indexes.values())
     duplicated = sum(count - 1 for seen in indexes.values() for count in seen.values())
     return lost, duplicated

@@ -24,10 +24,12 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
+from quotewatch.core.records import DeadLetter
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import CATALOG, TopicNames
 from tests.faults.conftest import FaultReport
 from tests.faults.support import Pipeline, PipelineConfig, read_all, trials, verify_pipeline
+from tests.records import checked
 from tests.unit.core.test_schemas_and_serde import sample_record
 
 READERS = {
@@ -81,16 +83,10 @@ def test_poison_records_land_in_the_dlq_with_coordinates_and_the_services_keep_g
     finally:
         pipeline.close()
 
+    dead = [checked(r.value, DeadLetter) for r in letters]
     found = Counter(
-        (
-            r.value["service"],
-            r.value["source_topic"],
-            r.value["source_partition"],
-            r.value["source_offset"],
-            r.value["source_value"],
-        )
-        for r in letters
-        if r.value is not None
+        (letter.service, letter.source_topic, letter.source_partition, letter.source_offset, letter.source_value)
+        for letter in dead
     )
     rows = []
     for suffix, readers in READERS.items():

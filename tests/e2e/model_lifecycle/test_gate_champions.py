@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 from mlflow import MlflowClient
+from msgspec.structs import replace
 
+from quotewatch.core.records import FeatureVector, Label
 from quotewatch.domain.market import features as spec
 from tests.broker.services.inference.registry_models import corrupt_artifact
 from tests.conftest import MlflowServerInfo
@@ -49,7 +51,7 @@ def champion(env: dict[str, str]) -> str:
     return str(client_for(env).get_model_version_by_alias(env["MODEL_NAME"], "champion").version)
 
 
-def train_on(env: dict[str, str], prefix: str, features: list[dict[str, Any]], labels: list[dict[str, Any]]) -> Any:
+def train_on(env: dict[str, str], prefix: str, features: list[FeatureVector], labels: list[Label]) -> Any:
     write_lake(env["LAKE_URI"], prefix, features, labels)
     return run_train({**env, "TOPIC_PREFIX": prefix}, "--model", "lr")
 
@@ -58,18 +60,18 @@ def test_after_a_feature_spec_upgrade_the_candidate_is_of_the_new_spec_and_repla
     env: dict[str, str],
 ) -> None:
     features, labels = synthetic_ticks(500, seed=3)
-    start, end = features[0]["ts_event"], features[-1]["ts_event"]
+    start, end = features[0].ts_event, features[-1].ts_event
     upgrade = start + (end - start) * 55 // 100
 
-    def retired(feature: dict[str, Any]) -> dict[str, Any]:
-        return {**feature, "feature_spec_id": RETIRED_SPEC, "values": feature["values"][:-2]}
+    def retired(feature: FeatureVector) -> FeatureVector:
+        return replace(feature, feature_spec_id=RETIRED_SPEC, values=feature.values[:-2])
 
-    before = [retired(f) for f in features if f["ts_event"] < upgrade]
-    after = [f for f in features if f["ts_event"] >= upgrade]
+    before = [retired(f) for f in features if f.ts_event < upgrade]
+    after = [f for f in features if f.ts_event >= upgrade]
     assert len(before) > len(after), "the retired spec is the most frequent in the lake"
 
     # Before the upgrade: v1, of the retired spec, becomes champion.
-    first = train_on(env, "before", before, [label for label in labels if label["t_event"] < upgrade])
+    first = train_on(env, "before", before, [label for label in labels if label.t_event < upgrade])
     assert (first["version"], first["alias"]) == ("1", "champion"), first["reasons"]
 
     # After it: the candidate is of the spec the stream carries now; v1 cannot score its vectors

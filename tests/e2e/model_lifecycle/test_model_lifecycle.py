@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from msgspec.structs import replace
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import ensure_topics, make_admin
@@ -153,9 +154,9 @@ def test_train_gate_serve_switch_refuse_and_measure_with_real_processes(
 
     # 2. noise labels -> v2, refused; the champion stays v1
     noise_prefix = f"{settings.topic_prefix}-noise"
-    shuffled = [label["label"] for label in train_labels]
+    shuffled = [label.label for label in train_labels]
     random.Random(11).shuffle(shuffled)
-    noise_labels = [{**label, "label": y} for label, y in zip(train_labels, shuffled, strict=True)]
+    noise_labels = [replace(label, label=y) for label, y in zip(train_labels, shuffled, strict=True)]
     write_lake(lake, noise_prefix, train_features, noise_labels)
     second = run_train({**common, "TOPIC_PREFIX": noise_prefix})
     assert second["version"] == "2"
@@ -207,7 +208,7 @@ def test_train_gate_serve_switch_refuse_and_measure_with_real_processes(
     by_tick: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_tick[(record["symbol"], record["ts_event"])].append(record)
-    assert set(by_tick) == {(f["symbol"], f["ts_event"]) for f in features}, "no tick missing"
+    assert set(by_tick) == {(f.symbol, f.ts_event) for f in features}, "no tick missing"
     assert all(len(group) == 1 for group in by_tick.values()), "no tick twice"
     version_of = {key: group[0]["model_version"] for key, group in by_tick.items()}
     seen = re.search(rf"^(\S+ \S+) .*loading {model_name} v{third} for champion", log_text, re.MULTILINE)
@@ -215,7 +216,7 @@ def test_train_gate_serve_switch_refuse_and_measure_with_real_processes(
     seen_after = (datetime.strptime(seen.group(1), "%Y-%m-%d %H:%M:%S,%f") - promoted).total_seconds()
     assert seen_after < POLL_SECONDS + 2.0, f"seen {seen_after:.2f}s after the promotion"
     for symbol in ("BTC-USD", "ETH-USD"):
-        sequence = [version_of[(f["symbol"], f["ts_event"])] for f in part2 + part3 if f["symbol"] == symbol]
+        sequence = [version_of[(f.symbol, f.ts_event)] for f in part2 + part3 if f.symbol == symbol]
         switch = sequence.index(third)
         assert switch > 0, "v1 was serving when v3 was promoted"
         assert set(sequence[:switch]) == {"1"}
@@ -223,7 +224,7 @@ def test_train_gate_serve_switch_refuse_and_measure_with_real_processes(
     snapshots = read_topic(settings, names.snapshot)
     assert {s["symbol"] for s in snapshots} == {"BTC-USD", "ETH-USD"}
     last = max(snapshots, key=lambda s: s["ts_event"])
-    label_of = {(label["symbol"], label["t_event"]): label["label"] for label in labels}
+    label_of = {(label.symbol, label.t_event): label.label for label in labels}
     pairs: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for record in records:
         key = (record["symbol"], record["ts_event"])

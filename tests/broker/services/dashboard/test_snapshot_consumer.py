@@ -14,6 +14,7 @@ import pytest
 
 from quotewatch.core.config import CommonSettings, DashboardSettings
 from quotewatch.core.kafka import ensure_topics, make_admin, make_producer
+from quotewatch.core.records import Snapshot
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.services.dashboard.app import DashboardApp, create_app
@@ -28,7 +29,7 @@ def dashboard_settings(make_settings: Callable[..., Any], topics: Any) -> Dashbo
     return settings
 
 
-def publish(settings: DashboardSettings, *records: dict[str, Any], raw: bytes | None = None) -> None:
+def publish(settings: DashboardSettings, *records: Snapshot, raw: bytes | None = None) -> None:
     topic = TopicNames(settings.topic_prefix).snapshot
     producer = make_producer(settings, "test-snapshot-producer")
     if raw is not None:
@@ -49,7 +50,7 @@ def test_reads_the_compacted_topic_from_the_beginning_latest_per_symbol(dashboar
         btc, eth = runtime.store.latest("BTC-USD"), runtime.store.latest("ETH-USD")
         assert btc is not None
         assert eth is not None
-        assert (btc.snapshot["p_change"], btc.received, eth.snapshot["p_change"]) == (0.3, 2, 0.2)
+        assert (btc.snapshot.p_change, btc.received, eth.snapshot.p_change) == (0.3, 2, 0.2)
         history = runtime.store.history("BTC-USD")
         assert history is not None
         assert list(history.p_change) == [0.1, 0.3]
@@ -61,7 +62,7 @@ def test_reads_the_compacted_topic_from_the_beginning_latest_per_symbol(dashboar
 
         publish(dashboard_settings, make_snapshot("ETH-USD", ts_event=T0_NS + 10**9, p_change=0.9))
         wait_for(
-            lambda: (latest := runtime.store.latest("ETH-USD")) is not None and latest.snapshot["p_change"] == 0.9,
+            lambda: (latest := runtime.store.latest("ETH-USD")) is not None and latest.snapshot.p_change == 0.9,
             timeout=10,
             message="a live snapshot",
         )
@@ -79,7 +80,7 @@ def test_a_record_that_does_not_decode_is_counted_and_skipped(dashboard_settings
         wait_for(lambda: runtime.store.counts() == (2, 1), timeout=20, message="both records read")
         latest = runtime.store.latest("BTC-USD")
         assert latest is not None
-        assert latest.snapshot["p_change"] == 0.42
+        assert latest.snapshot.p_change == 0.42
         assert runtime.health().healthy
         assert runtime.feed().rejected == 1
     finally:
@@ -154,7 +155,7 @@ def test_a_topic_ending_in_an_aborted_transaction_reads_as_caught_up(dashboard_s
         assert runtime.store.counts() == (3, 0)
         latest = runtime.store.latest("BTC-USD")
         assert latest is not None
-        assert latest.snapshot["p_change"] == pytest.approx(0.2)
+        assert latest.snapshot.p_change == pytest.approx(0.2)
         assert runtime.feed().caught_up
         health = runtime.health()
         assert health.healthy, health

@@ -8,6 +8,7 @@ good one whose artifact is then overwritten with garbage in the server's artifac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,5 +85,5 @@ def corrupt_artifact(tracking_uri: str, artifacts_dir: Path, name: str, version:
     return path
 
 
-def expected_p(model: Any, values: list[float]) -> float:
+def expected_p(model: Any, values: Sequence[float]) -> float:
     return float(positive_probability(model, np.asarray([values], dtype=np.float64))[0])

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -28,6 +28,7 @@ from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, ensure_topics, make_admin, make_producer
 from quotewatch.core.metrics import MODEL_RELOADS
 from quotewatch.core.processor import InRecord, OutRecord, StreamProcessor, StreamTask
+from quotewatch.core.records import FeatureVector, Label, Prediction, Snapshot
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.ml import evaluation as ev
@@ -146,7 +147,7 @@ def running(
 def produce(
     settings: CommonSettings,
     topic: str,
-    records: list[dict[str, Any]],
+    records: Sequence[FeatureVector | Label],
     per_second: float = 0.0,
     halfway: threading.Event | None = None,
 ) -> None:
@@ -157,9 +158,9 @@ def produce(
     for index, record in enumerate(records):
         producer.produce(
             topic,
-            key=record["symbol"].encode(),
+            key=record.symbol.encode(),
             value=serde.encode(topic, record),
-            partition=kafka_partition(record["symbol"]),
+            partition=kafka_partition(record.symbol),
         )
         if halfway is not None and index == len(records) // 2:
             producer.flush(10)
@@ -227,25 +228,25 @@ def test_fallback_then_champion_then_a_second_champion_mid_stream_without_losing
     by_tick = defaultdict(list)
     for record in served:
         by_tick[(record["symbol"], record["ts_event"])].append(record)
-    assert set(by_tick) == {(f["symbol"], f["ts_event"]) for f in features}, "no tick missing"
+    assert set(by_tick) == {(f.symbol, f.ts_event) for f in features}, "no tick missing"
     assert all(len(records) == 1 for records in by_tick.values()), "no tick twice"
-    roles = {(f["symbol"], f["ts_event"]): by_tick[(f["symbol"], f["ts_event"])][0] for f in features}
-    assert {roles[(f["symbol"], f["ts_event"])]["model_role"] for f in first} == {"FALLBACK"}
-    assert {roles[(f["symbol"], f["ts_event"])]["model_version"] for f in second} == {"1"}
-    third_versions = [roles[(f["symbol"], f["ts_event"])]["model_version"] for f in third]
+    roles = {(f.symbol, f.ts_event): by_tick[(f.symbol, f.ts_event)][0] for f in features}
+    assert {roles[(f.symbol, f.ts_event)]["model_role"] for f in first} == {"FALLBACK"}
+    assert {roles[(f.symbol, f.ts_event)]["model_version"] for f in second} == {"1"}
+    third_versions = [roles[(f.symbol, f.ts_event)]["model_version"] for f in third]
     assert third_versions[0] == "1"
     assert third_versions[-1] == "2"
-    for symbol in {f["symbol"] for f in third}:
-        sequence = [roles[(f["symbol"], f["ts_event"])]["model_version"] for f in third if f["symbol"] == symbol]
+    for symbol in {f.symbol for f in third}:
+        sequence = [roles[(f.symbol, f.ts_event)]["model_version"] for f in third if f.symbol == symbol]
         switch = sequence.index("2")
         assert set(sequence[:switch]) == {"1"}
         assert set(sequence[switch:]) == {"2"}, "one clean switch per partition"
     for feature in second + third:
-        record = roles[(feature["symbol"], feature["ts_event"])]
+        record = roles[(feature.symbol, feature.ts_event)]
         assert record["p_change"] == pytest.approx(
-            expected_p(models[record["model_version"]], feature["values"]), abs=1e-12
+            expected_p(models[record["model_version"]], feature.values), abs=1e-12
         )
-        assert record["ts_init"] == feature["ts_init"]
+        assert record["ts_init"] == feature.ts_init
 
 
 def test_bad_champions_are_refused_counted_and_the_previous_one_keeps_serving(
@@ -315,8 +316,8 @@ def test_live_metrics_equal_metrics_computed_offline_on_the_same_predictions_and
     with running(settings) as run:
         produce(settings, run.names.features, features)
         produce(settings, run.names.labels, labels)
-        ticks = {(f["symbol"], f["ts_event"]) for f in features}
-        matched = sum((label["symbol"], label["t_event"]) in ticks for label in labels)
+        ticks = {(f.symbol, f.ts_event) for f in features}
+        matched = sum((label.symbol, label.t_event) in ticks for label in labels)
         wait_for(lambda: run.task.tracker.joined == 2 * matched, timeout=180, interval=0.2, message="labels joined")
         joined = run.task.tracker.joined
         wait_for(
@@ -328,14 +329,14 @@ def test_live_metrics_equal_metrics_computed_offline_on_the_same_predictions_and
         tail = synthetic_ticks(31)[0][len(features) :][:1]
         produce(settings, run.names.features, tail)
         wait_for(
-            lambda: any(s["ts_event"] == tail[0]["ts_event"] for s in read_topic(settings, run.names.snapshot)),
+            lambda: any(s["ts_event"] == tail[0].ts_event for s in read_topic(settings, run.names.snapshot)),
             timeout=120,
             interval=1.0,
             message="last snapshot",
         )
-    snapshot = next(s for s in read_topic(settings, run.names.snapshot) if s["ts_event"] == tail[0]["ts_event"])
+    snapshot = next(s for s in read_topic(settings, run.names.snapshot) if s["ts_event"] == tail[0].ts_event)
     predictions = read_topic(settings, run.names.predictions)
-    label_of = {(label["symbol"], label["t_event"]): label["label"] for label in labels}
+    label_of = {(label.symbol, label.t_event): label.label for label in labels}
     by_model: dict[tuple[str, str, str], list[tuple[int, float]]] = defaultdict(list)
     for record in predictions:
         key = (record["symbol"], record["ts_event"])
@@ -420,8 +421,7 @@ def test_an_aborted_transaction_changes_neither_the_outputs_nor_the_state(
     names = TopicNames(settings.topic_prefix)
     features, labels = synthetic_ticks(30)
     arrivals = sorted(
-        [(f["ts_event"], 0, names.features, f) for f in features]
-        + [(lb["ts_event"], 1, names.labels, lb) for lb in labels],
+        [(f.ts_event, 0, names.features, f) for f in features] + [(lb.ts_event, 1, names.labels, lb) for lb in labels],
         key=lambda event: (event[0], event[1]),
     )
     producers: list[AbortingProducer] = []
@@ -447,9 +447,9 @@ def test_an_aborted_transaction_changes_neither_the_outputs_nor_the_state(
             for _, _, topic, value in arrivals[start : start + chunk]:
                 producer.produce(
                     topic,
-                    key=value["symbol"].encode(),
+                    key=value.symbol.encode(),
                     value=serde.encode(topic, value),
-                    partition=kafka_partition(value["symbol"]),
+                    partition=kafka_partition(value.symbol),
                 )
             assert producer.flush(30) == 0
             sent = min(start + chunk, len(arrivals))
@@ -485,13 +485,15 @@ def test_an_aborted_transaction_changes_neither_the_outputs_nor_the_state(
     for record in distinct:
         for out in reference.process(record):
             output = out.value
-            key = (out.topic, output["symbol"], output["ts_event"])
+            assert isinstance(output, Prediction | Snapshot), out
+            key = (out.topic, output.symbol, output.ts_event)
             assert key not in expected
-            if out.topic == names.predictions:
-                expected[key] = (output["model_version"], output["p_change"])
+            if isinstance(output, Prediction):
+                assert out.topic == names.predictions
+                expected[key] = (output.model_version, output.p_change)
             else:
-                metrics = [(m["model_version"], m["n_labels"], m["brier"]) for m in output["live_metrics"]]
-                expected[key] = (output["model_version"], output["p_change"], metrics)
+                metrics = [(m.model_version, m.n_labels, m.brier) for m in output.live_metrics]
+                expected[key] = (output.model_version, output.p_change, metrics)
     assert reference.fallback.learned > 100, "the fallback learnt from labels that came after their vector"
     committed: dict[tuple[str, str, int], Any] = {}
     for prediction in read_topic(settings, names.predictions):

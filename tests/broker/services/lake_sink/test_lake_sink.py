@@ -24,12 +24,12 @@ from quotewatch.core.errors import FatalError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, make_admin
 from quotewatch.core.lake import LakeLocation, publish_file
-from quotewatch.core.records import FeatureVector
+from quotewatch.core.records import FeatureVector, MarketEvent
 from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde, registry_client
 from quotewatch.core.topics import TopicNames
 from quotewatch.services.lake_sink.sink import LakeSink
 from tests.helpers import RegistryOutage, read_topic, wait_for
-from tests.records import plain
+from tests.records import checked, plain
 from tests.unit.services.lake_sink.factories import (
     ProducedRecord,
     assert_lake_holds_exactly,
@@ -153,7 +153,9 @@ def test_every_offset_lands_exactly_once_with_identical_content(sink_settings: L
     ).fetchall()
     expected_dirs = {lake.partition_dir(names.md_events, plain(value)) for _, value in records["md.events"]}
     assert {f"symbol={s}/date={d}/hour={h}" for s, d, h in hours} == expected_dirs
-    assert len(expected_dirs) > len({value.symbol for _, value in records["md.events"]}), "several hours"
+    assert len(expected_dirs) > len({checked(value, MarketEvent).symbol for _, value in records["md.events"]}), (
+        "several hours"
+    )
     # Health and metrics saw the progress.
     status = liveness.status()
     assert status.detail["records_processed"] >= len(produced)

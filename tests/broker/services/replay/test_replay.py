@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ from quotewatch.core.clock import FakeClock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import ConfigError
 from quotewatch.core.kafka import ensure_topics, make_admin, producer_config
+from quotewatch.core.records import MarketEvent, RawFrame, RawKind
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
@@ -23,27 +24,28 @@ from quotewatch.domain.venue.normaliser import Normaliser, control_text
 from quotewatch.services.replay.publisher import replay
 from quotewatch.services.replay.sources import ReplayError, SourceSpec, TopicReader, Window, find_raw_start
 from tests.helpers import read_topic
+from tests.records import plain
 
 SECOND = 1_000_000_000
 S1 = 1_786_300_000_000_000_000
 S2 = S1 + 20 * SECOND
 
 
-def control_record(ts: int, connection: str = "", kind: str = "CLOCK") -> dict[str, Any]:
-    return {
-        "ts_event": ts,
-        "ts_init": ts,
-        "exchange": "coinbase",
-        "feed": FEED_ADVANCED,
-        "symbols": ["BTC-USD", "ETH-USD"],
-        "connection_id": connection,
-        "frame_index": -1,
-        "kind": kind,
-        "text": "tick" if kind == "CLOCK" else control_text("RECONNECTING", "connection closed"),
-    }
+def control_record(ts: int, connection: str = "", kind: RawKind = "CLOCK") -> RawFrame:
+    return RawFrame(
+        ts_event=ts,
+        ts_init=ts,
+        exchange="coinbase",
+        feed=FEED_ADVANCED,
+        symbols=("BTC-USD", "ETH-USD"),
+        connection_id=connection,
+        frame_index=-1,
+        kind=kind,
+        text="tick" if kind == "CLOCK" else control_text("RECONNECTING", "connection closed"),
+    )
 
 
-def connection(seed: int, start: int, seconds: int, connection_id: str) -> list[dict[str, Any]]:
+def connection(seed: int, start: int, seconds: int, connection_id: str) -> list[RawFrame]:
     config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=seed, start_ns=start)
     return list(synthetic_raw_frames(FEED_ADVANCED, config, seconds * SECOND, connection_id=connection_id))
 
@@ -51,7 +53,7 @@ def connection(seed: int, start: int, seconds: int, connection_id: str) -> list[
 TICK = 100_000_000
 
 
-def raw_log() -> list[dict[str, Any]]:
+def raw_log() -> list[RawFrame]:
     """Clock records of no connection, then c1 (5 s), its loss, a failed attempt c2x, then c2 (10 s).
 
     Between the connections the CLOCK records are those of an ingest before CLOCKs carried the
@@ -66,25 +68,27 @@ def raw_log() -> list[dict[str, Any]]:
     log += [control_record(lost + i * TICK, "c2x") for i in range(22, 50)]  # the backoff
     log += [control_record(S2 - i * TICK, "c2") for i in (3, 2, 1)]  # c2's handshake
     log += connection(2, S2, 10, "c2")
-    assert all(a["ts_init"] < b["ts_init"] for a, b in itertools.pairwise(log))
+    assert all(a.ts_init < b.ts_init for a, b in itertools.pairwise(log))
     return log
 
 
-def produce(settings: CommonSettings, topic: str, records: list[dict[str, Any]], key: str) -> None:
+def produce(settings: CommonSettings, topic: str, records: Sequence[RawFrame | MarketEvent]) -> None:
+    """``records`` into ``topic`` keyed as the ingest keys them (raw frames by feed, events by symbol)."""
     serde = AvroSerde()
     producer = Producer(producer_config(settings, "replay-test"))
     for record in records:
-        producer.produce(topic, serde.encode(topic, record), key=str(record[key]).encode())
+        key = record.feed if isinstance(record, RawFrame) else record.symbol
+        producer.produce(topic, serde.encode(topic, record), key=key.encode())
         producer.poll(0)
     assert producer.flush(60) == 0
 
 
 @pytest.fixture
-def source(make_settings: Callable[..., CommonSettings]) -> tuple[CommonSettings, list[dict[str, Any]]]:
+def source(make_settings: Callable[..., CommonSettings]) -> tuple[CommonSettings, list[RawFrame]]:
     settings = make_settings()
     ensure_topics(make_admin(settings), settings.topic_prefix)
     log = raw_log()
-    produce(settings, TopicNames(settings.topic_prefix).md_raw, log, "feed")
+    produce(settings, TopicNames(settings.topic_prefix).md_raw, log)
     return settings, log
 
 
@@ -93,16 +97,17 @@ def raw_values(settings: CommonSettings, topic: str) -> list[bytes]:
 
 
 def test_a_raw_window_starts_at_the_connected_record_behind_it_and_is_forwarded_byte_for_byte(
-    source: tuple[CommonSettings, list[dict[str, Any]]],
+    source: tuple[CommonSettings, list[RawFrame]],
 ) -> None:
     settings, log = source
     a = TopicNames(settings.topic_prefix)
     target = f"{settings.topic_prefix}-w"
-    window = Window(S2 + 5 * SECOND, S2 + 8 * SECOND)
+    end_ns = S2 + 8 * SECOND
+    window = Window(S2 + 5 * SECOND, end_ns)
     summary = replay(settings, SourceSpec("topic", a.prefix), window, target, progress=False)
 
-    first = next(i for i, r in enumerate(log) if r["kind"] == "CONNECTED" and r["connection_id"] == "c2")
-    end = next(i for i, r in enumerate(log) if r["ts_init"] >= window.end_ns)
+    first = next(i for i, r in enumerate(log) if r.kind == "CONNECTED" and r.connection_id == "c2")
+    end = next(i for i, r in enumerate(log) if r.ts_init >= end_ns)
     assert summary.start is not None
     assert (summary.start.offset, summary.start.connection_id) == (first, "c2")
     assert summary.records == end - first
@@ -117,7 +122,7 @@ def test_a_raw_window_starts_at_the_connected_record_behind_it_and_is_forwarded_
 
 
 def test_between_connections_the_window_starts_at_the_previous_one_and_before_any_connection_it_is_refused(
-    source: tuple[CommonSettings, list[dict[str, Any]]],
+    source: tuple[CommonSettings, list[RawFrame]],
 ) -> None:
     settings, _ = source
     a = TopicNames(settings.topic_prefix)
@@ -133,16 +138,16 @@ def test_between_connections_the_window_starts_at_the_previous_one_and_before_an
 
 
 def test_ticks_stamped_with_a_connection_ahead_of_its_connected_record_do_not_stop_a_window(
-    source: tuple[CommonSettings, list[dict[str, Any]]],
+    source: tuple[CommonSettings, list[RawFrame]],
 ) -> None:
     """Logs of an ingest whose CLOCKs carried the connection being attempted: windows inside the
     failed attempt's backoff and inside the handshake start at c1, windows inside c2 at its CONNECTED."""
     settings, log = source
     a = TopicNames(settings.topic_prefix)
     with TopicReader(settings, a.md_raw, AvroSerde()) as reader:
-        c2 = next(i for i, r in enumerate(log) if r["kind"] == "CONNECTED" and r["connection_id"] == "c2")
+        c2 = next(i for i, r in enumerate(log) if r.kind == "CONNECTED" and r.connection_id == "c2")
         starts = {
-            name: find_raw_start(reader, log[index]["ts_init"])
+            name: find_raw_start(reader, log[index].ts_init)
             for name, index in (("backoff", c2 - 10), ("handshake", c2 - 2), ("c2", c2 + 30))
         }
     assert {name: (start.offset, start.connection_id) for name, start in starts.items()} == {
@@ -150,29 +155,30 @@ def test_ticks_stamped_with_a_connection_ahead_of_its_connected_record_do_not_st
         "handshake": (3, "c1"),
         "c2": (c2, "c2"),
     }
-    window = Window(log[c2 + 30]["ts_init"], log[c2 + 60]["ts_init"])
+    window = Window(log[c2 + 30].ts_init, log[c2 + 60].ts_init)
     summary = replay(settings, SourceSpec("topic", a.prefix), window, f"{a.prefix}-h", progress=False)
     assert summary.start is not None
     assert (summary.start.offset, summary.records) == (c2, 60)
 
 
 def test_an_events_window_starts_at_the_events_of_the_connected_record_in_every_partition(
-    source: tuple[CommonSettings, list[dict[str, Any]]], make_settings: Callable[..., CommonSettings]
+    source: tuple[CommonSettings, list[RawFrame]], make_settings: Callable[..., CommonSettings]
 ) -> None:
     settings, log = source
     a = TopicNames(settings.topic_prefix)
     events, _ = Normaliser().process_all(log)
-    produce(settings, a.md_events, events, "symbol")
+    produce(settings, a.md_events, events)
     target = TopicNames(f"{a.prefix}-e")
-    window = Window(S2 + 2 * SECOND, S2 + 6 * SECOND)
+    end_ns = S2 + 6 * SECOND
+    window = Window(S2 + 2 * SECOND, end_ns)
     summary = replay(settings, SourceSpec("topic", a.prefix), window, target.prefix, what="events", progress=False)
 
     assert summary.start is not None
     connected = summary.start.ts_init
     wanted: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for event in events:
-        if connected <= event["ts_init"] < window.end_ns:
-            wanted[event["symbol"]].append(event)
+        if connected <= event.ts_init < end_ns:
+            wanted[event.symbol].append(plain(event))
     got: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in sorted(read_topic(settings, target.md_events), key=lambda r: (r["_partition"], r["_offset"])):
         got[record["_key"]].append({k: v for k, v in record.items() if not k.startswith("_")})
@@ -182,7 +188,7 @@ def test_an_events_window_starts_at_the_events_of_the_connected_record_in_every_
 
 
 def test_pacing_follows_ts_init_divided_by_the_speed_from_the_window_start(
-    source: tuple[CommonSettings, list[dict[str, Any]]],
+    source: tuple[CommonSettings, list[RawFrame]],
 ) -> None:
     settings, log = source
     clock = FakeClock()
@@ -200,14 +206,14 @@ def test_pacing_follows_ts_init_divided_by_the_speed_from_the_window_start(
         clock=clock, sleep=sleep, progress=False,
     )  # fmt: skip
     assert summary.start is not None
-    assert summary.first_ts_init == log[3]["ts_init"] == summary.start.ts_init < S2 - 19 * SECOND
+    assert summary.first_ts_init == log[3].ts_init == summary.start.ts_init < S2 - 19 * SECOND
     assert summary.last_ts_init is not None
     assert sum(slept) == pytest.approx((summary.last_ts_init - S2) / 1e9 / 4, abs=1e-6)
     assert len(slept) > 10
 
 
 def test_a_range_shorter_than_a_batch_comes_back_as_fetched_not_after_the_poll_timeout(
-    source: tuple[CommonSettings, list[dict[str, Any]]],
+    source: tuple[CommonSettings, list[RawFrame]],
 ) -> None:
     settings, log = source
     topic = TopicNames(settings.topic_prefix).md_raw

@@ -23,11 +23,13 @@ from confluent_kafka import Consumer, TopicPartition
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, ensure_topics, make_admin
+from quotewatch.core.records import MarketEvent
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.venue.captures import read_capture
 from quotewatch.domain.venue.normaliser import Normaliser
 from tests.broker.services.book.streams import expected_outputs, produce_events
 from tests.helpers import read_topic, shared_data_dir, wait_for
+from tests.records import plain
 from tests.unit.services.book.market_events import synthetic_feed
 
 QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
@@ -62,8 +64,8 @@ def committed_high_watermark(settings: CommonSettings, topic: str) -> int:
         consumer.close()
 
 
-def interleave(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+def interleave(first: list[MarketEvent], second: list[MarketEvent]) -> list[MarketEvent]:
+    out: list[MarketEvent] = []
     ratio = max(1, len(first) // max(1, len(second)))
     rest = iter(second)
     for index, record in enumerate(first):
@@ -113,5 +115,5 @@ def test_sigkill_mid_stream_then_restart_gives_every_tick_exactly_once(make_sett
     for partition in sorted({r["_partition"] for r in got}):
         records = [{k: v for k, v in r.items() if not k.startswith("_")} for r in got if r["_partition"] == partition]
         symbols = {r["symbol"] for r in records}
-        assert records == [v for v in vectors if v["symbol"] in symbols], f"partition {partition}"
+        assert records == [plain(v) for v in vectors if v.symbol in symbols], f"partition {partition}"
     assert "rebuilding state from already-committed input" in log.read_text(), "the restart replayed from the snapshot"
