@@ -27,10 +27,10 @@ notes).
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 
+from quotewatch.core.records import MarketEvent, RawFrame
 from quotewatch.domain.market import features as spec
 from quotewatch.domain.ml.models import CHALLENGER_ROLE, CHAMPION_ROLE
 from quotewatch.domain.ml.registry import LoadedModel
@@ -49,7 +49,7 @@ DAY_TICKS = 864_000
 HOUR_NS = 3_600 * 10**9
 
 
-def raw_log(hours: float, seed: int = 11) -> list[dict[str, Any]]:
+def raw_log(hours: float, seed: int = 11) -> list[RawFrame]:
     config = SyntheticConfig(symbols=("BTC-USD",), seed=seed, rate=RATE)
     return list(synthetic_raw_frames(FEED_ADVANCED, config, int(hours * HOUR_NS), tick_ms=TICK_MS))
 
@@ -83,11 +83,11 @@ def evaluate(engine: BacktestEngine, models: list[LoadedModel]) -> report.Evalua
     )
 
 
-def normalise(raws: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def normalise(raws: list[RawFrame]) -> list[MarketEvent]:
     """The MarketEvent records of ``raws`` (what ``qw.md.events`` and the lake hold); empties ``raws``
     as it goes, so the two logs of a 24 h window are never in memory together."""
     process = Normaliser().process
-    events: list[dict[str, Any]] = []
+    events: list[MarketEvent] = []
     raws.reverse()
     while raws:
         events.extend(process(raws.pop()).events)

@@ -2,8 +2,8 @@
 vs plain sortedcontainers, side by side in one run.
 
 Input: every capture in the shared data directory, normalised by the real normaliser into
-MarketEvent dicts; each structure gets the same snapshot and the same UPDATE change lists (the
-dicts the service decodes) and, like the service, reads the best 3 levels per side after every
+MarketEvent records; each structure gets the same snapshot and the same UPDATE change lists (the
+typed records the service decodes) and, like the service, reads the best 3 levels per side after every
 update batch. A second measure applies without reading (the C extension's best case: it sorts
 lazily, on the first read after a change). Result: price-level updates per second.
 
@@ -20,13 +20,14 @@ from typing import Any
 from order_book import OrderBook as CBook
 from sortedcontainers import SortedDict
 
+from quotewatch.core.records import BookLevel, LevelChange
 from quotewatch.domain.market.orderbook import OrderBook
 from quotewatch.domain.venue.captures import capture_files, read_capture
 from quotewatch.domain.venue.normaliser import Normaliser
 from tests.benchmarks.harness import Context, Result
 
-Snapshot = dict[str, tuple[list[dict[str, int]], list[dict[str, int]]]]
-Batches = list[tuple[str, list[dict[str, Any]]]]
+Snapshot = dict[str, tuple[tuple[BookLevel, ...], tuple[BookLevel, ...]]]
+Batches = list[tuple[str, tuple[LevelChange, ...]]]
 
 
 def load(path: Path) -> tuple[Snapshot, Batches]:
@@ -36,9 +37,9 @@ def load(path: Path) -> tuple[Snapshot, Batches]:
     batches: Batches = []
     for event in events:
         symbol = event.symbol
-        if event.kind == "SNAPSHOT" and symbol not in snapshots:
+        if event.snapshot is not None and symbol not in snapshots:
             snapshots[symbol] = (event.snapshot.bids, event.snapshot.asks)
-        elif event.kind == "UPDATE" and symbol in snapshots:
+        elif event.update is not None and symbol in snapshots:
             batches.append((symbol, event.update.changes))
     return snapshots, batches
 

@@ -34,6 +34,7 @@ from selenium import webdriver
 
 from quotewatch.core.config import DashboardSettings
 from quotewatch.core.kafka import ensure_topics, make_admin, make_consumer, make_producer
+from quotewatch.core.records import Snapshot
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.core.units import parse_e8
@@ -94,7 +95,7 @@ class _DeliveryClock(threading.Thread):
             if message is None or message.error():
                 continue
             now = time.time()
-            record = self._serde.decode(message.value() or b"", self._topic)
+            record = self._serde.decode_as(message.value() or b"", self._topic, Snapshot)
             self.arrived[record.bids[0].price_e8] = now
 
 

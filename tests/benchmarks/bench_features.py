@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from quotewatch.core.records import MarketEvent
 from quotewatch.domain.market.book_pipeline import BookPipeline
 from quotewatch.domain.market.features import FEATURES, FeatureState
 from quotewatch.domain.market.orderbook import OrderBook
@@ -23,11 +24,11 @@ from tests.benchmarks.harness import Context, Result
 TICK_MS = 100
 
 
-def _events(ctx: Context) -> list[list[dict[str, Any]]]:
+def _events(ctx: Context) -> list[list[MarketEvent]]:
     return [Normaliser().process_all(read_capture(path).raw_frames())[0] for path in capture_files(ctx.shared_dir)]
 
 
-def _pipeline_seconds(streams: list[list[dict[str, Any]]]) -> tuple[float, int, list[Any]]:
+def _pipeline_seconds(streams: list[list[MarketEvent]]) -> tuple[float, int, list[Any]]:
     started = time.perf_counter()
     ticks = 0
     tops = []
@@ -74,7 +75,7 @@ def run(ctx: Context) -> list[Result]:
 
     # Loading the full-depth snapshots (tens of thousands of levels) is a one-off per epoch that
     # a day-long backtest amortises; measure it apart to show the steady state too.
-    snapshots = [e.snapshot for stream in streams for e in stream if e.kind == "SNAPSHOT"]
+    snapshots = [e.snapshot for stream in streams for e in stream if e.snapshot is not None]
     load_best = float("inf")
     for _ in range(repeat):
         started = time.perf_counter()

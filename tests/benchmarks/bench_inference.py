@@ -39,6 +39,7 @@ from confluent_kafka.admin import NewTopic
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, ensure_topics, make_admin
+from quotewatch.core.records import FeatureVector, Prediction
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.ml.models import positive_probability
@@ -114,7 +115,7 @@ def _ready_producer(settings: CommonSettings) -> Producer:
     return producer
 
 
-def _produce_backlog(bootstrap: str, topic: str, vectors: list[dict[str, Any]]) -> None:
+def _produce_backlog(bootstrap: str, topic: str, vectors: list[FeatureVector]) -> None:
     serde, producer = AvroSerde(), _producer(bootstrap)
     for vector in vectors:
         produce_when_room(
@@ -146,7 +147,7 @@ def _read_predictions(settings: CommonSettings, until: Any, timeout: float) -> l
             if message is None or message.error():
                 continue
             received = time.time()
-            value = serde.decode(message.value() or b"", topic)
+            value = serde.decode_as(message.value() or b"", topic, Prediction)
             out.append((value.symbol, value.ts_event, message.timestamp()[1], received, value.model_role))
     finally:
         consumer.close()
@@ -154,7 +155,7 @@ def _read_predictions(settings: CommonSettings, until: Any, timeout: float) -> l
 
 
 def _latency(
-    settings: CommonSettings, producer: Producer, vectors: list[dict[str, Any]], per_second: float
+    settings: CommonSettings, producer: Producer, vectors: list[FeatureVector], per_second: float
 ) -> tuple[list[float], list[float]]:
     """(record-timestamp latencies ms, visible latencies ms) of ``vectors`` produced at ``per_second``
     by ``producer`` (a ready one, see :func:`_ready_producer`)."""
@@ -212,7 +213,7 @@ def _latency(
     return record_ms, visible_ms
 
 
-def _throughput(settings: CommonSettings, backlog: list[dict[str, Any]], role: str) -> float:
+def _throughput(settings: CommonSettings, backlog: list[FeatureVector], role: str) -> float:
     predictions = _read_predictions(settings, lambda records: len(records) >= len(backlog), 900)
     roles = {record[4] for record in predictions}
     if roles != {role}:

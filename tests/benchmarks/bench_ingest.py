@@ -28,6 +28,7 @@ from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import IngestSettings
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import DeliveryTracker, ensure_topics, flush_or_fail, make_admin, make_producer
+from quotewatch.core.records import RawFrame
 from quotewatch.core.serde import AvroSerde
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, SyntheticMarket, batch_frames, synthetic_raw_frames
 from quotewatch.domain.venue.captures import capture_files, read_capture
@@ -40,7 +41,7 @@ GOAL_UPDATES = 150_000
 GOAL_SYNTHETIC = 20_000
 
 
-def _inputs(ctx: Context) -> list[tuple[str, list[dict[str, Any]]]]:
+def _inputs(ctx: Context) -> list[tuple[str, list[RawFrame]]]:
     inputs = []
     for path in capture_files(ctx.shared_dir):
         capture = read_capture(path)
@@ -53,24 +54,22 @@ def _inputs(ctx: Context) -> list[tuple[str, list[dict[str, Any]]]]:
     return inputs
 
 
-def _normalise_and_encode(raws: list[dict[str, Any]], serde: AvroSerde) -> tuple[float, int, int]:
+def _normalise_and_encode(raws: list[RawFrame], serde: AvroSerde) -> tuple[float, int, int]:
     normaliser = Normaliser()
-    raw_schema = serde.store.current("quotewatch.RawFrame")
-    event_schema = serde.store.current("quotewatch.MarketEvent")
     updates = snapshot_levels = 0
     started = time.perf_counter()
     for raw in raws:
-        serde.encode_with(raw_schema, raw, "qw.md.raw-value")
+        serde.encode("qw.md.raw", raw)
         for event in normaliser.process(raw).events:
-            serde.encode_with(event_schema, event, "qw.md.events-value")
-            if event.kind == "UPDATE":
+            serde.encode("qw.md.events", event)
+            if event.update is not None:
                 updates += len(event.update.changes)
-            elif event.kind == "SNAPSHOT":
+            elif event.snapshot is not None:
                 snapshot_levels += len(event.snapshot.bids) + len(event.snapshot.asks)
     return time.perf_counter() - started, updates, snapshot_levels
 
 
-def _naive(raws: list[dict[str, Any]]) -> float:
+def _naive(raws: list[RawFrame]) -> float:
     """The peer: stdlib json + Decimal for every price and size, no normalising, no encoding."""
     started = time.perf_counter()
     for raw in raws:
@@ -160,16 +159,13 @@ def _broker(ctx: Context) -> list[Result]:
             on_resync=lambda connection, reason, symbols: None,
         )
         raw_topic = f"{settings.topic_prefix}.md.raw"
-        raw_schema = serde.store.current("quotewatch.RawFrame")
         started = time.perf_counter()
         if mode == "writer":
             for item in items:
                 writer.write(item)
         else:
             for raw in raws:
-                producer.produce(
-                    raw_topic, serde.encode_with(raw_schema, raw, f"{raw_topic}-value"), b"coinbase-advanced"
-                )
+                producer.produce(raw_topic, serde.encode(raw_topic, raw), b"coinbase-advanced")
                 producer.poll(0)
         flush_or_fail(producer, 60)
         delivery.raise_if_failed()

@@ -27,13 +27,13 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, ensure_topics, make_admin, producer_config
+from quotewatch.core.records import MarketEvent
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
@@ -48,7 +48,7 @@ QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
 SERVICES = ("book", "labeler", "inference")
 
 
-def market_events(minutes: float) -> list[dict[str, Any]]:
+def market_events(minutes: float) -> list[MarketEvent]:
     config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=29, rate=300.0)
     events, _ = Normaliser().process_all(synthetic_raw_frames(FEED_ADVANCED, config, int(minutes * 60e9)))
     return events

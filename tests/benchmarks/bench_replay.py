@@ -30,12 +30,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import consumer_config, ensure_topics, make_admin, producer_config
+from quotewatch.core.records import RawFrame
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
@@ -53,17 +53,17 @@ PEER_RUNS = 5
 ALONE_RUNS = 3
 
 
-def raw_log(minutes: float) -> list[dict[str, Any]]:
+def raw_log(minutes: float) -> list[RawFrame]:
     config = SyntheticConfig(symbols=("BTC-USD", "ETH-USD"), seed=17, rate=200.0)
     return list(synthetic_raw_frames(FEED_ADVANCED, config, int(minutes * 60 * 10**9)))
 
 
-def level_updates(log: list[dict[str, Any]]) -> int:
+def level_updates(log: list[RawFrame]) -> int:
     events, _ = Normaliser().process_all(log)
-    return sum(len(e.update.changes) for e in events if e.kind == "UPDATE")
+    return sum(len(e.update.changes) for e in events if e.update is not None)
 
 
-def produce(settings: CommonSettings, topic: str, log: list[dict[str, Any]]) -> None:
+def produce(settings: CommonSettings, topic: str, log: list[RawFrame]) -> None:
     serde = AvroSerde()
     producer = Producer(producer_config(settings, "bench-replay"))
     for record in log:
