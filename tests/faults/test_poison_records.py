@@ -30,7 +30,7 @@ from quotewatch.core.topics import CATALOG, TopicNames
 from tests.faults.conftest import FaultReport
 from tests.faults.support import Pipeline, PipelineConfig, read_all, trials, verify_pipeline
 from tests.records import checked
-from tests.unit.core.test_schemas_and_serde import sample_record
+from tests.unit.core.test_schemas_and_serde import typed_sample
 
 READERS = {
     "md.raw": ("lake-sink",),
@@ -45,7 +45,7 @@ READERS = {
 def poison_values(topic: str, suffix: str) -> list[bytes]:
     """Not Avro at all, and a valid record of the topic's schema with its body cut in half."""
     serde = AvroSerde()
-    valid = serde.encode(topic, sample_record(serde.store.current(CATALOG[suffix].value_schema).schema))
+    valid = serde.encode(topic, typed_sample(CATALOG[suffix].value_schema))
     return [b"\x00\x01 this is not an Avro record", valid[: 10 + (len(valid) - 10) // 2]]
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quotewatch.core.errors import DecodeError, PoisonRecordError, SchemaRegistryUnavailableError, UnknownSchemaError
-from quotewatch.core.records import RECORD_TYPES, AnyRecord
+from quotewatch.core.records import RECORD_TYPES, TOPIC_RECORDS, Record
 from quotewatch.core.schemas import SchemaStore, crc64_avro, default_store
 from quotewatch.core.serde import CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC, AvroSerde, registry_client
 from quotewatch.core.topics import CATALOG
@@ -57,10 +57,15 @@ def sample_record(schema: Any, named: dict[str, Any] | None = None, depth: int =
     return sample_record(kind, named, depth)
 
 
-def typed_sample(name: str) -> Any:
-    """:func:`sample_record` of the current schema ``name`` as its generated record class."""
-    cls: type[AnyRecord] = RECORD_TYPES[name]
-    return msgspec.convert(sample_record(STORE.current(name).schema), cls)
+def typed_sample(name: str) -> Record:
+    """:func:`sample_record` of the current topic value schema ``name`` as its generated record class."""
+    cls = TOPIC_CLASSES[name]
+    record: Record = msgspec.convert(sample_record(STORE.current(name).schema), cls)
+    return record
+
+
+TOPIC_CLASSES: dict[str, type[Record]] = {f"quotewatch.{cls.__name__}": cls for cls in TOPIC_RECORDS.values()}
+"""Topic value schema name -> its generated record class."""
 
 
 def _lists(value: Any) -> Any:
