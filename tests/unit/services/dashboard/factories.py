@@ -2,7 +2,8 @@
 
 The inference service that produces snapshots is built separately; these records are the input
 contract (schemas/quotewatch.Snapshot.avsc), and every one of them is checked by encoding it with
-the real serde in the unit tests.
+the real serde in the unit tests. The ``quotewatch.MarketEvent`` records below are what the
+dashboard's upstream probe reads on ``md.events`` while it has no snapshot.
 """
 
 from __future__ import annotations
@@ -129,3 +130,51 @@ def history(
             )
         )
     return records
+
+
+def market_event(kind: str, ts_event: int, symbol: str = "BTC-USD", **body: Any) -> dict[str, Any]:
+    """A ``quotewatch.MarketEvent`` of ``kind`` (its body given by keyword: ``status=``, ``gap=``, ...)."""
+    record: dict[str, Any] = {
+        "ts_event": ts_event,
+        "ts_init": ts_event + 5_000_000,
+        "exchange": "coinbase",
+        "feed": "coinbase-advanced",
+        "symbol": symbol,
+        "kind": kind,
+        "source_sequence": -1,
+        "connection_id": "c1",
+        "snapshot": None,
+        "update": None,
+        "trade": None,
+        "gap": None,
+        "status": None,
+    }
+    record.update(body)
+    return record
+
+
+def status_event(state: str, ts: int, detail: str = "", symbol: str = "BTC-USD") -> dict[str, Any]:
+    return market_event("STATUS", ts, symbol, status={"state": state, "detail": detail})
+
+
+def gap_event(reason: str, ts: int, detail: str = "", symbol: str = "BTC-USD") -> dict[str, Any]:
+    gap = {"reason": reason, "detail": detail, "expected_sequence": -1, "received_sequence": -1}
+    return market_event("GAP", ts, symbol, gap=gap)
+
+
+def snapshot_event(ts: int, symbol: str = "BTC-USD") -> dict[str, Any]:
+    book = {"bids": [level("67234.51", "0.5")], "asks": [level("67234.52", "0.75")]}
+    return market_event("SNAPSHOT", ts, symbol, snapshot=book)
+
+
+def update_event(ts: int, symbol: str = "BTC-USD") -> dict[str, Any]:
+    changes = [{"side": "BID", "price_e8": level("67234.51", "1")["price_e8"], "size_e8": level("1", "1")["size_e8"]}]
+    return market_event("UPDATE", ts, symbol, update={"changes": changes})
+
+
+def produce_keyed(producer: Producer, serde: AvroSerde, topic: str, records: Iterable[dict[str, Any]]) -> None:
+    """Produce ``records`` of any topic keyed by symbol; return once the broker acked them all."""
+    for record in records:
+        producer.produce(topic, key=record["symbol"].encode(), value=serde.encode(topic, record))
+    remaining = producer.flush(10)
+    assert remaining == 0, f"{remaining} records were not delivered"
