@@ -93,6 +93,7 @@ class UpstreamProbe:
         self._lock = threading.Lock()
         self._view: UpstreamView | None = None  # guarded by _lock: published by the loop, read by callbacks
         self._last_raw_check_ns: int | None = None
+        self._warned_missing = False
         self._thread = threading.Thread(target=self._run, name="upstream-probe", daemon=True)
 
     def start(self) -> UpstreamProbe:
@@ -152,10 +153,13 @@ class UpstreamProbe:
             for topic in topics:
                 found = metadata.topics.get(topic)
                 if found is None or found.error is not None or not found.partitions:
-                    logger.info("probe: topic %s does not exist yet; retrying", topic)
+                    if not self._warned_missing:
+                        logger.warning("probe: topic %s does not exist yet; retrying every second", topic)
+                        self._warned_missing = True
                     return False
                 for partition in sorted(found.partitions):
-                    low, high = query_watermarks(consumer, TopicPartition(topic, partition), QUERY_SECONDS)
+                    tp = TopicPartition(topic, partition)
+                    low, high = query_watermarks(consumer, tp, QUERY_SECONDS, wait=self._stop.wait)
                     assignment.append(TopicPartition(topic, partition, max(low, high - self._lookback)))
         except KafkaException as exc:
             logger.warning("probe: cannot reach the broker; retrying", extra={"error": str(exc)})
