@@ -196,7 +196,7 @@ def test_empty_state_says_why_it_waits_stage_by_stage(
     # With a snapshot there is nothing to explain: the probe closes its consumer and ends.
     probe = dashboard.runtime.get().probe
     wait_for(lambda: not probe.alive, timeout=UPDATE_TIMEOUT, message="the upstream probe stopped")
-    assert dashboard.runtime.get().feed().upstream is None
+    assert dashboard.runtime.get().feed().waiting == ()
     producer.flush(10)
     no_browser_errors(dash_duo)
 

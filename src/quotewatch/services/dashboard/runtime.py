@@ -28,7 +28,8 @@ from quotewatch.core.topics import TopicNames
 from quotewatch.services.dashboard.consumer import SERVICE, SnapshotConsumer
 from quotewatch.services.dashboard.probe import UpstreamProbe
 from quotewatch.services.dashboard.store import SnapshotStore
-from quotewatch.services.dashboard.view import FeedView, waiting_reasons
+from quotewatch.services.dashboard.view import FeedView
+from quotewatch.services.dashboard.waiting import waiting_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +94,8 @@ class DashboardRuntime:
 
     def feed(self) -> FeedView:
         records, rejected = self.store.counts()
-        upstream = self.probe.view() if not self.store.symbols() else None
-        return FeedView(
-            self.consumer.topic, records, rejected, self.consumer.lag(), self.consumer.caught_up(), upstream
-        )
+        waiting = tuple(waiting_reasons(self.probe.view())) if not self.store.symbols() else ()
+        return FeedView(self.consumer.topic, records, rejected, self.consumer.lag(), self.consumer.caught_up(), waiting)
 
     def health(self) -> HealthStatus:
         """Liveness of the consumer (progress, not PID), with what this process has read."""

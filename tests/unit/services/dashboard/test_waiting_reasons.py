@@ -14,7 +14,8 @@ from dash import html
 
 from quotewatch.core.serde import AvroSerde
 from quotewatch.services.dashboard.upstream import UpstreamTracker, UpstreamView
-from quotewatch.services.dashboard.view import FeedView, render_kpis, waiting_reasons
+from quotewatch.services.dashboard.view import FeedView, render_kpis
+from quotewatch.services.dashboard.waiting import waiting_reasons
 from tests.unit.services.dashboard.factories import gap_event, snapshot_event, status_event, update_event
 
 T0 = 1_786_309_548_000_000_000  # 2026-08-09T21:05:48Z, on the 100 ms grid
@@ -147,14 +148,15 @@ def test_the_empty_state_lists_the_reasons_once_the_snapshot_topic_is_read() -> 
     tracker = UpstreamTracker()
     for record in CONNECTING:
         tracker.on_event(record)
-    upstream = view(tracker)
-    values = render_kpis(None, FeedView("qw.snapshot", 0, 0, 0, True, upstream), 2_000_000_000)
+    waiting = tuple(waiting_reasons(view(tracker)))
+    values = render_kpis(None, FeedView("qw.snapshot", 0, 0, 0, True, waiting), 2_000_000_000)
     assert values[("empty-title", "children")] == "Waiting for the first snapshot on qw.snapshot…"
     items = values[("empty-reasons", "children")]
     assert all(isinstance(item, html.Li) for item in items)
     assert [item.children for item in items] == ["BTC-USD: feed not subscribed (CONNECTING)"]
     # Still reading the snapshot topic: no reasons (a snapshot may be on its way).
-    reading = render_kpis(None, FeedView("qw.snapshot", 0, 0, 7, False, upstream), 2_000_000_000)
+    reading = render_kpis(None, FeedView("qw.snapshot", 0, 0, 7, False, waiting), 2_000_000_000)
     assert reading[("empty-reasons", "children")] == []
     # Before the probe has read anything: the title alone.
+    assert waiting_reasons(None) == []
     assert render_kpis(None, FeedView("qw.snapshot", 0, 0, 0, True), 2_000_000_000)[("empty-reasons", "children")] == []
