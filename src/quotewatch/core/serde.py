@@ -10,7 +10,8 @@
 Decoding finds the writer schema (by fingerprint or registry id) and resolves it to the reader's
 current schema (schema evolution). Unknown schemas and undecodable bytes raise typed errors
 (:class:`~quotewatch.core.errors.UnknownSchemaError`, :class:`~quotewatch.core.errors.DecodeError`),
-which consumers turn into dead letters.
+which consumers turn into dead letters; so does a record beyond its schema's limits (array items,
+string lengths: :mod:`quotewatch.core.limits`, :class:`~quotewatch.core.errors.RecordLimitError`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import json
 import struct
 import threading
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import fastavro
 
 from quotewatch.core.errors import DecodeError, EncodeError, SchemaRegistryUnavailableError, UnknownSchemaError
+from quotewatch.core.limits import ArrayScan, StringCheck, limits_for
 from quotewatch.core.schemas import SchemaStore, SchemaVersion, _version_of, default_store, full_name
 from quotewatch.core.topics import split_topic
 
@@ -34,6 +36,17 @@ _SINGLE_OBJECT_HEADER = len(SINGLE_OBJECT_MAGIC) + 8
 _CONFLUENT_HEADER = 5
 
 Record = dict[str, Any]
+
+
+class _Resolved(NamedTuple):
+    """What decoding bytes of one writer schema (for one topic) needs, worked out once."""
+
+    writer: SchemaVersion
+    reader_schema: Any
+    """The reader's schema, or None when it is the writer's."""
+    offset: int
+    items: ArrayScan
+    strings: StringCheck
 
 
 class RegistryClient(Protocol):
@@ -74,7 +87,7 @@ class AvroSerde:
         self._registered: dict[tuple[str, int], int] = {}
         self._by_registry_id: dict[int, SchemaVersion] = {}
         self._topic_schema: dict[str, SchemaVersion] = {}
-        self._resolved: dict[tuple[int, int, str | None], tuple[SchemaVersion, Any, int]] = {}
+        self._resolved: dict[tuple[int, int, str | None], _Resolved] = {}
 
     @property
     def store(self) -> SchemaStore:
@@ -164,10 +177,20 @@ class AvroSerde:
         if resolved is None:
             writer, offset = self.writer_of(data)
             reader = self._reader_for(writer, topic)
-            resolved = (writer, None if reader is writer else reader.schema, offset)
+            limits = limits_for(reader.name)
+            resolved = _Resolved(
+                writer,
+                None if reader is writer else reader.schema,
+                offset,
+                ArrayScan(writer.schema, limits, writer.name),
+                StringCheck(reader.schema, limits, reader.name),
+            )
             with self._lock:
                 self._resolved[key] = resolved
-        writer, reader_schema, offset = resolved
+        writer, reader_schema, offset, items, strings = resolved
+        # Before anything is built: a body that could hold more array items than the schema's
+        # limit is scanned (cheap, no allocation); most records are too small to need it.
+        items.check(data, offset)
         buffer = io.BytesIO(data)
         buffer.seek(offset)
         try:
@@ -178,6 +201,7 @@ class AvroSerde:
             raise DecodeError(f"{len(data) - buffer.tell()} trailing bytes after a {writer.name} record")
         if not isinstance(decoded, dict):
             raise DecodeError(f"{writer.name} is not a record schema")
+        strings.check(decoded, len(data))
         return decoded
 
     def writer_of(self, data: bytes) -> tuple[SchemaVersion, int]:
