@@ -103,6 +103,16 @@ def check_host(value: str) -> str:
     return value
 
 
+def is_loopback(host: str) -> bool:
+    """True when the bind address ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_mlflow_tracking_uri(value: str) -> str:
     """A tracking URI MLflow accepts: http(s)://host[:port], file:, sqlite:, a database URI,
     databricks[://profile], or a plain local path; else ValueError.
@@ -497,7 +507,9 @@ class DashboardSettings(CommonSettings):
     dash_threads: int = Field(default=8, gt=0)
     """DASH_THREADS (default 8): request threads of the production WSGI server (waitress)."""
     dash_debug: bool = False
-    """DASH_DEBUG (default false): Dash's development server with the reloader and dev tools instead of waitress."""
+    """DASH_DEBUG (default false): Dash's development server with the reloader and dev tools instead of waitress;
+    refused unless DASH_HOST is a loopback address (the debugger runs code for whoever reaches it).
+    """
     dash_push: bool = False
     """DASH_PUSH (default false): push KPI updates through Dash's WebSocket callbacks (FastAPI backend, uvicorn)
     instead of polling every DASH_POLL_MS.
@@ -507,6 +519,15 @@ class DashboardSettings(CommonSettings):
     @classmethod
     def _check_dash_host(cls, value: str) -> str:
         return check_host(value)
+
+    @model_validator(mode="after")
+    def _debug_only_on_loopback(self) -> DashboardSettings:
+        if self.dash_debug and not is_loopback(self.dash_host):
+            raise ValueError(
+                f"DASH_DEBUG=true with DASH_HOST={self.dash_host}: the development server's debugger runs code "
+                "for whoever reaches it, so it only listens on a loopback address (127.0.0.1, ::1, localhost)"
+            )
+        return self
 
 
 SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {

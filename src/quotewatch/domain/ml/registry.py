@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import re
 import tempfile
@@ -33,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from quotewatch.core.errors import ConfigError, QuoteWatchError, RetriableError
+from quotewatch.core.bounded import parse_json_object
+from quotewatch.core.errors import ConfigError, QuoteWatchError, RetriableError, UntrustedInputError
 from quotewatch.domain.ml.calibration import CalibrationError, Calibrator
 from quotewatch.domain.ml.calibration import from_metadata as calibration_from_metadata
 from quotewatch.domain.ml.models import positive_probability
@@ -50,6 +50,9 @@ SIGNATURE_HEADER = "X-MLflow-Signature"
 TIMESTAMP_HEADER = "X-MLflow-Timestamp"
 DELIVERY_ID_HEADER = "X-MLflow-Delivery-Id"
 SIGNATURE_VERSION = "v1"
+WEBHOOK_MAX_BODY_BYTES: Final = 1024 * 1024
+"""A webhook body larger than this is refused (MLflow's alias events are a few hundred bytes)."""
+WEBHOOK_MAX_DEPTH: Final = 8
 SUPPORTED_FLAVORS = ("xgboost", "sklearn")
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
@@ -267,12 +270,11 @@ def verify_webhook(
     if abs(now_seconds - sent) > tolerance_seconds:
         raise WebhookRejectedError(f"delivery {delivery_id} is {now_seconds - sent:.0f}s old (replayed?)")
     try:
-        payload = json.loads(body)
-    except ValueError as exc:
-        raise WebhookRejectedError(f"delivery {delivery_id}: body is not JSON") from exc
-    if not isinstance(payload, dict):
-        raise WebhookRejectedError(f"delivery {delivery_id}: body is not a JSON object")
-    return payload
+        return parse_json_object(
+            body, what=f"delivery {delivery_id}: body", max_bytes=WEBHOOK_MAX_BODY_BYTES, max_depth=WEBHOOK_MAX_DEPTH
+        )
+    except UntrustedInputError as exc:
+        raise WebhookRejectedError(str(exc)) from None
 
 
 def is_alias_change(payload: Mapping[str, Any], model_name: str) -> bool:
