@@ -61,6 +61,8 @@ class _TomlFileSource(PydanticBaseSettingsSource):
 
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*):")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_\-]{1,63}(?<!-)$")
+MIN_SIGNING_KEY_CHARS = 32
+"""MODEL_SIGNING_KEY is at least this long (an HMAC-SHA256 key of 32 hex characters is 128 bits)."""
 SASL_MECHANISMS = ("GSSAPI", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 """What librdkafka's sasl.mechanism accepts."""
 MLFLOW_URI_SCHEMES = frozenset(
@@ -167,6 +169,11 @@ class CommonSettings(BaseSettings):
     """MLFLOW_TRACKING_URI (default unset): the MLflow tracking and registry server, http(s)://host:port, or any
     tracking URI MLflow takes (file:, sqlite:, a database URI, databricks, a local path).
     """
+    model_signing_key: SecretStr | None = None
+    """MODEL_SIGNING_KEY (default unset): HMAC-SHA256 key of registered models, 32 characters or more. The trainer
+    signs the digest of each model it registers; inference and the backtest then load only versions whose signature
+    verifies. Unset: digests are checked, signatures are not (docs/security.md).
+    """
     lake_uri: str = "data/lake"
     """LAKE_URI (default data/lake): root of the Parquet lake, a local path or s3://bucket/prefix."""
     schema_registry_url: str | None = None
@@ -254,6 +261,21 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _check_host(cls, value: str) -> str:
         return check_host(value)
+
+    @field_validator("model_signing_key")
+    @classmethod
+    def _check_signing_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SIGNING_KEY_CHARS:
+            raise ValueError(
+                f"is shorter than {MIN_SIGNING_KEY_CHARS} characters (e.g. `python -c 'import secrets; "
+                "print(secrets.token_hex(32))'`)"
+            )
+        return value
+
+    @property
+    def signing_key(self) -> str | None:
+        """MODEL_SIGNING_KEY in clear, for the model registry code (never logged or printed)."""
+        return self.model_signing_key.get_secret_value() if self.model_signing_key is not None else None
 
     @model_validator(mode="after")
     def _delta_is_a_multiple_of_tick(self) -> CommonSettings:

@@ -207,3 +207,17 @@ def test_dash_debug_is_refused_off_loopback(host: str) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
 def test_dash_debug_on_loopback_is_accepted(host: str) -> None:
     assert load_settings(DashboardSettings, dash_debug=True, dash_host=host).dash_debug
+
+
+def test_the_model_signing_key_is_a_masked_secret_of_some_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "0123456789abcdef" * 4
+    monkeypatch.setenv("MODEL_SIGNING_KEY", key)
+    settings = load_settings(InferenceSettings)
+    assert settings.signing_key == key
+    assert key not in repr(settings)
+    assert key not in str(settings.masked())
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "short")
+    with pytest.raises(ConfigError, match="MODEL_SIGNING_KEY: is shorter than 32 characters"):
+        load_settings(InferenceSettings)
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "")
+    assert load_settings(InferenceSettings).signing_key is None
