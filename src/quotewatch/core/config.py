@@ -335,6 +335,12 @@ class IngestSettings(CommonSettings):
     """INGEST_QUEUE_MAX (default 50000): frames buffered between the socket reader and the broker writer; when full the
     ingest records a gap and resyncs.
     """
+    ingest_queue_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    """INGEST_QUEUE_MAX_BYTES (default 256 MiB): characters of frame text buffered between the reader and the writer
+    (a frame larger than this still fits in an empty queue); when full, as when INGEST_QUEUE_MAX is reached, the
+    ingest stops keeping frames, closes the connection, logs an OVERFLOW record naming the frames not kept (a gap
+    downstream) and resyncs.
+    """
     heartbeat_timeout_seconds: float = Field(default=5.0, gt=0)
     """HEARTBEAT_TIMEOUT_SECONDS (default 5): silence longer than this is a dead connection."""
     subscribe_timeout_seconds: float = Field(default=5.0, gt=0)
