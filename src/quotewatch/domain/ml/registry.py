@@ -321,6 +321,8 @@ def load_model_version(
     try:
         tags = dict(client.get_model_version(name, version).tags or {})
     except MlflowException as exc:
+        if getattr(exc, "error_code", "") in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE"):
+            raise RegistryUnavailableError(f"{uri}: {exc.message}") from exc
         raise ModelLoadError(f"{uri}: cannot read the version: {exc.message}") from exc
     except OSError as exc:
         raise RegistryUnavailableError(f"{uri}: tracking server unreachable: {exc}") from exc
