@@ -17,7 +17,6 @@ string lengths: :mod:`quotewatch.core.limits`, :class:`~quotewatch.core.errors.R
 from __future__ import annotations
 
 import io
-import json
 import struct
 import threading
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from typing import Any, NamedTuple, Protocol
 
 import fastavro
 
+from quotewatch.core.bounded import parse_json_object
 from quotewatch.core.errors import DecodeError, EncodeError, SchemaRegistryUnavailableError, UnknownSchemaError
 from quotewatch.core.limits import ArrayScan, StringCheck, limits_for
 from quotewatch.core.schemas import SchemaStore, SchemaVersion, _version_of, default_store, full_name
@@ -58,6 +58,8 @@ class RegistryClient(Protocol):
 
 
 _NOT_FOUND = 404
+REGISTRY_SCHEMA_MAX_BYTES = 1024 * 1024
+"""A schema fetched from the registry larger than this is refused (ours are a few kB)."""
 
 
 def registry_client(url: str, basic_auth_user_info: str | None = None) -> RegistryClient:
@@ -238,8 +240,17 @@ class AvroSerde:
             raise SchemaRegistryUnavailableError(
                 f"cannot fetch schema id {schema_id} from the schema registry: {exc!r}"
             ) from exc
-        expanded = json.loads(registered.schema_str)
-        version = _version_of(full_name(expanded), 0, expanded)
+        # The registry's text is not ours (whoever may register subjects writes it): bounded, and a
+        # schema that does not parse makes the record's schema unknown, never a crash.
+        try:
+            expanded = parse_json_object(
+                registered.schema_str, what=f"schema id {schema_id}", max_bytes=REGISTRY_SCHEMA_MAX_BYTES, max_depth=64
+            )
+            version = _version_of(full_name(expanded), 0, expanded)
+        except Exception as exc:  # UntrustedInputError, a missing name, fastavro's parse errors
+            raise UnknownSchemaError(
+                f"schema id {schema_id} from the registry is not a usable Avro schema: {exc}"
+            ) from exc
         known_version = self._store.by_fingerprint(version.fingerprint)
         resolved = known_version or version
         with self._lock:
