@@ -10,21 +10,23 @@
 Decoding finds the writer schema (by fingerprint or registry id) and resolves it to the reader's
 current schema (schema evolution). Unknown schemas and undecodable bytes raise typed errors
 (:class:`~quotewatch.core.errors.UnknownSchemaError`, :class:`~quotewatch.core.errors.DecodeError`),
-which consumers turn into dead letters.
+which consumers turn into dead letters; so does a record beyond its schema's limits (array items,
+string lengths: :mod:`quotewatch.core.limits`, :class:`~quotewatch.core.errors.RecordLimitError`).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import struct
 import threading
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import fastavro
 
+from quotewatch.core.bounded import parse_json_object
 from quotewatch.core.errors import DecodeError, EncodeError, SchemaRegistryUnavailableError, UnknownSchemaError
+from quotewatch.core.limits import ArrayScan, StringCheck, limits_for
 from quotewatch.core.schemas import SchemaStore, SchemaVersion, _version_of, default_store, full_name
 from quotewatch.core.topics import split_topic
 
@@ -36,6 +38,17 @@ _CONFLUENT_HEADER = 5
 Record = dict[str, Any]
 
 
+class _Resolved(NamedTuple):
+    """What decoding bytes of one writer schema (for one topic) needs, worked out once."""
+
+    writer: SchemaVersion
+    reader_schema: Any
+    """The reader's schema, or None when it is the writer's."""
+    offset: int
+    items: ArrayScan
+    strings: StringCheck
+
+
 class RegistryClient(Protocol):
     """The part of confluent-kafka's ``SchemaRegistryClient`` (or its mock) the serde uses."""
 
@@ -45,6 +58,8 @@ class RegistryClient(Protocol):
 
 
 _NOT_FOUND = 404
+REGISTRY_SCHEMA_MAX_BYTES = 1024 * 1024
+"""A schema fetched from the registry larger than this is refused (ours are a few kB)."""
 
 
 def registry_client(url: str, basic_auth_user_info: str | None = None) -> RegistryClient:
@@ -74,7 +89,7 @@ class AvroSerde:
         self._registered: dict[tuple[str, int], int] = {}
         self._by_registry_id: dict[int, SchemaVersion] = {}
         self._topic_schema: dict[str, SchemaVersion] = {}
-        self._resolved: dict[tuple[int, int, str | None], tuple[SchemaVersion, Any, int]] = {}
+        self._resolved: dict[tuple[int, int, str | None], _Resolved] = {}
 
     @property
     def store(self) -> SchemaStore:
@@ -164,10 +179,20 @@ class AvroSerde:
         if resolved is None:
             writer, offset = self.writer_of(data)
             reader = self._reader_for(writer, topic)
-            resolved = (writer, None if reader is writer else reader.schema, offset)
+            limits = limits_for(reader.name)
+            resolved = _Resolved(
+                writer,
+                None if reader is writer else reader.schema,
+                offset,
+                ArrayScan(writer.schema, limits, writer.name),
+                StringCheck(reader.schema, limits, reader.name),
+            )
             with self._lock:
                 self._resolved[key] = resolved
-        writer, reader_schema, offset = resolved
+        writer, reader_schema, offset, items, strings = resolved
+        # Before anything is built: a body that could hold more array items than the schema's
+        # limit is scanned (cheap, no allocation); most records are too small to need it.
+        items.check(data, offset)
         buffer = io.BytesIO(data)
         buffer.seek(offset)
         try:
@@ -178,6 +203,7 @@ class AvroSerde:
             raise DecodeError(f"{len(data) - buffer.tell()} trailing bytes after a {writer.name} record")
         if not isinstance(decoded, dict):
             raise DecodeError(f"{writer.name} is not a record schema")
+        strings.check(decoded, len(data))
         return decoded
 
     def writer_of(self, data: bytes) -> tuple[SchemaVersion, int]:
@@ -214,8 +240,17 @@ class AvroSerde:
             raise SchemaRegistryUnavailableError(
                 f"cannot fetch schema id {schema_id} from the schema registry: {exc!r}"
             ) from exc
-        expanded = json.loads(registered.schema_str)
-        version = _version_of(full_name(expanded), 0, expanded)
+        # The registry's text is not ours (whoever may register subjects writes it): bounded, and a
+        # schema that does not parse makes the record's schema unknown, never a crash.
+        try:
+            expanded = parse_json_object(
+                registered.schema_str, what=f"schema id {schema_id}", max_bytes=REGISTRY_SCHEMA_MAX_BYTES, max_depth=64
+            )
+            version = _version_of(full_name(expanded), 0, expanded)
+        except Exception as exc:  # UntrustedInputError, a missing name, fastavro's parse errors
+            raise UnknownSchemaError(
+                f"schema id {schema_id} from the registry is not a usable Avro schema: {exc}"
+            ) from exc
         known_version = self._store.by_fingerprint(version.fingerprint)
         resolved = known_version or version
         with self._lock:
