@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 # group path -> {command name: "module:attribute"}; each attribute is a click.Command.
 LAZY_COMMANDS: dict[str, dict[str, str]] = {
     "": {
-        "demo": "quotewatch.local.stack:command",
+        "demo": "quotewatch.local.demo:command",
         "mlflow": "quotewatch.local.mlflow:command",
         "train": "quotewatch.services.trainer.main:command",
         "replay": "quotewatch.services.replay.main:replay_command",

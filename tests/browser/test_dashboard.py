@@ -20,11 +20,24 @@ import requests
 
 from quotewatch.core.config import DashboardSettings
 from quotewatch.core.kafka import make_producer
+from quotewatch.core.records import MarketEvent
 from quotewatch.core.serde import AvroSerde
+from quotewatch.core.topics import TopicNames
 from quotewatch.local.kafka import free_port
 from quotewatch.services.dashboard.app import DashboardApp
 from tests.helpers import get_health, stop_process, wait_for
-from tests.unit.services.dashboard.factories import T0_NS, history, level, make_snapshot, produce_snapshots
+from tests.unit.services.dashboard.factories import (
+    T0_NS,
+    gap_event,
+    history,
+    level,
+    make_snapshot,
+    produce_keyed,
+    produce_snapshots,
+    snapshot_event,
+    status_event,
+    update_event,
+)
 
 # Page load (first render, Chromium cold start) gets more time than a live update, which must
 # show within a poll interval or two (300 ms each); the margin is for a loaded 2-core CI machine.
@@ -138,6 +151,54 @@ def test_empty_state_then_live_values_ladder_sparklines_and_screenshot(
     assert dash_duo.driver.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 20_000
     print(f"value visible {shown_after * 1000:.0f} ms after the produce call; screenshot {screenshot}")
+    no_browser_errors(dash_duo)
+
+
+def test_empty_state_says_why_it_waits_stage_by_stage(
+    dash_duo: Any,
+    dashboard: DashboardApp,
+    dashboard_settings: DashboardSettings,
+    publish: Callable[..., None],
+) -> None:
+    """Records of each pipeline stage on the real topics move the reason on, until a snapshot shows."""
+    names = TopicNames(dashboard_settings.topic_prefix)
+    producer = make_producer(dashboard_settings, "test-pipeline-producer")
+    serde = AvroSerde()
+
+    def events(*records: MarketEvent) -> None:
+        produce_keyed(producer, serde, names.md_events, records)
+
+    dash_duo.start_server(dashboard.app)
+    dash_duo.wait_for_contains_text("#empty-state", "Waiting for the first snapshot", timeout=PAGE_TIMEOUT)
+    dash_duo.wait_for_contains_text("#empty-reasons", f"Nothing on {names.md_raw} yet", timeout=PAGE_TIMEOUT)
+
+    t0 = T0_NS
+    events(status_event("CONNECTING", t0), gap_event("RECONNECT", t0, "connection c1 opened"))
+    dash_duo.wait_for_contains_text("#empty-reasons", "BTC-USD: feed not subscribed (CONNECTING)", UPDATE_TIMEOUT)
+    # A configured symbol with no record yet is listed too.
+    assert f"ETH-USD: no market event on {names.md_events} yet" in text_of(dash_duo, "#empty-reasons")
+
+    events(status_event("SUBSCRIBED", t0 + 10_000_000, "level2"))
+    dash_duo.wait_for_contains_text("#empty-reasons", "BTC-USD: no book snapshot yet (feed subscribed)", UPDATE_TIMEOUT)
+
+    events(snapshot_event(t0 + 120_000_000), update_event(t0 + 180_000_000))
+    dash_duo.wait_for_contains_text("#empty-reasons", "BTC-USD: no tick closed yet", UPDATE_TIMEOUT)
+
+    events(gap_event("SEQUENCE_JUMP", t0 + 190_000_000, "sequence_num 161 -> 163"))
+    dash_duo.wait_for_contains_text("#empty-reasons", "BTC-USD: book not synced since a gap", UPDATE_TIMEOUT)
+
+    events(snapshot_event(t0 + 300_000_000), update_event(t0 + 450_000_000))
+    dash_duo.wait_for_contains_text("#empty-reasons", "is the book running?", UPDATE_TIMEOUT)
+    assert text_of(dash_duo, "#status-badge") == "WAITING"
+
+    publish(make_snapshot("BTC-USD", ts_event=t0 + 400_000_000, p_change=0.42))
+    dash_duo.wait_for_text_to_equal("#kpi-p-change", "0.420", timeout=UPDATE_TIMEOUT)
+    assert not displayed(dash_duo, "#empty-state")
+    # With a snapshot there is nothing to explain: the probe closes its consumer and ends.
+    probe = dashboard.runtime.get().probe
+    wait_for(lambda: not probe.alive, timeout=UPDATE_TIMEOUT, message="the upstream probe stopped")
+    assert dashboard.runtime.get().feed().waiting == ()
+    producer.flush(10)
     no_browser_errors(dash_duo)
 
 

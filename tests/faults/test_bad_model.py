@@ -1,11 +1,15 @@
 """A bad model promoted to ``champion``: the previous model keeps serving, every tick served once.
 
-``quotewatch run inference`` runs as a real process against the session's MLflow server with a
-good champion (the trainer's LR). While feature vectors stream in, bad versions are registered and
-promoted to ``champion`` one after another, cycling through three ways a model can be bad: its
-artifact is corrupt in the server's store, it was trained on another feature spec, it emits NaN.
-Each must be refused (counted on /metrics as a failed reload) while the good version keeps serving;
-at the end every feature tick has exactly one served prediction, all from the good version.
+``quotewatch run inference`` runs as a real process with MODEL_SIGNING_KEY against the session's
+MLflow server with a good champion (the trainer's LR, registered and signed by the trainer's code).
+While feature vectors stream in, bad versions are registered and promoted to ``champion`` one after
+another, cycling through six ways a model can be bad: its artifact is corrupt in the server's
+store, it was trained on another feature spec, it emits NaN, it is a pickle whose loading would
+write a marker file (registered with a correct digest and signature: only the format stops it), its
+artifact was swapped for another valid model after registration (the digest stops it), it is
+unsigned while inference has a key. Each must be refused (counted on /metrics as a failed reload,
+its reason in the log) while the good version keeps serving, and the marker file never appears; at
+the end every feature tick has exactly one served prediction, all from the good version.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ from quotewatch.core.kafka import ensure_topics, make_admin
 from quotewatch.core.records import Prediction
 from quotewatch.core.topics import TopicNames
 from quotewatch.local.kafka import free_port
-from tests.broker.services.inference.registry_models import corrupt_artifact, fitted_lr, nan_model, register, set_alias
+from tests.broker.services.inference.registry_models import (
+    corrupt_artifact,
+    fitted_lr,
+    nan_model,
+    register,
+    register_pickle_payload,
+    set_alias,
+    swap_artifact,
+)
 from tests.broker.services.inference.test_inference_stream import produce
 from tests.conftest import MlflowServerInfo
 from tests.faults.conftest import FaultReport
@@ -48,34 +60,62 @@ def serving_version(inference: ServiceProcess, version: str) -> bool:
     return metric_value(inference.metrics(), "quotewatch_model_version", role="champion") == float(version)
 
 
-def bad_versions(uri: str, server: MlflowServerInfo, name: str) -> dict[str, Callable[[], str]]:
+SIGNING_KEY = "fault-test-model-signing-key-0123456789abcdef"
+
+
+def bad_versions(uri: str, server: MlflowServerInfo, name: str, marker: Path) -> dict[str, Callable[[], str]]:
+    """How to register each kind of bad version; every one but "unsigned" is signed with the key."""
+
+    def signed(model: Any, **options: Any) -> str:
+        return register(uri, name, model, signing_key=SIGNING_KEY, **options)
+
     def corrupt() -> str:
-        version = register(uri, name, fitted_lr(seed=6))
+        version = signed(fitted_lr(seed=6))
         corrupt_artifact(uri, server.artifacts_dir, name, version)
+        return version
+
+    def swapped() -> str:
+        version = signed(fitted_lr(seed=7))
+        swap_artifact(uri, server.artifacts_dir, name, version, fitted_lr(seed=8, c=0.05))
         return version
 
     return {
         "corrupt artifact": corrupt,
-        "another feature spec": lambda: register(
-            uri, name, fitted_lr(seed=5), feature_spec_id="qw-features-v0-retired"
+        "another feature spec": lambda: signed(fitted_lr(seed=5), feature_spec_id="qw-features-v0-retired"),
+        "emits NaN": lambda: signed(nan_model()),
+        "pickle payload": lambda: register_pickle_payload(
+            uri, server.artifacts_dir, name, marker, signing_key=SIGNING_KEY
         ),
-        "emits NaN": lambda: register(uri, name, nan_model()),
+        "digest mismatch": swapped,
+        "unsigned, key set": lambda: register(uri, name, fitted_lr(seed=9)),
     }
+
+
+# What the inference log says of each refusal (the reason, not only that a reload failed).
+REFUSAL_REASONS = {
+    "corrupt artifact": "was changed since",
+    "another feature spec": "feature spec mismatch",
+    "emits NaN": "not finite",
+    "pickle payload": "refused: it is a pickle",
+    "digest mismatch": "was changed since",
+    "unsigned, key set": "unsigned (quotewatch.model_hmac_sha256 missing) while MODEL_SIGNING_KEY is set",
+}
 
 
 @pytest.mark.timeout(1800)
 def test_a_bad_champion_is_refused_and_the_previous_model_keeps_serving(
     make_settings: Any, mlflow_server: MlflowServerInfo, tmp_path: Path, fault_report: FaultReport
 ) -> None:
-    count = trials(subset=3, full=12)
+    count = trials(subset=6, full=12)
     settings: CommonSettings = make_settings()
     names = TopicNames(settings.topic_prefix)
     ensure_topics(make_admin(settings), settings.topic_prefix)
     uri = mlflow_server.tracking_uri
     name = f"qw-faults-{uuid.uuid4().hex[:8]}"
-    good = register(uri, name, fitted_lr(seed=5))
+    good = register(uri, name, fitted_lr(seed=5), signing_key=SIGNING_KEY)
     set_alias(uri, name, "champion", good)
-    makers = bad_versions(uri, mlflow_server, name)
+    marker = tmp_path / "code-ran-in-inference"
+    makers = bad_versions(uri, mlflow_server, name, marker)
     kinds = list(makers)
     features, _ = synthetic_ticks(20 + 6 * count, seed=9)
     inference = ServiceProcess(
@@ -89,6 +129,7 @@ def test_a_bad_champion_is_refused_and_the_previous_model_keeps_serving(
             "CHALLENGER_URI": f"models:/{name}@challenger",
             "MODEL_POLL_SECONDS": "0.5",
             "METRICS_PORT": str(free_port()),
+            "MODEL_SIGNING_KEY": SIGNING_KEY,
         },
         tmp_path,
     )
@@ -113,6 +154,7 @@ def test_a_bad_champion_is_refused_and_the_previous_model_keeps_serving(
                 message=f"v{version} ({kind}) refused",
             )
             serving = metric_value(inference.metrics(), "quotewatch_model_version", role="champion")
+            assert not marker.exists(), f"v{version} ({kind}): code from the model artifact ran in inference"
             if serving == float(good):
                 refused[kind] += 1
         feeder.join(600)
@@ -145,3 +187,6 @@ def test_a_bad_champion_is_refused_and_the_previous_model_keeps_serving(
     assert set(versions) == {("CHAMPION", good)}, versions
     assert (lost, duplicated) == (0, 0)
     assert "model reload failed" in log
+    for kind in refused:
+        assert REFUSAL_REASONS[kind] in log, kind
+    assert not marker.exists()

@@ -4,10 +4,12 @@ from every service that reads the topic, and every service keeps going.
 The whole pipeline runs as real processes on the session broker. Into each of the six data topics
 (between the live records of a live symbol's partition) go records that cannot be processed: bytes
 that are no Avro at all, and a valid record of the topic's schema cut in half (right header and
-schema fingerprint, truncated body). Each must come back as a DeadLetter naming the service, the
-source topic, partition and offset, and carrying the original bytes; afterwards the pipeline must
-still give every other offset exactly once downstream (the poison in no output and no lake file,
-its offset still covered by the lake's chunk ranges).
+schema fingerprint, truncated body); into ``md.events`` also a valid snapshot with more levels than
+the decoded-record limit (``quotewatch.core.limits``), refused before it is decoded. Each must
+come back as a DeadLetter naming the service, the source topic, partition and offset, and carrying
+the original bytes; afterwards the pipeline must still give every other offset exactly once
+downstream (the poison in no output and no lake file, its offset still covered by the lake's chunk
+ranges).
 
 ``qw.snapshot`` is left out on purpose: its only reader, the dashboard, skips and counts an
 undecodable snapshot instead of dead-lettering it (every dashboard process re-reads the compacted
@@ -23,8 +25,10 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
+from msgspec.structs import replace
 
-from quotewatch.core.records import DeadLetter
+from quotewatch.core.limits import MAX_BOOK_LEVELS
+from quotewatch.core.records import BookLevel, BookSnapshot, DeadLetter, MarketEvent
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import CATALOG, TopicNames
 from tests.faults.conftest import FaultReport
@@ -43,10 +47,24 @@ READERS = {
 
 
 def poison_values(topic: str, suffix: str) -> list[bytes]:
-    """Not Avro at all, and a valid record of the topic's schema with its body cut in half."""
+    """Not Avro at all, a valid record of the topic's schema with its body cut in half, and for
+    ``md.events`` a valid snapshot beyond the decoded-record limits (its levels would decode into
+    ~60 MiB; at the topic's size limit, GBs).
+    """
     serde = AvroSerde()
     valid = serde.encode(topic, typed_sample(CATALOG[suffix].value_schema))
-    return [b"\x00\x01 this is not an Avro record", valid[: 10 + (len(valid) - 10) // 2]]
+    values = [b"\x00\x01 this is not an Avro record", valid[: 10 + (len(valid) - 10) // 2]]
+    if suffix == "md.events":
+        values.append(serde.encode(topic, oversized_snapshot()))
+    return values
+
+
+def oversized_snapshot() -> MarketEvent:
+    """A BTC-USD snapshot of MAX_BOOK_LEVELS + 1 empty levels (2 bytes each on the wire)."""
+    levels = (BookLevel(price_e8=0, size_e8=0),) * (MAX_BOOK_LEVELS + 1)
+    event = checked(typed_sample("quotewatch.MarketEvent"), MarketEvent)
+    body = BookSnapshot(bids=levels[: len(levels) // 2], asks=levels[len(levels) // 2 :])
+    return replace(event, symbol="BTC-USD", kind="SNAPSHOT", snapshot=body, update=None)
 
 
 @pytest.mark.timeout(1800)
@@ -105,7 +123,7 @@ def test_poison_records_land_in_the_dlq_with_coordinates_and_the_services_keep_g
             notes=f"dead-lettered by {' and '.join(readers)} with topic/partition/offset and the original bytes"
             + ("; pipeline after the poison checked exactly once (totals on this row)" if suffix == "md.raw" else ""),
         )
-    assert len(injected) == rounds * len(READERS) * 2
+    assert len(injected) == rounds * (len(READERS) * 2 + 1)
     assert verdict.ok, verdict.problems
     for suffix, readers, _, wanted, missing, _ in rows:
         assert missing == 0, f"{suffix}: {missing} of {wanted} dead letters from {readers} missing"

@@ -61,6 +61,8 @@ class _TomlFileSource(PydanticBaseSettingsSource):
 
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*):")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_\-]{1,63}(?<!-)$")
+MIN_SIGNING_KEY_CHARS = 32
+"""MODEL_SIGNING_KEY is at least this long (an HMAC-SHA256 key of 32 hex characters is 128 bits)."""
 SASL_MECHANISMS = ("GSSAPI", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 """What librdkafka's sasl.mechanism accepts."""
 MLFLOW_URI_SCHEMES = frozenset(
@@ -101,6 +103,16 @@ def check_host(value: str) -> str:
     if not value or len(value) > 253 or not all(_HOST_LABEL.match(label) for label in value.split(".")):
         raise ValueError(f"{value!r} is neither an IP address nor a host name")
     return value
+
+
+def is_loopback(host: str) -> bool:
+    """True when the bind address ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_mlflow_tracking_uri(value: str) -> str:
@@ -156,6 +168,11 @@ class CommonSettings(BaseSettings):
     mlflow_tracking_uri: str | None = None
     """MLFLOW_TRACKING_URI (default unset): the MLflow tracking and registry server, http(s)://host:port, or any
     tracking URI MLflow takes (file:, sqlite:, a database URI, databricks, a local path).
+    """
+    model_signing_key: SecretStr | None = None
+    """MODEL_SIGNING_KEY (default unset): HMAC-SHA256 key of registered models, 32 characters or more. The trainer
+    signs the digest of each model it registers; inference and the backtest then load only versions whose signature
+    verifies. Unset: digests are checked, signatures are not (docs/security.md).
     """
     lake_uri: str = "data/lake"
     """LAKE_URI (default data/lake): root of the Parquet lake, a local path or s3://bucket/prefix."""
@@ -245,6 +262,21 @@ class CommonSettings(BaseSettings):
     def _check_host(cls, value: str) -> str:
         return check_host(value)
 
+    @field_validator("model_signing_key")
+    @classmethod
+    def _check_signing_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SIGNING_KEY_CHARS:
+            raise ValueError(
+                f"is shorter than {MIN_SIGNING_KEY_CHARS} characters (e.g. `python -c 'import secrets; "
+                "print(secrets.token_hex(32))'`)"
+            )
+        return value
+
+    @property
+    def signing_key(self) -> str | None:
+        """MODEL_SIGNING_KEY in clear, for the model registry code (never logged or printed)."""
+        return self.model_signing_key.get_secret_value() if self.model_signing_key is not None else None
+
     @model_validator(mode="after")
     def _delta_is_a_multiple_of_tick(self) -> CommonSettings:
         if self.delta_ms % self.tick_ms != 0:
@@ -302,6 +334,12 @@ class IngestSettings(CommonSettings):
     ingest_queue_max: int = Field(default=50_000, gt=0)
     """INGEST_QUEUE_MAX (default 50000): frames buffered between the socket reader and the broker writer; when full the
     ingest records a gap and resyncs.
+    """
+    ingest_queue_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    """INGEST_QUEUE_MAX_BYTES (default 256 MiB): characters of frame text buffered between the reader and the writer
+    (a frame larger than this still fits in an empty queue); when full, as when INGEST_QUEUE_MAX is reached, the
+    ingest stops keeping frames, closes the connection, logs an OVERFLOW record naming the frames not kept (a gap
+    downstream) and resyncs.
     """
     heartbeat_timeout_seconds: float = Field(default=5.0, gt=0)
     """HEARTBEAT_TIMEOUT_SECONDS (default 5): silence longer than this is a dead connection."""
@@ -497,7 +535,9 @@ class DashboardSettings(CommonSettings):
     dash_threads: int = Field(default=8, gt=0)
     """DASH_THREADS (default 8): request threads of the production WSGI server (waitress)."""
     dash_debug: bool = False
-    """DASH_DEBUG (default false): Dash's development server with the reloader and dev tools instead of waitress."""
+    """DASH_DEBUG (default false): Dash's development server with the reloader and dev tools instead of waitress;
+    refused unless DASH_HOST is a loopback address (the debugger runs code for whoever reaches it).
+    """
     dash_push: bool = False
     """DASH_PUSH (default false): push KPI updates through Dash's WebSocket callbacks (FastAPI backend, uvicorn)
     instead of polling every DASH_POLL_MS.
@@ -507,6 +547,15 @@ class DashboardSettings(CommonSettings):
     @classmethod
     def _check_dash_host(cls, value: str) -> str:
         return check_host(value)
+
+    @model_validator(mode="after")
+    def _debug_only_on_loopback(self) -> DashboardSettings:
+        if self.dash_debug and not is_loopback(self.dash_host):
+            raise ValueError(
+                f"DASH_DEBUG=true with DASH_HOST={self.dash_host}: the development server's debugger runs code "
+                "for whoever reaches it, so it only listens on a loopback address (127.0.0.1, ::1, localhost)"
+            )
+        return self
 
 
 SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {

@@ -49,12 +49,30 @@ class DecodeError(SerdeError):
     """The bytes are not a valid record of a known schema (garbage, truncated, wrong framing)."""
 
 
+class RecordLimitError(DecodeError):
+    """A record is larger than its schema's limits allow once decoded (array items, string length).
+
+    Checked by the serde before (items) or right after (strings) decoding, so a crafted record of
+    a few MB cannot decode into GBs (:mod:`quotewatch.core.limits`); dead-lettered like garbage.
+    """
+
+
 class UnknownSchemaError(SerdeError):
     """The writer schema named by the bytes (fingerprint or registry id) is not known here."""
 
 
 class EncodeError(SerdeError):
     """A record does not match the schema it is being written with."""
+
+
+class UntrustedInputError(QuoteWatchError, ValueError):
+    """Text or bytes we did not write (a record's payload, offset metadata, a file footer, a request
+    body, a model artifact) is not what it must be: too large, nested too deeply, not valid, or with
+    fields of the wrong type or range. Raised by the bounded parsers (:mod:`quotewatch.core.bounded`);
+    each caller decides what it means there (a dead letter, a value ignored, a request refused).
+
+    Also a :class:`ValueError`, so code that handled a malformed value before still does.
+    """
 
 
 class BrokerError(QuoteWatchError):

@@ -82,7 +82,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from quotewatch.core.errors import PoisonRecordError, QuoteWatchError
+from quotewatch.core.bounded import field_int, field_str, parse_json_object
+from quotewatch.core.errors import PoisonRecordError, QuoteWatchError, UntrustedInputError
 from quotewatch.core.records import Record
 from quotewatch.core.schemas import SchemaStore, default_store
 from quotewatch.core.topics import (
@@ -585,22 +586,62 @@ def _read_footer(location: LakeLocation, path: str) -> pq.FileMetaData:
         return pq.ParquetFile(handle).metadata
 
 
-def chunk_description(metadata: pq.FileMetaData) -> ChunkRecord | None:
-    """The chunk described in a file's footer, or None for a file without one."""
+CHUNK_DESCRIPTION_MAX_BYTES = 1024 * 1024
+"""A footer's chunk description longer than this is not parsed (ours: ~100 bytes per file of the chunk)."""
+CHUNK_DESCRIPTION_MAX_FILES = 10_000
+"""More files than this in one chunk description is not ours (one file per hive directory of the chunk)."""
+_PATH_MAX_CHARS = 1024
+_TOPIC_MAX_CHARS = 249  # Kafka's limit
+_PARTITION_MAX = 2**31 - 1
+
+
+def chunk_description(metadata: pq.FileMetaData, name: ChunkName | None = None) -> ChunkRecord | None:
+    """The chunk described in a file's footer, or None for a file without a valid one.
+
+    The footer is not trusted (anyone who can write to the lake writes it): the description is
+    parsed bounded (:data:`CHUNK_DESCRIPTION_MAX_BYTES`, depth 3); its offsets must be offsets, its
+    files relative paths of this chunk's file name, and, when ``name`` (the coordinates in the
+    file's own name) is given, it must describe that chunk. Anything else is logged and taken for
+    no description: the sink then rewrites the chunk under the same names, ``lake info`` counts the
+    file by its name. Never raises.
+
+    Sample (one chunk of ``qw.md.events`` partition 0 in one hive directory)::
+
+        {"version":1,"topic":"qw.md.events","partition":0,"first_offset":0,"last_offset":41,
+         "files":["symbol=BTC-USD/date=2026-08-09/hour=21/qw.md.events+0+000…0+000…41.parquet"]}
+    """
     raw = (metadata.metadata or {}).get(CHUNK_METADATA_KEY)
     if raw is None:
         return None
+    what = "chunk description in a Parquet footer"
     try:
-        data = json.loads(raw)
-        return ChunkRecord(
-            str(data["topic"]),
-            int(data["partition"]),
-            int(data["first_offset"]),
-            int(data["last_offset"]),
-            tuple(str(path) for path in data["files"]),
-        )
-    except (ValueError, KeyError, TypeError):
+        data = parse_json_object(raw, what=what, max_bytes=CHUNK_DESCRIPTION_MAX_BYTES, max_depth=3)
+        topic = field_str(data, "topic", what=what, max_length=_TOPIC_MAX_CHARS)
+        partition = field_int(data, "partition", what=what, maximum=_PARTITION_MAX)
+        first_offset = field_int(data, "first_offset", what=what)
+        last_offset = field_int(data, "last_offset", what=what, minimum=first_offset)
+        files = data.get("files")
+        if not isinstance(files, list) or not 0 < len(files) <= CHUNK_DESCRIPTION_MAX_FILES:
+            raise UntrustedInputError(f"{what}: 'files' is not a list of 1 to {CHUNK_DESCRIPTION_MAX_FILES} paths")
+        chunk = ChunkRecord(topic, partition, first_offset, last_offset, tuple(files))
+        if name is not None and ChunkName(topic, partition, first_offset, last_offset) != name:
+            raise UntrustedInputError(
+                f"{what}: describes {topic}[{partition}] {first_offset}..{last_offset}, not {name}"
+            )
+        base = file_name(topic, partition, first_offset, last_offset)
+        for path in files:
+            if not isinstance(path, str) or len(path) > _PATH_MAX_CHARS or not _is_chunk_path(path, base):
+                raise UntrustedInputError(f"{what}: {str(path)[:100]!r} is not a relative path of a file {base}")
+    except UntrustedInputError as exc:
+        logger.warning("ignoring a chunk description that is not valid: %s", exc)
         return None
+    return chunk
+
+
+def _is_chunk_path(path: str, base: str) -> bool:
+    """``path`` is ``[dir/...]base``, relative, without ``.`` or ``..`` segments."""
+    parts = path.split("/")
+    return parts[-1] == base and all(part not in ("", ".", "..") for part in parts)
 
 
 def find_chunk(
@@ -621,7 +662,7 @@ def find_chunk(
         raise LakeError(f"cannot list {path}: {exc}") from exc
     candidates = sorted(info.base_name for info in infos if info.is_file and info.base_name.startswith(prefix))
     for base in reversed(candidates):
-        description = chunk_description(_read_footer(location, f"{path}/{base}"))
+        description = chunk_description(_read_footer(location, f"{path}/{base}"), parse_file_name(base))
         if description is not None:
             return description
     return None
@@ -651,7 +692,7 @@ def last_chunk(lake: str | LakeLocation, topic: str, partition: int) -> ChunkRec
             best = (name, info.path)
     if best is None:
         return None
-    return chunk_description(_read_footer(location, best[1]))
+    return chunk_description(_read_footer(location, best[1]), best[0])
 
 
 def _list_files(location: LakeLocation, path: str) -> list[pafs.FileInfo]:
@@ -879,7 +920,7 @@ def dataset_info(lake: str | LakeLocation, topic: str) -> DatasetInfo:
             info.foreign_files.append(relative)
             continue
         metadata = _read_footer(location, entry.path)
-        description = chunk_description(metadata)
+        description = chunk_description(metadata, name)
         info.files += 1
         info.rows += metadata.num_rows
         info.bytes += entry.size or 0

@@ -42,17 +42,55 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+def _control_escapes() -> dict[int, str]:
+    table = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+    table.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+    table.update({code: f"\\u{code:04x}" for code in (0x2028, 0x2029)})  # line and paragraph separators
+    return table
+
+
+_ESCAPES = _control_escapes()
+
+
+def escape_control(text: str) -> str:
+    """``text`` with control characters (C0, DEL, C1, U+2028/9) written as ``\\n``, ``\\x1b``, ``\\u2028``...
+
+    What a text log line shows of a value we did not write (an exchange's error message, a
+    record's reason): it can neither end the line, so forge the next one, nor send escape
+    sequences to a terminal.
+    """
+    return text if text.isprintable() else text.translate(_ESCAPES)
+
+
 class TextFormatter(logging.Formatter):
-    """``time level logger: message key=value ...`` for people."""
+    """``time level logger: message key=value ...`` for people: one record, one line.
+
+    The message and the extra values are escaped (:func:`escape_control`); a traceback or stack
+    follows on lines of its own, each prefixed with ``  | `` so none of them reads as a record.
+    """
 
     def __init__(self, service: str) -> None:
         super().__init__("%(asctime)s %(levelname)-7s " + service + " %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        record.message = escape_control(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
         extras = _extras(record)
         if extras:
-            text += " " + " ".join(f"{key}={value}" for key, value in extras.items())
+            text += " " + " ".join(
+                f"{escape_control(str(key))}={escape_control(str(value))}" for key, value in extras.items()
+            )
+        details = []
+        if record.exc_info:
+            details.append(self.formatException(record.exc_info))
+        elif record.exc_text:
+            details.append(record.exc_text)
+        if record.stack_info:
+            details.append(self.formatStack(record.stack_info))
+        for detail in details:
+            text += "".join(f"\n  | {escape_control(line)}" for line in detail.splitlines())
         return text
 
 

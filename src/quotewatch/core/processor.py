@@ -36,9 +36,10 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from quotewatch.core.bounded import field_int, parse_json_object
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
-from quotewatch.core.errors import FatalError, RetriableError, SerdeError
+from quotewatch.core.errors import FatalError, RetriableError, SerdeError, UntrustedInputError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import (
     DeliveryTracker,
@@ -306,7 +307,7 @@ class StreamProcessor(Generic[V]):
             key = (tp.topic, tp.partition)
             self._task.reset(*key)
             self._replay_until.pop(key, None)
-            restart = _restart_from_metadata(tp.metadata)
+            restart = restart_offset_from_metadata(tp.metadata, f"{tp.topic}[{tp.partition}]")
             if tp.offset >= 0 and restart is not None and 0 <= restart < tp.offset:
                 self._replay_until[key] = tp.offset
                 logger.info(
@@ -339,7 +340,7 @@ class StreamProcessor(Generic[V]):
             key = (tp.topic, tp.partition)
             self._task.reset(*key)
             self._replay_until.pop(key, None)
-            restart = _restart_from_metadata(tp.metadata)
+            restart = restart_offset_from_metadata(tp.metadata, f"{tp.topic}[{tp.partition}]")
             offset = tp.offset
             if offset >= 0 and restart is not None and 0 <= restart < offset:
                 self._replay_until[key] = offset
@@ -562,11 +563,26 @@ class StreamProcessor(Generic[V]):
         self._liveness.set_lag(total)
 
 
-def _restart_from_metadata(metadata: str | None) -> int | None:
+OFFSET_METADATA_MAX_BYTES = 4096
+"""Offset metadata longer than this is not parsed (ours, ``{"restart": N}``, is under 40 bytes)."""
+
+
+def restart_offset_from_metadata(metadata: str | None, where: str = "") -> int | None:
+    """The ``restart`` offset stored in a committed offset's metadata, or None.
+
+    The metadata is not trusted (anyone who may commit offsets for the group writes it): it is
+    parsed bounded, and metadata that is not ours -- too long, too deep, not JSON, ``restart`` not
+    an offset -- is logged and ignored, so the partition resumes at the committed offset without
+    rebuilding state (as after a commit without metadata). Never raises.
+    """
     if not metadata:
         return None
+    what = f"offset metadata of {where}" if where else "offset metadata"
     try:
-        restart = json.loads(metadata).get("restart")
-    except (ValueError, AttributeError):
+        payload = parse_json_object(metadata, what=what, max_bytes=OFFSET_METADATA_MAX_BYTES, max_depth=2)
+        if payload.get("restart") is None:
+            return None
+        return field_int(payload, "restart", what=what)
+    except UntrustedInputError as exc:
+        logger.warning("ignoring offset metadata that is not ours: %s", exc)
         return None
-    return int(restart) if isinstance(restart, int) else None

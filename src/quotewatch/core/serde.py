@@ -10,28 +10,31 @@
 Decoding finds the writer schema (by fingerprint or registry id) and resolves it to the reader's
 current schema (schema evolution). Unknown schemas and undecodable bytes raise typed errors
 (:class:`~quotewatch.core.errors.UnknownSchemaError`, :class:`~quotewatch.core.errors.DecodeError`),
-which consumers turn into dead letters.
+which consumers turn into dead letters; so does a record beyond its schema's limits (array items,
+string lengths: :mod:`quotewatch.core.limits`, :class:`~quotewatch.core.errors.RecordLimitError`).
 
 **Typed records at the boundary.** :meth:`AvroSerde.encode` takes, and :meth:`AvroSerde.decode`
 returns, the generated record classes of :mod:`quotewatch.core.records` (the class of the reader
 schema). fastavro reads and writes plain dicts, so the serde converts right here, in C:
 ``msgspec.to_builtins`` before writing and ``msgspec.convert`` after reading (a few µs of the
-record's encode + decode; docs/benchmarks.md, "Typed records").
+record's encode + decode; docs/benchmarks.md, "Typed records"). The limits are checked on the
+plain datum, before it becomes a record.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import struct
 import threading
 from collections.abc import Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import fastavro
 import msgspec
 
+from quotewatch.core.bounded import parse_json_object
 from quotewatch.core.errors import DecodeError, EncodeError, SchemaRegistryUnavailableError, UnknownSchemaError
+from quotewatch.core.limits import ArrayScan, StringCheck, limits_for
 from quotewatch.core.records import RECORD_TYPES, TOPIC_RECORDS, AnyRecord, Record
 from quotewatch.core.schemas import SchemaStore, SchemaVersion, _version_of, default_store, full_name
 from quotewatch.core.topics import split_topic
@@ -47,6 +50,19 @@ _KEEP_BYTES = (bytes,)
 _TOPIC_CLASSES: dict[str, type[Record]] = {f"quotewatch.{cls.__name__}": cls for cls in TOPIC_RECORDS.values()}
 
 
+class _Resolved(NamedTuple):
+    """What decoding bytes of one writer schema (for one topic) needs, worked out once."""
+
+    writer: SchemaVersion
+    reader_schema: Any
+    """The reader's schema, or None when it is the writer's."""
+    offset: int
+    items: ArrayScan
+    strings: StringCheck
+    cls: type[Record] | None
+    """The record class of the reader schema; None when it is no topic's value schema."""
+
+
 class RegistryClient(Protocol):
     """The part of confluent-kafka's ``SchemaRegistryClient`` (or its mock) the serde uses."""
 
@@ -56,6 +72,8 @@ class RegistryClient(Protocol):
 
 
 _NOT_FOUND = 404
+REGISTRY_SCHEMA_MAX_BYTES = 1024 * 1024
+"""A schema fetched from the registry larger than this is refused (ours are a few kB)."""
 
 
 def registry_client(url: str, basic_auth_user_info: str | None = None) -> RegistryClient:
@@ -85,7 +103,7 @@ class AvroSerde:
         self._registered: dict[tuple[str, int], int] = {}
         self._by_registry_id: dict[int, SchemaVersion] = {}
         self._topic_schema: dict[str, tuple[SchemaVersion, type[AnyRecord]]] = {}
-        self._resolved: dict[tuple[int, int, str | None], tuple[SchemaVersion, Any, int, type[Record] | None]] = {}
+        self._resolved: dict[tuple[int, int, str | None], _Resolved] = {}
 
     @property
     def store(self) -> SchemaStore:
@@ -199,11 +217,21 @@ class AvroSerde:
         if resolved is None:
             writer, offset = self.writer_of(data)
             reader = self._reader_for(writer, topic)
-            cls = _TOPIC_CLASSES.get(reader.name)
-            resolved = (writer, None if reader is writer else reader.schema, offset, cls)
+            limits = limits_for(reader.name)
+            resolved = _Resolved(
+                writer,
+                None if reader is writer else reader.schema,
+                offset,
+                ArrayScan(writer.schema, limits, writer.name),
+                StringCheck(reader.schema, limits, reader.name),
+                _TOPIC_CLASSES.get(reader.name),
+            )
             with self._lock:
                 self._resolved[key] = resolved
-        writer, reader_schema, offset, cls = resolved
+        writer, reader_schema, offset, items, strings, cls = resolved
+        # Before anything is built: a body that could hold more array items than the schema's
+        # limit is scanned (cheap, no allocation); most records are too small to need it.
+        items.check(data, offset)
         buffer = io.BytesIO(data)
         buffer.seek(offset)
         try:
@@ -214,6 +242,7 @@ class AvroSerde:
             raise DecodeError(f"{len(data) - buffer.tell()} trailing bytes after a {writer.name} record")
         if not isinstance(decoded, dict):
             raise DecodeError(f"{writer.name} is not a record schema")
+        strings.check(decoded, len(data))
         return decoded, writer, cls
 
     def decode_as(self, data: bytes, topic: str | None, cls: type[RecordT]) -> RecordT:
@@ -261,8 +290,17 @@ class AvroSerde:
             raise SchemaRegistryUnavailableError(
                 f"cannot fetch schema id {schema_id} from the schema registry: {exc!r}"
             ) from exc
-        expanded = json.loads(registered.schema_str)
-        version = _version_of(full_name(expanded), 0, expanded)
+        # The registry's text is not ours (whoever may register subjects writes it): bounded, and a
+        # schema that does not parse makes the record's schema unknown, never a crash.
+        try:
+            expanded = parse_json_object(
+                registered.schema_str, what=f"schema id {schema_id}", max_bytes=REGISTRY_SCHEMA_MAX_BYTES, max_depth=64
+            )
+            version = _version_of(full_name(expanded), 0, expanded)
+        except Exception as exc:  # UntrustedInputError, a missing name, fastavro's parse errors
+            raise UnknownSchemaError(
+                f"schema id {schema_id} from the registry is not a usable Avro schema: {exc}"
+            ) from exc
         known_version = self._store.by_fingerprint(version.fingerprint)
         resolved = known_version or version
         with self._lock:

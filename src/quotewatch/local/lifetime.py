@@ -1,6 +1,6 @@
 """Children that end with the process that started them (Linux ``PR_SET_PDEATHSIG``).
 
-Who uses this: :mod:`quotewatch.local.stack` for every child of ``quotewatch demo``, and
+Who uses this: :mod:`quotewatch.local.processes` for every child of ``quotewatch demo``, and
 :class:`~quotewatch.local.kafka.LocalKafka` for the broker when the stack starts it. A broker
 started by ``quotewatch broker start`` must outlive that command, so it does not use it.
 

@@ -32,59 +32,38 @@ One log file per process in ``RUN_DIR/logs/<name>.log`` (``kafka.log`` links to 
 SIGTERM stops everything in reverse order and leaves no process behind: every child runs in its
 own process group (its own session), is sent SIGTERM as a group, is waited for together with
 every descendant it spawned (MLflow's server workers), and is killed when it does not exit in
-time. The group is signalled even when the child itself has already exited: what it spawned
-(``mlflow server``'s uvicorn worker, holding the port) would otherwise outlive it and make every
-restart fail. Each child, the broker included, also asks the kernel for SIGTERM should the
-supervisor itself die (``PR_SET_PDEATHSIG``, :mod:`quotewatch.local.lifetime`).
+time. Each child, the broker included, also asks the kernel for SIGTERM should the supervisor
+itself die (``PR_SET_PDEATHSIG``, :mod:`quotewatch.local.lifetime`).
 
-Why not a supervisor library. The candidates in the package index were weighed: honcho runs a
-Procfile but neither restarts a crashed process nor orders start-up by readiness (it stops
-everything when one process exits); circus restarts and kills process groups but brings its own
-ZeroMQ arbiter daemon and ini configuration, and a readiness-ordered start-up or a conditional
-one-shot mid-run (the model bootstrap) would be plugins around it; supervisord restarts and
-kills as groups too, but is a separate daemon with an XML-RPC control plane whose own lifetime
-Ctrl-C would then have to manage, with start-up ordered by priority only, not readiness. What
-the demo needs — readiness-ordered start, restart with backoff, a bootstrap step that depends on
-the registry's state, and a Ctrl-C that provably leaves nothing behind — is a small loop over
-:mod:`subprocess` with :mod:`psutil` (already a dependency) for the process trees.
+Elsewhere: one child, its process group and its readiness probes, and why the supervisor is a
+small loop over :mod:`subprocess` and :mod:`psutil` rather than a supervisor library:
+:mod:`quotewatch.local.processes`; the question asked of the registry:
+:mod:`quotewatch.local.champion`; the ``quotewatch demo`` command: :mod:`quotewatch.local.demo`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
 import logging
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
-import click
-import psutil
-
-from quotewatch.core.errors import FatalError, RetriableError
+from quotewatch.core.errors import FatalError
 from quotewatch.core.kafka import ShutdownSignal
-from quotewatch.domain.venue.captures import CaptureError, read_capture
+from quotewatch.local.champion import CHAMPION, MODEL_NAME, RegistryUnavailableError, champion_version
 from quotewatch.local.kafka import LocalKafka, port_is_free
-from quotewatch.local.lifetime import die_with_parent
 from quotewatch.local.mlflow import LocalMlflow
+from quotewatch.local.processes import ManagedProcess, ProcessSpec, health_probe, tcp_open
 
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-MODEL_NAME = "quotewatch"
-CHAMPION = "champion"
 # The stream services with a /metrics + /health endpoint, in start order, and their default ports.
 STREAM_SERVICES: Mapping[str, int] = {
     "ingest": 9101,
@@ -99,13 +78,6 @@ FeedMode = Literal["synthetic", "capture", "live"]
 class StackError(FatalError):
     """The local stack could not start (a port is taken, a process did not become ready), or its
     broker died."""
-
-
-class RegistryUnavailableError(RetriableError):
-    """The MLflow registry did not give an answer (5xx, timeout, refused connection, not JSON).
-
-    Not the same as "no champion yet": the caller asks again at its next check.
-    """
 
 
 @dataclass(frozen=True)
@@ -172,226 +144,6 @@ class StackConfig:
         return ports
 
 
-# -- one supervised child -------------------------------------------------------------------------
-
-
-@dataclass
-class ProcessSpec:
-    """A child process of the stack and how to tell it is ready."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    """Variables set on top of the supervisor's environment (or the whole environment)."""
-    inherit_env: bool = True
-    """False: ``env`` is the child's entire environment."""
-    ready: Callable[[], bool] | None = None
-    """Polled after start until true (None: ready once started)."""
-    restart: bool = True
-    """Restart when it exits (long-running services); one-shot jobs are not restarted."""
-
-
-class ManagedProcess:
-    """One child: started in its own session with its log file, stopped with its whole tree."""
-
-    def __init__(self, spec: ProcessSpec, log_dir: Path, cwd: Path) -> None:
-        self.spec = spec
-        self.log_path = log_dir / f"{spec.name}.log"
-        self._cwd = cwd
-        self._popen: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self.restarts = 0
-        self.started_at = 0.0
-        self.next_restart_at: float | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._popen.pid if self._popen is not None else None
-
-    def start(self) -> None:
-        """Start the child (appending to its log file)."""
-        env = dict(os.environ) if self.spec.inherit_env else {}
-        env.update(self.spec.env)
-        env["PYTHONUNBUFFERED"] = "1"
-        self._log = self.log_path.open("ab")
-        header = f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(self.spec.argv)}\n"
-        self._log.write(header.encode())
-        self._log.flush()
-        self._popen = subprocess.Popen(
-            self.spec.argv,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=self._cwd,
-            env=env,
-            start_new_session=True,  # its own process group: Ctrl-C reaches only the supervisor
-            preexec_fn=die_with_parent(),  # forked from the main thread only
-        )
-        self.started_at = time.monotonic()
-        self.next_restart_at = None
-        logger.info("started %s (pid %d), log %s", self.spec.name, self._popen.pid, self.log_path)
-
-    def poll(self) -> int | None:
-        """The exit code once the child exited, else None."""
-        return None if self._popen is None else self._popen.poll()
-
-    def is_running(self) -> bool:
-        return self._popen is not None and self._popen.poll() is None
-
-    def log_tail(self, lines: int = 12) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, timeout: float) -> None:
-        """SIGTERM the child's process group and every descendant; kill what outlives ``timeout``.
-
-        The group is stopped even when the child has exited already: what it spawned may still run
-        in its group (``mlflow server`` dies, its uvicorn worker keeps the port).
-        """
-        if self._popen is None:
-            return
-        # Not reaped yet (poll() is None): the PID is still the child's, its descendants can be found.
-        leader_running = self._popen.poll() is None
-        terminate_tree(self._popen.pid, timeout, leader_running=leader_running)
-        self._popen.wait()  # reap the direct child
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-def _process_tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _group_members(pgid: int) -> list[psutil.Process]:
-    """The processes of process group ``pgid`` that have not exited."""
-    members = []
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                members.append(process)
-        except (OSError, psutil.Error):  # gone while listing
-            continue
-    return members
-
-
-_EXIT_POLL_SECONDS = 0.05
-
-
-def _running(process: psutil.Process) -> bool:
-    """True until ``process`` has exited (a zombie has: it only waits to be reaped)."""
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _still_running(pgid: int, tracked: dict[int, psutil.Process]) -> list[psutil.Process]:
-    """What is left of ``tracked`` and of group ``pgid`` (members forked meanwhile included)."""
-    tracked.update({process.pid: process for process in _group_members(pgid)})
-    return [process for process in tracked.values() if _running(process)]
-
-
-def _wait_until_gone(pgid: int, tracked: dict[int, psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait up to ``timeout`` for every tracked process and group member to exit; those still running.
-
-    Most of them are not this process's children (a group member whose parent exited belongs to
-    init now), so they cannot be waited for: their state is polled every 50 ms.
-    """
-    deadline = time.monotonic() + timeout
-    alive = _still_running(pgid, tracked)
-    while alive and time.monotonic() < deadline:
-        time.sleep(_EXIT_POLL_SECONDS)
-        alive = _still_running(pgid, tracked)
-    return alive
-
-
-def terminate_tree(pid: int, timeout: float, *, leader_running: bool = True) -> None:
-    """Stop process group ``pid`` (a session leader's) and every descendant of ``pid``.
-
-    SIGTERM first (services flush, commit and close on it), SIGKILL for whatever is still alive
-    after ``timeout`` (then up to 10 s more for the kernel to end them); returns once every one of
-    them is gone. The group is signalled whether or not its leader still runs.
-
-    Args:
-        leader_running: False when ``pid`` has exited and was reaped already: its number may
-            belong to an unrelated process by now, so only its group is stopped (a group's id is
-            not reused while any member of the group lives). Descendants that left the group
-            (setsid) after their parent exited cannot be found any more.
-    """
-    tracked = {process.pid: process for process in _process_tree(pid)} if leader_running else {}
-    tracked.update({process.pid: process for process in _group_members(pid)})
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    for process in tracked.values():  # descendants that left the group (setsid) get it too
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    alive = _wait_until_gone(pid, tracked, timeout)
-    if alive:
-        logger.warning("killing processes that ignored SIGTERM: %s", [p.pid for p in alive])
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        for process in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        left = _wait_until_gone(pid, tracked, 10.0)
-        if left:
-            logger.error("processes still running after SIGKILL: %s", [p.pid for p in left])
-
-
-# -- readiness probes ------------------------------------------------------------------------------
-
-
-def http_ok(url: str, timeout: float = 2.0) -> bool:
-    """True when ``url`` answers HTTP 200."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http on 127.0.0.1
-            return bool(response.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False
-
-
-def _health_probe(url: str) -> Callable[[], bool]:
-    """A readiness probe: ``url`` answers 200 (a service's /health: its loop is running)."""
-    return lambda: http_ok(url)
-
-
-def tcp_open(port: int, host: str = HOST) -> bool:
-    """True when something accepts connections on ``host:port``."""
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
-def champion_version(mlflow_url: str, model_name: str = MODEL_NAME) -> str | None:
-    """The registry version behind ``models:/<model_name>@champion``, or None while there is none.
-
-    Raises:
-        RegistryUnavailableError: the registry gave no answer (any HTTP error but "does not
-            exist", a timeout, a refused connection, a reply that is not the expected JSON).
-    """
-    query = urllib.parse.urlencode({"name": model_name, "alias": CHAMPION})
-    url = f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?{query}"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - http on 127.0.0.1
-            payload = json.loads(response.read())
-        version = payload.get("model_version", {}).get("version")
-    except urllib.error.HTTPError as exc:
-        if exc.code in (400, 404):  # RESOURCE_DOES_NOT_EXIST: no such model or alias yet
-            return None
-        raise RegistryUnavailableError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
-    except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:  # URLError is an OSError
-        raise RegistryUnavailableError(f"{url}: {type(exc).__name__}: {exc}") from exc
-    return str(version) if version is not None else None
-
-
 # -- the stack ---------------------------------------------------------------------------------------
 
 
@@ -446,7 +198,7 @@ class LocalStack:
             argv=mlflow.command(HOST, self.config.mlflow_port),
             env=mlflow.environment(),
             inherit_env=False,
-            ready=_health_probe(f"{self.config.mlflow_url}/health"),
+            ready=health_probe(f"{self.config.mlflow_url}/health"),
         )
 
     def feed_spec(self) -> ProcessSpec | None:
@@ -472,7 +224,7 @@ class LocalStack:
                 "--symbols",
                 ",".join(config.symbols),
             ),
-            ready=lambda: tcp_open(config.feed_port),
+            ready=lambda: tcp_open(config.feed_port, HOST),
         )
 
     def service_specs(self) -> list[ProcessSpec]:
@@ -497,7 +249,7 @@ class LocalStack:
                     name=name,
                     argv=_cli("run", name),
                     env=env,
-                    ready=_health_probe(f"http://{HOST}:{port}/health"),
+                    ready=health_probe(f"http://{HOST}:{port}/health"),
                 )
             )
         specs.append(
@@ -505,7 +257,7 @@ class LocalStack:
                 name="dashboard",
                 argv=_cli("run", "dashboard"),
                 env={**self.common_env(), "DASH_HOST": HOST, "DASH_PORT": str(config.dash_port), "METRICS_PORT": "0"},
-                ready=_health_probe(f"{config.dashboard_url}/health"),
+                ready=health_probe(f"{config.dashboard_url}/health"),
             )
         )
         return specs
@@ -801,150 +553,3 @@ class LocalStack:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(status, indent=2) + "\n")
         temporary.replace(path)
-
-
-# -- `quotewatch demo` ------------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports nothing listens on right now (held open together while choosing)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((HOST, 0))
-            sockets.append(sock)
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-@click.command("demo")
-@click.option(
-    "--run-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("data/demo"),
-    show_default=True,
-    help="State of this stack: broker data, MLflow store, lake, logs/, stack.json.",
-)
-@click.option(
-    "--feed",
-    "feed",
-    type=click.Choice(["synthetic", "capture", "live"]),
-    default=None,
-    help="synthetic book from the local feed server (default), a --capture replay, or live Coinbase.",
-)
-@click.option(
-    "--capture",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    default=None,
-    help="A recorded capture for the local feed server to replay (implies --feed capture).",
-)
-@click.option(
-    "--timestamps",
-    type=click.Choice(["original", "now"]),
-    default="original",
-    show_default=True,
-    help="With --capture: its exchange times as recorded, or moved so each connection starts now.",
-)
-@click.option(
-    "--symbols",
-    default=None,
-    help="Comma-separated products [default: BTC-USD,ETH-USD; with --capture, the capture's].",
-)
-@click.option("--topic-prefix", default="qw", show_default=True, help="Topic namespace.")
-@click.option(
-    "--bootstrap-servers",
-    default=None,
-    help="Use this running Kafka-compatible broker instead of starting the local one.",
-)
-@click.option("--kafka-port", type=int, default=9092, show_default=True)
-@click.option("--mlflow-port", type=int, default=5000, show_default=True)
-@click.option("--feed-port", type=int, default=8765, show_default=True)
-@click.option("--dash-port", type=int, default=8050, show_default=True)
-@click.option("--webhook-port", type=int, default=8091, show_default=True, help="Inference's MLflow webhook receiver.")
-@click.option(
-    "--metrics-port-base",
-    type=int,
-    default=9101,
-    show_default=True,
-    help="/metrics + /health of ingest, book, labeler, inference, lake-sink on BASE..BASE+4.",
-)
-@click.option(
-    "--free-ports", "pick_free_ports", is_flag=True, help="Pick free ports for everything instead (printed at start)."
-)
-@click.option(
-    "--bootstrap-interval",
-    type=float,
-    default=45.0,
-    show_default=True,
-    help="Seconds between attempts to train a first champion while there is none.",
-)
-@click.option(
-    "--bootstrap-model",
-    type=click.Choice(["lr", "xgb", "best"]),
-    default="lr",
-    show_default=True,
-    help="What the first champion is trained as (quotewatch train --model).",
-)
-def command(
-    run_dir: Path,
-    feed: str | None,
-    capture: Path | None,
-    timestamps: str,
-    symbols: str | None,
-    topic_prefix: str,
-    bootstrap_servers: str | None,
-    kafka_port: int,
-    mlflow_port: int,
-    feed_port: int,
-    dash_port: int,
-    webhook_port: int,
-    metrics_port_base: int,
-    pick_free_ports: bool,
-    bootstrap_interval: float,
-    bootstrap_model: str,
-) -> None:
-    """The whole system on 127.0.0.1 without Docker, until Ctrl-C: Kafka, MLflow, the feed, every
-    service and the dashboard (http://127.0.0.1:8050); a first model is trained and promoted once
-    the lake has data. Logs: RUN_DIR/logs/<process>.log.
-    """
-    mode: FeedMode = "capture" if capture is not None else (feed or "synthetic")  # type: ignore[assignment]
-    if mode == "capture" and capture is None:
-        raise click.BadParameter("--feed capture needs --capture FILE", param_hint="--capture")
-    metrics_ports = {name: metrics_port_base + index for index, name in enumerate(STREAM_SERVICES)}
-    if pick_free_ports:
-        kafka_port, mlflow_port, feed_port, dash_port, webhook_port, *rest = free_ports(5 + len(STREAM_SERVICES))
-        metrics_ports = dict(zip(STREAM_SERVICES, rest, strict=True))
-    capture_feed = "coinbase-advanced"
-    products: tuple[str, ...] = ("BTC-USD", "ETH-USD")
-    if capture is not None:
-        try:
-            recorded = read_capture(capture)
-        except CaptureError as exc:
-            raise click.BadParameter(str(exc), param_hint="--capture") from exc
-        capture_feed, products = recorded.feed, recorded.symbols
-    if symbols is not None:
-        products = tuple(part.strip().upper() for part in symbols.split(",") if part.strip())
-    config = StackConfig(
-        run_dir=run_dir,
-        feed=mode,
-        capture=capture,
-        capture_timestamps=timestamps,  # type: ignore[arg-type]  # click.Choice guarantees the literal
-        capture_feed=capture_feed,
-        symbols=products,
-        topic_prefix=topic_prefix,
-        bootstrap_servers=bootstrap_servers,
-        kafka_port=kafka_port,
-        mlflow_port=mlflow_port,
-        feed_port=feed_port,
-        dash_port=dash_port,
-        webhook_port=webhook_port,
-        metrics_ports=metrics_ports,
-        bootstrap_interval=bootstrap_interval,
-        bootstrap_model=bootstrap_model,  # type: ignore[arg-type]  # click.Choice guarantees the literal
-    )
-    shutdown = ShutdownSignal().install()
-    click.echo(f"QuoteWatch demo: dashboard {config.dashboard_url}, MLflow {config.mlflow_url}, state {run_dir}")
-    sys.exit(LocalStack(config, shutdown).run())

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +34,8 @@ import pytest
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.tail import tail_topic
 from quotewatch.core.topics import CATALOG, TopicNames
-from quotewatch.local.stack import champion_version
+from quotewatch.local.champion import champion_version
+from tests.e2e.stack.demo_run import DemoRun, alive, running_demo
 from tests.helpers import read_topic, wait_for
 
 pytestmark = pytest.mark.slow
@@ -53,41 +52,12 @@ NOTEBOOK_EXPERIMENT = "quotewatch-notebooks-e2e"
 
 
 @dataclass
-class DemoRun:
-    process: subprocess.Popen[bytes]
-    run_dir: Path
-    output: Path
+class ChampionDemo:
+    """The module's demo run and its first champion (waited for once per module)."""
+
+    run: DemoRun
     _serving: tuple[dict[str, Any], str] | None = field(default=None, init=False)
     _failed: BaseException | None = field(default=None, init=False)
-
-    def status(self) -> dict[str, Any]:
-        path = self.run_dir / "stack.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def alive_or_fail(self) -> None:
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"quotewatch demo exited with {self.process.returncode}:\n{self.output.read_text()[-4000:]}"
-            )
-
-    def tree(self) -> set[int]:
-        """Every process the demo started (children, grandchildren and the detached broker)."""
-        pids = {p.pid for p in psutil.Process(self.process.pid).children(recursive=True)}
-        status = self.status()
-        pids |= {entry["pid"] for entry in status.get("processes", {}).values() if entry.get("pid")}
-        if status.get("kafka_pid"):
-            pids.add(status["kafka_pid"])
-        return pids
-
-    def started(self) -> dict[str, Any]:
-        """The stack's status once every process is ready (waits for it)."""
-
-        def ready() -> dict[str, Any] | None:
-            self.alive_or_fail()
-            status = self.status()
-            return status if status.get("processes", {}).get("dashboard") else None
-
-        return wait_for(ready, timeout=START_TIMEOUT, interval=1, message="every process of the stack ready")
 
     def serving(self) -> tuple[dict[str, Any], str]:
         """(status, champion version) once a first champion is registered; waited for once per module."""
@@ -95,10 +65,10 @@ class DemoRun:
             raise AssertionError("the demo never registered a champion (see the first failing test)") from self._failed
         if self._serving is None:
             try:
-                status = self.started()
+                status = self.run.started(START_TIMEOUT)
 
                 def champion() -> str | None:
-                    self.alive_or_fail()
+                    self.run.alive_or_fail()
                     return champion_version(status["mlflow"])
 
                 version = wait_for(champion, timeout=CHAMPION_TIMEOUT, interval=2, message="a registered champion")
@@ -109,56 +79,14 @@ class DemoRun:
         return self._serving
 
 
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
-    base = tmp_path_factory.mktemp("stack")
-    run_dir = base / "demo"
-    output = base / "demo.out"
-    with output.open("wb") as sink:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "quotewatch.cli",
-                "demo",
-                "--run-dir",
-                str(run_dir),
-                "--free-ports",
-                "--symbols",
-                ",".join(SYMBOLS),
-                "--bootstrap-interval",
-                "40",
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # the test sends SIGINT to the demo alone, as a terminal would
-        )
-    run = DemoRun(process, run_dir, output)
-    try:
-        yield run
-    finally:
-        if process.poll() is None:  # a test failed before the Ctrl-C test: do not leave the stack running
-            leftovers = run.tree()
-            os.kill(process.pid, signal.SIGINT)
-            try:
-                process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            for pid in leftovers:
-                if alive(pid):
-                    psutil.Process(pid).kill()
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChampionDemo]:
+    args = ["--symbols", ",".join(SYMBOLS), "--bootstrap-interval", "40"]
+    with running_demo(tmp_path_factory.mktemp("stack"), args) as run:
+        yield ChampionDemo(run)
 
 
-def test_demo_trains_a_champion_and_serves_it_everywhere(demo: DemoRun) -> None:
+def test_demo_trains_a_champion_and_serves_it_everywhere(demo: ChampionDemo) -> None:
     # A first champion, trained on the lake the running stack filled.
     status, version = demo.serving()
     dashboard_url = status["dashboard"]
@@ -167,7 +95,7 @@ def test_demo_trains_a_champion_and_serves_it_everywhere(demo: DemoRun) -> None:
 
     # Inference serves it.
     def champion_predictions() -> list[dict[str, Any]]:
-        demo.alive_or_fail()
+        demo.run.alive_or_fail()
         latest = [orjson.loads(line) for line in tail_topic(settings, topics.predictions, count=300, timeout=30)]
         return [
             record
@@ -302,7 +230,7 @@ def champion_rows_in_lake(lake_uri: str, prefix: str, version: str) -> int:
     return len(joined)
 
 
-def test_notebooks_run_on_the_demo_lake_and_mlflow(demo: DemoRun, tmp_path: Path) -> None:
+def test_notebooks_run_on_the_demo_lake_and_mlflow(demo: ChampionDemo, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     status, version = demo.serving()
@@ -324,7 +252,7 @@ def test_notebooks_run_on_the_demo_lake_and_mlflow(demo: DemoRun, tmp_path: Path
     }
 
     explored = execute_notebook(NOTEBOOKS / "explore_lake.ipynb", env, tmp_path / "kernels")
-    demo.alive_or_fail()
+    demo.run.alive_or_fail()
     assert explored["lake"] == lake_uri
     assert explored["symbols"] == list(SYMBOLS)
     assert all(explored["rows"][f"{prefix}.{suffix}"] > 0 for suffix in LAKE_TOPICS), explored["rows"]
@@ -335,7 +263,7 @@ def test_notebooks_run_on_the_demo_lake_and_mlflow(demo: DemoRun, tmp_path: Path
     assert 0.0 <= explored["auc"][f"CHAMPION v{version}"] <= 1.0
 
     trained = execute_notebook(NOTEBOOKS / "training_walkthrough.ipynb", env, tmp_path / "kernels")
-    demo.alive_or_fail()
+    demo.run.alive_or_fail()
     assert trained["labelled_rows"] >= 200
     assert 0.0 < trained["base_rate"] < 1.0
     assert trained["split"]["gap_ms"] >= 500
@@ -353,15 +281,16 @@ def test_notebooks_run_on_the_demo_lake_and_mlflow(demo: DemoRun, tmp_path: Path
     assert champion_version(tracking_uri) == version, "the notebook must not move the champion alias"
 
 
-def test_ctrl_c_stops_everything_and_leaves_nothing_behind(demo: DemoRun) -> None:
-    demo.started()
-    demo.alive_or_fail()
-    started_pids = demo.tree()
+def test_ctrl_c_stops_everything_and_leaves_nothing_behind(demo: ChampionDemo) -> None:
+    run = demo.run
+    run.started(START_TIMEOUT)
+    run.alive_or_fail()
+    started_pids = run.tree()
     assert len(started_pids) >= 9, started_pids  # broker, mlflow (+ worker), feed server, 5 services, dashboard
-    os.kill(demo.process.pid, signal.SIGINT)
-    assert demo.process.wait(timeout=120) == 0, demo.output.read_text()[-4000:]
+    os.kill(run.process.pid, signal.SIGINT)
+    assert run.process.wait(timeout=120) == 0, run.output.read_text()[-4000:]
     leftovers = {pid: psutil.Process(pid).cmdline() for pid in started_pids if alive(pid)}
     assert not leftovers, f"still running after Ctrl-C: {leftovers}"
-    assert not (demo.run_dir / "stack.json").exists()
-    logs = {path.stem for path in (demo.run_dir / "logs").glob("*.log")}
+    assert not (run.run_dir / "stack.json").exists()
+    logs = {path.stem for path in (run.run_dir / "logs").glob("*.log")}
     assert {"mlflow", "feed-server", "ingest", "book", "labeler", "inference", "lake-sink", "dashboard"} <= logs

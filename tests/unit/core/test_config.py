@@ -194,3 +194,30 @@ def test_every_documented_form_is_accepted(
 def test_backoff_initial_may_equal_max() -> None:
     settings = load_settings(IngestSettings, backoff_initial_seconds=5, backoff_max_seconds=5)
     assert settings.backoff_initial_seconds == settings.backoff_max_seconds == 5
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::", "dashboard.example.com"])
+def test_dash_debug_is_refused_off_loopback(host: str) -> None:
+    # Before: accepted, putting the Werkzeug debugger (code execution) on the network.
+    with pytest.raises(ConfigError, match=r"DASH_DEBUG=true with DASH_HOST=.*loopback"):
+        load_settings(DashboardSettings, dash_debug=True, dash_host=host)
+    assert load_settings(DashboardSettings, dash_host=host).dash_debug is False
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
+def test_dash_debug_on_loopback_is_accepted(host: str) -> None:
+    assert load_settings(DashboardSettings, dash_debug=True, dash_host=host).dash_debug
+
+
+def test_the_model_signing_key_is_a_masked_secret_of_some_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "0123456789abcdef" * 4
+    monkeypatch.setenv("MODEL_SIGNING_KEY", key)
+    settings = load_settings(InferenceSettings)
+    assert settings.signing_key == key
+    assert key not in repr(settings)
+    assert key not in str(settings.masked())
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "short")
+    with pytest.raises(ConfigError, match="MODEL_SIGNING_KEY: is shorter than 32 characters"):
+        load_settings(InferenceSettings)
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "")
+    assert load_settings(InferenceSettings).signing_key is None

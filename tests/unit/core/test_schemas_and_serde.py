@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import fastavro
@@ -192,6 +193,25 @@ def test_a_registry_that_cannot_be_reached_is_not_the_records_fault(registry_ser
     assert not isinstance(caught.value, PoisonRecordError)
     with pytest.raises(SchemaRegistryUnavailableError, match="cannot register"):
         AvroSerde(registry=unreachable).encode("qw.labels", record)
+
+
+@pytest.mark.parametrize(
+    "schema_str",
+    ["[" * 2000, '{"type": ' * 3000, '{"type": "record"}', "not json", '"x' + "y" * (2 * 1024 * 1024) + '"'],
+    ids=["2000 brackets", "deep object", "no name", "not json", "2 MiB"],
+)
+def test_a_schema_from_the_registry_that_is_not_ours_makes_the_record_poison_not_a_crash(schema_str: str) -> None:
+    """Whoever may register subjects writes the schema text: '[' x 2000 raised RecursionError before."""
+
+    class Registry:
+        def register_schema(self, subject_name: str, schema: Any, normalize_schemas: bool = False) -> int:
+            raise AssertionError("not called")
+
+        def get_schema(self, schema_id: int, subject_name: str | None = None, fmt: str | None = None) -> Any:
+            return SimpleNamespace(schema_str=schema_str)
+
+    with pytest.raises(UnknownSchemaError, match="schema id 7 from the registry is not a usable Avro schema"):
+        AvroSerde(registry=Registry()).decode(bytes([CONFLUENT_MAGIC, 0, 0, 0, 7, 2, 4]), "qw.labels")
 
 
 def test_truncated_and_trailing_bytes_are_decode_errors() -> None:

@@ -22,7 +22,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[3]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
-TEST_SECRETS = {"GRAFANA_ADMIN_PASSWORD": "test-only-grafana-password"}
+TEST_SECRETS = {
+    "GRAFANA_ADMIN_PASSWORD": "test-only-grafana-password",
+    "KAFKA_SASL_PASSWORD": "test-only-kafka-password",
+    "MLFLOW_TRACKING_PASSWORD": "test-only-mlflow-password",
+}
 """What ``docker compose`` refuses to start without (``${NAME:?...}``); a user sets them in ``.env``."""
 
 

@@ -9,8 +9,10 @@ services find each other where the file says they are.
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -24,7 +26,7 @@ from cryptography.fernet import Fernet
 from quotewatch.core.config import SERVICE_SETTINGS, CommonSettings, load_settings
 from quotewatch.local.mlflow import SERVER_ENVIRONMENT
 from tests.unit.infra.cli_resolve import resolve_cli
-from tests.unit.infra.conftest import COMPOSE_FILE, REPO
+from tests.unit.infra.conftest import COMPOSE_FILE, REPO, tool
 
 QUOTEWATCH_IMAGE = "quotewatch"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -49,10 +51,13 @@ PROFILE_SERVICES = {"sim": {"feed-server"}, "train": {"trainer"}, "minio": {"min
 # The long-running stream services and their METRICS_PORT defaults (src/quotewatch/core/config.py).
 STREAM_SERVICES = {"ingest": 9101, "book": 9102, "labeler": 9103, "inference": 9104, "lake-sink": 9105}
 # Variables a container may carry that are not QuoteWatch settings, and why.
+MLFLOW_CLIENT_ENV = {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+"""Read by MLflow's client itself: the basic-auth credentials of the registry."""
 THIRD_PARTY_ENV = {
     # Read by the S3 filesystem of the lake when LAKE_URI is s3://… (profile minio).
     "lake-sink": {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"},
-    "trainer": {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"},
+    "trainer": {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", *MLFLOW_CLIENT_ENV},
+    "inference": MLFLOW_CLIENT_ENV,
 }
 
 
@@ -204,13 +209,8 @@ def test_feed_defaults_to_live_coinbase_and_sim_profile_serves_it_locally(resolv
 
 def test_topics_are_created_from_the_catalog_never_auto_created(full_model: dict[str, Any]) -> None:
     services = full_model["services"]
-    assert services["redpanda-config"]["command"][:5] == [
-        "cluster",
-        "config",
-        "set",
-        "auto_create_topics_enabled",
-        "false",
-    ]
+    (script,) = services["redpanda-config"]["command"]
+    assert "rpk cluster config set auto_create_topics_enabled false -X admin.hosts=redpanda:9644" in script
     assert services["topics-init"]["command"] == ["topics", "create"]
     assert services["topics-init"]["depends_on"]["redpanda-config"]["condition"] == "service_completed_successfully"
     for name in (*STREAM_SERVICES, "dashboard"):
@@ -234,7 +234,25 @@ def test_every_image_is_pinned_by_an_explicit_version(full_model: dict[str, Any]
         assert service["image"] == f"{QUOTEWATCH_IMAGE}:{version}", f"{name}: image tag is the package version"
         assert service["build"]["dockerfile"] == "infra/Dockerfile"
     mlflow_pin = next(dep for dep in PYPROJECT["project"]["dependencies"] if dep.startswith("mlflow=="))
-    assert full_model["services"]["mlflow"]["image"] == f"ghcr.io/mlflow/mlflow:v{mlflow_pin.split('==')[1]}"
+    version = mlflow_pin.split("==")[1]
+    mlflow = full_model["services"]["mlflow"]
+    assert mlflow["image"] == f"quotewatch-mlflow:{version}"
+    assert mlflow["build"]["dockerfile"] == "infra/mlflow/Dockerfile"
+    # Built on the official image of the pinned MLflow, plus the basic-auth app's dependency.
+    dockerfile = (REPO / "infra/mlflow/Dockerfile").read_text()
+    assert f"\nFROM ghcr.io/mlflow/mlflow:v{version}\n" in dockerfile
+    (install,) = re.findall(r"^RUN pip install --no-cache-dir (.+)$", dockerfile, re.MULTILINE)
+    assert install == '"Flask-WTF==1.3.0" "WTForms==3.3.2"', "pinned: mlflow's auth extra, which the image lacks"
+
+
+def test_the_mlflow_image_passes_hadolint() -> None:
+    result = subprocess.run(
+        [str(tool("hadolint")), "--no-color", str(REPO / "infra/mlflow/Dockerfile")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_each_external_image_says_where_its_tag_came_from() -> None:
@@ -307,6 +325,7 @@ def test_mlflow_entrypoint_keeps_one_webhook_key_across_restarts(tmp_path: Any) 
     env = {
         "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin",
         "MLFLOW_WEBHOOK_KEY_FILE": str(key_file),
+        "MLFLOW_FLASK_KEY_FILE": str(tmp_path / "flask-secret.key"),
     }
     script = str(REPO / "infra/docker/mlflow-entrypoint.sh")
     command = ["/bin/sh", script, "sh", "-c", 'printf %s "$MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"']
@@ -332,3 +351,111 @@ def test_inference_gets_a_webhook_secret_when_none_is_given(full_model: dict[str
     given = {**env, "MLFLOW_WEBHOOK_SECRET": "pinned"}
     pinned = subprocess.run(["/bin/sh", script, *show], env=given, capture_output=True, text=True, check=True)
     assert pinned.stdout == "pinned"
+
+
+# -- authentication ---------------------------------------------------------------------------------
+
+
+def shell_run(script: str, env: dict[str, str]) -> list[list[str]]:
+    """The argv of each command of a one-shot ``a && b && c`` script, its ``$NAME`` expanded from ``env``
+    as the container's shell would (``config`` keeps the file's ``$$``; compose passes ``$`` to the container)."""
+    commands = [shlex.split(part) for part in script.replace("$$", "$").split("&&")]
+    expand = re.compile(r"\$(\w+)")
+    return [[expand.sub(lambda m: env[m.group(1)], arg) for arg in command] for command in commands]
+
+
+def test_kafka_requires_sasl_scram_of_one_superuser_from_the_environment(resolve_compose: Any) -> None:
+    given = {"KAFKA_SASL_USERNAME": "qw-user", "KAFKA_SASL_PASSWORD": "from-env"}
+    services = resolve_compose("*", env=given)["services"]
+    # Redpanda creates the SCRAM user when the cluster forms...
+    assert services["redpanda"]["environment"]["RP_BOOTSTRAP_USER"] == "qw-user:from-env:SCRAM-SHA-256"
+    # ...redpanda-config makes it the superuser and requires SASL, before any client connects.
+    config = services["redpanda-config"]
+    assert config["entrypoint"] == ["/bin/sh", "-c"]
+    commands = shell_run(config["command"][0], config["environment"])
+    settings = {tuple(c[4:6]) for c in commands if c[:4] == ["rpk", "cluster", "config", "set"]}
+    assert ("superusers", '["qw-user"]') in settings
+    assert ("enable_sasl", "true") in settings
+    assert commands[-1][4:6] == ["enable_sasl", "true"], "SASL goes on last, once its superuser exists"
+    assert all(c[-2:] == ["-X", "admin.hosts=redpanda:9644"] for c in commands)
+    assert services["topics-init"]["depends_on"]["redpanda-config"]["condition"] == "service_completed_successfully"
+    assert services["console"]["depends_on"]["redpanda-config"]["condition"] == "service_completed_successfully"
+    # Every client of the broker authenticates with that user: the services...
+    for name, service in quotewatch_services({"services": services}).items():
+        if name == "feed-server":
+            continue
+        environment = service["environment"]
+        assert environment["KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT", name
+        assert environment["KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-256", name
+        assert (environment["KAFKA_SASL_USERNAME"], environment["KAFKA_SASL_PASSWORD"]) == ("qw-user", "from-env")
+    # ...and Console (its kafka.sasl.* settings as environment variables).
+    console = services["console"]["environment"]
+    assert console["KAFKA_SASL_ENABLED"] == "true"
+    assert console["KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-256"
+    assert (console["KAFKA_SASL_USERNAME"], console["KAFKA_SASL_PASSWORD"]) == ("qw-user", "from-env")
+
+
+def test_the_admin_api_and_console_stay_on_loopback(full_model: dict[str, Any]) -> None:
+    ports = {
+        (name, port["target"]): port["host_ip"]
+        for name, service in full_model["services"].items()
+        for port in service.get("ports", [])
+    }
+    assert ports[("redpanda", 9644)] == "127.0.0.1", "the admin API (no authentication) is not on the network"
+    assert ports[("console", 8080)] == "127.0.0.1"
+
+
+def test_mlflow_runs_the_basic_auth_app_with_the_admin_from_the_environment(
+    resolve_compose: Any, tmp_path: Any
+) -> None:
+    given = {"MLFLOW_TRACKING_USERNAME": "registry-admin", "MLFLOW_TRACKING_PASSWORD": "from-env"}
+    services = resolve_compose("*", env=given)["services"]
+    mlflow = services["mlflow"]
+    assert "--app-name=basic-auth" in mlflow["command"]
+    environment = mlflow["environment"]
+    assert environment["MLFLOW_AUTH_ADMIN_USERNAME"] == "registry-admin"
+    assert environment["MLFLOW_AUTH_ADMIN_PASSWORD"] == "from-env"
+    mounts = {mount["target"]: mount for mount in mlflow["volumes"]}
+    ini = mounts[environment["MLFLOW_AUTH_CONFIG_PATH"]]
+    assert ini["source"] == str(REPO / "infra/mlflow/basic_auth.ini")
+    assert ini["read_only"] is True
+    # MLflow's own reader of the file: the user database on the database volume, nobody else trusted.
+    # Read as MLflow reads it (mlflow/server/auth/config.py: configparser, section [mlflow]).
+    parser = configparser.ConfigParser()
+    parser.read(ini["source"])
+    config = parser["mlflow"]
+    assert config["database_uri"].startswith("sqlite:////mlflow/db/"), "the auth database survives restarts"
+    assert config["default_permission"] == "NO_PERMISSIONS"
+    assert "admin_password" not in config, "no admin password in the file: it comes from the environment"
+    # The clients of the registry log in with the same account.
+    for name in ("inference", "trainer"):
+        client = services[name]["environment"]
+        assert (client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]) == (
+            "registry-admin",
+            "from-env",
+        )
+    # The health check needs no login (/health is not protected by the app).
+    assert "/health" in " ".join(mlflow["healthcheck"]["test"])
+
+
+def test_mlflow_entrypoint_keeps_one_flask_secret_across_restarts(tmp_path: Any) -> None:
+    env = {
+        "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+        "MLFLOW_WEBHOOK_KEY_FILE": str(tmp_path / "webhook-secret.key"),
+        "MLFLOW_FLASK_KEY_FILE": str(tmp_path / "flask-secret.key"),
+    }
+    script = str(REPO / "infra/docker/mlflow-entrypoint.sh")
+    command = ["/bin/sh", script, "sh", "-c", 'printf %s "$MLFLOW_FLASK_SERVER_SECRET_KEY"']
+    first = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    second = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    assert len(first) >= 32
+    assert first == second == (tmp_path / "flask-secret.key").read_text().strip()
+    assert (tmp_path / "flask-secret.key").stat().st_mode & 0o077 == 0, "the key file is private"
+
+
+def test_the_trainer_signs_with_the_key_inference_checks(resolve_compose: Any) -> None:
+    services = resolve_compose("*", env={"MODEL_SIGNING_KEY": "k" * 64})["services"]
+    assert services["trainer"]["environment"]["MODEL_SIGNING_KEY"] == "k" * 64
+    assert services["inference"]["environment"]["MODEL_SIGNING_KEY"] == "k" * 64
+    unset = resolve_compose("*")["services"]
+    assert unset["inference"]["environment"]["MODEL_SIGNING_KEY"] == "", "optional: digests only"

@@ -13,12 +13,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.unit.infra.conftest import COMPOSE_FILE, ENV_EXAMPLE, REPO, TEST_SECRETS
 
 # Names of variables that hold secrets (AWS_SECRET_ACCESS_KEY, GF_SECURITY_ADMIN_PASSWORD, ...).
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|PASSPHRASE|TOKEN|API_KEY|USER_INFO")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|PASSPHRASE|TOKEN|API_KEY|USER_INFO|SIGNING_KEY")
 # One whole reference to a variable: ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}.
 REFERENCE = re.compile(r"^\$\{(?P<name>[A-Z_][A-Z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}$")
 ANY_REFERENCE = re.compile(r"\$\{(?P<name>[A-Z_][A-Z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
@@ -50,11 +51,14 @@ def test_no_secret_is_written_in_the_compose_file() -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_without_a_grafana_password_compose_refuses_to_start(run_compose: Any) -> None:
-    result = run_compose("config", "--format", "json", secrets=False)
+@pytest.mark.parametrize("missing", sorted(TEST_SECRETS))
+def test_without_each_required_secret_compose_refuses_to_start(run_compose: Any, missing: str) -> None:
+    given = {name: value for name, value in TEST_SECRETS.items() if name != missing}
+    result = run_compose("--profile", "*", "config", "--format", "json", env=given, secrets=False)
     assert result.returncode != 0
-    assert "GRAFANA_ADMIN_PASSWORD" in result.stderr
+    assert f"required variable {missing} is missing a value" in result.stderr
     assert ".env" in result.stderr, "the message says where to set it"
+    assert all(f"required variable {name}" not in result.stderr for name in given)
 
 
 def test_grafana_admin_password_comes_from_the_environment_and_anonymous_access_is_opt_in(

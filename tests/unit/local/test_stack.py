@@ -20,15 +20,8 @@ import psutil
 import pytest
 
 from quotewatch.core.kafka import ShutdownSignal
-from quotewatch.local.stack import (
-    STREAM_SERVICES,
-    LocalStack,
-    ManagedProcess,
-    ProcessSpec,
-    StackConfig,
-    StackError,
-    terminate_tree,
-)
+from quotewatch.local.processes import ManagedProcess, ProcessSpec, terminate_tree
+from quotewatch.local.stack import STREAM_SERVICES, LocalStack, StackConfig, StackError
 from tests.helpers import wait_for
 from tests.unit.infra.cli_resolve import resolve_cli
 
@@ -179,7 +172,8 @@ SUPERVISOR = textwrap.dedent(
     import sys
     from pathlib import Path
     from quotewatch.core.kafka import ShutdownSignal
-    from quotewatch.local.stack import LocalStack, ProcessSpec, StackConfig
+    from quotewatch.local.processes import ProcessSpec
+    from quotewatch.local.stack import LocalStack, StackConfig
 
     run_dir = Path(sys.argv[1])
     stack = LocalStack(StackConfig(run_dir=run_dir, bootstrap_interval=3600), ShutdownSignal().install())

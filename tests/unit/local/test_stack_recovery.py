@@ -24,16 +24,10 @@ import psutil
 import pytest
 
 from quotewatch.core.kafka import ShutdownSignal
+from quotewatch.local.champion import RegistryUnavailableError, champion_version
 from quotewatch.local.kafka import LocalKafka, free_port
-from quotewatch.local.stack import (
-    LocalStack,
-    ManagedProcess,
-    ProcessSpec,
-    RegistryUnavailableError,
-    StackConfig,
-    StackError,
-    champion_version,
-)
+from quotewatch.local.processes import ManagedProcess, ProcessSpec
+from quotewatch.local.stack import LocalStack, StackConfig, StackError
 from tests.helpers import wait_for
 
 

@@ -58,6 +58,8 @@ from typing import Any, Final
 
 import orjson
 
+from quotewatch.core.bounded import parse_json_object
+from quotewatch.core.errors import UntrustedInputError
 from quotewatch.core.records import (
     BookSnapshot,
     BookUpdate,
@@ -82,6 +84,12 @@ BACKOFF: Final = "BACKOFF"
 STOPPED: Final = "STOPPED"
 FEED_STATES: Final = (INIT, CONNECTING, SUBSCRIBED, RECONNECTING, BACKOFF, STOPPED)
 _CONTROL_KINDS: Final = frozenset(("GAP", "STATUS"))
+CONTROL_TEXT_MAX_BYTES: Final = 64 * 1024
+"""A control record's text longer than this is not parsed (the ingest's own are a few hundred bytes)."""
+CONTROL_TEXT_MAX_DEPTH: Final = 4
+"""A control record's text nests at most this deep (the ingest's own: one flat object)."""
+CONTROL_DETAIL_MAX_CHARS: Final = 1024
+"""The detail a GAP or STATUS event takes from a control record is cut to this length."""
 
 
 @dataclass(slots=True)
@@ -131,16 +139,30 @@ def control_text(state: str, reason: str, **details: Any) -> str:
 
 
 def parse_control_text(text: str, default_state: str) -> tuple[str, str]:
-    """``(state, detail)`` of a control record's text; a foreign text keeps ``default_state``."""
+    """``(state, detail)`` of a control record's text; a foreign text keeps ``default_state``.
+
+    The text is not trusted (anyone who can write to ``md.raw`` writes it): it is parsed bounded
+    (:data:`CONTROL_TEXT_MAX_BYTES`, :data:`CONTROL_TEXT_MAX_DEPTH`), and a text that is not a
+    control object, or a reason too long, becomes a detail of at most :data:`CONTROL_DETAIL_MAX_CHARS`.
+    Sample (the ingest's own)::
+
+        {"reason":"connected to wss://advanced-trade-ws.coinbase.com","state":"CONNECTING","url":"wss://..."}
+    """
     try:
-        payload = json.loads(text)
-    except ValueError:
-        return default_state, text
-    if not isinstance(payload, dict):
-        return default_state, text
+        payload = parse_json_object(
+            text, what="control record text", max_bytes=CONTROL_TEXT_MAX_BYTES, max_depth=CONTROL_TEXT_MAX_DEPTH
+        )
+    except UntrustedInputError:
+        return default_state, _clip(text)
     state = payload.get("state")
     reason = payload.get("reason")
-    return (state if state in FEED_STATES else default_state), (reason if isinstance(reason, str) else text)
+    return (state if state in FEED_STATES else default_state), _clip(reason if isinstance(reason, str) else text)
+
+
+def _clip(text: str) -> str:
+    if len(text) <= CONTROL_DETAIL_MAX_CHARS:
+        return text
+    return f"{text[:CONTROL_DETAIL_MAX_CHARS]}... ({len(text)} characters)"
 
 
 @dataclass(slots=True)
@@ -275,17 +297,17 @@ class Normaliser:
                 state = self._disconnected(raw, out)
             elif kind == "OVERFLOW":
                 state = self._owner_of(raw)
-                detail = f"local buffer overflow on {raw.connection_id}: {raw.text}"
+                detail = f"local buffer overflow on {raw.connection_id}: {_clip(raw.text)}"
                 if state is not None:
                     synced = state.synced_sorted()
                     self._gap(state, raw, out, "BUFFER_OVERFLOW", detail, raw.ts_event, synced, lost=True)
                 out.resync = detail
             else:
-                out.rejects.append(Reject(f"unknown raw record kind {kind!r:.40}", "InvalidRawFrame", raw))
+                out.rejects.append(Reject(f"unknown raw record kind {kind!r:.40}", "InvalidRawRecord", raw))
         except (KeyError, TypeError, ValueError) as exc:
             # A raw record that is not shaped like a RawFrame (a foreign producer): reject it whole.
             out.events.clear()
-            out.rejects.append(Reject(f"invalid raw record: {exc!r:.300}", "InvalidRawFrame", raw))
+            out.rejects.append(Reject(f"invalid raw record: {exc!r:.300}", "InvalidRawRecord", raw))
         if state is not None:
             symbol_ts = state.symbol_ts
             for event in out.events:
@@ -311,8 +333,8 @@ class Normaliser:
         # The connection's exchange time is not known yet: a replay (or the topic-mode ingest)
         # starting at this record then stamps every event alike, and no control record's time
         # (maybe the local clock) is taken for an exchange time.
+        detail_state, detail = parse_control_text(raw.text, CONNECTING)  # first: nothing changes if it raises
         state, _ = self._start(raw, inherit=False)
-        detail_state, detail = parse_control_text(raw.text, CONNECTING)
         ts = raw.ts_event
         state.control_ts = ts
         symbols = state.symbols
@@ -351,7 +373,7 @@ class Normaliser:
         feed = raw.feed
         parser = PARSERS.get(feed)
         if parser is None:
-            out.rejects.append(Reject(f"unknown feed {feed!r:.40}", "InvalidRawFrame", raw))
+            out.rejects.append(Reject(f"unknown feed {feed!r:.40}", "InvalidRawRecord", raw))
             return state
         try:
             message = orjson.loads(raw.text)

@@ -50,6 +50,8 @@ body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-se
 .stale-indicator { background: #c92a2a; color: #fff; padding: 8px 20px; font-weight: 600; }
 .empty-state { margin: 80px auto; max-width: 560px; text-align: center; color: #52606d; font-size: 18px;
                padding: 40px; border: 2px dashed #cbd2d9; border-radius: 12px; background: #fff; }
+.empty-state .reasons { margin: 16px 0 0; padding: 0; list-style: none; font-size: 14px; text-align: left; }
+.empty-state .reasons li { padding: 4px 0; }
 .main { padding: 16px 20px; }
 .main.stale .cards, .main.stale .charts, .main.stale .ladder { opacity: .45; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 12px; }
@@ -124,7 +126,13 @@ def layout(settings: DashboardSettings) -> html.Div:
             ),
             html.Div("", id="stale-indicator", className="stale-indicator", style={"display": "none"}),
             html.Div(
-                f"Waiting for the first snapshot on {TopicNames(settings.topic_prefix).snapshot}…",
+                [
+                    html.Div(
+                        f"Waiting for the first snapshot on {TopicNames(settings.topic_prefix).snapshot}…",
+                        id="empty-title",
+                    ),
+                    html.Ul([], id="empty-reasons", className="reasons"),
+                ],
                 id="empty-state",
                 className="empty-state",
             ),

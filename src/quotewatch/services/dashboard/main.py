@@ -15,7 +15,9 @@ Several processes behind one address: ``gunicorn -w 2 'quotewatch.services.dashb
 The dashboard is a reader: it never creates or alters topics (that needs admin rights on the
 broker, and a mistyped TOPIC_PREFIX would create a whole catalog of empty topics). It serves at
 once, with the broker down or the topic missing, and its consumer waits for the snapshot topic;
-``quotewatch topics create`` (the demo, compose's ``topics-init``) creates it.
+``quotewatch topics create`` (the demo, compose's ``topics-init``) creates it. Until the first
+snapshot it also reads the tails of the pipeline's topics, to say why it waits
+(:mod:`quotewatch.services.dashboard.probe`).
 """
 
 from __future__ import annotations

@@ -26,8 +26,10 @@ from quotewatch.core.health import HealthStatus, Liveness
 from quotewatch.core.serde import AvroSerde, serde_from_settings
 from quotewatch.core.topics import TopicNames
 from quotewatch.services.dashboard.consumer import SERVICE, SnapshotConsumer
+from quotewatch.services.dashboard.probe import UpstreamProbe
 from quotewatch.services.dashboard.store import SnapshotStore
 from quotewatch.services.dashboard.view import FeedView
+from quotewatch.services.dashboard.waiting import waiting_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +41,18 @@ _ABANDONED_AFTER_FORK: list[Any] = []
 
 @dataclass
 class DashboardRuntime:
-    """The store, the consumer feeding it and the liveness of that consumer, for one process."""
+    """The store, the consumer feeding it and the liveness of that consumer, for one process.
+
+    ``probe`` looks at the pipeline's topics while there is no snapshot, to say why
+    (:mod:`quotewatch.services.dashboard.probe`).
+    """
 
     settings: DashboardSettings
     store: SnapshotStore
     consumer: SnapshotConsumer
     liveness: Liveness
     pid: int
+    probe: UpstreamProbe
 
     @classmethod
     def build(
@@ -65,19 +72,30 @@ class DashboardRuntime:
         store = SnapshotStore(clock, settings.dash_history_seconds)
         topic = TopicNames(settings.topic_prefix).snapshot
         consumer = SnapshotConsumer(settings, topic, store, serde, clock, liveness)
-        return cls(settings, store, consumer, liveness, os.getpid())
+
+        def has_snapshots() -> bool:
+            return bool(store.symbols())
+
+        def waiting() -> bool:
+            return consumer.caught_up() and not has_snapshots()
+
+        probe = UpstreamProbe(settings, serde, clock, needed=waiting, finished=has_snapshots)
+        return cls(settings, store, consumer, liveness, os.getpid(), probe)
 
     def start(self) -> DashboardRuntime:
         self.consumer.start()
+        self.probe.start()
         logger.info("dashboard state built", extra={"pid": self.pid, "topic": self.consumer.topic})
         return self
 
     def stop(self) -> None:
+        self.probe.stop()
         self.consumer.stop()
 
     def feed(self) -> FeedView:
         records, rejected = self.store.counts()
-        return FeedView(self.consumer.topic, records, rejected, self.consumer.lag(), self.consumer.caught_up())
+        waiting = tuple(waiting_reasons(self.probe.view())) if not self.store.symbols() else ()
+        return FeedView(self.consumer.topic, records, rejected, self.consumer.lag(), self.consumer.caught_up(), waiting)
 
     def health(self) -> HealthStatus:
         """Liveness of the consumer (progress, not PID), with what this process has read."""
@@ -93,6 +111,8 @@ class DashboardRuntime:
             "caught_up": self.consumer.caught_up(),
             "seconds_since_last_snapshot": self.store.seconds_since_last_snapshot(),
         }
+        if not detail["symbols"]:
+            detail["waiting_for"] = waiting_reasons(self.probe.view())
         return HealthStatus(status.healthy, status.reason, detail)
 
 

@@ -7,6 +7,8 @@ it (plus how long ago it arrived, measured by the caller) into the strings, colo
 and figures the page shows. No I/O, no clock, no Kafka: the Dash callbacks in
 :mod:`quotewatch.services.dashboard.app` only fetch from the store and call these, and the unit tests cover
 the edge cases (no model yet, fallback role, NaN and null metrics, empty and one-sided books).
+Before the first snapshot the empty state lists why (:attr:`FeedView.waiting`, from
+:mod:`quotewatch.services.dashboard.waiting`).
 """
 
 from __future__ import annotations
@@ -292,6 +294,8 @@ class FeedView:
     rejected: int
     lag: int
     caught_up: bool
+    waiting: tuple[str, ...] = ()
+    """Why there is no snapshot yet, per symbol (:func:`quotewatch.services.dashboard.waiting.waiting_reasons`)."""
 
 
 # The (component id, property) pairs the KPI callback writes, in callback output order.
@@ -300,7 +304,8 @@ KPI_OUTPUTS: tuple[tuple[str, str], ...] = (
     ("status-badge", "className"),
     ("stale-indicator", "children"),
     ("stale-indicator", "style"),
-    ("empty-state", "children"),
+    ("empty-title", "children"),
+    ("empty-reasons", "children"),
     ("empty-state", "style"),
     ("main-panel", "style"),
     ("main-panel", "className"),
@@ -344,18 +349,19 @@ def render_kpis(latest: Latest | None, feed: FeedView, stale_after_ns: int) -> d
     out: dict[tuple[str, str], Any] = dict.fromkeys(KPI_OUTPUTS, NA)
     out[("footer-status", "children")] = footer
     if latest is None:
-        waiting = (
-            f"Waiting for the first snapshot on {feed.topic}…"
-            if feed.caught_up
-            else f"Reading {feed.topic} from the beginning…"
-        )
+        caught_up = feed.caught_up
         out.update(
             {
                 ("status-badge", "children"): "WAITING",
                 ("status-badge", "className"): "badge waiting",
                 ("stale-indicator", "children"): "",
                 ("stale-indicator", "style"): HIDDEN,
-                ("empty-state", "children"): waiting,
+                ("empty-title", "children"): (
+                    f"Waiting for the first snapshot on {feed.topic}…"
+                    if caught_up
+                    else f"Reading {feed.topic} from the beginning…"
+                ),
+                ("empty-reasons", "children"): [html.Li(reason) for reason in feed.waiting] if caught_up else [],
                 ("empty-state", "style"): SHOWN,
                 ("main-panel", "style"): HIDDEN,
                 ("main-panel", "className"): "main",
@@ -385,7 +391,8 @@ def render_kpis(latest: Latest | None, feed: FeedView, stale_after_ns: int) -> d
                 f"STALE — no snapshot for {latest.symbol} in {format_age(latest.age_ns)}" if stale else ""
             ),
             ("stale-indicator", "style"): SHOWN if stale else HIDDEN,
-            ("empty-state", "children"): "",
+            ("empty-title", "children"): "",
+            ("empty-reasons", "children"): [],
             ("empty-state", "style"): HIDDEN,
             ("main-panel", "style"): SHOWN,
             ("main-panel", "className"): "main stale" if stale else "main",

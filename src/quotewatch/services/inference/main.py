@@ -62,6 +62,7 @@ def command() -> None:
             poll_seconds=settings.model_poll_seconds,
             clock=context.clock,
             sample=sample,
+            signing_key=settings.signing_key,
         )
         serving = manager.check_now()
         logger.info(

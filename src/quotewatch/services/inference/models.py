@@ -10,7 +10,9 @@ webhook receiver calls :meth:`ModelManager.nudge`. When an alias points at a ver
 the one serving, it loads the **pinned** version (``models:/<name>/<N>``), runs the warm-up
 checks (:func:`quotewatch.domain.ml.models.warm_up_problems`: feature spec, width, finite outputs
 in [0, 1] on a canned batch of recent feature vectors), and only then swaps. Any failure leaves
-the current model serving, is logged with the reason and counted
+the current model serving -- among them a version its tags do not vouch for (digest, signature) and
+a format that could run code (:func:`quotewatch.domain.ml.registry.load_model_version`) -- is
+logged with the reason and counted
 (``quotewatch_model_reloads_total{outcome="failure"}``); the failed version is retried with
 exponential backoff (1 poll interval, doubling, at most 5 min), not at every poll.
 """
@@ -22,6 +24,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 
@@ -104,6 +107,7 @@ class ModelManager:
         tracking_uri: the MLflow server; None serves the fallback only.
         challenger_uri: scored in shadow when it resolves; None disables the challenger.
         loader, resolver: injectable for tests (default: the real registry).
+        signing_key: MODEL_SIGNING_KEY: with it, only versions signed with it are loaded.
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class ModelManager:
         sample: FeatureSample,
         loader: Loader | None = None,
         resolver: Resolver | None = None,
+        signing_key: str | None = None,
     ) -> None:
         self._service = service
         self._tracking_uri = tracking_uri
@@ -125,7 +130,8 @@ class ModelManager:
         self._poll_ns = int(poll_seconds * 1e9)
         self._clock = clock
         self._sample = sample
-        self._loader: Loader = loader or load_model_version
+        self._loader: Loader = loader or partial(load_model_version, signing_key=signing_key)
+        self._real_loader = loader is None
         if resolver is None and tracking_uri is not None:
             client = make_client(tracking_uri)
             resolver = lambda uri: resolve_version(client, uri)  # noqa: E731 - a one-line binding
@@ -258,7 +264,7 @@ class ModelManager:
         )
 
     def _load_and_check(self, uri: ModelUri, version: str) -> LoadedModel:
-        assert self._tracking_uri is not None or self._loader is not load_model_version
+        assert self._tracking_uri is not None or not self._real_loader
         model = self._loader(self._tracking_uri or "", uri.name, version)
         spec, batch = self._sample.spec_and_batch()
         problems = warm_up_problems(

@@ -7,7 +7,10 @@ an accepted alias event of our model wakes the :class:`~quotewatch.services.infe
 The event's version is not trusted or used: the manager resolves the alias itself, so a nudge
 can at worst cause one extra registry lookup. Polling keeps working if webhooks never arrive.
 
-Replies: 200 accepted (nudged or ignored), 401 rejected, 400 malformed, 413 too large.
+Replies: 200 accepted (nudged or ignored), 401 rejected, 400 a Content-Length that is not a length
+(negative, signed, not a number), 411 no Content-Length, 413 too large. Every socket read times out
+after READ_TIMEOUT_SECONDS and at most MAX_CONNECTIONS connections are served at once, so no client
+can hold the receiver's threads.
 """
 
 from __future__ import annotations
@@ -20,12 +23,63 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from quotewatch.core.clock import Clock
-from quotewatch.domain.ml.registry import WebhookRejectedError, is_alias_change, verify_webhook
+from quotewatch.domain.ml.registry import (
+    WEBHOOK_MAX_BODY_BYTES,
+    WebhookRejectedError,
+    is_alias_change,
+    verify_webhook,
+)
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1024 * 1024
+MAX_BODY_BYTES = WEBHOOK_MAX_BODY_BYTES
 PATH = "/mlflow-webhook"
+READ_TIMEOUT_SECONDS = 10.0
+"""A socket read that waits longer than this ends the connection (a silent or trickling client)."""
+MAX_CONNECTIONS = 16
+"""Connections served at once; beyond this a new one is closed at once (MLflow sends one event at a time)."""
+
+
+def content_length(value: str | None) -> int | None:
+    """The body length a ``Content-Length`` header announces, or None when it is missing or not one.
+
+    Only plain decimal digits are a length (``int()`` would take ``-1``, ``+5`` or `` 7``: a
+    negative length makes ``rfile.read`` wait for the end of the stream, forever).
+    """
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 19:
+        return None
+    return int(value)
+
+
+class _BoundedThreadingHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that serves at most ``MAX_CONNECTIONS`` connections at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            logger.warning("webhook receiver busy: closing a connection", extra={"peer": client_address[0]})
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that goes away mid-reply (reset, broken pipe) is its own business: no traceback on stderr.
+        logger.debug("webhook connection from %s ended with an error", client_address[0], exc_info=True)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class WebhookReceiver:
@@ -39,12 +93,35 @@ class WebhookReceiver:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            # StreamRequestHandler sets this on the socket: every read (request line, headers,
+            # body) gives up after it, so a client that stops sending cannot hold a thread.
+            timeout = READ_TIMEOUT_SECONDS
+
             def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
+                header = self.headers.get("Content-Length")
+                length = content_length(header)
+                if length is None:
+                    outer.rejected += 1
+                    self.close_connection = True
+                    code = 411 if header is None else 400
+                    self._reply(code, {"error": f"Content-Length {header!r:.40} is not a length"})
+                    return
                 if length > MAX_BODY_BYTES:
+                    outer.rejected += 1
+                    self.close_connection = True
                     self._reply(413, {"error": "body too large"})
                     return
-                body = self.rfile.read(length)
+                try:
+                    body = self.rfile.read(length)
+                except TimeoutError:
+                    outer.rejected += 1
+                    self.close_connection = True
+                    logger.warning("webhook body not received in time", extra={"peer": self.client_address[0]})
+                    return
+                if len(body) != length:
+                    outer.rejected += 1
+                    self.close_connection = True
+                    return  # the client closed the connection before sending the whole body
                 try:
                     payload = verify_webhook(secret, self.headers, body, clock.now_ns() / 1e9)
                 except WebhookRejectedError as exc:
@@ -77,7 +154,7 @@ class WebhookReceiver:
             def log_message(self, format: str, *args: Any) -> None:
                 logger.debug("webhook http %s", format % args)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server = _BoundedThreadingHTTPServer((host, port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="mlflow-webhook", daemon=True)
 
     @property

@@ -343,9 +343,9 @@ class FeedConnection:
         frames = [i for i in dropped if i >= 0]
         self.stats.dropped_frames += len(frames)
         span = f" (frame_index {frames[0]}..{frames[-1]})" if frames else ""
+        limits = f"{self._records.maxsize} records or {self._records.max_bytes} bytes"
         text = (
-            f"queue full ({self._records.maxsize} records): {len(frames)} frames not logged{span}, "
-            f"{self._overflow_ticks} clock ticks skipped"
+            f"queue full ({limits}): {len(frames)} frames not logged{span}, {self._overflow_ticks} clock ticks skipped"
         )
         await self._records.put(QueueItem("OVERFLOW", text, connection_id, -1, self._records.stamp(), self.slot))
 

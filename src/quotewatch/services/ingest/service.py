@@ -7,7 +7,9 @@ Three parts, joined by one bounded queue (:class:`~quotewatch.services.ingest.wr
   connections of at most ``PRODUCTS_PER_CONNECTION`` products (Coinbase's advice), each with its
   own state machine, socket, subscribes and watchdog for silence and subscribe timeouts. A reader
   stamps every frame (``ts_init``) and puts it on the queue with ``put_nowait``: it never waits for
-  the broker. When the queue is full it stops accepting frames, closes its connection, and (once the
+  the broker. The queue is bounded in records (INGEST_QUEUE_MAX) and in bytes of text
+  (INGEST_QUEUE_MAX_BYTES), so a burst of large snapshots cannot take the process's memory. When
+  the queue is full either way it stops accepting frames, closes its connection, and (once the
   writer has made room) records an OVERFLOW control record with the number and indexes of the
   frames it could not keep, then the DISCONNECTED record: the loss is in the log, the normaliser
   turns it into GAP events for that connection's products, and the reconnect's snapshots rebuild
@@ -100,7 +102,9 @@ class IngestService:
         self._producer = producer or make_producer(
             settings, f"{SERVICE}-{settings.instance_id}", on_delivery=self._delivery
         )
-        self._records = RecordQueue(clock, settings.ingest_queue_max, lambda: self._writer.alive)
+        self._records = RecordQueue(
+            clock, settings.ingest_queue_max, lambda: self._writer.alive, settings.ingest_queue_max_bytes
+        )
         self._writer = RawWriter(
             settings=settings,
             feed=self.feed,

@@ -50,18 +50,61 @@ class QueueItem(NamedTuple):
 
 STOP = QueueItem("CLOCK", "stop", "", -1, 0, 0)
 """Ends the writer; recognised by identity (``item is STOP``), never written."""
+_ITEM_OVERHEAD = 200
+"""Bytes counted per queued record beyond its text (the tuple, its strings and ints)."""
+
+
+class ByteBoundedQueue(queue.Queue[QueueItem]):
+    """A queue of records bounded in records **and** in bytes of text.
+
+    ``put_nowait`` raises :class:`queue.Full` when ``maxsize`` records are queued or the record
+    would take the queued text past ``max_bytes`` -- except into an empty queue, so a frame larger
+    than ``max_bytes`` (up to WS_MAX_FRAME_BYTES) is never refused for its size alone. Blocking
+    puts are not supported: the readers never wait on the queue (:meth:`RecordQueue.put` offers
+    again until there is room).
+    """
+
+    def __init__(self, maxsize: int, max_bytes: int) -> None:
+        super().__init__(maxsize)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def put(self, item: QueueItem, block: bool = True, timeout: float | None = None) -> None:
+        if block:
+            raise NotImplementedError("the ingest never waits on its queue: put_nowait, or offer again later")
+        with self.not_full:
+            size = len(item.text) + _ITEM_OVERHEAD
+            if self._qsize() >= self.maxsize or (self._qsize() and self.bytes + size > self.max_bytes):
+                raise queue.Full
+            self._put(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def _put(self, item: QueueItem) -> None:
+        self.queue.append(item)
+        self.bytes += len(item.text) + _ITEM_OVERHEAD
+
+    def _get(self) -> QueueItem:
+        item: QueueItem = self.queue.popleft()
+        self.bytes -= len(item.text) + _ITEM_OVERHEAD
+        return item
 
 
 class RecordQueue:
     """The bounded queue between the readers and the writer, and the ``ts_init`` stamp of every record.
 
     Readers never wait for the broker on frames (:meth:`offer`); control records, written when no
-    frames are being read, wait for room (:meth:`put`).
+    frames are being read, wait for room (:meth:`put`). Bounded in records (INGEST_QUEUE_MAX) and in
+    bytes of text (INGEST_QUEUE_MAX_BYTES, :class:`ByteBoundedQueue`), so a burst of large snapshots
+    cannot take the process's memory; full either way, a reader records an overflow (a gap, a resync).
     """
 
-    def __init__(self, clock: Clock, maxsize: int, writer_alive: Callable[[], bool]) -> None:
-        self.items: queue.Queue[QueueItem] = queue.Queue(maxsize=maxsize)
+    def __init__(
+        self, clock: Clock, maxsize: int, writer_alive: Callable[[], bool], max_bytes: int = 256 * 1024 * 1024
+    ) -> None:
+        self.items: queue.Queue[QueueItem] = ByteBoundedQueue(maxsize, max_bytes)
         self.maxsize = maxsize
+        self.max_bytes = max_bytes
         self._clock = clock
         self._writer_alive = writer_alive
         self._last_ts_init = 0

@@ -88,8 +88,10 @@ class BacktestResult:
         return "\n".join(lines)
 
 
-def load_models(tracking_uri: str | None, uris: Sequence[str]) -> list[LoadedModel]:
+def load_models(tracking_uri: str | None, uris: Sequence[str], signing_key: str | None = None) -> list[LoadedModel]:
     """Resolve each ``models:/name@alias`` or ``models:/name/N`` to a version and load it pinned.
+
+    Loaded as inference loads them (``signing_key``: MODEL_SIGNING_KEY; digest and format checks).
 
     Raises:
         ConfigError: models named without MLFLOW_TRACKING_URI, or an alias that points nowhere.
@@ -105,7 +107,7 @@ def load_models(tracking_uri: str | None, uris: Sequence[str]) -> list[LoadedMod
         version = resolve_version(client, uri)
         if version is None:
             raise ConfigError(f"{text}: no such model version or alias in the registry at {tracking_uri}")
-        loaded.append(load_model_version(tracking_uri, uri.name, version))
+        loaded.append(load_model_version(tracking_uri, uri.name, version, signing_key=signing_key))
     return loaded
 
 

@@ -154,7 +154,7 @@ def backtest_command(
     settings = load_settings(BacktestSettings)
     spec = parse_source(source, settings.topic_prefix)
     window = _window(start, end)
-    loaded = load_models(settings.mlflow_tracking_uri, models)
+    loaded = load_models(settings.mlflow_tracking_uri, models, settings.signing_key)
     out_dir = output or Path(settings.backtest_output_dir)
     result = run_backtest(
         settings,

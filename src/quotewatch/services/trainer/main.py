@@ -180,6 +180,7 @@ def command(
             "tick_ms": settings.tick_ms,
         },
         progress=step,
+        signing_key=settings.signing_key,
     )
     step("done")
     click.echo(to_json(outcome) if as_json else write_summary(outcome, result, candidate))

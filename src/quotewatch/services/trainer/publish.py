@@ -34,9 +34,12 @@ from quotewatch.domain.ml.registry import (
     ModelUri,
     RegistryError,
     RegistryUnavailableError,
+    artifact_digest,
+    load_model_dir,
     load_model_version,
     make_client,
     resolve_version,
+    version_tags,
 )
 from quotewatch.services.trainer.training import (
     Candidate,
@@ -49,6 +52,8 @@ from quotewatch.services.trainer.training import (
 )
 
 RunContext = Mapping[str, Any]  # not a topic record: the MLflow run context
+ModelMetadata = Mapping[str, Any]  # not a topic record: a model's MLmodel metadata (JSON values)
+FlavorOptions = dict[str, Any]  # not a topic record: keyword arguments of an MLflow flavor's log_model
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -75,7 +80,7 @@ class PublishOutcome:
 
 
 def assess_champion(
-    tracking_uri: str, model_name: str, result: TrainingResult
+    tracking_uri: str, model_name: str, result: TrainingResult, signing_key: str | None = None
 ) -> tuple[str | None, Scores | UnscoredChampion | None]:
     """(version, what the gate gets) for the current champion, on the candidate's test window.
 
@@ -83,7 +88,8 @@ def assess_champion(
     registered; its scores when it loads and scores the candidate's vectors; otherwise an
     :class:`UnscoredChampion` saying why and whether it may be replaced without a comparison:
 
-    - it cannot be loaded (:class:`ModelLoadError`, which includes a download failing for a moment):
+    - it cannot be loaded (:class:`ModelLoadError`, which includes a download failing for a moment, and
+      a version its tags do not vouch for: no digest, changed since, unsigned with ``signing_key``):
       not replaceable;
     - it uses another feature spec: :func:`champion_of_another_spec` decides from the champion's
       spec and data window (its ``quotewatch.test_window_ns`` tag);
@@ -99,7 +105,7 @@ def assess_champion(
         return None, None
     label = f"champion v{version}"
     try:
-        champion = load_model_version(tracking_uri, model_name, version)
+        champion = load_model_version(tracking_uri, model_name, version, signing_key=signing_key)
     except ModelLoadError as exc:
         return version, UnscoredChampion(
             version,
@@ -154,8 +160,12 @@ def publish(
     alias: str | None,
     context: Mapping[str, Any],  # not a topic record: MLflow run context
     progress: Callable[[str], None] | None = None,
+    signing_key: str | None = None,
 ) -> PublishOutcome:
     """Log the run, register ``candidate`` as a new version of ``model_name``, gate, maybe move ``alias``.
+
+    The version's tags vouch for its artifact (:func:`register_model_version`): its digest, signed
+    with ``signing_key`` (MODEL_SIGNING_KEY) when given; the champion is loaded with the same key.
 
     Raises:
         RegistryUnavailableError: the tracking server could not be reached.
@@ -167,7 +177,7 @@ def publish(
     mlflow.set_tracking_uri(tracking_uri)
     client = make_client(tracking_uri)
     say("scoring the current champion on the same test window")
-    champion_version, champion = assess_champion(tracking_uri, model_name, result)
+    champion_version, champion = assess_champion(tracking_uri, model_name, result, signing_key)
     if champion_version is None:
         say("no champion registered")
     elif isinstance(champion, UnscoredChampion):
@@ -180,10 +190,15 @@ def publish(
             say(f"logging run {run.info.run_id} (params, metrics, plots, feature spec)")
             _log_run(result, candidate, champion_scores, champion_version, decision, thresholds, context)
             say("logging and registering the model")
-            model_info = _log_model(result, candidate, context)
-            tags = _version_tags(result, candidate, decision, context)
-            registered = mlflow.register_model(model_info.model_uri, model_name, tags=tags)
-            version = str(registered.version)
+            version = register_model_version(
+                candidate.model,
+                candidate.kind,
+                model_name=model_name,
+                metadata=_model_metadata(result, candidate, context),
+                sample=result.x_test[: min(100, len(result.y_test))],
+                tags=_version_tags(result, candidate, decision, context),
+                signing_key=signing_key,
+            )
             client.set_model_version_tag(model_name, version, "quotewatch.run_id", run.info.run_id)
             client.update_model_version(model_name, version, description=_description(candidate, decision))
             mlflow.set_tag("quotewatch.registered_version", version)
@@ -347,16 +362,10 @@ def _calibration_plot(
     plt.close(figure)
 
 
-def _log_model(result: TrainingResult, candidate: Candidate, context: RunContext) -> Any:
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    names = list(result.data.feature_names)
-    sample = result.x_test[: min(100, len(result.y_test))]
-    signature = infer_signature(pd.DataFrame(sample, columns=names), candidate.p_test[: len(sample)])
-    metadata: dict[str, Any] = {  # not a topic record: the MLmodel metadata
+def _model_metadata(result: TrainingResult, candidate: Candidate, context: RunContext) -> ModelMetadata:
+    metadata = {
         "feature_spec_id": result.data.feature_spec_id,
-        "feature_names": names,
+        "feature_names": list(result.data.feature_names),
         "model_kind": candidate.kind,
         "delta_ms": context.get("delta_ms"),
         "tick_ms": context.get("tick_ms"),
@@ -365,32 +374,95 @@ def _log_model(result: TrainingResult, candidate: Candidate, context: RunContext
     if candidate.calibrator is not None:
         # JSON parameters in the MLmodel file, next to the model: applied by LoadedModel.predict.
         metadata[calibration.METADATA_KEY] = candidate.calibrator.to_json()
+    return metadata
+
+
+def register_model_version(
+    model: Any,
+    kind: str,
+    *,
+    model_name: str,
+    metadata: ModelMetadata,
+    sample: NDArray[np.float64],
+    tags: Mapping[str, str],
+    signing_key: str | None,
+) -> str:
+    """Log ``model`` in a format that cannot run code, register it with tags that vouch for it; its version.
+
+    Who calls this: :func:`publish` inside the training run (and the tests, to register models
+    exactly as the trainer does). Steps: log the model in the active MLflow run (XGBoost: its own
+    UBJ format; LR: skops), download it back, load it with the loader inference uses
+    (:func:`quotewatch.domain.ml.registry.load_model_dir`) and check it scores ``sample`` exactly as
+    ``model`` does -- so the digest recorded is that of what was uploaded, not of something put in
+    its place meanwhile -- then register it with :data:`DIGEST_TAG` (and :data:`SIGNATURE_TAG` with
+    ``signing_key``) among its tags.
+
+    Raises:
+        RegistryError: the artifact read back does not load, or scores differently.
+    """
+    import mlflow
+
+    model_info = _log_model(model, kind, metadata, sample)
+    with tempfile.TemporaryDirectory(prefix="qw-model-check-") as scratch:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_info.model_uri, dst_path=scratch))
+        digest = artifact_digest(path)
+        try:
+            stored = load_model_dir(path, name=model_name, version="new", digest=digest)
+        except ModelLoadError as exc:
+            raise RegistryError(f"the model just logged does not load back: {exc}") from exc
+        # The raw scores, bit for bit (a calibration in the metadata is in the digested MLmodel file).
+        expected = positive_probability(model, sample)
+        if not np.array_equal(positive_probability(stored.model, sample), expected, equal_nan=True):
+            raise RegistryError("the model read back from the registry does not score like the model trained")
+    vouched = {**tags, **version_tags(digest, signing_key)}
+    registered = mlflow.register_model(model_info.model_uri, model_name, tags=vouched)
+    logger.info(
+        "registered a model version",
+        extra={"model": model_name, "version": registered.version, "sha256": digest, "signed": bool(signing_key)},
+    )
+    return str(registered.version)
+
+
+def _log_model(model: Any, kind: str, metadata: ModelMetadata, sample: NDArray[np.float64]) -> Any:
+    flavor, options = _model_format(model, kind, metadata, sample)
+    return flavor.log_model(model, name=MODEL_ARTIFACT, **options)
+
+
+def save_model_dir(model: Any, kind: str, metadata: ModelMetadata, sample: NDArray[np.float64], path: Path) -> None:
+    """Write ``model`` to the local directory ``path`` exactly as :func:`register_model_version` logs it (tests)."""
+    flavor, options = _model_format(model, kind, metadata, sample)
+    flavor.save_model(model, path=str(path), **options)
+
+
+def _model_format(
+    model: Any, kind: str, metadata: ModelMetadata, sample: NDArray[np.float64]
+) -> tuple[Any, FlavorOptions]:
+    """(the MLflow flavor module, the options of its log_model/save_model) for a model of ``kind``."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    names = list(metadata["feature_names"])
+    options: FlavorOptions = {
+        "signature": infer_signature(pd.DataFrame(sample, columns=names), positive_probability(model, sample)),
+        "metadata": dict(metadata),
+    }
     # Explicit requirements: inferring them imports the model in a subprocess (slow) and would
     # list the trainer's whole environment.
-    if candidate.kind == "xgb":
+    if kind == "xgb":
         import mlflow.xgboost
         import xgboost
 
-        return mlflow.xgboost.log_model(
-            candidate.model,
-            name=MODEL_ARTIFACT,
-            signature=signature,
-            metadata=metadata,
-            model_format="ubj",
-            pip_requirements=[f"xgboost-cpu=={xgboost.__version__}", f"numpy=={np.__version__}"],
-        )
+        # UBJ: XGBoost's own binary format (trees and parameters, no code).
+        options["model_format"] = "ubj"
+        options["pip_requirements"] = [f"xgboost-cpu=={xgboost.__version__}", f"numpy=={np.__version__}"]
+        return mlflow.xgboost, options
     import mlflow.sklearn
     import sklearn
 
-    # skops (not pickle): loading the model executes no code from the artifact.
-    return mlflow.sklearn.log_model(
-        candidate.model,
-        name=MODEL_ARTIFACT,
-        signature=signature,
-        metadata=metadata,
-        serialization_format="skops",
-        pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}", "skops"],
-    )
+    # skops (not pickle): read with a fixed list of trusted types, loading it executes no code.
+    options["serialization_format"] = "skops"
+    options["pip_requirements"] = [f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}", "skops"]
+    return mlflow.sklearn, options
 
 
 def _version_tags(

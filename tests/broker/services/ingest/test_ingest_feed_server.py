@@ -342,12 +342,18 @@ class StallingProducer:
         return getattr(self._producer, name)
 
 
-def test_backpressure_overflow_is_recorded_as_a_gap_and_resynced(make_settings: Callable[..., Any]) -> None:
+@pytest.mark.parametrize(
+    "limit",
+    [{"ingest_queue_max": 30}, {"ingest_queue_max_bytes": 12_000}],
+    ids=["30 records", "12 kB of frames"],
+)
+def test_backpressure_overflow_is_recorded_as_a_gap_and_resynced(
+    make_settings: Callable[..., Any], limit: dict[str, int]
+) -> None:
     with serve_in_thread(synthetic_server("advanced", max_updates=20_000, rate=3000.0)) as running:
-        # Ticks once a second, so that frames (not a clock tick) find the queue full first.
-        settings = ingest_settings(
-            make_settings, running.url, "advanced", ingest_queue_max=30, tick_ms=1000, delta_ms=1000
-        )
+        # Ticks once a second, so that frames (not a clock tick) find the queue full first. The
+        # queue is full at 30 records, or (the other limit at its default) at 12 kB of frame text.
+        settings = ingest_settings(make_settings, running.url, "advanced", tick_ms=1000, delta_ms=1000, **limit)
         service_producer = StallingProducer(make_producer(settings, "ingest-test"))
         with running_ingest(settings, producer=service_producer) as service:  # type: ignore[arg-type]
             wait_for(lambda: service.machine.state is FeedState.SUBSCRIBED, message="subscribed")

@@ -18,6 +18,13 @@ Records are compared as bytes after serde (the backtest's records re-encoded wit
 every tick before Y (the backtest reads on past Y for the labels of the last Δ); (b) = the start of
 (a)'s synthetic session and of (c) (the replayed services see nothing past Y, so they lack those
 labels); (c) on the capture = (a)'s capture session.
+
+**Served with original timestamps** (issue 21): each real capture (2026 Advanced Trade, 2021 and
+2018 Exchange) is served by ``quotewatch feed serve --timestamps original`` to a live
+``quotewatch run ingest``, with book, labeler and inference behind it; then ``quotewatch backtest
+--source topic:`` of the raw log the ingest wrote gives the same top-3, features, labels and
+predictions, byte for byte. The run time is kept short by serving a window of each Exchange
+capture: its first lines (:data:`SERVED`), with their receive-time sidecar.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +52,10 @@ from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.ml import evaluation
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
-from quotewatch.domain.venue.captures import read_capture
-from quotewatch.domain.venue.coinbase import FEED_ADVANCED
+from quotewatch.domain.venue.captures import read_capture, sidecar_path
+from quotewatch.domain.venue.coinbase import FEED_ADVANCED, FEED_EXCHANGE
+from quotewatch.local.kafka import free_port
+from quotewatch.local.processes import tcp_open
 from quotewatch.services.replay.backtest import read_records
 from quotewatch.services.replay.engine import BacktestEngine
 from quotewatch.services.replay.sources import format_time
@@ -58,6 +68,12 @@ SYNTHETIC_START_NS = 1_786_309_700_000_000_000  # 2026-08-09T21:08:20Z, after th
 SYNTHETIC_SECONDS = 40
 SECOND = 1_000_000_000
 DERIVED = ("book.top3", "features", "labels", "predictions")
+SERVED = {
+    # capture file -> lines served from its start (None: all of it)
+    CAPTURE: None,  # 1,030 lines, 24 s of BTC-USD and ETH-USD
+    "exchange_level2_ticker_matches_10products_2021-04-17_cryptofeed.jsonl": 3000,  # ~40 s of 10 products
+    "exchange_level2_BTC-USD_2018-04-17_gdax-orderbook-ml.jsonl": 5000,  # ~2.5 min of BTC-USD
+}
 
 
 def raw_log(capture: Path) -> list[RawFrame]:
@@ -79,9 +95,13 @@ def produce_raw(settings: CommonSettings, records: list[RawFrame]) -> None:
 
 
 @contextmanager
-def service(name: str, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def service(
+    name: str, env: dict[str, str], log: Path, args: list[str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``quotewatch run NAME`` (or ``quotewatch ARGS``) as a process, logging to ``log``; stopped on the way out."""
+    argv = [QUOTEWATCH, *(args if args is not None else ["run", name])]
     with log.open("ab") as output:
-        process = subprocess.Popen([QUOTEWATCH, "run", name], env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
         yield process
     finally:
@@ -293,3 +313,135 @@ def test_live_replay_and_backtest_give_byte_identical_records(
     for metric, value in live_scores.items():
         # The same rows and p; only the order of the sums differs (emission order vs sorted).
         assert backtest_scores[metric] == pytest.approx(value, rel=1e-12, abs=1e-15), metric
+
+
+# -- the real captures, served with their original timestamps ---------------------------------------
+
+
+def capture_window(path: Path, lines: int | None, directory: Path) -> Path:
+    """The first ``lines`` lines of a capture and of its receive-time sidecar, as a capture in ``directory``."""
+    if lines is None:
+        return path
+    sidecar = sidecar_path(path)
+    window = directory / path.name.removesuffix(".gz")
+    opened = read_capture(path)
+    window.write_text("\n".join(opened.lines[:lines]) + "\n")
+    rows = sidecar.read_text().splitlines()
+    (directory / sidecar.name).write_text("\n".join(rows[: lines + 1]) + "\n")  # the header and one row per line
+    return window
+
+
+def iso_ns(text: str) -> int:
+    """An ISO-8601 UTC time of the raw JSON in ns (the recorded times have at most six decimals)."""
+    whole, _, fraction = text.rstrip("Z").partition(".")
+    seconds = int(datetime.fromisoformat(whole + "+00:00").timestamp())
+    return seconds * SECOND + int((fraction + "000000")[:6]) * 1000
+
+
+def last_book_changes(lines: tuple[str, ...]) -> dict[str, int]:
+    """The exchange time of each product's last book change, read from the raw JSON (either protocol)."""
+    latest: dict[str, int] = {}
+    for line in lines:
+        message = json.loads(line)
+        if message.get("type") == "l2update":
+            product, ts = message["product_id"], iso_ns(message["time"])
+            latest[product] = max(latest.get(product, ts), ts)
+        elif message.get("channel") == "l2_data":
+            for event in message["events"]:
+                for update in event["updates"]:
+                    product, ts = event["product_id"], iso_ns(update["event_time"])
+                    latest[product] = max(latest.get(product, ts), ts)
+    return latest
+
+
+@pytest.mark.parametrize("capture_name", sorted(SERVED), ids=lambda name: name.split("_")[0] + name.split("_20")[1][:2])
+def test_a_capture_served_with_its_original_timestamps_gives_the_backtest_records_live(
+    make_settings: Any, mlflow_server: Any, tmp_path: Path, capture_name: str
+) -> None:
+    """feed serve --timestamps original -> ingest, book, labeler, inference = backtest of the raw log, bytewise."""
+    live: CommonSettings = make_settings()
+    names = TopicNames(live.topic_prefix)
+    ensure_topics(make_admin(live), names.prefix)
+    path = capture_window(shared_data_dir() / capture_name, SERVED[capture_name], tmp_path)
+    capture = read_capture(path)
+    last_change = last_book_changes(capture.lines)
+    protocol = "advanced" if capture.feed == FEED_ADVANCED else "exchange"
+    assert capture.feed in (FEED_ADVANCED, FEED_EXCHANGE)
+
+    name = f"parity-{uuid.uuid4().hex[:8]}"
+    version = register(mlflow_server.tracking_uri, name, fitted_lr())
+    model_uri = f"models:/{name}/{version}"
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": live.kafka_bootstrap_servers,
+        "TOPIC_PREFIX": names.prefix,
+        "METRICS_PORT": "0",
+        "TICK_MS": "100",
+        "DELTA_MS": "500",
+        "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri,
+        "MODEL_URI": model_uri,
+        "CHALLENGER_URI": f"models:/{name}@no-challenger",
+        "MODEL_POLL_SECONDS": "600",
+        "LOG_LEVEL": "WARNING",
+    }
+    port = free_port()
+    serve = ["feed", "serve", "--capture", str(path), "--timestamps", "original", "--speed", "max"]
+    serve += ["--protocol", protocol, "--port", str(port)]
+    ingest_env = {**env, "COINBASE_WS_URL": f"ws://127.0.0.1:{port}", "FEED": capture.feed}
+    ingest_env["SYMBOLS"] = ",".join(capture.symbols)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with ExitStack() as stack:
+        feed = stack.enter_context(service("feed-server", env, logs / "feed-server.log", serve))
+        wait_for(lambda: tcp_open(port) or feed.poll() is not None, timeout=60, message="the feed server listening")
+        ingest = stack.enter_context(service("ingest", ingest_env, logs / "ingest.log"))
+        processes = [feed, ingest] + [
+            stack.enter_context(service(service_name, env, logs / f"{service_name}.log"))
+            for service_name in ("book", "labeler", "inference")
+        ]
+
+        def alive() -> None:
+            for process in processes:
+                assert process.poll() is None, "\n".join(p.read_text()[-3000:] for p in logs.iterdir())
+
+        # The window's last book change of every product reached md.events, at its recorded time.
+        def through_the_last_change() -> bool:
+            alive()
+            newest: dict[str, int] = {}
+            for event in read_topic(live, names.md_events, timeout=30):
+                if event["kind"] == "UPDATE":
+                    newest[event["symbol"]] = max(newest.get(event["symbol"], 0), event["ts_event"])
+            return all(newest.get(product, 0) >= ts for product, ts in last_change.items())
+
+        wait_for(through_the_last_change, timeout=180, interval=2, message="every product's last book change")
+        ingest.terminate()  # the raw log ends here (a DISCONNECTED record); what it holds is the backtest's input
+        assert ingest.wait(60) == 0, (logs / "ingest.log").read_text()[-3000:]
+        processes.remove(ingest)
+        run_cli(
+            ["backtest", "--source", f"topic:{names.prefix}", "--model", model_uri, "--records",
+             str(tmp_path / "backtest"), "--output", str(tmp_path / "report"), "--no-mlflow", "--no-progress"],
+            env,
+        )  # fmt: skip
+        backtest = {
+            suffix: file_bytes(tmp_path / "backtest" / f"{suffix}.avro", f"{names.prefix}.{suffix}")
+            for suffix in DERIVED
+        }
+        for suffix in DERIVED:
+
+            def complete(topic: str = f"{names.prefix}.{suffix}", total: int = count(backtest[suffix])) -> bool:
+                alive()
+                return len(read_topic(live, topic, decode=False, timeout=30)) >= total
+
+            wait_for(complete, timeout=240, interval=2, message=f"the backtest's {suffix} records live")
+
+    # The recording's exchange times came through: every update is at its recorded time, months
+    # (or years) before the ingest received it.
+    updates = [e for e in read_topic(live, names.md_events, timeout=30) if e["kind"] == "UPDATE"]
+    assert updates
+    assert max(e["ts_event"] for e in updates) == max(last_change.values())
+    assert all(e["ts_init"] - e["ts_event"] > 86_400 * SECOND for e in updates)
+    for suffix in DERIVED:
+        topic = f"{names.prefix}.{suffix}"
+        records = backtest[suffix]
+        assert set(records) == set(last_change), f"{suffix}: records of every product with book changes"
+        assert dict(topic_bytes(live, topic)) == dict(records), f"{suffix}: live != backtest of the raw log"

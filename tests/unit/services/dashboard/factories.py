@@ -2,7 +2,8 @@
 
 The inference service that produces snapshots is built separately; these records are the input
 contract (schemas/quotewatch.Snapshot.avsc), and every one of them is checked by encoding it with
-the real serde in the unit tests.
+the real serde in the unit tests. The ``quotewatch.MarketEvent`` records below are what the
+dashboard's upstream probe reads on ``md.events`` while it has no snapshot.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from quotewatch.core.records import Snapshot
+from quotewatch.core.records import MarketEvent, Snapshot
 from quotewatch.core.serde import AvroSerde
 from tests.records import typed
 
@@ -135,3 +136,52 @@ def history(symbol: str = "BTC-USD", points: int = 300, *, t0_ns: int = T0_NS, m
             )
         )
     return records
+
+
+def market_event(kind: str, ts_event: int, symbol: str = "BTC-USD", **body: Any) -> MarketEvent:
+    """A ``quotewatch.MarketEvent`` of ``kind`` (its body given by keyword as a plain dict: ``status=``,
+    ``gap=``, ...; converted and checked by :func:`tests.records.typed`)."""
+    record: dict[str, Any] = {
+        "ts_event": ts_event,
+        "ts_init": ts_event + 5_000_000,
+        "exchange": "coinbase",
+        "feed": "coinbase-advanced",
+        "symbol": symbol,
+        "kind": kind,
+        "source_sequence": -1,
+        "connection_id": "c1",
+        "snapshot": None,
+        "update": None,
+        "trade": None,
+        "gap": None,
+        "status": None,
+    }
+    record.update(body)
+    return typed(MarketEvent, record)
+
+
+def status_event(state: str, ts: int, detail: str = "", symbol: str = "BTC-USD") -> MarketEvent:
+    return market_event("STATUS", ts, symbol, status={"state": state, "detail": detail})
+
+
+def gap_event(reason: str, ts: int, detail: str = "", symbol: str = "BTC-USD") -> MarketEvent:
+    gap = {"reason": reason, "detail": detail, "expected_sequence": -1, "received_sequence": -1}
+    return market_event("GAP", ts, symbol, gap=gap)
+
+
+def snapshot_event(ts: int, symbol: str = "BTC-USD") -> MarketEvent:
+    book = {"bids": [level("67234.51", "0.5")], "asks": [level("67234.52", "0.75")]}
+    return market_event("SNAPSHOT", ts, symbol, snapshot=book)
+
+
+def update_event(ts: int, symbol: str = "BTC-USD") -> MarketEvent:
+    changes = [{"side": "BID", "price_e8": level("67234.51", "1")["price_e8"], "size_e8": level("1", "1")["size_e8"]}]
+    return market_event("UPDATE", ts, symbol, update={"changes": changes})
+
+
+def produce_keyed(producer: Producer, serde: AvroSerde, topic: str, records: Iterable[MarketEvent | Snapshot]) -> None:
+    """Produce ``records`` (market events or snapshots) keyed by symbol; return once the broker acked them all."""
+    for record in records:
+        producer.produce(topic, key=record.symbol.encode(), value=serde.encode(topic, record))
+    remaining = producer.flush(10)
+    assert remaining == 0, f"{remaining} records were not delivered"

@@ -252,9 +252,10 @@ def test_empty_state_before_the_first_snapshot() -> None:
     assert values[("empty-state", "style")] == SHOWN
     assert values[("main-panel", "style")] == HIDDEN
     assert values[("stale-indicator", "style")] == HIDDEN
-    assert values[("empty-state", "children")] == "Waiting for the first snapshot on qw.snapshot…"
+    assert values[("empty-title", "children")] == "Waiting for the first snapshot on qw.snapshot…"
+    assert values[("empty-reasons", "children")] == []  # no upstream view yet (tests/unit/.../test_waiting_reasons.py)
     reading = render_kpis(None, FeedView("qw.snapshot", 0, 0, 120, caught_up=False), STALE_NS)
-    assert reading[("empty-state", "children")] == "Reading qw.snapshot from the beginning…"
+    assert reading[("empty-title", "children")] == "Reading qw.snapshot from the beginning…"
     assert "reading from the beginning" in reading[("footer-status", "children")]
 
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from mlflow.webhooks.delivery import _generate_hmac_signature
 
 from quotewatch.core.clock import FakeClock
@@ -21,7 +26,7 @@ from quotewatch.domain.ml.registry import (
     verify_webhook,
     webhook_signature,
 )
-from quotewatch.services.inference.webhook import PATH, WebhookReceiver
+from quotewatch.services.inference.webhook import PATH, READ_TIMEOUT_SECONDS, WebhookReceiver, content_length
 
 SECRET = "s3cret-for-tests"
 NOW = 1_786_300_000
@@ -63,7 +68,8 @@ def test_verify_accepts_an_authentic_fresh_request() -> None:
         (headers(), BODY + b" ", "bad signature"),
         (headers(timestamp=NOW - 3600), BODY, "old"),
         ({"X-MLflow-Timestamp": str(NOW)}, BODY, "missing MLflow webhook headers"),
-        (headers(body=b"[1]"), b"[1]", "not a JSON object"),
+        (headers(body=b"[1]"), b"[1]", "a JSON list, not an object"),
+        (headers(body=b"[" * 5000), b"[" * 5000, "nested deeper than"),
     ],
 )
 def test_verify_rejects(request_headers: dict[str, str], body: bytes, message: str) -> None:
@@ -128,3 +134,90 @@ def test_receiver_rejects_forgeries_and_ignores_other_events(receiver: tuple[Web
         assert connection.getresponse().status == 413
     finally:
         connection.close()
+
+
+# -- hostile clients ----------------------------------------------------------------------------------
+
+
+def raw_request(port: int, head: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``head`` on a fresh socket and return what the server answers before it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(head)
+        chunks = []
+        while True:
+            try:
+                chunk = connection.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    ("length", "status"),
+    [(b"-1", b"400"), (b"+5", b"400"), (b"abc", b"400"), (b"99999999999999999999999", b"400")],
+)
+def test_a_content_length_that_is_not_a_length_is_refused_at_once(
+    receiver: tuple[WebhookReceiver, threading.Event], length: bytes, status: bytes
+) -> None:
+    server, nudged = receiver
+    # Before: Content-Length: -1 made rfile.read(-1) wait for the end of the stream, forever.
+    started = time.monotonic()
+    answer = raw_request(
+        server.port, b"POST /mlflow-webhook HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.0 " + status) or answer.startswith(b"HTTP/1.1 " + status), answer[:80]
+    assert time.monotonic() - started < 4, "answered without waiting for a body"
+    assert not nudged.is_set()
+    # The receiver still serves authentic requests.
+    assert post(server.url("127.0.0.1"), BODY, headers()) == (200, {"nudged": True})
+
+
+def test_no_content_length_is_411(receiver: tuple[WebhookReceiver, threading.Event]) -> None:
+    server, _ = receiver
+    answer = raw_request(server.port, b"POST /mlflow-webhook HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.split(b"\r\n", 1)[0].endswith(b"411 Length Required")
+
+
+def test_a_client_that_stops_sending_is_dropped_after_the_read_timeout(
+    receiver: tuple[WebhookReceiver, threading.Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _ = receiver
+    with socket.create_connection(("127.0.0.1", server.port), timeout=READ_TIMEOUT_SECONDS + 10) as connection:
+        # Announces 100 bytes, sends 3, then nothing: the server gives up after its read timeout.
+        connection.sendall(b"POST /mlflow-webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+        started = time.monotonic()
+        assert connection.recv(1024) == b"", "the server closes the connection"
+        waited = time.monotonic() - started
+    assert READ_TIMEOUT_SECONDS - 1 < waited < READ_TIMEOUT_SECONDS + 8
+    assert post(server.url("127.0.0.1"), BODY, headers()) == (200, {"nudged": True})
+
+
+def test_content_length_parsing() -> None:
+    assert content_length("0") == 0
+    assert content_length("1048576") == 1048576
+    for bad in (None, "", "-1", "+1", "1.0", " 1", "١", "1" * 20):
+        assert content_length(bad) is None, bad
+
+
+_bodies = st.one_of(
+    st.binary(max_size=300),
+    st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b":", b",", b"1e999", b'"data"']), max_size=3000).map(
+        b"".join
+    ),
+    st.integers(min_value=1, max_value=200_000).map(lambda n: b"[" * n),
+)
+
+
+@hypothesis_settings(max_examples=200)
+@given(body=_bodies)
+def test_authentic_webhook_bodies_fuzz(body: bytes) -> None:
+    """Even a correctly signed body (the secret leaked) is parsed bounded: a dict or a rejection."""
+    try:
+        payload = verify_webhook(SECRET, headers(body=body), body, NOW)
+    except WebhookRejectedError:
+        return
+    assert isinstance(payload, dict)
+    is_alias_change(payload, "quotewatch")

@@ -44,7 +44,7 @@ class Registry:
         assert uri.alias == "champion"
         return self.champion
 
-    def load(self, tracking_uri: str, name: str, version: str) -> LoadedModel:
+    def load(self, tracking_uri: str, name: str, version: str, signing_key: str | None = None) -> LoadedModel:
         assert version == self.champion
         if isinstance(self.model, Exception):
             raise self.model
