@@ -49,6 +49,7 @@ lint: setup  ## ruff + mypy (disallow_untyped_defs) + import-linter (the layer r
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy -p quotewatch
 	$(BIN)/mypy tests
+	$(BIN)/python -m tests.notebook_types
 	$(BIN)/lint-imports
 
 format: setup  ## apply ruff's fixes and formatting

@@ -162,7 +162,10 @@ def test_train_gate_serve_switch_refuse_and_measure_with_real_processes(
     assert second["version"] == "2"
     assert not second["gate_passed"]
     assert second["alias"] is None
-    assert any("does not beat champion v1" in reason for reason in second["reasons"]), second["reasons"]
+    # Noise cannot beat the naive baselines at 95 %: the gate refuses on the lift's lower bound (whether it
+    # also loses to v1 on the same noise is chance, so the champion comparison is not asserted here; the
+    # unit tests of `gate` pin that reason).
+    assert any(reason.startswith("AUC lift") for reason in second["reasons"]), second["reasons"]
     assert client.get_model_version_by_alias(model_name, "champion").version == "1"
     assert client.get_model_version(model_name, "2").tags["quotewatch.gate"] == "refused"
 
