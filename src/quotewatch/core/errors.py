@@ -1,11 +1,17 @@
 """The error types of QuoteWatch.
 
-Three kinds of error are handled differently (see CONVENTIONS.md):
+Errors mean one thing everywhere. The consumer runtime (:mod:`quotewatch.core.runtime`: the
+stream processor and the lake sink's sink mode) and the ingest handle them so:
 
-- fatal (:class:`FatalError`, :class:`ConfigError`): re-raised, the process exits non-zero;
-- retriable (:class:`RetriableError`): backed off with jitter and retried;
-- poison record (:class:`PoisonRecordError` and the serde errors): dead-lettered with its
-  coordinates, and the service carries on.
+- **poison input** (:class:`PoisonRecordError`, the serde errors, and any other exception a task
+  raises on one record): the record goes to the dead-letter topic with its original bytes and
+  coordinates (topic, partition, offset, reason), and the service goes on with the next record;
+- **retriable** (:class:`RetriableError`): not the record's fault; the batch is rewound to the
+  last commit (its open transaction aborted) and retried after a backoff (doubling, with jitter,
+  reset after a success); nothing is dead-lettered or skipped;
+- **fatal** (:class:`FatalError`, :class:`ConfigError`): re-raised out of the loop, never
+  dead-lettered; the process exits non-zero (``quotewatch run`` prints one line and exits 1) and
+  its supervisor restarts it. An open transaction is never committed.
 
 Third-party errors are wrapped at the boundary with ``raise OurError(...) from exc``.
 """
@@ -18,7 +24,11 @@ class QuoteWatchError(Exception):
 
 
 class FatalError(QuoteWatchError):
-    """The process cannot go on (bad configuration, fenced producer, lost broker for good)."""
+    """The process cannot go on (bad configuration, fenced producer, lost broker for good).
+
+    Raised anywhere, including by a task on one record, it ends the service with a non-zero exit
+    (its supervisor restarts it); it is never dead-lettered.
+    """
 
 
 class ConfigError(FatalError):
@@ -26,7 +36,8 @@ class ConfigError(FatalError):
 
 
 class RetriableError(QuoteWatchError):
-    """A transient failure: back off and try again."""
+    """A transient failure, not the record's fault: the runtime rewinds to the last commit and
+    retries after a backoff (doubling, with jitter); the record is neither dead-lettered nor skipped."""
 
 
 class SchemaRegistryUnavailableError(RetriableError):
@@ -38,7 +49,8 @@ class SchemaRegistryUnavailableError(RetriableError):
 
 
 class PoisonRecordError(QuoteWatchError):
-    """One input record cannot be processed; it goes to the dead-letter topic, the rest carry on."""
+    """One input record cannot be processed: it goes to the dead-letter topic with its bytes and
+    coordinates, and the service goes on with the next record."""
 
 
 class SerdeError(PoisonRecordError):

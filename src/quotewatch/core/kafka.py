@@ -4,12 +4,12 @@
   optionally transactional.
 - :func:`consumer_config` / :func:`make_consumer`: manual offset handling, read_committed.
 - :func:`ensure_topics` / :func:`describe_topics`: the catalog applied to a broker.
-- :func:`dead_letter`: a poison record as a ``qw.dlq`` record with its coordinates.
 - :class:`ShutdownSignal`: SIGTERM/SIGINT -> finish the record, flush, commit, close.
 - :class:`DeliveryTracker`: delivery failures of a non-transactional producer are never silent.
 
 The consume-transform-produce loop with exactly-once semantics is
-:class:`quotewatch.core.processor.TransactionalProcessor`.
+:class:`quotewatch.core.runtime.StreamProcessor`; dead letters are mapped by
+:mod:`quotewatch.core.runtime.deadletter`.
 """
 
 from __future__ import annotations
@@ -34,10 +34,8 @@ from confluent_kafka.admin import (
     NewTopic,
 )
 
-from quotewatch.core.clock import Clock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import BrokerError, ConfigError, FatalError
-from quotewatch.core.records import DeadLetter
 from quotewatch.core.topics import CATALOG, LARGE_MESSAGE_BYTES, TopicSpec, replication_for
 
 ClientConfig = dict[str, Any]  # not a topic record: a librdkafka client configuration
@@ -387,61 +385,6 @@ def describe_topics(admin: AdminClient, names: Iterable[str] | None = None, time
     return [TopicInfo(name, len(metadata[name].partitions), policies.get(name, "?")) for name in wanted]
 
 
-def dead_letter(
-    *,
-    service: str,
-    clock: Clock,
-    error: BaseException,
-    source_topic: str,
-    source_partition: int = -1,
-    source_offset: int = -1,
-    source_value: bytes = b"",
-    source_key: bytes | None = None,
-    source_timestamp_ns: int | None = None,
-    source_ref: str = "",
-    exchange: str | None = None,
-    symbol: str | None = None,
-    error_type: str | None = None,
-) -> DeadLetter:
-    """A ``DeadLetter`` record: the original bytes, their coordinates and why they were rejected.
-
-    ``error_type`` defaults to the class name of ``error``.
-    """
-    reason = str(error) or type(error).__name__
-    now = clock.now_ns()
-    return DeadLetter(
-        ts_event=source_timestamp_ns if source_timestamp_ns is not None else now,
-        ts_init=now,
-        exchange=exchange,
-        symbol=symbol,
-        service=service,
-        source_topic=source_topic,
-        source_partition=source_partition,
-        source_offset=source_offset,
-        source_ref=source_ref,
-        source_key=source_key,
-        source_value=source_value,
-        error_type=error_type if error_type is not None else type(error).__name__,
-        reason=reason[:4000],
-    )
-
-
-def dead_letter_for_message(service: str, clock: Clock, message: Message, error: BaseException) -> DeadLetter:
-    """A ``DeadLetter`` record for a consumed Kafka message."""
-    _, timestamp_ms = message.timestamp()
-    return dead_letter(
-        service=service,
-        clock=clock,
-        error=error,
-        source_topic=message.topic() or "",
-        source_partition=_or_minus_one(message.partition()),
-        source_offset=_or_minus_one(message.offset()),
-        source_value=message.value() or b"",
-        source_key=message.key(),
-        source_timestamp_ns=timestamp_ms * 1_000_000 if timestamp_ms and timestamp_ms > 0 else None,
-    )
-
-
 class ShutdownSignal:
     """SIGTERM/SIGINT set an event the processing loop checks between records.
 
@@ -584,7 +527,3 @@ def encode_key(key: str | bytes | None) -> bytes | None:
     if key is None or isinstance(key, bytes):
         return key
     return key.encode()
-
-
-def _or_minus_one(value: int | None) -> int:
-    return -1 if value is None else value

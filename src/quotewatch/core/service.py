@@ -3,7 +3,7 @@
 :func:`service_context` builds what every service needs once, in the entry point: logging, the
 clock, the serde, the shutdown signal, liveness and the ``/metrics`` + ``/health`` endpoint, and
 the catalog's topics (created if missing; idempotent). :func:`run_stream_service` then runs a
-:class:`~quotewatch.core.processor.StreamTask` in a :class:`~quotewatch.core.processor.StreamProcessor`.
+:class:`~quotewatch.core.runtime.StreamTask` in a :class:`~quotewatch.core.runtime.StreamProcessor`.
 Services with their own loop (ingest, lake sink, dashboard) use the context directly.
 """
 
@@ -22,7 +22,7 @@ from quotewatch.core.health import Liveness, ObservabilityServer, StuckWatchdog
 from quotewatch.core.kafka import ShutdownSignal, ensure_topics, make_admin
 from quotewatch.core.logging import configure_logging
 from quotewatch.core.metrics import BUILD_INFO
-from quotewatch.core.processor import StreamProcessor, StreamTask, V
+from quotewatch.core.runtime import StreamProcessor, StreamTask, V
 from quotewatch.core.serde import AvroSerde, serde_from_settings
 from quotewatch.core.topics import TopicNames
 

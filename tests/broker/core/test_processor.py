@@ -9,13 +9,14 @@ from contextlib import contextmanager
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from quotewatch.core import processor as processor_module
 from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import CommonSettings
+from quotewatch.core.errors import FatalError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, consumer_config, producer_config
-from quotewatch.core.processor import InRecord, OutRecord, StreamProcessor
 from quotewatch.core.records import BookLevel, BookTop, Label
+from quotewatch.core.runtime import InRecord, OutRecord, StreamProcessor
+from quotewatch.core.runtime import session as session_module
 from quotewatch.core.serde import SINGLE_OBJECT_MAGIC, AvroSerde, registry_client
 from quotewatch.core.topics import TopicNames
 from tests.helpers import RegistryOutage, read_topic, wait_for
@@ -280,7 +281,7 @@ def test_offsets_a_dead_member_left_in_an_open_transaction_are_waited_for_not_fa
         [TopicPartition(names.book_top3, 0, committed_before + 5)], metadata_of.consumer_group_metadata(), 30
     )
     metadata_of.close()
-    monkeypatch.setattr(processor_module, "COMMITTED_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(session_module, "COMMITTED_TIMEOUT_SECONDS", 0.5)
     produce(topics, [top("BTC-USD", t, 100 + t) for t in range(20, 30)])
     with running(topics, RunningSumTask(names.labels), group_id):
         labels = wait_for(
@@ -291,3 +292,50 @@ def test_offsets_a_dead_member_left_in_an_open_transaction_are_waited_for_not_fa
     assert [label["t_event"] for label in labels] == list(range(30)), "a label was written twice or lost"
     assert [label["label"] for label in labels] == list(range(1, 31)), "state rebuilt from the committed offset"
     del dead  # held until here: the transaction was never ended by its producer
+
+
+class FatalOnSymbol(RunningSumTask):
+    """Raises FatalError on the record of ``symbol``: the service cannot go on."""
+
+    def __init__(self, output: str, symbol: str) -> None:
+        super().__init__(output)
+        self.symbol = symbol
+
+    def process(self, record: InRecord[BookTop]) -> Iterable[OutRecord]:
+        if record.value.symbol == self.symbol:
+            raise FatalError("the task cannot go on")
+        return super().process(record)
+
+
+def test_a_fatal_error_of_the_task_ends_the_run_and_is_never_dead_lettered(
+    topics: CommonSettings, group_id: str
+) -> None:
+    """FatalError out of ``task.process`` leaves ``run()`` (the process exits non-zero on it): nothing
+    of the open batch is committed nor dead-lettered, and a restart processes the batch exactly once."""
+    names = TopicNames(topics.topic_prefix)
+    produce(topics, [top("BTC-USD", 0, 100), top("BTC-USD", 1, 101), top("FATAL", 2, 5), top("BTC-USD", 3, 103)])
+    processor = StreamProcessor(
+        settings=topics,
+        service="test",
+        task=FatalOnSymbol(names.labels, "FATAL"),
+        input_topics=[names.book_top3],
+        serde=AvroSerde(),
+        clock=SystemClock(),
+        shutdown=ShutdownSignal(),
+        liveness=Liveness("test", SystemClock(), 30),
+        group_id=group_id,
+    )
+    with pytest.raises(FatalError, match="the task cannot go on"):
+        processor.run()
+    assert read_topic(topics, names.dlq, timeout=2) == [], "a fatal error is not the record's fault"
+    assert read_topic(topics, names.labels, timeout=2) == [], "the open batch was committed"
+    assert committed_offset(topics, group_id, names.book_top3) < 0, "an offset was committed"
+    # The supervisor restarts the service (same transactional id: the open transaction is aborted).
+    with running(topics, RunningSumTask(names.labels), group_id):
+        labels = wait_for(lambda: (r := read_topic(topics, names.labels)) and len(r) >= 4 and r, message="4 labels")
+    assert sorted((label["t_event"], label["symbol"], label["label"]) for label in labels) == [
+        (0, "BTC-USD", 1),
+        (1, "BTC-USD", 2),
+        (2, "FATAL", 1),
+        (3, "BTC-USD", 3),
+    ], "every record processed once after the restart"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from quotewatch.core.bounded import check_depth, field_int, field_str, parse_json, parse_json_object
 from quotewatch.core.errors import UntrustedInputError
-from quotewatch.core.processor import restart_offset_from_metadata
+from quotewatch.core.runtime import restart_offset_from_metadata
 
 # JSON-ish text: brackets, quotes, escapes, numbers (1e999 among them), and any other characters.
 hostile_text = st.one_of(
@@ -75,7 +75,7 @@ def test_bounded_json_raises_only_its_own_error(text: str) -> None:
 
 
 def test_offset_metadata_of_a_thousand_brackets_is_ignored_not_a_crash(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="quotewatch.core.processor"):
+    with caplog.at_level(logging.WARNING, logger="quotewatch.core.runtime"):
         assert restart_offset_from_metadata("[" * 1000, "qw.md.events[0]") is None
     assert "offset metadata of qw.md.events[0]: JSON nested deeper" in caplog.text
     assert restart_offset_from_metadata('{"restart": 41}') == 41

@@ -5,7 +5,7 @@ backtest runs): :class:`BookTask` feeds it each decoded MarketEvent with its off
 closed ticks into output records; :func:`quotewatch.core.service.run_stream_service` does the
 consuming, producing, transactions and recovery.
 
-**Delivery.** Exactly-once (see :class:`quotewatch.core.processor.StreamProcessor`): each consumed
+**Delivery.** Exactly-once (see :class:`quotewatch.core.runtime.StreamProcessor`): each consumed
 batch is one Kafka transaction holding its BookTop and FeatureVector records, its dead letters
 and its input offsets. **Recovery.** At each commit the processor stores
 :meth:`BookTask.restart_offset` (per partition: the earliest offset from which the symbols'
@@ -24,8 +24,8 @@ import click
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import BookSettings, load_settings
 from quotewatch.core.errors import ConfigError
-from quotewatch.core.processor import InRecord, OutRecord
 from quotewatch.core.records import MarketEvent
+from quotewatch.core.runtime import InRecord, OutRecord
 from quotewatch.core.service import run_stream_service, service_context
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market.book_pipeline import BookPipeline, MarketEventError, TickOutput
@@ -37,7 +37,7 @@ SERVICE = "book"
 
 
 class BookTask:
-    """The book service's :class:`~quotewatch.core.processor.StreamTask`.
+    """The book service's :class:`~quotewatch.core.runtime.StreamTask`.
 
     Who calls it: the StreamProcessor, from one thread, in offset order per partition.
     """

@@ -1,6 +1,6 @@
 """The inference stream task: feature vectors in, predictions and snapshots out; labels feed live metrics.
 
-Who calls it: :class:`quotewatch.core.processor.StreamProcessor` (``quotewatch run inference``),
+Who calls it: :class:`quotewatch.core.runtime.StreamProcessor` (``quotewatch run inference``),
 one record at a time from one thread, over ``<prefix>.features`` and ``<prefix>.labels``.
 
 For each ``FeatureVector`` x(t) it emits, in the same transaction:
@@ -52,8 +52,8 @@ import numpy as np
 
 from quotewatch.core.clock import Clock
 from quotewatch.core.errors import RetriableError
-from quotewatch.core.processor import InRecord, OutRecord
 from quotewatch.core.records import FeatureVector, Label, ModelRole, Prediction, Snapshot
+from quotewatch.core.runtime import InRecord, OutRecord
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market import features
 from quotewatch.domain.ml.live_metrics import LiveMetricsTracker, ModelKey

@@ -1,7 +1,7 @@
 """``INGEST_SOURCE=topic``: re-normalise ``<prefix>.md.raw`` into ``<prefix>.md.events``, exactly-once.
 
 Replays and backtests run the normaliser over the stored raw log with the core
-:class:`~quotewatch.core.processor.StreamProcessor` (one Kafka transaction per batch: events,
+:class:`~quotewatch.core.runtime.StreamProcessor` (one Kafka transaction per batch: events,
 dead letters and input offsets together). Because the raw log holds every input of the
 normaliser (frames and control records, with their ``ts_init`` and exchange-time estimates), the
 events are byte for byte those the live ingest wrote.
@@ -12,14 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from quotewatch.core.clock import Clock
-from quotewatch.core.kafka import dead_letter
-from quotewatch.core.processor import InRecord, OutRecord
 from quotewatch.core.records import RawFrame
+from quotewatch.core.runtime import InRecord, OutRecord
 from quotewatch.core.topics import TopicNames
-from quotewatch.domain.venue.coinbase import FrameError
 from quotewatch.domain.venue.normaliser import Normaliser
-
-SERVICE = "ingest"
+from quotewatch.services.ingest.rejects import reject_dead_letter
 
 
 class NormaliseTask:
@@ -54,19 +51,8 @@ class NormaliseTask:
         for event in out.events:
             yield OutRecord(self._topics.md_events, event.symbol, event)
         for reject in out.rejects:
-            letter = dead_letter(
-                service=SERVICE,
-                clock=self._clock,
-                error=FrameError(reject.reason, book_affected=False),
-                source_topic=record.topic,
-                source_partition=record.partition,
-                source_offset=record.offset,
-                source_value=raw.text.encode(),
-                source_timestamp_ns=raw.ts_init,
-                source_ref=reject.source_ref,
-                exchange=raw.exchange,
-                symbol=reject.symbol,
-                error_type=reject.error_type,
+            letter = reject_dead_letter(
+                self._clock, reject, topic=record.topic, partition=record.partition, offset=record.offset
             )
             yield OutRecord(self._topics.dlq, record.topic, letter)
 

@@ -23,17 +23,16 @@ from quotewatch.core.clock import Clock
 from quotewatch.core.config import IngestSettings
 from quotewatch.core.errors import EncodeError
 from quotewatch.core.health import Liveness
-from quotewatch.core.kafka import DeliveryTracker, dead_letter, flush_or_fail
+from quotewatch.core.kafka import DeliveryTracker, flush_or_fail
 from quotewatch.core.metrics import CONTROL_FRAME_ANOMALIES, DEAD_LETTERS, FEED_ERRORS, GAPS, RECORDS_OUT
 from quotewatch.core.records import RawFrame, RawKind
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
-from quotewatch.domain.venue.coinbase import ExchangeMessageError, FrameError
+from quotewatch.domain.venue.coinbase import ExchangeMessageError
 from quotewatch.domain.venue.normaliser import Normaliser, Notice, Reject, control_text
+from quotewatch.services.ingest.rejects import SERVICE, reject_dead_letter
 
 logger = logging.getLogger(__name__)
-
-SERVICE = "ingest"
 
 
 class QueueItem(NamedTuple):
@@ -401,7 +400,6 @@ class RawWriter:
         )
 
     def _dead_letter(self, reject: Reject) -> None:
-        raw = reject.raw
         if reject.error_type == ExchangeMessageError.error_type:
             # The exchange refused something (a subscribe, a key): the operator must see it.
             FEED_ERRORS.labels(SERVICE, self._feed).inc()
@@ -411,19 +409,7 @@ class RawWriter:
             reject.reason,
             extra={"ref": reject.source_ref, "error_type": reject.error_type},
         )
-        record = dead_letter(
-            service=SERVICE,
-            clock=self._clock,
-            error=FrameError(reject.reason, book_affected=False),
-            source_topic=self._topics.md_raw,
-            source_value=raw.text.encode()[: 8 * 1024 * 1024],
-            source_key=self._feed.encode(),
-            source_timestamp_ns=raw.ts_init,
-            source_ref=reject.source_ref,
-            exchange=self._settings.exchange,
-            symbol=reject.symbol,
-            error_type=reject.error_type,
-        )
+        record = reject_dead_letter(self._clock, reject, topic=self._topics.md_raw, key=self._feed.encode())
         dlq = self._topics.dlq
         self._produce(dlq, self._topics.md_raw, self._serde.encode(dlq, record))
         DEAD_LETTERS.labels(SERVICE, self._topics.md_raw, reject.error_type).inc()

@@ -3,7 +3,7 @@
 A thin shell around :class:`quotewatch.domain.market.labels.Labeler` (the same code the backtest runs):
 each BookTop at tick t + Δ yields the Label of tick t when both ticks share a sync epoch.
 
-**Delivery.** Exactly-once (see :class:`quotewatch.core.processor.StreamProcessor`): each consumed
+**Delivery.** Exactly-once (see :class:`quotewatch.core.runtime.StreamProcessor`): each consumed
 batch is one Kafka transaction holding its labels, its dead letters and its input offsets.
 **Recovery.** :meth:`LabelerTask.restart_offset` is the offset of the oldest tick per partition
 still waiting for its label; the processor stores it with each commit and, after a crash,
@@ -17,8 +17,8 @@ from collections.abc import Iterable
 import click
 
 from quotewatch.core.config import LabelerSettings, load_settings
-from quotewatch.core.processor import InRecord, OutRecord
 from quotewatch.core.records import BookTop
+from quotewatch.core.runtime import InRecord, OutRecord
 from quotewatch.core.service import run_stream_service, service_context
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market.labels import Labeler
@@ -27,7 +27,7 @@ SERVICE = "labeler"
 
 
 class LabelerTask:
-    """The labeler's :class:`~quotewatch.core.processor.StreamTask`.
+    """The labeler's :class:`~quotewatch.core.runtime.StreamTask`.
 
     Who calls it: the StreamProcessor, from one thread, in offset order per partition.
     """

@@ -40,29 +40,19 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaException, Message, TopicPartition
 
 from quotewatch.core.clock import Clock
 from quotewatch.core.config import LakeSinkSettings
-from quotewatch.core.errors import FatalError, RetriableError, SerdeError
+from quotewatch.core.errors import FatalError, SerdeError
 from quotewatch.core.health import Liveness
-from quotewatch.core.kafka import (
-    DeliveryTracker,
-    ShutdownSignal,
-    TransientBackoff,
-    dead_letter_for_message,
-    encode_key,
-    flush_or_fail,
-    make_consumer,
-    make_producer,
-    query_watermarks,
-)
+from quotewatch.core.kafka import ShutdownSignal, query_watermarks
 from quotewatch.core.lake import (
     LAKE_TOPICS,
     ChunkRecord,
@@ -84,29 +74,23 @@ from quotewatch.core.lake import (
     write_chunk,
 )
 from quotewatch.core.metrics import (
-    CONSUMER_LAG,
-    DEAD_LETTERS,
     LAKE_BYTES_WRITTEN,
     LAKE_FILES_WRITTEN,
     LAKE_ROWS_WRITTEN,
     PROCESSING_SECONDS,
     RECORDS_IN,
-    RECORDS_OUT,
 )
+from quotewatch.core.runtime.session import TopicPartitionKey
+from quotewatch.core.runtime.sink import SinkRunner
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.service import ServiceContext
-from quotewatch.core.topics import TopicNames
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "lake-sink"
-_UNASSIGNED_WARN_SECONDS = 10.0
-"""How long the sink may hold no partition before it says so (a rebalance takes a few seconds)."""
 CONVERT_ROWS = 4096
 """Decoded rows are turned into an Arrow record batch every this many rows (bounds Python objects)."""
 WRITE_ATTEMPTS = 5
-
-TopicPartitionKey = tuple[str, int]
 
 
 @dataclass
@@ -153,10 +137,15 @@ class _Buffer:
 
 
 class LakeSink:
-    """Runs the sink loop until shutdown. Who builds it: ``quotewatch run lake-sink`` (:func:`from_context`).
+    """The lake's :class:`~quotewatch.core.runtime.sink.SinkWriter`: Kafka partitions -> chunks of files.
+
+    Who builds it: ``quotewatch run lake-sink`` (:func:`from_context`). It runs in a
+    :class:`~quotewatch.core.runtime.sink.SinkRunner` (consumer, rebalances, dead letters, lag,
+    liveness, offset commits after the files are durable); this class keeps the file protocol.
 
     Args:
         publish: how a file is made visible (default :func:`quotewatch.core.lake.publish_file`).
+        input_probe: whether the input has data waiting, for the watchdog (default: ask the broker).
     """
 
     def __init__(
@@ -174,40 +163,37 @@ class LakeSink:
         batch_size: int = 1000,
         poll_timeout: float = 0.1,
         consumer_overrides: Mapping[str, Any] | None = None,  # not a topic record: librdkafka config
+        input_probe: Callable[[], bool | None] | None = None,
     ) -> None:
         self._settings = settings
         self._serde = serde
         self._clock = clock
         self._shutdown = shutdown
-        self._liveness = liveness
         self._lake = lake_location(lake if lake is not None else settings.lake_uri)
         self._service = service
-        names = TopicNames(settings.topic_prefix)
         self._topics = [spec.name(settings.topic_prefix) for spec in LAKE_TOPICS]
-        self._dlq_topic = names.dlq
-        self._group_id = group_id or f"{settings.topic_prefix}.{service}"
         self._publish = publish
-        self._batch_size = batch_size
-        self._poll_timeout = poll_timeout
-        self._consumer_overrides = dict(consumer_overrides or {})
         self._flush_ns = int(settings.lake_flush_seconds * 1e9)
         self._schemas = {topic: file_schema_for(topic) for topic in self._topics}
         self._columns = {topic: partition_column(topic) for topic in self._topics}
         self._records_in = {topic: RECORDS_IN.labels(service, topic) for topic in self._topics}
         self._consumed: dict[str, int] = dict.fromkeys(self._topics, 0)
-        """Records consumed per topic since the counters were last updated (once per batch)."""
+        """Records consumed per topic since the counters were last updated (once per turn)."""
         self._buffers: dict[TopicPartitionKey, _Buffer] = {}
-        self._to_commit: dict[TopicPartitionKey, int] = {}
-        self._positions: dict[TopicPartitionKey, int] = {}
-        self._delivery = DeliveryTracker()
-        self._undelivered_dead_letters = 0
-        self._backoff = TransientBackoff()
-        self._consumer: Consumer | None = None
-        self._producer: Producer | None = None
-        self._last_lag_check_ns = 0
-        self._unassigned_warned = False
-        self._failed = False
-        """The loop died: a revoke (from close()) must not write or commit anything more."""
+        self._runner = SinkRunner(
+            settings=settings,
+            service=service,
+            input_topics=self._topics,
+            serde=serde,
+            clock=clock,
+            shutdown=shutdown,
+            liveness=liveness,
+            group_id=group_id,
+            batch_size=batch_size,
+            poll_timeout=poll_timeout,
+            consumer_overrides=consumer_overrides,
+            input_probe=input_probe,
+        )
 
     @classmethod
     def from_context(cls, context: ServiceContext, **options: Any) -> LakeSink:
@@ -238,127 +224,33 @@ class LakeSink:
             FatalError: the lake could not be written after retries, a dead letter was not
                 delivered, or the broker returned a fatal error.
         """
-        client_id = f"{self._service}-{self._settings.instance_id}"
-        self._consumer = make_consumer(self._settings, self._group_id, client_id, **self._consumer_overrides)
-        self._producer = make_producer(self._settings, client_id, on_delivery=self._delivery)
-        self._consumer.subscribe(
-            self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
         logger.info("lake sink writing", extra={"lake": self._lake.describe(), "topics": self._topics})
-        reason = "shutdown requested"
-        try:
-            while not self._shutdown.requested:
-                messages = self._consumer.consume(self._batch_size, self._poll_timeout)
-                self._turned()
-                for index, message in enumerate(messages):
-                    try:
-                        self._handle(message)
-                    except RetriableError as exc:
-                        self._retry_later(messages[index:], exc)
-                        break
-                else:
-                    self._backoff.reset()
-                self._cut_aged()
-                self._commit()
-                if messages:
-                    self._liveness.progressed(len(messages))
-                    self._count_consumed()
-                self._update_lag()
-            self._cut_all(list(self._buffers))
-            self._commit()
-        except BaseException as exc:
-            self._failed = True
-            reason = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            self._liveness.stopped(reason)
-            self._close()
-
-    def _retry_later(self, unhandled: list[Message], error: RetriableError) -> None:
-        """A transient failure (e.g. the schema registry is down), not the record's fault.
-
-        The record is neither dead-lettered nor skipped: every partition goes back to its first
-        record not handled yet, and the sink reads them again after a pause (doubling, jitter).
-        What is buffered stays buffered.
-        """
-        assert self._consumer is not None
-        firsts: dict[TopicPartitionKey, int] = {}
-        for message in unhandled:
-            key = (message.topic() or "", message.partition() or 0)
-            if message.error() is None and key in self._buffers:
-                firsts.setdefault(key, message.offset() or 0)
-        pause = self._backoff.next_pause()
-        logger.warning(
-            "transient failure; reading the records again after a pause: %s",
-            error,
-            extra={"partitions": len(firsts), "pause_s": pause},
-        )
-        for (topic, partition), offset in firsts.items():
-            self._consumer.seek(TopicPartition(topic, partition, offset))
-        self._backoff.wait(self._shutdown)
-        self._liveness.beat()  # waiting out a dependency is not a stuck loop
-
-    def _turned(self) -> None:
-        """One turn of the loop, for the stuck watchdog: it counts only while the sink holds partitions.
-
-        Once, after a broker restart, a sink's consumer lost its partitions (session timeout) and
-        never rejoined its group: its loop kept turning for 4 minutes with nothing assigned and the
-        lake fell behind silently. A turn without partitions is therefore not a sign of life, so the
-        watchdog restarts such a sink after STUCK_EXIT_SECONDS (a new consumer joins afresh). The
-        cost: an instance left without any partition (more sinks than partitions) restarts too.
-        """
-        if self._buffers:
-            self._liveness.beat()
-            self._unassigned_warned = False
-        elif not self._unassigned_warned and self._liveness.stuck_seconds() >= _UNASSIGNED_WARN_SECONDS:
-            self._unassigned_warned = True
-            logger.warning(
-                "no partition assigned for %.0f s (normal while the group rebalances, e.g. after a broker restart); "
-                "the stuck watchdog restarts the service if none is assigned within STUCK_EXIT_SECONDS",
-                self._liveness.stuck_seconds(),
-            )
-
-    def _count_consumed(self) -> None:
-        for topic, count in self._consumed.items():
-            if count:
-                self._records_in[topic].inc(count)
-                self._consumed[topic] = 0
-
-    def _close(self) -> None:
-        if self._producer is not None:
-            try:
-                # Dead letters still queued belong to records already read: deliver them before leaving.
-                flush_or_fail(self._producer, 30)
-            except FatalError:
-                logger.exception("dead letters were not flushed on shutdown")
-        if self._consumer is not None:
-            # close() leaves the group so the partitions are reassigned promptly.
-            self._consumer.close()
+        self._runner.run(self)
 
     # -- assignment and recovery -------------------------------------------------------------
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        committed = consumer.committed(partitions, timeout=30)
-        for tp in committed:
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """SinkWriter hook: a buffer per partition, starting at the committed offset (or after the
+        lake's last chunk when the group has none)."""
+        for tp in partitions:
             key = (tp.topic, tp.partition)
             buffer = _Buffer(tp.topic, tp.partition, self._schemas[tp.topic], first_offset=0)
             if tp.offset >= 0:
                 buffer.first_offset = tp.offset
             else:
-                self._resume_from_lake(consumer, buffer)
+                self._resume_from_lake(buffer)
             tp.offset = buffer.first_offset
             self._buffers[key] = buffer
             logger.info(
                 "partition assigned",
                 extra={"topic": tp.topic, "partition": tp.partition, "from_offset": buffer.first_offset},
             )
-        consumer.assign(committed)
 
-    def _resume_from_lake(self, consumer: Consumer, buffer: _Buffer) -> None:
+    def _resume_from_lake(self, buffer: _Buffer) -> None:
         """No committed offset: continue after the last chunk the lake holds, else from the log start."""
         chunk = last_chunk(self._lake, buffer.topic, buffer.partition)
         if chunk is None:
-            buffer.first_offset = max(self._low_watermark(consumer, buffer), 0)
+            buffer.first_offset = max(self._low_watermark(buffer), 0)
             return
         if missing_files(self._lake, chunk):
             buffer.first_offset = chunk.first_offset
@@ -367,35 +259,16 @@ class LakeSink:
         else:
             buffer.first_offset = chunk.last_offset + 1
             # The lake holds everything before it: commit that, or the group shows lag forever.
-            self._to_commit[(buffer.topic, buffer.partition)] = buffer.first_offset
+            self._runner.commit_later(buffer.topic, buffer.partition, buffer.first_offset)
         logger.warning(
             "no committed offset: resuming after the lake's last chunk",
             extra={"topic": buffer.topic, "partition": buffer.partition, "from_offset": buffer.first_offset},
         )
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        keys = [(tp.topic, tp.partition) for tp in partitions]
-        try:
-            if not self._failed:
-                # A rebalance (or the close() of a clean shutdown): hand over what is buffered as files.
-                self._cut_all(keys)
-                self._commit()
-        except KafkaException as exc:
-            # The files are durable; whoever gets the partition finds them and skips over them.
-            logger.warning("could not commit on revoke", extra={"error": str(exc)})
-        self._forget(keys)
-        consumer.unassign()
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # The partitions already belong to someone else: writing now could race the new owner.
-        self._forget([(tp.topic, tp.partition) for tp in partitions])
-        consumer.unassign()
-
-    def _forget(self, keys: list[TopicPartitionKey]) -> None:
-        for key in keys:
+    def forget(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        """SinkWriter hook: the partitions are gone (revoked after :meth:`flush`, or lost)."""
+        for key in partitions:
             self._buffers.pop(key, None)
-            self._to_commit.pop(key, None)
-            self._positions.pop(key, None)
 
     def _verify(self, buffer: _Buffer, directory: str) -> bool:
         """Before the first row of a chunk: was ``[first_offset, …]`` written before a crash?
@@ -422,24 +295,16 @@ class LakeSink:
         return True
 
     def _adopt(self, buffer: _Buffer, chunk: ChunkRecord) -> None:
-        assert self._consumer is not None
         next_offset = chunk.last_offset + 1
         buffer.restart(next_offset)
         buffer.verify = True
-        self._consumer.seek(TopicPartition(buffer.topic, buffer.partition, next_offset))
-        self._to_commit[(buffer.topic, buffer.partition)] = next_offset
+        self._runner.seek(buffer.topic, buffer.partition, next_offset)
+        self._runner.commit_later(buffer.topic, buffer.partition, next_offset)
 
     # -- per record --------------------------------------------------------------------------
 
-    def _handle(self, message: Message) -> None:
-        error = message.error()
-        if error is not None:
-            if error.code() == KafkaError._PARTITION_EOF:
-                return
-            if error.fatal():
-                raise FatalError(f"consumer error: {error}")
-            logger.warning("consumer error", extra={"error": str(error)})
-            return
+    def write(self, message: Message) -> None:
+        """SinkWriter hook: buffer one record as a row of its partition's open chunk (or dead-letter it)."""
         topic, partition, offset = message.topic() or "", message.partition() or 0, message.offset() or 0
         key = (topic, partition)
         buffer = self._buffers.get(key)
@@ -457,7 +322,6 @@ class LakeSink:
         if offset > expected and buffer.forced_last is None:
             self._check_gap(buffer, expected, offset)
         self._consumed[topic] += 1
-        self._positions[key] = offset + 1
         value = message.value() or b""
         try:
             key_bytes = message.key()
@@ -475,12 +339,12 @@ class LakeSink:
                 # first (and looked up after a crash) is certainly the one of a row that is written.
                 pa.RecordBatch.from_pylist([row], schema=buffer.schema)
         except (SerdeError, LakeRecordError, UnicodeDecodeError) as exc:
-            self._dead_letter(message, exc, log_traceback=False)
+            self._runner.dead_letter(message, exc, log_traceback=False)
             buffer.last_offset = offset
             self._cut_if_forced(buffer, offset)
             return
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError, TypeError) as exc:
-            self._dead_letter(message, exc, log_traceback=True)
+            self._runner.dead_letter(message, exc, log_traceback=True)
             buffer.last_offset = offset
             self._cut_if_forced(buffer, offset)
             return
@@ -519,9 +383,9 @@ class LakeSink:
                 f"{buffer.first_offset} (committed offset or the lake's last chunk): was the topic re-created? "
                 "Move its dataset out of the lake or use a new TOPIC_PREFIX"
             )
-        if offset == buffer.first_offset or self._consumer is None:
+        if offset == buffer.first_offset:
             return
-        low = self._low_watermark(self._consumer, buffer)
+        low = self._low_watermark(buffer)
         if low > buffer.first_offset:
             logger.error(
                 "records were deleted by retention before the lake sink read them",
@@ -544,9 +408,10 @@ class LakeSink:
         chunk: that chunk's name would then claim offsets it never held, and ``lake info`` would
         show no hole. The log start the last fetch reported (cached, no request) tells the two apart.
         """
-        assert self._consumer is not None
         try:
-            low, _ = self._consumer.get_watermark_offsets(TopicPartition(buffer.topic, buffer.partition), cached=True)
+            low, _ = self._runner.session.consumer.get_watermark_offsets(
+                TopicPartition(buffer.topic, buffer.partition), cached=True
+            )
         except KafkaException:
             return
         if low <= expected:
@@ -563,35 +428,14 @@ class LakeSink:
         buffer.restart(low)
         buffer.verify = True
 
-    def _low_watermark(self, consumer: Consumer, buffer: _Buffer) -> int:
+    def _low_watermark(self, buffer: _Buffer) -> int:
         """The partition's log start offset, retrying transient broker errors (e.g. a leader election)."""
         partition = TopicPartition(buffer.topic, buffer.partition)
         try:
-            low, _ = query_watermarks(consumer, partition, timeout=60, wait=self._shutdown.wait)
+            low, _ = query_watermarks(self._runner.session.consumer, partition, timeout=60, wait=self._shutdown.wait)
         except KafkaException as exc:
             raise FatalError(f"cannot read the log start of {buffer.topic}[{buffer.partition}]: {exc}") from exc
         return low
-
-    def _dead_letter(self, message: Message, error: BaseException, log_traceback: bool) -> None:
-        assert self._producer is not None
-        logger.warning(
-            "dead-lettering a record: %s",
-            error,
-            exc_info=log_traceback,
-            extra={"topic": message.topic(), "partition": message.partition(), "offset": message.offset()},
-        )
-        record = dead_letter_for_message(self._service, self._clock, message, error)
-        value = self._serde.encode(self._dlq_topic, record)
-        while True:
-            try:
-                self._producer.produce(self._dlq_topic, value=value, key=encode_key(message.topic()))
-                break
-            except BufferError:
-                self._producer.poll(0.1)  # the local queue is full: serve delivery reports (bounded wait)
-        self._producer.poll(0)
-        self._undelivered_dead_letters += 1
-        RECORDS_OUT.labels(self._service, self._dlq_topic).inc()
-        DEAD_LETTERS.labels(self._service, message.topic() or "", type(error).__name__).inc()
 
     def _convert(self, buffer: _Buffer) -> None:
         """Turn the pending rows into a record batch; a row Arrow rejects is dead-lettered alone."""
@@ -608,7 +452,7 @@ class LakeSink:
                     buffer.batches.append(pa.RecordBatch.from_pylist([row], schema=buffer.schema))
                     buffer.directories.append(directory)
                 except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError, TypeError) as exc:
-                    self._dead_letter(message, exc, log_traceback=True)
+                    self._runner.dead_letter(message, exc, log_traceback=True)
                     buffer.rows -= 1
         buffer.pending_rows = []
         buffer.pending_directories = []
@@ -616,13 +460,28 @@ class LakeSink:
 
     # -- cutting chunks ----------------------------------------------------------------------
 
+    def flush(self, partitions: Sequence[TopicPartitionKey] | None) -> None:
+        """SinkWriter hook: once a turn (None), cut the buffers whose oldest row is LAKE_FLUSH_SECONDS
+        old; on revoke and shutdown, cut those of ``partitions``."""
+        if partitions is None:
+            self._count_consumed()
+            self._cut_aged()
+        else:
+            self._cut_all(partitions)
+
+    def _count_consumed(self) -> None:
+        for topic, count in self._consumed.items():
+            if count:
+                self._records_in[topic].inc(count)
+                self._consumed[topic] = 0
+
     def _cut_aged(self) -> None:
         now = self._clock.monotonic_ns()
         for buffer in list(self._buffers.values()):
             if buffer.rows and buffer.forced_last is None and now - buffer.started_ns >= self._flush_ns:
                 self._cut(buffer)
 
-    def _cut_all(self, keys: list[TopicPartitionKey]) -> None:
+    def _cut_all(self, keys: Sequence[TopicPartitionKey]) -> None:
         """Shutdown or revoke: cut every buffer that holds rows (an incomplete rewrite is left for later)."""
         for key in keys:
             buffer = self._buffers.get(key)
@@ -646,7 +505,7 @@ class LakeSink:
         started = time.perf_counter()
         table = pa.Table.from_batches(buffer.batches, schema=buffer.schema)
         groups = _group_rows(table, buffer.directories, buffer.first_directory)
-        self._deliver_dead_letters()
+        self._runner.deliver_dead_letters()
         files = self._write(buffer, groups)
         topic = buffer.topic
         LAKE_ROWS_WRITTEN.labels(self._service, topic).inc(table.num_rows)
@@ -664,7 +523,7 @@ class LakeSink:
                 "files": len(files),
             },
         )
-        self._to_commit[(topic, buffer.partition)] = buffer.last_offset + 1
+        self._runner.commit_later(topic, buffer.partition, buffer.last_offset + 1)
         buffer.restart(buffer.last_offset + 1)
 
     def _write(self, buffer: _Buffer, groups: list[tuple[str, pa.Table]]) -> list[WrittenFile]:
@@ -691,66 +550,6 @@ class LakeSink:
                 self._shutdown.wait(random.uniform(0, delay))  # noqa: S311 - jitter, not security
                 delay = min(delay * 2, 8.0)
         raise AssertionError("unreachable")
-
-    def _deliver_dead_letters(self) -> None:
-        """Wait until every dead letter produced so far is acknowledged.
-
-        Called before a chunk's files are written: a chunk's range includes the offsets it
-        dead-lettered, and once its files exist a restarted sink skips the whole range (it adopts
-        the chunk) and never reads those records again. So the dead letters must be durable first;
-        a crash in between only dead-letters them a second time (at-least-once).
-
-        Raises:
-            FatalError: a dead letter was not delivered (the range is then neither written nor
-                committed, and is read again after the restart).
-        """
-        if self._undelivered_dead_letters and self._producer is not None:
-            flush_or_fail(self._producer)
-            self._delivery.raise_if_failed()
-            self._undelivered_dead_letters = 0
-
-    def _commit(self) -> None:
-        if not self._to_commit or self._consumer is None or self._producer is None:
-            return
-        # Dead letters of the committed ranges are delivered before their offsets are committed.
-        self._deliver_dead_letters()
-        offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in self._to_commit.items()]
-        try:
-            # Exactly-once files: every chunk below these offsets is fsynced and renamed (or uploaded)
-            # already, and a crash before this line is repaired from the files on restart.
-            self._consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            error: KafkaError = exc.args[0]
-            if error.fatal():
-                raise FatalError(f"offset commit failed: {error}") from exc
-            # The files are durable: a later commit (or the next owner of the partition) covers them.
-            logger.warning("offset commit failed; retrying with the next one", extra={"error": str(error)})
-            return
-        self._liveness.progressed(
-            0, {f"{topic}[{partition}]": offset for (topic, partition), offset in self._to_commit.items()}
-        )
-        self._to_commit.clear()
-
-    def _update_lag(self) -> None:
-        now = self._clock.monotonic_ns()
-        if now - self._last_lag_check_ns < 1_000_000_000 or self._consumer is None:
-            return
-        self._last_lag_check_ns = now
-        total = 0
-        for topic, partition in list(self._buffers):
-            try:
-                _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
-            except KafkaException:
-                continue
-            position = self._positions.get((topic, partition))
-            if high < 0 or position is None:
-                continue
-            # A transactional topic ends with a commit marker that is never delivered: one offset
-            # past the position is "caught up".
-            lag = max(0, high - position - 1)
-            CONSUMER_LAG.labels(self._service, topic, str(partition)).set(lag)
-            total += lag
-        self._liveness.set_lag(total)
 
 
 def _group_rows(table: pa.Table, directories: list[str], first: str | None) -> list[tuple[str, pa.Table]]:

@@ -11,8 +11,8 @@ from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, make_producer
-from quotewatch.core.processor import StreamProcessor, StreamTask
 from quotewatch.core.records import BookTop, FeatureVector, MarketEvent
+from quotewatch.core.runtime import StreamProcessor, StreamTask
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market.book_pipeline import BookPipeline

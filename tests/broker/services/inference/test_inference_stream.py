@@ -28,8 +28,8 @@ from quotewatch.core.config import CommonSettings, InferenceSettings
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, ensure_topics, make_admin, make_producer
 from quotewatch.core.metrics import MODEL_RELOADS
-from quotewatch.core.processor import InRecord, OutRecord, StreamProcessor, StreamTask
 from quotewatch.core.records import FeatureVector, Label, Prediction, Snapshot
+from quotewatch.core.runtime import InRecord, OutRecord, StreamProcessor, StreamTask
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.ml import evaluation as ev

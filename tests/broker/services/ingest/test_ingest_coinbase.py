@@ -26,8 +26,8 @@ from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import IngestSettings
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, ensure_topics, make_admin
-from quotewatch.core.processor import StreamProcessor
 from quotewatch.core.records import DeadLetter, Gap, MarketEvent, RawFrame
+from quotewatch.core.runtime import StreamProcessor
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.simulation.synthetic import SyntheticConfig

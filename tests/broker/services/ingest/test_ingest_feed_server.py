@@ -31,8 +31,8 @@ from quotewatch.core.config import IngestSettings
 from quotewatch.core.errors import FatalError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, consumer_config, ensure_topics, make_admin, make_producer
-from quotewatch.core.processor import StreamProcessor
 from quotewatch.core.records import DeadLetter, FeedStatus, Gap, MarketEvent, RawFrame
+from quotewatch.core.runtime import StreamProcessor
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.simulation.synthetic import SyntheticConfig

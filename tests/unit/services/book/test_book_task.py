@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from quotewatch.core.clock import FakeClock
-from quotewatch.core.processor import InRecord
 from quotewatch.core.records import DeadLetter, MarketEvent
+from quotewatch.core.runtime import InRecord
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.services.book.main import BookTask

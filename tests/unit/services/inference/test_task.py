@@ -14,8 +14,8 @@ import pytest
 from msgspec.structs import replace
 
 from quotewatch.core.clock import FakeClock
-from quotewatch.core.processor import InRecord, OutRecord
 from quotewatch.core.records import FeatureVector, Label, Prediction, Snapshot
+from quotewatch.core.runtime import InRecord, OutRecord
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market import features as spec
 from quotewatch.domain.ml import evaluation as ev
@@ -235,7 +235,7 @@ def arrivals(seconds: int = 60) -> list[InRecord]:
 
 
 class Processor:
-    """The calls :class:`quotewatch.core.processor.StreamProcessor` makes on its task, without a broker.
+    """The calls :class:`quotewatch.core.runtime.StreamProcessor` makes on its task, without a broker.
 
     A batch: ``process`` per record (an exception dead-letters it), then, while committing,
     ``restart_offset`` for each partition in the batch. When the transaction aborts, ``_rewind``

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from quotewatch.core.processor import InRecord, OutRecord
 from quotewatch.core.records import BookLevel, BookTop, Label
+from quotewatch.core.runtime import InRecord, OutRecord
 from quotewatch.core.topics import TopicNames
 from quotewatch.services.labeler.main import LabelerTask
 from tests.records import checked

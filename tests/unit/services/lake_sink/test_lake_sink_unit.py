@@ -16,7 +16,7 @@ from quotewatch.core.health import Liveness, StuckWatchdog
 from quotewatch.core.kafka import ShutdownSignal
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
-from quotewatch.services.lake_sink.sink import LakeSink, _Buffer, _group_rows
+from quotewatch.services.lake_sink.sink import LakeSink, _group_rows
 from tests.unit.core.test_lake import T0, feature_row, write_rows
 
 
@@ -51,26 +51,36 @@ SECOND = 1_000_000_000
 
 
 def test_a_loop_turn_counts_for_the_stuck_watchdog_only_while_the_sink_holds_partitions(tmp_path: Path) -> None:
+    """The sink runs in the runtime's sink mode, whose session applies the rule of every stream loop
+    (tests/unit/core/test_unassigned_watch.py): here with input waiting on the topics."""
     clock = FakeClock()
     liveness = Liveness("lake-sink", clock, 30)
     settings = LakeSinkSettings(kafka_bootstrap_servers="127.0.0.1:9", lake_uri=str(tmp_path))
-    sink = LakeSink(settings=settings, serde=AvroSerde(), clock=clock, shutdown=ShutdownSignal(), liveness=liveness)
+    sink = LakeSink(
+        settings=settings,
+        serde=AvroSerde(),
+        clock=clock,
+        shutdown=ShutdownSignal(),
+        liveness=liveness,
+        input_probe=lambda: True,
+    )
+    session = sink._runner.session
     fired: list[bool] = []
     watchdog = StuckWatchdog(liveness, 60, on_stuck=lambda: fired.append(True))
-    # Holding a partition (what _on_assign sets up): every turn is a beat, however long it took.
+    # Holding a partition (what an assignment sets up): every turn is a beat, however long it took.
     topic = TopicNames(settings.topic_prefix).features
-    sink._buffers[(topic, 0)] = _Buffer(topic, 0, sink._schemas[topic], first_offset=0)
+    session.assigned.add((topic, 0))
     clock.advance(90 * SECOND)
-    sink._turned()
+    session.turned()
     assert liveness.stuck_seconds() == 0
     assert not watchdog.check()
     assert not watchdog.check()
-    # Partitions lost and never assigned again (what _on_revoke/_on_lost leave): the loop still
-    # turns, but that is not a sign of life, and the watchdog restarts the sink.
-    sink._buffers.clear()
+    # Partitions lost and never assigned again (what a revoke or a loss leaves): the loop still
+    # turns, but with input waiting that is not a sign of life, and the watchdog restarts the sink.
+    session.assigned.clear()
     for _ in range(2):
         clock.advance(31 * SECOND)
-        sink._turned()
+        session.turned()
     assert liveness.stuck_seconds() == 62
     assert watchdog.check() is False  # suspect on the first check
     assert watchdog.check() is True

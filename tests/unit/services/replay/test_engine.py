@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from quotewatch.core.clock import FakeClock
-from quotewatch.core.processor import InRecord
 from quotewatch.core.records import BookTop, MarketEvent, RawFrame, Record
+from quotewatch.core.runtime import InRecord
 from quotewatch.core.topics import CATALOG, TopicNames
 from quotewatch.domain.market.features import FEATURE_NAMES, FEATURE_SPEC_ID
 from quotewatch.domain.ml.registry import LoadedModel

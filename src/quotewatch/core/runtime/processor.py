@@ -21,7 +21,7 @@ rebalancing: a rebalance revokes every partition, and each partition assigned re
 from the restart offset stored with its last commit, whichever member made it). A member that died
 mid-transaction leaves that transaction's offsets pending until the coordinator aborts it
 (``transaction.timeout.ms``); the member taking its partitions over waits for them instead of
-reading an offset that is about to change (:meth:`StreamProcessor._committed`). Test:
+reading an offset that is about to change (:meth:`~quotewatch.core.runtime.session.ConsumerSession.committed`). Test:
 ``tests/e2e/services/test_replicas.py`` (two replicas of each stream service, one SIGKILLed).
 """
 
@@ -30,11 +30,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from quotewatch.core.bounded import field_int, parse_json_object
 from quotewatch.core.clock import Clock
@@ -44,119 +43,20 @@ from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import (
     DeliveryTracker,
     ShutdownSignal,
-    TransientBackoff,
-    dead_letter,
-    dead_letter_for_message,
     encode_key,
     flush_or_fail,
-    make_consumer,
     make_producer,
     poll_batch,
     query_watermarks,
 )
-from quotewatch.core.metrics import (
-    CONSUMER_LAG,
-    DEAD_LETTERS,
-    PROCESSING_SECONDS,
-    RECORDS_IN,
-    RECORDS_OUT,
-    TRANSACTIONS,
-)
-from quotewatch.core.records import DeadLetter, Record
+from quotewatch.core.metrics import DEAD_LETTERS, PROCESSING_SECONDS, RECORDS_IN, RECORDS_OUT, TRANSACTIONS
+from quotewatch.core.runtime.deadletter import Rejection, dead_letter
+from quotewatch.core.runtime.session import ConsumerSession, TopicPartitionKey
+from quotewatch.core.runtime.task import InRecord, StreamTask, V
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 
 logger = logging.getLogger(__name__)
-
-TopicPartitionKey = tuple[str, int]
-
-COMMITTED_TIMEOUT_SECONDS = 30.0
-"""How long one fetch of the group's committed offsets may take before it is asked again."""
-_COMMITTED_RETRIABLE = frozenset(
-    {
-        KafkaError._TIMED_OUT,
-        KafkaError._TRANSPORT,
-        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-        KafkaError.NOT_COORDINATOR,
-        KafkaError.UNSTABLE_OFFSET_COMMIT,
-    }
-)
-
-
-V = TypeVar("V", bound=Record)
-V_co = TypeVar("V_co", bound=Record, covariant=True)
-V_contra = TypeVar("V_contra", bound=Record, contravariant=True)
-
-
-@dataclass(frozen=True, slots=True)
-class InRecord(Generic[V_co]):
-    """A consumed record: the typed value, the bytes it was decoded from and its coordinates.
-
-    ``raw`` and the coordinates are what a dead letter needs (:meth:`dead_letter`): the record is
-    never encoded again to reject it, so the dead letter carries exactly the bytes consumed.
-    """
-
-    topic: str
-    partition: int
-    offset: int
-    key: str | None
-    value: V_co
-    """The record of the topic's value schema (:mod:`quotewatch.core.records`)."""
-    timestamp_ms: int
-    raw: bytes = b""
-    """The value's bytes as consumed (framing + Avro body)."""
-    replaying: bool = False
-    """True while state is being rebuilt from already-committed input (outputs are discarded)."""
-
-    def dead_letter(self, service: str, clock: Clock, error: BaseException) -> DeadLetter:
-        """The ``DeadLetter`` of this record: its original bytes, key and coordinates, and ``error``."""
-        value = self.value
-        return dead_letter(
-            service=service,
-            clock=clock,
-            error=error,
-            source_topic=self.topic,
-            source_partition=self.partition,
-            source_offset=self.offset,
-            source_value=self.raw,
-            source_key=self.key.encode() if self.key is not None else None,
-            source_timestamp_ns=self.timestamp_ms * 1_000_000 if self.timestamp_ms > 0 else None,
-            exchange=getattr(value, "exchange", None),
-            symbol=getattr(value, "symbol", None),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class OutRecord:
-    """A record to produce: the topic's catalog schema encodes ``value`` (its generated class)."""
-
-    topic: str
-    key: str
-    value: Record
-
-
-class StreamTask(Protocol[V_contra]):
-    """The processing logic of a stream service. Who calls it: :class:`StreamProcessor`, from one thread.
-
-    ``V_contra`` is the union of the value classes of the task's input topics.
-    """
-
-    def process(self, record: InRecord[V_contra]) -> Iterable[OutRecord]:
-        """Process one record (called in offset order per partition) and return its outputs.
-
-        Raising any exception dead-letters the record; the loop carries on with the next one.
-        """
-        ...
-
-    def restart_offset(self, topic: str, partition: int) -> int | None:
-        """The earliest offset of ``topic[partition]`` from which re-processing rebuilds the current
-        state, or None when the state needs nothing before the next offset. Called at each commit."""
-        ...
-
-    def reset(self, topic: str, partition: int) -> None:
-        """Forget all state derived from ``topic[partition]`` (revoked, or about to be replayed)."""
-        ...
 
 
 class StreamProcessor(Generic[V]):
@@ -168,6 +68,7 @@ class StreamProcessor(Generic[V]):
         group_id: consumer group (default ``<prefix>.<service>``).
         transactional_id: default ``<prefix>.<service>.<instance_id>``, stable across restarts so
             a restarted instance fences its zombie predecessor.
+        input_probe: whether the input has data waiting, for the watchdog (default: ask the broker).
     """
 
     def __init__(
@@ -188,11 +89,11 @@ class StreamProcessor(Generic[V]):
         transactional_id: str | None = None,
         consumer_overrides: Mapping[str, Any] | None = None,  # not a topic record: librdkafka config
         producer_overrides: Mapping[str, Any] | None = None,  # not a topic record: librdkafka config
+        input_probe: Callable[[], bool | None] | None = None,
     ) -> None:
         self._settings = settings
         self._service = service
         self._task = task
-        self._inputs = list(input_topics)
         self._serde = serde
         self._clock = clock
         self._shutdown = shutdown
@@ -201,18 +102,22 @@ class StreamProcessor(Generic[V]):
         self._batch_size = batch_size
         self._poll_timeout = poll_timeout
         self._dlq_topic = TopicNames(settings.topic_prefix).dlq
-        self._group_id = group_id or f"{settings.topic_prefix}.{service}"
         self._transactional_id = transactional_id or f"{settings.topic_prefix}.{service}.{settings.instance_id}"
-        self._consumer_overrides = dict(consumer_overrides or {})
         self._producer_overrides = dict(producer_overrides or {})
-        self._consumer: Consumer | None = None
+        self._session = ConsumerSession(
+            settings=settings,
+            service=service,
+            input_topics=input_topics,
+            group_id=group_id or f"{settings.topic_prefix}.{service}",
+            clock=clock,
+            shutdown=shutdown,
+            liveness=liveness,
+            consumer_overrides=consumer_overrides,
+            input_probe=input_probe,
+        )
         self._producer: Producer | None = None
         self._delivery = DeliveryTracker()
-        self._assigned: set[TopicPartitionKey] = set()
         self._replay_until: dict[TopicPartitionKey, int] = {}
-        self._positions: dict[TopicPartitionKey, int] = {}
-        self._last_lag_check_ns = 0
-        self._backoff = TransientBackoff()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -220,10 +125,10 @@ class StreamProcessor(Generic[V]):
         """Consume, process and produce until shutdown; then finish the batch, commit and close.
 
         Raises:
-            FatalError: the producer was fenced or the broker returned a non-retriable error.
+            FatalError: the task raised one, the producer was fenced or the broker returned a
+                non-retriable error. The caller lets it end the process (non-zero exit).
         """
         client_id = f"{self._service}-{self._settings.instance_id}"
-        self._consumer = make_consumer(self._settings, self._group_id, client_id, **self._consumer_overrides)
         if self._exactly_once:
             self._producer = make_producer(
                 self._settings, client_id, self._transactional_id, **self._producer_overrides
@@ -233,17 +138,15 @@ class StreamProcessor(Generic[V]):
             self._producer = make_producer(
                 self._settings, client_id, on_delivery=self._delivery, **self._producer_overrides
             )
-        self._consumer.subscribe(
-            self._inputs, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
-        )
+        consumer = self._session.open(self)
         reason = "shutdown requested"
         try:
             while not self._shutdown.requested:
-                messages = poll_batch(self._consumer, self._batch_size, self._poll_timeout)
-                self._liveness.beat()
+                messages = poll_batch(consumer, self._batch_size, self._poll_timeout)
+                self._session.turned()
                 if messages:
                     self._process_batch(messages)
-                self._update_lag()
+                self._session.update_lag()
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
             raise
@@ -259,51 +162,13 @@ class StreamProcessor(Generic[V]):
                 flush_or_fail(self._producer, 30)
             except FatalError:
                 logger.exception("producer did not flush on shutdown", extra={"service": self._service})
-        if self._consumer is not None:
-            # close() leaves the group so the partitions are reassigned promptly.
-            self._consumer.close()
+        self._session.close()
 
     # -- rebalance and recovery ------------------------------------------------------------
 
-    def _committed(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
-        """The group's committed offsets (with their metadata) of ``partitions``, asked again until
-        they come; None when shutdown was requested meanwhile.
-
-        Waiting is the normal case after a replica died: read_committed, the offset fetch (KIP-447,
-        require_stable) holds the answer while a transaction that committed offsets for these
-        partitions is open, and the open transaction of a replica killed mid-batch stays open until
-        the coordinator aborts it, ``transaction.timeout.ms`` later. The coordinator may also be
-        loading (a broker just started). Raising out of the rebalance callback instead would end the
-        service that is taking the dead replica's partitions over.
-
-        Raises:
-            FatalError: any other error (e.g. not authorised for the group).
-        """
-        assert self._consumer is not None
-        while True:
-            try:
-                return list(self._consumer.committed(partitions, timeout=COMMITTED_TIMEOUT_SECONDS))
-            except KafkaException as exc:
-                error: KafkaError = exc.args[0]
-                if error.fatal() or error.code() not in _COMMITTED_RETRIABLE:
-                    raise FatalError(
-                        f"cannot read the committed offsets of the group {self._group_id}: {error}"
-                    ) from exc
-                logger.warning(
-                    "waiting for the committed offsets (an open transaction of a member that left, or the "
-                    "coordinator is not ready): %s",
-                    error,
-                    extra={"partitions": [f"{tp.topic}[{tp.partition}]" for tp in partitions]},
-                )
-            self._liveness.beat()  # waiting for the coordinator is not a stuck loop
-            if self._shutdown.requested:
-                return None
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        committed = self._committed(partitions)
-        if committed is None:
-            return  # shutting down: the loop ends before it polls again
-        for tp in committed:
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """Rebalance hook: reset the task's state and start each partition at its restart offset."""
+        for tp in partitions:
             key = (tp.topic, tp.partition)
             self._task.reset(*key)
             self._replay_until.pop(key, None)
@@ -315,25 +180,21 @@ class StreamProcessor(Generic[V]):
                     extra={"topic": tp.topic, "partition": tp.partition, "from": restart, "until": tp.offset},
                 )
                 tp.offset = restart
-            self._assigned.add(key)
-        consumer.assign(committed)
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            key = (tp.topic, tp.partition)
+    def revoked(self, partitions: list[TopicPartitionKey], lost: bool) -> None:
+        """Rebalance hook: forget the state of the partitions taken away (the open batch, if any,
+        is aborted or left uncommitted by the caller)."""
+        for key in partitions:
             self._task.reset(*key)
-            self._assigned.discard(key)
             self._replay_until.pop(key, None)
-            self._positions.pop(key, None)
-        consumer.unassign()
 
     def _rewind(self) -> None:
         """After an aborted transaction: drop the task's state and resume from the last commit."""
-        assert self._consumer is not None
-        partitions = [TopicPartition(topic, partition) for topic, partition in sorted(self._assigned)]
+        consumer = self._session.consumer
+        partitions = [TopicPartition(topic, partition) for topic, partition in sorted(self._session.assigned)]
         if not partitions:
             return
-        committed = self._committed(partitions)
+        committed = self._session.committed(partitions)
         if committed is None:
             return  # shutting down: nothing more is processed
         for tp in committed:
@@ -346,15 +207,15 @@ class StreamProcessor(Generic[V]):
                 self._replay_until[key] = offset
                 offset = restart
             if offset < 0:
-                low, _ = query_watermarks(self._consumer, TopicPartition(tp.topic, tp.partition), timeout=30)
+                low, _ = query_watermarks(consumer, TopicPartition(tp.topic, tp.partition), timeout=30)
                 offset = low
-            self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
 
     # -- processing -------------------------------------------------------------------------
 
     def _process_batch(self, messages: list[Message]) -> None:
         assert self._producer is not None
-        assert self._consumer is not None
+        consumer = self._session.consumer
         started = time.perf_counter()
         if self._exactly_once:
             # Exactly-once: everything produced from here to commit_transaction() (outputs, dead
@@ -363,13 +224,7 @@ class StreamProcessor(Generic[V]):
         next_offsets: dict[TopicPartitionKey, int] = {}
         processed = 0
         for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    continue
-                if error.fatal():
-                    raise FatalError(f"consumer error: {error}")
-                logger.warning("consumer error", extra={"error": str(error)})
+            if self._session.consumer_error(message):
                 continue
             topic, partition, offset = message.topic() or "", message.partition() or 0, message.offset() or 0
             key = (topic, partition)
@@ -400,14 +255,14 @@ class StreamProcessor(Generic[V]):
             # At-least-once: offsets are committed only after every output of the batch is delivered.
             flush_or_fail(self._producer)
             self._delivery.raise_if_failed()
-            self._consumer.commit(offsets=offsets, asynchronous=False)
+            consumer.commit(offsets=offsets, asynchronous=False)
         elif self._exactly_once:
             # Nothing was produced (only errors, or only records rebuilding state): nothing to commit.
             self._producer.abort_transaction()
         if not next_offsets:
             return
-        self._backoff.reset()
-        self._positions.update(next_offsets)
+        self._session.backoff.reset()
+        self._session.positions.update(next_offsets)
         self._liveness.progressed(
             processed,
             {f"{topic}[{partition}]": offset for (topic, partition), offset in next_offsets.items()},
@@ -423,18 +278,11 @@ class StreamProcessor(Generic[V]):
         dead-lettered or skipped.
         """
         assert self._producer is not None
-        pause = self._backoff.next_pause()
-        logger.warning(
-            "transient failure; retrying the batch: %s",
-            error,
-            extra={"topic": topic, "partition": partition, "offset": offset, "pause_s": pause},
-        )
         if self._exactly_once:
             self._producer.abort_transaction(60)
             TRANSACTIONS.labels(self._service, "aborted").inc()
         self._rewind()
-        self._backoff.wait(self._shutdown)
-        self._liveness.beat()  # waiting out a dependency is not a stuck loop
+        self._session.pause_before_retry(error, topic=topic, partition=partition, offset=offset)
 
     def _handle(self, message: Message, topic: str, partition: int, offset: int, replaying: bool) -> None:
         assert self._producer is not None
@@ -457,8 +305,10 @@ class StreamProcessor(Generic[V]):
                 (out.topic, encode_key(out.key), self._serde.encode(out.topic, out.value))
                 for out in self._task.process(record)
             ]
-        except RetriableError:
-            raise  # not the record's fault (e.g. the schema registry is down): the batch is retried
+        except (RetriableError, FatalError):
+            # Not the record's fault: a RetriableError (e.g. the schema registry is down) retries
+            # the batch; a FatalError ends the service (its open transaction is never committed).
+            raise
         except SerdeError as exc:
             self._dead_letter(message, exc, replaying, log_traceback=False)
             return
@@ -481,7 +331,7 @@ class StreamProcessor(Generic[V]):
             exc_info=log_traceback,
             extra={**coordinates, "service": self._service},
         )
-        record = dead_letter_for_message(self._service, self._clock, message, error)
+        record = dead_letter(self._service, self._clock, Rejection.of_message(message), error)
         self._produce(self._dlq_topic, encode_key(message.topic()), self._serde.encode(self._dlq_topic, record))
         DEAD_LETTERS.labels(self._service, message.topic() or "", type(error).__name__).inc()
 
@@ -501,8 +351,7 @@ class StreamProcessor(Generic[V]):
 
     def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
         assert self._producer is not None
-        assert self._consumer is not None
-        producer, consumer = self._producer, self._consumer
+        producer, consumer = self._producer, self._session.consumer
         try:
             # The input offsets join the open transaction: committed with the outputs or not at all.
             self._with_retries(
@@ -540,27 +389,6 @@ class StreamProcessor(Generic[V]):
 
     def _metadata(self, topic: str, partition: int) -> str:
         return json.dumps({"restart": self._task.restart_offset(topic, partition)})
-
-    def _update_lag(self) -> None:
-        now = self._clock.monotonic_ns()
-        if now - self._last_lag_check_ns < 1_000_000_000 or self._consumer is None:
-            return
-        self._last_lag_check_ns = now
-        total = 0
-        for topic, partition in list(self._assigned):
-            try:
-                _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
-            except KafkaException:
-                continue
-            position = self._positions.get((topic, partition))
-            if high < 0 or position is None:
-                continue
-            # With transactional input the last offset is a commit marker, never delivered to us:
-            # a gap of one record past our position is "caught up", not lag.
-            lag = max(0, high - position - 1)
-            CONSUMER_LAG.labels(self._service, topic, str(partition)).set(lag)
-            total += lag
-        self._liveness.set_lag(total)
 
 
 OFFSET_METADATA_MAX_BYTES = 4096
