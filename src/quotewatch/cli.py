@@ -122,7 +122,8 @@ def broker() -> None:
 def broker_start(port: int, brokers: int, data_dir: Path | None, timeout: float) -> None:
     """Start the broker (resolving its jars and formatting storage on first use)."""
     from quotewatch.core.errors import BrokerError
-    from quotewatch.local.kafka import LocalKafka, LocalKafkaCluster, default_data_dir
+    from quotewatch.local.cluster import LocalKafkaCluster
+    from quotewatch.local.kafka import LocalKafka, default_data_dir
 
     directory = data_dir or default_data_dir()
     is_cluster = LocalKafkaCluster.holds_cluster(directory)
@@ -145,7 +146,8 @@ def broker_start(port: int, brokers: int, data_dir: Path | None, timeout: float)
 @_DATA_DIR
 def broker_stop(data_dir: Path | None) -> None:
     """Stop the broker (every broker of a cluster) by its recorded PID and wait for it to exit."""
-    from quotewatch.local.kafka import LocalKafka, LocalKafkaCluster, default_data_dir
+    from quotewatch.local.cluster import LocalKafkaCluster
+    from quotewatch.local.kafka import LocalKafka, default_data_dir
 
     directory = data_dir or default_data_dir()
     local = LocalKafkaCluster(directory) if LocalKafkaCluster.holds_cluster(directory) else LocalKafka(directory)
@@ -156,7 +158,8 @@ def broker_stop(data_dir: Path | None) -> None:
 @_DATA_DIR
 def broker_status(data_dir: Path | None) -> None:
     """Print whether the broker (each broker of a cluster) runs, its PID and address; exit 1 if one does not."""
-    from quotewatch.local.kafka import LocalKafka, LocalKafkaCluster, default_data_dir
+    from quotewatch.local.cluster import LocalKafkaCluster
+    from quotewatch.local.kafka import LocalKafka, default_data_dir
 
     directory = data_dir or default_data_dir()
     if LocalKafkaCluster.holds_cluster(directory):

@@ -2,7 +2,7 @@
 zombie book instance that must be fenced. A read_committed checker consumes during both.
 
 **The cluster** (``make faults`` only: three JVMs take a minute to form on 2 cores):
-:class:`~quotewatch.local.kafka.LocalKafkaCluster`, three combined broker+controller nodes on free
+:class:`~quotewatch.local.cluster.LocalKafkaCluster`, three combined broker+controller nodes on free
 ports in the test's temporary directory (256 MiB heap each), started once for this module. The
 catalog's topics get 3 replicas and ``min.insync.replicas=2`` there (asserted), as do the group
 offsets and the transaction log.
@@ -62,7 +62,8 @@ from confluent_kafka.admin import AdminClient, ConfigResource, OffsetSpec
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.kafka import make_admin
 from quotewatch.core.topics import CATALOG, TopicNames
-from quotewatch.local.kafka import ClusterState, LocalKafkaCluster, free_port
+from quotewatch.local.cluster import ClusterState, LocalKafkaCluster
+from quotewatch.local.kafka import free_port
 from tests.faults.checker import CheckerReport, ReadCommittedChecker, offsets_in
 from tests.faults.conftest import FaultReport
 from tests.faults.support import (

@@ -94,7 +94,7 @@ def test_without_partitions_and_nothing_waiting_the_loop_is_alive() -> None:
 
 
 def test_input_arriving_later_starts_the_count_and_a_silent_broker_keeps_the_last_answer() -> None:
-    clock, liveness, probe, watch, watchdog, fired = setup(False)
+    clock, _, probe, watch, watchdog, fired = setup(False)
     turn_for(30, clock, watch, watchdog, assigned=False)
     probe.answer = True  # records arrive; the group still holds nothing
     turn_for(int(INPUT_PROBE_SECONDS), clock, watch, watchdog, assigned=False)

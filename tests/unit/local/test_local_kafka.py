@@ -14,8 +14,10 @@ from click.testing import CliRunner
 
 from quotewatch.cli import main
 from quotewatch.core.errors import BrokerError
+from quotewatch.local import cluster as local_cluster
 from quotewatch.local import kafka as local_kafka
-from quotewatch.local.kafka import BrokerState, ClusterMember, LocalKafka, LocalKafkaCluster, port_is_free
+from quotewatch.local.cluster import LocalKafkaCluster
+from quotewatch.local.kafka import BrokerState, ClusterMember, LocalKafka, port_is_free
 from tests.helpers import wait_for
 
 
@@ -165,7 +167,7 @@ def test_cli_keeps_a_cluster_and_a_single_broker_apart(tmp_path: Path) -> None:
 
     layout = tmp_path / "cluster"
     LocalKafkaCluster(layout)._save_layout(
-        "AAAAAAAAAAAAAAAAAAAAAA", [local_kafka._NodeLayout(i, 19090 + i, 40000 + i) for i in (1, 2, 3)]
+        "AAAAAAAAAAAAAAAAAAAAAA", [local_cluster._NodeLayout(i, 19090 + i, 40000 + i) for i in (1, 2, 3)]
     )
     result = CliRunner().invoke(main, ["broker", "status", "--data-dir", str(layout)])
     assert result.exit_code == 1

@@ -16,7 +16,8 @@ import click
 from quotewatch.core.config import InferenceSettings, load_settings
 from quotewatch.core.errors import ConfigError, QuoteWatchError
 from quotewatch.core.service import run_stream_service, service_context
-from quotewatch.domain.ml.registry import ensure_webhook, make_client, parse_model_uri
+from quotewatch.domain.ml.registry import make_client, parse_model_uri
+from quotewatch.domain.ml.webhooks import ensure_webhook
 
 logger = logging.getLogger(__name__)
 

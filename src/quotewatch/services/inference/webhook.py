@@ -1,7 +1,7 @@
 """The MLflow registry webhook receiver: an authenticated nudge to check the model aliases now.
 
 MLflow POSTs ``model_version_alias.created`` events here (registered by inference on start, see
-:func:`quotewatch.domain.ml.registry.ensure_webhook`). A request is accepted only with a valid
+:func:`quotewatch.domain.ml.webhooks.ensure_webhook`). A request is accepted only with a valid
 HMAC signature (MLFLOW_WEBHOOK_SECRET) and a timestamp within 5 minutes (replay protection);
 an accepted alias event of our model wakes the :class:`~quotewatch.services.inference.models.ModelManager`.
 The event's version is not trusted or used: the manager resolves the alias itself, so a nudge
@@ -23,12 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from quotewatch.core.clock import Clock
-from quotewatch.domain.ml.registry import (
-    WEBHOOK_MAX_BODY_BYTES,
-    WebhookRejectedError,
-    is_alias_change,
-    verify_webhook,
-)
+from quotewatch.domain.ml.registry import WEBHOOK_MAX_BODY_BYTES
+from quotewatch.domain.ml.webhooks import WebhookRejectedError, is_alias_change, verify_webhook
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.ml.models import CHALLENGER_ROLE, CHAMPION_ROLE
 from quotewatch.domain.ml.registry import LoadedModel, load_model_version, make_client, parse_model_uri, resolve_version
-from quotewatch.services.replay import report, sources
+from quotewatch.services.replay import lake_source, report, sources
 from quotewatch.services.replay.engine import (
     BacktestEngine,
     ModelScores,
@@ -119,7 +119,7 @@ def raw_input(
         start, total, records = sources.topic_raw_records(settings, source.prefix, window, serde)
         return start, total, sources.values_of(records, RawFrame)
     if source.kind == "lake":
-        start, total, records = sources.lake_raw_records(settings.lake_uri, source.prefix, window)
+        start, total, records = lake_source.lake_raw_records(settings.lake_uri, source.prefix, window)
         return start, total, sources.values_of(records, RawFrame)
     if source.kind == "capture":
         assert source.path is not None
@@ -142,7 +142,7 @@ def event_input(
     if source.kind == "topic":
         start, total, records = sources.topic_event_records(settings, source.prefix, window, serde)
     elif source.kind == "lake":
-        start, total, records = sources.lake_event_records(settings.lake_uri, source.prefix, window)
+        start, total, records = lake_source.lake_event_records(settings.lake_uri, source.prefix, window)
     else:
         raise ConfigError(f"--input events needs a topic or lake source; {source.describe()} is a raw log")
     return start, total, sources.values_of(records, MarketEvent)

@@ -117,7 +117,7 @@ class ModelScores:
 class PipelineRun(Protocol):
     """What a backtest's pipeline hands to scoring, the report and the record files: a
     :class:`BacktestEngine`, or the merged partitions of a parallel run
-    (:class:`quotewatch.services.replay.parallel.ParallelRun`)."""
+    (:class:`quotewatch.services.replay.partitions.ParallelRun`)."""
 
     counts: PipelineCounts
     book_tops: list[BookTop]

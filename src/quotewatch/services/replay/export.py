@@ -35,7 +35,7 @@ from quotewatch.core.errors import ConfigError
 from quotewatch.core.records import RawFrame
 from quotewatch.core.serde import AvroSerde
 from quotewatch.domain.venue.captures import capture_stem
-from quotewatch.services.replay import sources
+from quotewatch.services.replay import lake_source, sources
 from quotewatch.services.replay.sources import RawStart, ReplayError, SourceSpec, Window, format_time
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def export(settings: ReplaySettings, source: SourceSpec, window: Window, output:
         start, _, records = sources.topic_raw_records(settings, source.prefix, window, AvroSerde())
         values: Iterable[RawFrame] = sources.values_of(records, RawFrame)
     elif source.kind == "lake":
-        start, _, lake_records = sources.lake_raw_records(settings.lake_uri, source.prefix, window)
+        start, _, lake_records = lake_source.lake_raw_records(settings.lake_uri, source.prefix, window)
         values = sources.values_of(lake_records, RawFrame)
     else:
         raise ConfigError(

@@ -51,7 +51,7 @@ import uuid
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import numpy as np
@@ -59,11 +59,11 @@ from numpy.typing import NDArray
 
 from quotewatch.core.config import BacktestSettings
 from quotewatch.core.errors import ConfigError
-from quotewatch.core.records import BookTop, FeatureVector, Label, MarketEvent, RawFrame
+from quotewatch.core.records import MarketEvent, RawFrame
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market.book_pipeline import SymbolPipeline
-from quotewatch.services.replay import sources
+from quotewatch.services.replay import lake_source, sources
 from quotewatch.services.replay.engine import (
     BacktestEngine,
     FeatureTable,
@@ -71,6 +71,7 @@ from quotewatch.services.replay.engine import (
     PipelineCounts,
     input_lookahead_ns,
 )
+from quotewatch.services.replay.partitions import ParallelRun, Partition, PartitionResult, PartitionTask
 from quotewatch.services.replay.sources import RawStart, ReplayError, SourceSpec, Window, format_time
 
 logger = logging.getLogger(__name__)
@@ -82,96 +83,6 @@ clock up to this far ahead of ours cannot have closed a tick of the day before t
 _MS = 1_000_000
 _INPUT_COUNTS = ("raw_records", "events", "rejected_raw", "bad_events")
 """Counted by the partition that owns the record's ts_init; the other counts by the tick's t."""
-
-
-@dataclass(frozen=True, slots=True)
-class Partition:
-    """One symbol-day (raw input: one day of every symbol) of a backtest: which ticks it emits, what it
-    reads, which input it counts."""
-
-    symbols: tuple[str, ...]
-    day: str
-    """The UTC date (``YYYY-MM-DD``) of its ticks."""
-    emit_from_ns: int | None
-    """First tick time it emits (None: from the warm-up on, as the serial run)."""
-    emit_to_ns: int | None
-    """Ticks before this (None: to the end)."""
-    read_from_ns: int | None
-    """Its input starts at the CONNECTED at or before this ts_init (None: at the source's start)."""
-    read_limit_ns: int | None
-    """Its input never goes past this ts_init (None: the source's end): where the serial run stops."""
-    count_from_ns: int | None
-    count_to_ns: int | None
-
-    def describe(self) -> str:
-        return f"{','.join(self.symbols)} {self.day}"
-
-    def counts_input(self, ts_init: int) -> bool:
-        return (self.count_from_ns is None or ts_init >= self.count_from_ns) and (
-            self.count_to_ns is None or ts_init < self.count_to_ns
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionTask:
-    """Everything a worker process needs to run one partition (pickled to it)."""
-
-    settings: BacktestSettings
-    source: SourceSpec
-    partition: Partition
-    events: bool = False
-    """Read the stored market events instead of the raw log."""
-    keep_records: bool = False
-    """Also return the BookTop, FeatureVector and Label records (``--records``, ``--lake-out``)."""
-
-
-@dataclass
-class PartitionResult:
-    """What one partition made: its rows with their order keys, and its counts."""
-
-    partition: Partition
-    counts: PipelineCounts
-    features: FeatureTable
-    labels: LabelTable
-    feature_keys: NDArray[np.int64]
-    """(rows, 4): the order key of each feature row: the event's input position (3 columns), the tick time."""
-    label_keys: NDArray[np.int64]
-    top_keys: NDArray[np.int64]
-    symbols_seen: set[str]
-    """Symbols of the events it read in the input it counts (a check that the plan missed none)."""
-    read_to_ns: int | None
-    """How far it read (after its re-runs for a silent symbol)."""
-    runs: int
-    seconds: float
-    book_tops: list[BookTop] = field(default_factory=list)
-    feature_records: list[FeatureVector] = field(default_factory=list)
-    label_records: list[Label] = field(default_factory=list)
-
-
-@dataclass
-class ParallelRun:
-    """The partitions merged in the serial run's order: what :class:`~.engine.BacktestEngine` would hold.
-
-    Satisfies :class:`~quotewatch.services.replay.engine.PipelineRun`, so scoring, the report and
-    the record files take it as they take an engine.
-    """
-
-    counts: PipelineCounts
-    features: FeatureTable
-    labels: LabelTable
-    partitions: list[Partition]
-    start: RawStart | None
-    book_tops: list[BookTop] = field(default_factory=list)
-    feature_records: list[FeatureVector] = field(default_factory=list)
-    label_records: list[Label] = field(default_factory=list)
-    partition_seconds: float = 0.0
-    """Sum of the partitions' own run times (the work done; the wall time is less with workers)."""
-
-    def feature_table(self) -> FeatureTable:
-        return self.features
-
-    def label_table(self) -> LabelTable:
-        return self.labels
 
 
 # -- planning ----------------------------------------------------------------------------------------
@@ -205,7 +116,7 @@ def survey(settings: BacktestSettings, source: SourceSpec, window: Window) -> So
     if source.kind == "lake":
         from quotewatch.core.lake import read_table
 
-        start = sources.lake_raw_start(settings.lake_uri, source.prefix, window.start_ns)
+        start = lake_source.lake_raw_start(settings.lake_uri, source.prefix, window.start_ns)
         end_ns = window.end_ns + sources.LAKE_MARGIN_NS if window.end_ns is not None else None
         table = read_table(
             settings.lake_uri,
@@ -423,7 +334,7 @@ def _keyed_raws(settings: BacktestSettings, source: SourceSpec, window: Window) 
         _, _, records = sources.topic_raw_records(settings, source.prefix, window, AvroSerde())
         return ((record.offset, raw) for record, raw in sources.typed_records(records, RawFrame))
     if source.kind == "lake":
-        _, _, records = sources.lake_raw_records(settings.lake_uri, source.prefix, window)
+        _, _, records = lake_source.lake_raw_records(settings.lake_uri, source.prefix, window)
         return ((record.offset, raw) for record, raw in sources.typed_records(records, RawFrame))
     # A capture or the synthetic market is read from its start: the index is the position in the log.
     if source.kind == "capture":
@@ -441,7 +352,7 @@ def _keyed_events(
     if source.kind == "topic":
         _, _, records = sources.topic_event_records(settings, source.prefix, window, AvroSerde())
     elif source.kind == "lake":
-        _, _, records = sources.lake_event_records(settings.lake_uri, source.prefix, window)
+        _, _, records = lake_source.lake_event_records(settings.lake_uri, source.prefix, window)
     else:
         raise ConfigError(f"--input events needs a topic or lake source; {source.describe()} is a raw log")
     return (((event.ts_init, r.partition, r.offset), event) for r, event in sources.typed_records(records, MarketEvent))

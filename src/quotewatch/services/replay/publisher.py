@@ -42,7 +42,7 @@ from quotewatch.core.kafka import (
 from quotewatch.core.records import MarketEvent, RawFrame
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
-from quotewatch.services.replay import sources
+from quotewatch.services.replay import lake_source, sources
 from quotewatch.services.replay.sources import LogRecord, RawStart, ReplayError, SourceSpec, Window, format_time
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def open_source(
             return sources.topic_raw_records(settings, source.prefix, window, serde)
         return sources.topic_event_records(settings, source.prefix, window, serde)
     if source.kind == "lake":
-        read_lake = sources.lake_raw_records if what == "raw" else sources.lake_event_records
+        read_lake = lake_source.lake_raw_records if what == "raw" else lake_source.lake_event_records
         return read_lake(settings.lake_uri, source.prefix, window)
     if what != "raw":
         raise ConfigError(f"--what events needs a topic or lake source; {source.describe()} is a raw log")

@@ -6,7 +6,7 @@ The gate scores the current ``champion`` on the **same test window** as the cand
 loaded with :func:`quotewatch.domain.ml.registry.load_model_version`, exactly as inference loads it).
 A champion that exists but cannot be scored is never taken for "no champion": if it cannot be
 loaded the gate refuses; if its feature spec is not the candidate's, the candidate replaces it only
-when it is for the spec the stream carries now (:func:`quotewatch.services.trainer.training.gate` has the rule).
+when it is for the spec the stream carries now (:func:`quotewatch.services.trainer.gate.gate` has the rule).
 The candidate is always registered as a new version (tagged ``gate=passed|refused`` and why);
 only a passing candidate moves the alias (``champion``, or ``challenger`` with ``--challenger``).
 """
@@ -41,15 +41,8 @@ from quotewatch.domain.ml.registry import (
     resolve_version,
     version_tags,
 )
-from quotewatch.services.trainer.training import (
-    Candidate,
-    GateDecision,
-    GateThresholds,
-    TrainingResult,
-    UnscoredChampion,
-    champion_of_another_spec,
-    gate,
-)
+from quotewatch.services.trainer.gate import GateDecision, UnscoredChampion, champion_of_another_spec, gate
+from quotewatch.services.trainer.training import Candidate, GateThresholds, TrainingResult
 
 RunContext = Mapping[str, Any]  # not a topic record: the MLflow run context
 ModelMetadata = Mapping[str, Any]  # not a topic record: a model's MLmodel metadata (JSON values)
@@ -84,7 +77,7 @@ def assess_champion(
 ) -> tuple[str | None, Scores | UnscoredChampion | None]:
     """(version, what the gate gets) for the current champion, on the candidate's test window.
 
-    What the gate gets (see :func:`quotewatch.services.trainer.training.gate`): None when no champion is
+    What the gate gets (see :func:`quotewatch.services.trainer.gate.gate`): None when no champion is
     registered; its scores when it loads and scores the candidate's vectors; otherwise an
     :class:`UnscoredChampion` saying why and whether it may be replaced without a comparison:
 

@@ -22,7 +22,6 @@ import msgspec
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from quotewatch.core import processor as processor_module
 from quotewatch.core.clock import SystemClock
 from quotewatch.core.config import CommonSettings, InferenceSettings
 from quotewatch.core.health import Liveness
@@ -30,10 +29,12 @@ from quotewatch.core.kafka import ShutdownSignal, ensure_topics, make_admin, mak
 from quotewatch.core.metrics import MODEL_RELOADS
 from quotewatch.core.records import FeatureVector, Label, Prediction, Snapshot
 from quotewatch.core.runtime import InRecord, OutRecord, StreamProcessor, StreamTask
+from quotewatch.core.runtime import processor as processor_module
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.ml import evaluation as ev
-from quotewatch.domain.ml.registry import ensure_webhook, make_client, parse_model_uri
+from quotewatch.domain.ml.registry import make_client, parse_model_uri
+from quotewatch.domain.ml.webhooks import ensure_webhook
 from quotewatch.services.inference.models import FeatureSample, ModelManager
 from quotewatch.services.inference.task import InferenceTask
 from quotewatch.services.inference.webhook import WebhookReceiver

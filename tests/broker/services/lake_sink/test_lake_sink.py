@@ -11,6 +11,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
@@ -357,7 +358,7 @@ def test_a_crash_in_the_middle_of_a_chunk_is_repaired_under_the_same_file_names(
     with running_sink(crashing, publish=crash_on_second_file, crash_expected=True):
         wait_for(lambda: len(published) == 1, message="the first file of the next chunk")
     (partial,) = set(files_of(root, names.features)) - set(before)
-    chunk = lake.chunk_description(lake.pq.read_metadata(root / names.features / partial))
+    chunk = lake.chunk_description(pq.read_metadata(root / names.features / partial))
     assert chunk is not None
     assert chunk.first_offset == committed
     assert len(chunk.files) >= 3
@@ -392,7 +393,7 @@ def test_files_written_but_not_committed_before_a_crash_are_kept_not_written_aga
     def crash_after_a_complete_chunk(location: LakeLocation, path: str, data: bytes) -> None:
         publish_file(location, path, data)
         new = set(files_of(root, names.features)) - first_stretch
-        description = lake.chunk_description(lake.pq.read_metadata(root / names.features / min(new)))
+        description = lake.chunk_description(pq.read_metadata(root / names.features / min(new)))
         assert description is not None
         if set(description.files) <= new:
             chunk_files.extend(description.files)

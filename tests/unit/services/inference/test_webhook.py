@@ -19,13 +19,8 @@ from mlflow.webhooks.delivery import _generate_hmac_signature
 
 from quotewatch.core.clock import FakeClock
 from quotewatch.core.errors import ConfigError
-from quotewatch.domain.ml.registry import (
-    WebhookRejectedError,
-    is_alias_change,
-    parse_model_uri,
-    verify_webhook,
-    webhook_signature,
-)
+from quotewatch.domain.ml.registry import parse_model_uri
+from quotewatch.domain.ml.webhooks import WebhookRejectedError, is_alias_change, verify_webhook, webhook_signature
 from quotewatch.services.inference.webhook import PATH, READ_TIMEOUT_SECONDS, WebhookReceiver, content_length
 
 SECRET = "s3cret-for-tests"

@@ -26,14 +26,8 @@ from quotewatch.domain.venue.coinbase import FEED_ADVANCED
 from quotewatch.domain.venue.normaliser import Normaliser
 from quotewatch.services.replay.backtest import RECORD_FILES, BacktestResult, read_records, run_backtest
 from quotewatch.services.replay.engine import input_lookahead_ns
-from quotewatch.services.replay.parallel import (
-    DAY_NS,
-    PartitionTask,
-    _run_once,
-    plan,
-    run_partition,
-    survey,
-)
+from quotewatch.services.replay.parallel import DAY_NS, _run_once, plan, run_partition, survey
+from quotewatch.services.replay.partitions import PartitionTask
 from quotewatch.services.replay.sources import SourceSpec, Window, parse_time
 from tests.unit.services.replay.test_backtest import lr_model
 from tests.unit.services.replay.test_sources import write_dataset

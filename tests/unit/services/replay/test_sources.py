@@ -16,6 +16,7 @@ from quotewatch.core.records import MarketEvent, RawFrame, RawKind
 from quotewatch.domain.simulation.synthetic import SyntheticConfig, synthetic_raw_frames
 from quotewatch.domain.venue.coinbase import FEED_ADVANCED
 from quotewatch.domain.venue.normaliser import Normaliser
+from quotewatch.services.replay.lake_source import lake_event_records, lake_raw_records
 from quotewatch.services.replay.publisher import parse_speed
 from quotewatch.services.replay.sources import (
     LogRecord,
@@ -26,8 +27,6 @@ from quotewatch.services.replay.sources import (
     Window,
     find_raw_start,
     format_time,
-    lake_event_records,
-    lake_raw_records,
     parse_source,
     parse_time,
     values_of,

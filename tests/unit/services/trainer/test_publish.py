@@ -16,14 +16,13 @@ import pytest
 from quotewatch.domain.ml import evaluation as ev
 from quotewatch.domain.ml.registry import LoadedModel, ModelLoadError, ModelUri
 from quotewatch.services.trainer import publish
+from quotewatch.services.trainer.gate import UnscoredChampion, gate
 from quotewatch.services.trainer.training import (
     GateThresholds,
     TrainingOptions,
     TrainingResult,
-    UnscoredChampion,
     build_training_set,
     fit_model,
-    gate,
     train,
 )
 from tests.unit.services.trainer.market_data import DELTA_MS

@@ -14,14 +14,12 @@ from quotewatch.domain.ml import evaluation as ev
 from quotewatch.domain.ml.evaluation import Scores
 from quotewatch.domain.ml.models import positive_probability
 from quotewatch.domain.ml.statistics import Interval
+from quotewatch.services.trainer.gate import UnscoredChampion, champion_of_another_spec, gate
 from quotewatch.services.trainer.training import (
     GateThresholds,
     TrainingDataError,
     TrainingOptions,
-    UnscoredChampion,
     build_training_set,
-    champion_of_another_spec,
-    gate,
     records_frame,
     time_split,
     train,
