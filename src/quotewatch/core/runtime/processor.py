@@ -30,19 +30,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Generic, cast
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, Unpack, cast
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from quotewatch.core.bounded import field_int, parse_json_object
-from quotewatch.core.clock import Clock
-from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import FatalError, RetriableError, SerdeError, UntrustedInputError
-from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import (
     DeliveryTracker,
-    ShutdownSignal,
     encode_key,
     flush_or_fail,
     make_producer,
@@ -51,70 +47,40 @@ from quotewatch.core.kafka import (
 )
 from quotewatch.core.metrics import DEAD_LETTERS, PROCESSING_SECONDS, RECORDS_IN, RECORDS_OUT, TRANSACTIONS
 from quotewatch.core.runtime.deadletter import Rejection, dead_letter
-from quotewatch.core.runtime.session import ConsumerSession, TopicPartitionKey
+from quotewatch.core.runtime.session import ConsumerLoop, LoopArgs, TopicPartitionKey
 from quotewatch.core.runtime.task import InRecord, StreamTask, V
-from quotewatch.core.serde import AvroSerde
-from quotewatch.core.topics import TopicNames
 
 logger = logging.getLogger(__name__)
 
 
-class StreamProcessor(Generic[V]):
+class StreamProcessor(ConsumerLoop, Generic[V]):
     """Runs a :class:`StreamTask` over input topics until shutdown is requested.
 
     Args:
         exactly_once: one transaction per batch (outputs + dead letters + offsets). When False,
             outputs are flushed before offsets are committed: at-least-once.
-        group_id: consumer group (default ``<prefix>.<service>``).
         transactional_id: default ``<prefix>.<service>.<instance_id>``, stable across restarts so
             a restarted instance fences its zombie predecessor.
-        input_probe: whether the input has data waiting, for the watchdog (default: ask the broker).
+        args: :class:`~quotewatch.core.runtime.session.LoopArgs`: settings, service, input topics,
+            serde, clock, shutdown, liveness; optionally group, batch size (500), poll timeout
+            (0.05 s), consumer overrides, input probe.
     """
 
     def __init__(
         self,
         *,
-        settings: CommonSettings,
-        service: str,
         task: StreamTask[V],
-        input_topics: Sequence[str],
-        serde: AvroSerde,
-        clock: Clock,
-        shutdown: ShutdownSignal,
-        liveness: Liveness,
         exactly_once: bool = True,
-        batch_size: int = 500,
-        poll_timeout: float = 0.05,
-        group_id: str | None = None,
         transactional_id: str | None = None,
-        consumer_overrides: Mapping[str, Any] | None = None,  # not a topic record: librdkafka config
         producer_overrides: Mapping[str, Any] | None = None,  # not a topic record: librdkafka config
-        input_probe: Callable[[], bool | None] | None = None,
+        **args: Unpack[LoopArgs],
     ) -> None:
-        self._settings = settings
-        self._service = service
+        super().__init__(**args)
+        settings = args["settings"]
         self._task = task
-        self._serde = serde
-        self._clock = clock
-        self._shutdown = shutdown
-        self._liveness = liveness
         self._exactly_once = exactly_once
-        self._batch_size = batch_size
-        self._poll_timeout = poll_timeout
-        self._dlq_topic = TopicNames(settings.topic_prefix).dlq
-        self._transactional_id = transactional_id or f"{settings.topic_prefix}.{service}.{settings.instance_id}"
+        self._transactional_id = transactional_id or f"{settings.topic_prefix}.{self._service}.{settings.instance_id}"
         self._producer_overrides = dict(producer_overrides or {})
-        self._session = ConsumerSession(
-            settings=settings,
-            service=service,
-            input_topics=input_topics,
-            group_id=group_id or f"{settings.topic_prefix}.{service}",
-            clock=clock,
-            shutdown=shutdown,
-            liveness=liveness,
-            consumer_overrides=consumer_overrides,
-            input_probe=input_probe,
-        )
         self._producer: Producer | None = None
         self._delivery = DeliveryTracker()
         self._replay_until: dict[TopicPartitionKey, int] = {}
@@ -138,15 +104,15 @@ class StreamProcessor(Generic[V]):
             self._producer = make_producer(
                 self._settings, client_id, on_delivery=self._delivery, **self._producer_overrides
             )
-        consumer = self._session.open(self)
+        consumer = self.session.open(self)
         reason = "shutdown requested"
         try:
             while not self._shutdown.requested:
                 messages = poll_batch(consumer, self._batch_size, self._poll_timeout)
-                self._session.turned()
+                self.session.turned()
                 if messages:
                     self._process_batch(messages)
-                self._session.update_lag()
+                self.session.update_lag()
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
             raise
@@ -162,7 +128,7 @@ class StreamProcessor(Generic[V]):
                 flush_or_fail(self._producer, 30)
             except FatalError:
                 logger.exception("producer did not flush on shutdown", extra={"service": self._service})
-        self._session.close()
+        self.session.close()
 
     # -- rebalance and recovery ------------------------------------------------------------
 
@@ -190,11 +156,11 @@ class StreamProcessor(Generic[V]):
 
     def _rewind(self) -> None:
         """After an aborted transaction: drop the task's state and resume from the last commit."""
-        consumer = self._session.consumer
-        partitions = [TopicPartition(topic, partition) for topic, partition in sorted(self._session.assigned)]
+        consumer = self.session.consumer
+        partitions = [TopicPartition(topic, partition) for topic, partition in sorted(self.session.assigned)]
         if not partitions:
             return
-        committed = self._session.committed(partitions)
+        committed = self.session.committed(partitions)
         if committed is None:
             return  # shutting down: nothing more is processed
         for tp in committed:
@@ -215,7 +181,7 @@ class StreamProcessor(Generic[V]):
 
     def _process_batch(self, messages: list[Message]) -> None:
         assert self._producer is not None
-        consumer = self._session.consumer
+        consumer = self.session.consumer
         started = time.perf_counter()
         if self._exactly_once:
             # Exactly-once: everything produced from here to commit_transaction() (outputs, dead
@@ -224,7 +190,7 @@ class StreamProcessor(Generic[V]):
         next_offsets: dict[TopicPartitionKey, int] = {}
         processed = 0
         for message in messages:
-            if self._session.consumer_error(message):
+            if self.session.consumer_error(message):
                 continue
             topic, partition, offset = message.topic() or "", message.partition() or 0, message.offset() or 0
             key = (topic, partition)
@@ -261,8 +227,8 @@ class StreamProcessor(Generic[V]):
             self._producer.abort_transaction()
         if not next_offsets:
             return
-        self._session.backoff.reset()
-        self._session.positions.update(next_offsets)
+        self.session.backoff.reset()
+        self.session.positions.update(next_offsets)
         self._liveness.progressed(
             processed,
             {f"{topic}[{partition}]": offset for (topic, partition), offset in next_offsets.items()},
@@ -282,7 +248,7 @@ class StreamProcessor(Generic[V]):
             self._producer.abort_transaction(60)
             TRANSACTIONS.labels(self._service, "aborted").inc()
         self._rewind()
-        self._session.pause_before_retry(error, topic=topic, partition=partition, offset=offset)
+        self.session.pause_before_retry(error, topic=topic, partition=partition, offset=offset)
 
     def _handle(self, message: Message, topic: str, partition: int, offset: int, replaying: bool) -> None:
         assert self._producer is not None
@@ -351,7 +317,7 @@ class StreamProcessor(Generic[V]):
 
     def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
         assert self._producer is not None
-        producer, consumer = self._producer, self._session.consumer
+        producer, consumer = self._producer, self.session.consumer
         try:
             # The input offsets join the open transaction: committed with the outputs or not at all.
             self._with_retries(

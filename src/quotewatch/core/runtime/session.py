@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -22,6 +22,8 @@ from quotewatch.core.errors import FatalError
 from quotewatch.core.health import Liveness
 from quotewatch.core.kafka import ShutdownSignal, TransientBackoff, make_consumer
 from quotewatch.core.metrics import CONSUMER_LAG
+from quotewatch.core.serde import AvroSerde
+from quotewatch.core.topics import TopicNames
 
 logger = logging.getLogger(__name__)
 
@@ -325,3 +327,61 @@ class ConsumerSession:
             CONSUMER_LAG.labels(self.service, topic, str(partition)).set(lag)
             total += lag
         self.liveness.set_lag(total)
+
+
+class LoopOptions(TypedDict, total=False):
+    """The optional settings of a runtime loop (:class:`ConsumerLoop`), given as keyword arguments."""
+
+    group_id: str | None
+    """Consumer group (default ``<prefix>.<service>``)."""
+    batch_size: int
+    """Records per poll at most."""
+    poll_timeout: float
+    consumer_overrides: Mapping[str, Any] | None  # not a topic record: librdkafka config
+    input_probe: Callable[[], bool | None] | None
+    """Whether the input has data waiting, for the watchdog (default: ask the broker); for tests."""
+
+
+class LoopArgs(LoopOptions):
+    """Everything a runtime loop (:class:`ConsumerLoop`) is given, as keyword arguments."""
+
+    settings: CommonSettings
+    service: str
+    input_topics: Sequence[str]
+    serde: AvroSerde
+    clock: Clock
+    shutdown: ShutdownSignal
+    liveness: Liveness
+
+
+class ConsumerLoop:
+    """What the runtime's loops (the stream processor, the sink runner) share: their inputs and
+    their :class:`ConsumerSession` (``self.session``)."""
+
+    BATCH_SIZE = 500
+    """Records per poll at most, unless ``batch_size`` is given."""
+    POLL_TIMEOUT = 0.05
+    """Seconds a poll waits for records, unless ``poll_timeout`` is given."""
+
+    def __init__(self, **args: Unpack[LoopArgs]) -> None:
+        settings, service = args["settings"], args["service"]
+        self._settings = settings
+        self._service = service
+        self._serde = args["serde"]
+        self._clock = args["clock"]
+        self._shutdown = args["shutdown"]
+        self._liveness = args["liveness"]
+        self._batch_size = args.get("batch_size", self.BATCH_SIZE)
+        self._poll_timeout = args.get("poll_timeout", self.POLL_TIMEOUT)
+        self._dlq_topic = TopicNames(settings.topic_prefix).dlq
+        self.session = ConsumerSession(
+            settings=settings,
+            service=service,
+            input_topics=args["input_topics"],
+            group_id=args.get("group_id") or f"{settings.topic_prefix}.{service}",
+            clock=self._clock,
+            shutdown=self._shutdown,
+            liveness=self._liveness,
+            consumer_overrides=args.get("consumer_overrides"),
+            input_probe=args.get("input_probe"),
+        )

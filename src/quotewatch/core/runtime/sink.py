@@ -17,21 +17,16 @@ service (non-zero exit), committing nothing more.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Protocol, Unpack
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from quotewatch.core.clock import Clock
-from quotewatch.core.config import CommonSettings
 from quotewatch.core.errors import FatalError, RetriableError
-from quotewatch.core.health import Liveness
-from quotewatch.core.kafka import DeliveryTracker, ShutdownSignal, encode_key, flush_or_fail, make_producer
+from quotewatch.core.kafka import DeliveryTracker, encode_key, flush_or_fail, make_producer
 from quotewatch.core.metrics import DEAD_LETTERS, RECORDS_OUT
 from quotewatch.core.runtime.deadletter import Rejection, dead_letter
-from quotewatch.core.runtime.session import ConsumerSession, TopicPartitionKey
-from quotewatch.core.serde import AvroSerde
-from quotewatch.core.topics import TopicNames
+from quotewatch.core.runtime.session import ConsumerLoop, LoopArgs, TopicPartitionKey
 
 logger = logging.getLogger(__name__)
 
@@ -63,49 +58,20 @@ class SinkWriter(Protocol):
         ...
 
 
-class SinkRunner:
+class SinkRunner(ConsumerLoop):
     """Runs a :class:`SinkWriter` over input topics until shutdown, committing after the writes.
 
     Args:
-        input_probe: whether the input has data waiting, for the watchdog (default: ask the broker).
+        args: :class:`~quotewatch.core.runtime.session.LoopArgs`: settings, service, input topics,
+            serde, clock, shutdown, liveness; optionally group, batch size (1000), poll timeout
+            (0.1 s), consumer overrides, input probe.
     """
 
-    def __init__(
-        self,
-        *,
-        settings: CommonSettings,
-        service: str,
-        input_topics: Sequence[str],
-        serde: AvroSerde,
-        clock: Clock,
-        shutdown: ShutdownSignal,
-        liveness: Liveness,
-        group_id: str | None = None,
-        batch_size: int = 1000,
-        poll_timeout: float = 0.1,
-        consumer_overrides: Mapping[str, Any] | None = None,  # not a topic record: librdkafka config
-        input_probe: Callable[[], bool | None] | None = None,
-    ) -> None:
-        self._settings = settings
-        self._service = service
-        self._serde = serde
-        self._clock = clock
-        self._shutdown = shutdown
-        self._liveness = liveness
-        self._batch_size = batch_size
-        self._poll_timeout = poll_timeout
-        self._dlq_topic = TopicNames(settings.topic_prefix).dlq
-        self.session = ConsumerSession(
-            settings=settings,
-            service=service,
-            input_topics=input_topics,
-            group_id=group_id or f"{settings.topic_prefix}.{service}",
-            clock=clock,
-            shutdown=shutdown,
-            liveness=liveness,
-            consumer_overrides=consumer_overrides,
-            input_probe=input_probe,
-        )
+    BATCH_SIZE = 1000
+    POLL_TIMEOUT = 0.1
+
+    def __init__(self, **args: Unpack[LoopArgs]) -> None:
+        super().__init__(**args)
         self._writer: SinkWriter | None = None
         self._producer: Producer | None = None
         self._delivery = DeliveryTracker()

@@ -40,9 +40,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import pyarrow as pa
@@ -80,7 +80,7 @@ from quotewatch.core.metrics import (
     PROCESSING_SECONDS,
     RECORDS_IN,
 )
-from quotewatch.core.runtime.session import TopicPartitionKey
+from quotewatch.core.runtime.session import LoopOptions, TopicPartitionKey
 from quotewatch.core.runtime.sink import SinkRunner
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.service import ServiceContext
@@ -145,7 +145,8 @@ class LakeSink:
 
     Args:
         publish: how a file is made visible (default :func:`quotewatch.core.lake.publish_file`).
-        input_probe: whether the input has data waiting, for the watchdog (default: ask the broker).
+        options: the runner's :class:`~quotewatch.core.runtime.session.LoopOptions` (group, batch
+            size, poll timeout, consumer overrides, input probe).
     """
 
     def __init__(
@@ -158,12 +159,8 @@ class LakeSink:
         liveness: Liveness,
         lake: str | LakeLocation | None = None,
         service: str = SERVICE,
-        group_id: str | None = None,
         publish: Publisher = publish_file,
-        batch_size: int = 1000,
-        poll_timeout: float = 0.1,
-        consumer_overrides: Mapping[str, Any] | None = None,  # not a topic record: librdkafka config
-        input_probe: Callable[[], bool | None] | None = None,
+        **options: Unpack[LoopOptions],
     ) -> None:
         self._settings = settings
         self._serde = serde
@@ -188,11 +185,7 @@ class LakeSink:
             clock=clock,
             shutdown=shutdown,
             liveness=liveness,
-            group_id=group_id,
-            batch_size=batch_size,
-            poll_timeout=poll_timeout,
-            consumer_overrides=consumer_overrides,
-            input_probe=input_probe,
+            **options,
         )
 
     @classmethod
