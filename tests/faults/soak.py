@@ -5,7 +5,8 @@ topic and the lake checked against an uninterrupted run of the same input.
 from the local feed server, book, labeler, inference, lake-sink) on the soak's **own** Kafka broker
 (:class:`~quotewatch.local.kafka.LocalKafka` on a free port in a temporary directory), with the
 read_committed checker (:mod:`tests.faults.checker`) reading every topic throughout. Every
-``SOAK_FAULT_SECONDS`` (60) one fault, drawn at random (``SOAK_SEED``):
+``SOAK_FAULT_SECONDS`` (60) one fault, drawn at random (``SOAK_SEED``); when the system takes
+longer than that to recover, the next fault comes once it has (faults never overlap):
 
 - **kill -9** of a random stream service (the supervisor below starts it again);
 - **broker restart**: the broker stopped (SIGTERM) and started again on the same port and data;
@@ -28,7 +29,8 @@ At the end the input stops, every stage catches up, and
 with its topic (offset by offset, content too) and ``md.raw``'s frames (no hole, none twice); the
 checker compares what it was given live with what the topics hold. The table goes to
 ``docs/faults.md`` (and ``.build/faults/soak.md``); the exit status is 1 unless nothing was lost,
-nothing duplicated and every fault recovered.
+nothing duplicated and every fault recovered. The services' logs and the lake stay in
+``.build/soak/<start time>/`` (the broker's data is deleted).
 
 Settings (environment): ``SOAK_MINUTES`` (30), ``SOAK_RATE`` (level updates per second, all
 symbols together; 5000), ``SOAK_FAULT_SECONDS`` (60), ``SOAK_SEED`` (1).
@@ -39,8 +41,8 @@ from __future__ import annotations
 import os
 import platform
 import random
+import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -52,6 +54,7 @@ from pathlib import Path
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.records import MarketEvent
 from quotewatch.local.kafka import LocalKafka, free_port
+from quotewatch.services.feed_server.connection import ConnectionStats
 from quotewatch.services.feed_server.server import FaultPlan, FeedServer
 from tests.faults.checker import CHECKED_TOPICS, ReadCommittedChecker, wait_recovered
 from tests.faults.conftest import DOC, REPORT, replace_block
@@ -157,22 +160,22 @@ class Soak:
         self.pipeline.feed.call(abort)
 
     def _faulted_connection(self, kind: str, opened_before: int) -> Callable[[], bool]:
-        """Has the connection opened after ``opened_before`` had its fault?"""
+        """Has a connection opened since ``opened_before`` connections had the fault ``kind``?"""
 
-        def effect() -> bool:
-            def check() -> bool:
-                if len(self.server.connections) <= opened_before:
-                    return False
-                stats = self.server.connections[opened_before]
-                return {
-                    "feed silence": stats.silent,
-                    "sequence gap": bool(stats.skipped_sequences),
-                    "malformed frame": stats.malformed_sent > 0,
-                }[kind]
+        def had_it(stats: ConnectionStats) -> bool:
+            return {
+                "feed silence": stats.silent,
+                "sequence gap": bool(stats.skipped_sequences),
+                "malformed frame": stats.malformed_sent > 0,
+            }[kind]
 
-            return bool(self.pipeline.feed.call(check))
+        return lambda: bool(
+            self.pipeline.feed.call(lambda: any(had_it(c) for c in self.server.connections[opened_before:]))
+        )
 
-        return effect
+    def _faulted_opened(self, opened_before: int) -> bool:
+        """Has a connection with the fault plan opened since ``opened_before`` connections?"""
+        return bool(self.pipeline.feed.call(lambda: any(c.faulted for c in self.server.connections[opened_before:])))
 
     def inject(self, fault: Fault) -> None:
         pipeline = self.pipeline
@@ -194,7 +197,7 @@ class Soak:
 
             pipeline.feed.call(lambda: plan(FEED_PLANS[fault.kind]))
             self._drop_feed()
-            opened = _wait(lambda: self._connections() > before, 60)
+            opened = _wait(lambda: self._faulted_opened(before), 60)
             pipeline.feed.call(lambda: plan(FaultPlan()))
             fault.took_effect = opened and _wait(self._faulted_connection(fault.kind, before), 60)
 
@@ -332,12 +335,15 @@ def main() -> int:
     every = float(os.environ.get("SOAK_FAULT_SECONDS", "60"))
     seed = int(os.environ.get("SOAK_SEED", "1"))
     settings = f"SOAK_MINUTES={minutes:g} SOAK_RATE={rate:g} SOAK_FAULT_SECONDS={every:g} SOAK_SEED={seed}"
-    with tempfile.TemporaryDirectory(prefix="quotewatch-soak-") as tmp:
-        soak = Soak(Path(tmp), minutes, rate, every, seed)
-        try:
-            faults, summary = soak.run()
-        finally:
-            soak.close()
+    workdir = REPORT.parent.parent / "soak" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    workdir.mkdir(parents=True)
+    soak = Soak(workdir, minutes, rate, every, seed)
+    try:
+        faults, summary = soak.run()
+    finally:
+        soak.close()
+        shutil.rmtree(workdir / "kafka", ignore_errors=True)  # the services' logs and the lake stay
+    print(f"logs and lake in {workdir}")
     markdown = soak_table(faults, summary, settings)
     ok = summary.ok and all(f.recovered for f in faults)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
