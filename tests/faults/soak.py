@@ -134,6 +134,9 @@ class Soak:
                 workdir / "run",
                 rate=rate / len(SYMBOLS),
                 common_env={"HEALTH_STALL_SECONDS": "10", "STUCK_EXIT_SECONDS": "30"},
+                # The production default (the feed fault tests use 1.5 s to go fast): a soak on a
+                # loaded machine must not count the ingest's own slowness as feed silence.
+                extra_env={"ingest": {"HEARTBEAT_TIMEOUT_SECONDS": "5"}},
             )
         )
         self.faults: list[Fault] = []
