@@ -53,6 +53,19 @@ def refusals_beyond(inference: ServiceProcess, before: float) -> bool:
     return inference.assert_alive() and failures > before
 
 
+def refused_version(inference: ServiceProcess, before: float, name: str, version: str) -> bool:
+    """Has the process counted a failed reload beyond ``before`` and logged one of ``version`` itself?
+
+    The counter alone is not enough: a previous bad version is retried with backoff, and its retry
+    can land after the alias moved and before the new version was tried.
+    """
+    if not refusals_beyond(inference, before):
+        return False
+    pinned = f"uri=models:/{name}/{version} "
+    log = inference.log_path.read_text(errors="replace")
+    return any("model reload failed" in line and pinned in line for line in log.splitlines())
+
+
 def serving_version(inference: ServiceProcess, version: str) -> bool:
     """Does the process report ``version`` as its champion (on /metrics)?"""
     if not (inference.assert_alive() and inference.health().healthy):
@@ -148,7 +161,7 @@ def test_a_bad_champion_is_refused_and_the_previous_model_keeps_serving(
             before = metric_value(inference.metrics(), "quotewatch_model_reloads_total", outcome="failure")
             set_alias(uri, name, "champion", version)
             wait_for(
-                partial(refusals_beyond, inference, before),
+                partial(refused_version, inference, before, name, version),
                 timeout=120,
                 interval=0.3,
                 message=f"v{version} ({kind}) refused",
