@@ -230,6 +230,12 @@ class Label(msgspec.Struct, frozen=True, kw_only=True):
     future_best_ask_e8: int
     """Best ask price at t + delta x 1e8."""
 
+    synced_over_horizon: bool = True
+    """True iff the book was synced over the whole [t, t + delta]: t and t + delta are in the same sync epoch (no GAP or
+    resync inside). A false label is published so consumers can count it, never evaluated or learnt from. Records
+    written before this field were all synced (the labeler labelled nothing else).
+    """
+
 
 class LiveMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """Rolling metrics of one model version on predictions joined with their labels."""

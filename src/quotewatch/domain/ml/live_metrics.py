@@ -14,6 +14,10 @@ Per model (name, version, role) it keeps, over the last ``window`` joined labels
   give 0.33 instead of 0.5, river 0.26.1), and ties are the norm for tree models, whose
   probabilities take few distinct values.
 
+**The synced-only rule.** A label whose ``synced_over_horizon`` is false (a GAP or a resync inside
+[t, t + Δ]) joins nothing: the predictions of its (symbol, t) are dropped and counted in
+:attr:`LiveMetricsTracker.excluded_unsynced`, as the quality report does offline.
+
 The summary is the ``LiveMetrics`` records of the snapshot, so offline metrics on the same
 predictions and labels (:mod:`quotewatch.domain.ml.evaluation`) give the same numbers.
 """
@@ -31,6 +35,8 @@ from quotewatch.core.records import LiveMetrics, ModelRole
 from quotewatch.domain.ml.evaluation import DECISION_THRESHOLD, roc_auc
 
 ROLE_ORDER = {"CHAMPION": 0, "CHALLENGER": 1, "FALLBACK": 2}
+_UNSYNCED = -1
+"""The join buffer's mark of an unsynced label: the predictions of its (symbol, t) are excluded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,19 +89,24 @@ class LiveMetricsTracker:
         self._max_models = max_models
         self._threshold = threshold
         self._predictions: OrderedDict[tuple[str, int], list[tuple[ModelKey, float]]] = OrderedDict()
-        self._labels: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._labels: OrderedDict[tuple[str, int], int] = OrderedDict()  # _UNSYNCED: excluded
         self._models: dict[ModelKey, _ModelWindow] = {}
         self._sequence = 0
         self._summary: tuple[LiveMetrics, ...] | None = ()
         self.joined = 0
         self.dropped_predictions = 0
         self.dropped_labels = 0
+        self.excluded_unsynced = 0
+        """Predictions left out because their label's book was not synced over the horizon."""
 
     def add_predictions(self, symbol: str, t: int, predictions: Iterable[tuple[ModelKey, float]]) -> None:
         """The predictions emitted for (symbol, t); joins a label that arrived first."""
         entries = list(predictions)
         key = (symbol, t)
         label = self._labels.pop(key, None)
+        if label == _UNSYNCED:
+            self.excluded_unsynced += len(entries)
+            return
         if label is not None:
             self._join(entries, label)
             return
@@ -104,18 +115,32 @@ class LiveMetricsTracker:
             self._predictions.popitem(last=False)
             self.dropped_predictions += 1
 
-    def add_label(self, symbol: str, t: int, label: int) -> int:
-        """The label y(t) of (symbol, t); returns how many predictions it joined (0: it waits)."""
+    def add_label(self, symbol: str, t: int, label: int, synced: bool = True) -> int:
+        """The label y(t) of (symbol, t); returns how many predictions it joined (0: it waits).
+
+        ``synced``: ``Label.synced_over_horizon``; a false label joins nothing and its
+        predictions count in :attr:`excluded_unsynced`.
+        """
         key = (symbol, t)
         entries = self._predictions.pop(key, None)
+        if not synced:
+            if entries is None:
+                self._labels[key] = _UNSYNCED
+                self._bound_labels()
+            else:
+                self.excluded_unsynced += len(entries)
+            return 0
         if entries is None:
             self._labels[key] = int(label)
-            while len(self._labels) > self._buffer_max:
-                self._labels.popitem(last=False)
-                self.dropped_labels += 1
+            self._bound_labels()
             return 0
         self._join(entries, int(label))
         return len(entries)
+
+    def _bound_labels(self) -> None:
+        while len(self._labels) > self._buffer_max:
+            self._labels.popitem(last=False)
+            self.dropped_labels += 1
 
     def _join(self, entries: list[tuple[ModelKey, float]], label: int) -> None:
         for model, p in entries:

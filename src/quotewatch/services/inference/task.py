@@ -368,7 +368,8 @@ class InferenceTask:
         symbol, t, label = value.symbol, value.t_event, value.label
         if label not in (0, 1):
             raise ValueError(f"label {label} of {symbol} at t={t} is not 0 or 1")
-        self._tracker.add_label(symbol, t, label)
+        synced = value.synced_over_horizon
+        self._tracker.add_label(symbol, t, label, synced)
         vector = self._pending_vectors.pop((symbol, t), None)
-        if vector is not None:
+        if vector is not None and synced:  # the synced-only rule: the fallback learns only from synced labels
             self._fallback.learn(vector, label)

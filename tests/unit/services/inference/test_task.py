@@ -85,6 +85,24 @@ def test_without_a_champion_the_fallback_serves_and_learns_from_labels(
     assert later[0].model_version == f"online-{len(labelled)}"
 
 
+def test_labels_not_synced_over_the_horizon_are_neither_learnt_nor_counted(
+    make_manager: Callable[..., Any], ticks: Any
+) -> None:
+    features, labels = ticks
+    manager, _, sample = make_manager()
+    task = task_for(manager, sample)
+    feed(task, NAMES.features, features[:100])
+    keys = {(f.symbol, f.ts_event) for f in features[:100]}
+    labelled = [label for label in labels if (label.symbol, label.t_event) in keys]
+    unsynced = {id(label) for label in labelled[::3]}
+    flagged = [msgspec.structs.replace(label, synced_over_horizon=id(label) not in unsynced) for label in labelled]
+    feed(task, NAMES.labels, flagged)
+    synced = len(labelled) - len(unsynced)
+    assert task.fallback.learned == synced
+    assert task.tracker.excluded_unsynced == len(unsynced)
+    assert [(m.model_role, m.n_labels) for m in task.tracker.summary()] == [("FALLBACK", synced)]
+
+
 def test_the_champion_scores_each_vector_and_the_challenger_in_shadow(
     registry: FakeRegistry, make_manager: Callable[..., Any], ticks: Any
 ) -> None:
