@@ -256,6 +256,28 @@ class LiveMetrics(msgspec.Struct, frozen=True, kw_only=True):
 
     base_rate: float | None = None
 
+    lift: float | None = None
+    """Champion only: AUC minus the AUC of the rolling change frequency baseline on the same rows of the window
+    (quotewatch.domain.ml.live_lift); null when undefined or not computed yet.
+    """
+
+    lift_low: float | None = None
+    """Lower bound of the 95 % moving-block bootstrap interval of lift (null: too few blocks or positives)."""
+
+    lift_high: float | None = None
+    """Upper bound of the same interval."""
+
+    lift_rows: int = 0
+    """Joined rows the lift was computed on."""
+
+    lift_below_zero_since_ns: int | None = None
+    """Label event time since which every computed lift has been below zero (null: it is not)."""
+
+    lift_flagged: bool = False
+    """The lift has been below zero for LIFT_ALARM_MS of label event time: the champion deserves a human look (demotion
+    is done in the MLflow UI).
+    """
+
 
 class Trade(msgspec.Struct, frozen=True, kw_only=True):
     """One trade (Coinbase 'match' / 'market_trades')."""

@@ -55,15 +55,17 @@ class _ModelWindow:
         self.threshold = threshold
         self.n_labels = 0
         self.pairs: deque[tuple[int, float]] = deque(maxlen=window)
+        self.keys: deque[tuple[str, int]] = deque(maxlen=window)  # (symbol, t) of each pair
         # river's Rolling wraps a class; its types say `object`, so these are Any.
         self.brier: Any = utils.Rolling(metrics.MSE, window_size=window)
         self.balanced_accuracy: Any = utils.Rolling(metrics.BalancedAccuracy, window_size=window)
         self.base_rate: Any = utils.Rolling(stats.Mean, window_size=window)
         self.last_update = 0
 
-    def update(self, label: int, p: float, sequence: int) -> None:
+    def update(self, label: int, p: float, sequence: int, key: tuple[str, int]) -> None:
         self.n_labels += 1
         self.pairs.append((label, p))
+        self.keys.append(key)
         self.brier.update(label, p)
         self.balanced_accuracy.update(bool(label), p >= self.threshold)
         self.base_rate.update(float(label))
@@ -108,7 +110,7 @@ class LiveMetricsTracker:
             self.excluded_unsynced += len(entries)
             return
         if label is not None:
-            self._join(entries, label)
+            self._join(entries, label, key)
             return
         self._predictions.setdefault(key, []).extend(entries)
         while len(self._predictions) > self._buffer_max:
@@ -134,7 +136,7 @@ class LiveMetricsTracker:
             self._labels[key] = int(label)
             self._bound_labels()
             return 0
-        self._join(entries, int(label))
+        self._join(entries, int(label), key)
         return len(entries)
 
     def _bound_labels(self) -> None:
@@ -142,7 +144,7 @@ class LiveMetricsTracker:
             self._labels.popitem(last=False)
             self.dropped_labels += 1
 
-    def _join(self, entries: list[tuple[ModelKey, float]], label: int) -> None:
+    def _join(self, entries: list[tuple[ModelKey, float]], label: int, key: tuple[str, int]) -> None:
         for model, p in entries:
             self._sequence += 1
             window = self._models.get(model)
@@ -151,7 +153,7 @@ class LiveMetricsTracker:
                     stalest = min(self._models, key=lambda k: self._models[k].last_update)
                     del self._models[stalest]
                 window = self._models[model] = _ModelWindow(self._window, self._threshold)
-            window.update(label, p, self._sequence)
+            window.update(label, p, self._sequence, key)
             self.joined += 1
         self._summary = None
 
@@ -159,6 +161,23 @@ class LiveMetricsTracker:
         """The (label, p) pairs the metrics of ``model`` currently cover, oldest first."""
         window = self._models.get(model)
         return list(window.pairs) if window is not None else []
+
+    def window_rows(self, model: ModelKey) -> tuple[list[str], list[int], list[int], list[float]]:
+        """(symbols, t, labels, p) of the rows the metrics of ``model`` currently cover, oldest first."""
+        window = self._models.get(model)
+        if window is None:
+            return [], [], [], []
+        return (
+            [symbol for symbol, _ in window.keys],
+            [t for _, t in window.keys],
+            [label for label, _ in window.pairs],
+            [p for _, p in window.pairs],
+        )
+
+    def champion(self) -> ModelKey | None:
+        """The most recently joined champion model, or None."""
+        champions = [(w.last_update, key) for key, w in self._models.items() if key.model_role == "CHAMPION"]
+        return max(champions, key=lambda item: item[0])[1] if champions else None
 
     def summary(self) -> tuple[LiveMetrics, ...]:
         """``LiveMetrics`` records, champion first; cached until the next join."""
