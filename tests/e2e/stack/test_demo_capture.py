@@ -32,6 +32,7 @@ from quotewatch.domain.venue.captures import read_capture
 from quotewatch.services.dashboard.view import format_price
 from tests.e2e.stack.demo_run import DemoRun, running_demo
 from tests.helpers import read_topic, shared_data_dir, wait_for
+from tests.records import plain
 from tests.unit.domain.market.test_book_pipeline_captures import ReferenceBooks
 
 pytestmark = pytest.mark.slow
@@ -114,7 +115,8 @@ def test_a_recording_with_its_original_timestamps_flows_to_the_dashboard(capture
         assert ticks[-1] <= last_change[product] + 600 * SECOND, product
         assert tops[product][-1]["ts_init"] - ticks[-1] > DAY, "the host's clock must be ahead for this test to mean it"
         last = tops[product][-1]
-        assert (last["bids"], last["asks"]) == reference.top3(product), (
+        bids, asks = reference.top3(product)
+        assert (last["bids"], last["asks"]) == ([plain(level) for level in bids], [plain(level) for level in asks]), (
             f"{product}: the last top-3 differs from the raw JSON's book ({connections} connection(s))"
         )
 
