@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 9092
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps browser-deps test test-unit lint format bench faults quality broker-up broker-down demo clean
+.PHONY: help setup system-deps browser-deps test test-unit lint format bench faults soak quality broker-up broker-down demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ bench: setup system-deps browser-deps  ## benchmarks side by side in one run -> 
 
 faults: setup system-deps  ## the whole fault suite (a subset runs in make test); table -> docs/faults.md
 	QUOTEWATCH_FAULTS=full $(BIN)/python -m pytest tests/faults -m faults $(PYTEST_ARGS)
+
+soak: setup system-deps  ## SOAK_MINUTES (30) of the synthetic market at SOAK_RATE (5000 upd/s), a random fault a minute -> docs/faults.md
+	$(BIN)/python -m tests.faults.soak
 
 quality: setup  ## every real capture in ../shared/data + the synthetic market, walk-forward with intervals -> docs/model-quality.md
 	$(BIN)/quotewatch quality --data ../shared/data --output docs/model-quality.md $(QUALITY_ARGS)

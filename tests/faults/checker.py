@@ -62,7 +62,8 @@ from quotewatch.core.kafka import consumer_config, make_admin, query_watermarks
 from quotewatch.core.records import BookTop, FeatureVector, Label, Prediction, RawFrame, Record
 from quotewatch.core.serde import AvroSerde
 from quotewatch.core.topics import TopicNames
-from tests.faults.support import read_all
+from tests.faults.support import Pipeline, read_all
+from tests.helpers import wait_for
 
 CHECKED_TOPICS = ("md.raw", "md.events", "book.top3", "features", "labels", "predictions")
 _DETAILS = 50
@@ -244,7 +245,22 @@ class StreamRules:
     def judge(self) -> CheckerReport:
         """The gaps that need another topic: features and labels against book.top3's one-sided ticks,
         served predictions against the feature ticks."""
-        names, report = self.names, self.report
+        for violation in self._cross_topic_gaps():
+            self.report.gaps += 1
+            self.report.note(violation)
+        return self.report
+
+    def tally(self) -> tuple[int, int]:
+        """(lost, duplicated) so far, without judging: the gaps found live plus the cross-topic ones
+        as things stand now (a record or a tick missing), and the records delivered twice or out of
+        order (an older record again is a replay). For counting per fault during a run; the verdict
+        is :meth:`judge`'s."""
+        report = self.report
+        return report.gaps + len(self._cross_topic_gaps()), report.duplicates + report.out_of_order
+
+    def _cross_topic_gaps(self) -> list[str]:
+        names = self.names
+        gaps: list[str] = []
         for topic, rule in self._ticks.items():
             for symbol, tick in rule.missing:
                 one_sided = (symbol, tick) in self._one_sided
@@ -252,8 +268,7 @@ class StreamRules:
                     one_sided = one_sided or (symbol, tick + self.delta_ns) in self._one_sided
                 if topic != names.book_top3 and one_sided:
                     continue  # no feature vector / label for a tick with an empty side
-                report.gaps += 1
-                report.note(f"{topic}: {symbol} tick {tick} missing")
+                gaps.append(f"{topic}: {symbol} tick {tick} missing")
         served: dict[str, set[int]] = defaultdict(set)
         for record in self.delivered[names.predictions]:
             if isinstance(record.value, Prediction) and record.value.model_role != "CHALLENGER":
@@ -264,9 +279,8 @@ class StreamRules:
                 continue
             symbol, tick = record.value.symbol, record.value.ts_event
             if tick <= last_served.get(symbol, -1) and tick not in served[symbol]:
-                report.gaps += 1
-                report.note(f"{names.predictions}: {symbol} tick {tick} has no served prediction")
-        return report
+                gaps.append(f"{names.predictions}: {symbol} tick {tick} has no served prediction")
+        return gaps
 
 
 class ReadCommittedChecker:
@@ -313,6 +327,11 @@ class ReadCommittedChecker:
                 for record in self.rules.delivered[topic]
                 if record.partition == partition and first <= record.offset < end
             )
+
+    def tally(self) -> tuple[int, int]:
+        """(lost, duplicated) found so far (:meth:`StreamRules.tally`)."""
+        with self._lock:
+            return self.rules.tally()
 
     def assert_running(self) -> bool:
         """True, or raise what ended the checker's thread."""
@@ -408,6 +427,26 @@ class ReadCommittedChecker:
             }
         finally:
             consumer.close()
+
+
+def wait_recovered(
+    pipeline: Pipeline, checker: ReadCommittedChecker, seen: dict[str, int], timeout: float, grace: float
+) -> None:
+    """After a fault: every service of ``pipeline`` processed 50 more records (acting as the
+    supervisor meanwhile, see :meth:`Pipeline.liveness_probe` and ``grace``) and the checker was
+    given more records of every topic than ``seen`` (suffix -> delivered before the fault)."""
+    for name in pipeline.config.services:
+        pipeline.wait_progress(name, 50, timeout=timeout, liveness_grace=grace)
+    wait_for(
+        lambda: (
+            checker.assert_running()
+            and all(checker.delivered(suffix) > n for suffix, n in seen.items())
+            and not pipeline.liveness_probe(grace)
+        ),
+        timeout=timeout,
+        interval=0.2,
+        message="the read_committed checker to be given new records on every topic",
+    )
 
 
 def offsets_in(

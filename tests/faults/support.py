@@ -326,6 +326,10 @@ class Pipeline:
 
         wait_for(progressed, timeout=timeout, interval=0.2, message=f"{name} to process {more} more records")
 
+    def restarts_since(self, before: Counter[tuple[str, str]]) -> list[str]:
+        """``service (why)`` of each restart since :attr:`restarts` was ``before``."""
+        return [f"{name} ({why})" for (name, why), n in sorted((self.restarts - before).items()) for _ in range(n)]
+
     def liveness_probe(self, grace: float, startup: float = 30.0) -> list[str]:
         """Do what an orchestrator (Kubernetes: restartPolicy Always + a liveness probe on /health)
         does: start again a service that exited, and restart (SIGKILL, start) one whose /health has

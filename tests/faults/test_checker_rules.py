@@ -208,6 +208,20 @@ def _retyped(record: Delivered, value: Record) -> Delivered:
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
+def test_the_running_tally_counts_each_fault_as_the_verdict_will(fault: str) -> None:
+    """What the outage test reports per outage (:meth:`StreamRules.tally`, before the end) adds up
+    to the verdict: lost = gaps, duplicated = duplicates + out of order; tallying changes nothing."""
+    inject, _ = FAULTS[fault]
+    rules = StreamRules(PREFIX, TICK_MS, DELTA_MS)
+    for topic, record in inject(clean_stream()):
+        rules.take(topic, record)
+    lost, duplicated = rules.tally()
+    assert rules.tally() == (lost, duplicated)
+    report = rules.judge()
+    assert (lost, duplicated) == (report.gaps, report.duplicates + report.out_of_order) != (0, 0)
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
 def test_each_fault_is_counted_as_what_it_is(fault: str) -> None:
     inject, expected = FAULTS[fault]
     report = run(inject(clean_stream()))

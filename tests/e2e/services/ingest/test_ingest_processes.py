@@ -20,7 +20,7 @@ from typing import Any
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.topics import TopicNames
 from quotewatch.local.kafka import free_port
-from tests.helpers import wait_for
+from tests.helpers import read_topic, wait_for
 
 QUOTEWATCH = str(Path(sys.executable).with_name("quotewatch"))
 
@@ -92,7 +92,18 @@ def test_feed_serve_synthetic_and_run_ingest_fill_raw_and_events(make_settings: 
             message="the feed state SUBSCRIBED in /metrics",
         )
         raw = wait_for(lambda: (r := tail(settings, names.md_raw, 40)) and len(r) >= 40 and r, timeout=30)
-        events = wait_for(lambda: (r := tail(settings, names.md_events, 400)) and len(r) >= 400 and r, timeout=30)
+        # md.events is keyed by symbol: read every partition to its end (a tail of the first N records
+        # may come from one partition only), until both products have events.
+        events = wait_for(
+            lambda: (
+                (r := read_topic(settings, names.md_events, timeout=10))
+                and len(r) >= 400
+                and {e["symbol"] for e in r} >= {"BTC-USD", "ETH-USD"}
+                and r
+            ),
+            timeout=60,
+            message="400 events of both products on md.events",
+        )
         ingest.send_signal(signal.SIGTERM)
         assert ingest.wait(60) == 0, (tmp_path / "ingest.log").read_text()[-3000:]
         feed.send_signal(signal.SIGTERM)
