@@ -79,7 +79,13 @@ def evaluate(engine: BacktestEngine, models: list[LoadedModel]) -> report.Evalua
     table = engine.feature_table()
     scored = [score_model(table, m, CHAMPION_ROLE if i == 0 else CHALLENGER_ROLE) for i, m in enumerate(models)]
     return report.evaluate(
-        table, engine.label_table(), scored, start_ns=None, end_ns=None, delta_ms=DELTA_MS, baseline_window_ms=10_000
+        table,
+        engine.label_table().synced_only(),
+        scored,
+        start_ns=None,
+        end_ns=None,
+        delta_ms=DELTA_MS,
+        baseline_window_ms=10_000,
     )
 
 

@@ -100,6 +100,12 @@ def test_empty_state_then_live_values_ladder_sparklines_and_screenshot(
                 "brier": 0.1842,
                 "balanced_accuracy": 0.6021,
                 "base_rate": 0.31,
+                "lift": -0.0214,
+                "lift_low": -0.0633,
+                "lift_high": 0.0125,
+                "lift_rows": 1000,
+                "lift_below_zero_since_ns": 1,
+                "lift_flagged": True,
             }
         ],
         feed_state="SUBSCRIBED",
@@ -124,6 +130,8 @@ def test_empty_state_then_live_values_ladder_sparklines_and_screenshot(
         "#kpi-brier": "0.184",
         "#kpi-balanced-accuracy": "0.602",
         "#kpi-n-labels": "1,234 labels",
+        "#kpi-lift": "-0.021 [-0.063, +0.013]",
+        "#kpi-lift-note": "below zero for LIFT_ALARM_MS: review the champion (demote in the MLflow UI)",
         "#kpi-updates": "9.9/s",
         "#kpi-feed-state": "SUBSCRIBED",
         "#kpi-consumer-lag": "3",
@@ -132,6 +140,7 @@ def test_empty_state_then_live_values_ladder_sparklines_and_screenshot(
     assert not displayed(dash_duo, "#empty-state")
     assert not displayed(dash_duo, "#stale-indicator")
     assert "rgb(" in (dash_duo.find_element("#card-p-change").get_attribute("style") or "")
+    assert dash_duo.find_element("#card-lift").get_attribute("class") == "card flagged"
     # Read in one script: the rows are re-rendered every poll, element handles would go stale.
     rows = dash_duo.driver.execute_script(
         "return Array.from(document.querySelectorAll('#ladder-body tr'))"

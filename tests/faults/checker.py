@@ -29,7 +29,8 @@ of the pure domain code (``quotewatch.domain``) that any uninterrupted run satis
   is a gap unless ``book.top3`` holds it one-sided.
 - ``labels`` (key: the symbol): ``t_event`` (the labelled tick) strictly increases; within one
   ``epoch`` consecutive labels are ``TICK_MS`` apart, unless the tick in between, or the tick
-  ``DELTA_MS`` after it, is one-sided in ``book.top3`` (such a tick gets no label).
+  ``DELTA_MS`` after it, is one-sided in ``book.top3`` (such a tick gets no label). Only labels
+  flagged ``synced_over_horizon`` are checked (an unsynced one is an extra, counted by consumers).
 - ``predictions`` (key: the symbol): served predictions (champion or fallback; the challenger's
   shadow ones are checked the same way on their own) strictly increase in ``ts_event``; a
   feature tick the checker saw that has no served prediction while a later one of its symbol
@@ -203,6 +204,10 @@ class StreamRules:
         elif isinstance(value, BookTop | FeatureVector | Label):
             if isinstance(value, BookTop) and not (value.bids and value.asks):
                 self._one_sided.add((value.symbol, value.ts_event))
+            if isinstance(value, Label) and not value.synced_over_horizon:
+                # Published only so consumers can count what the synced-only rule excludes (a resync
+                # inside [t, t + Δ]): the continuity rule below is the one of the synced labels.
+                return
             t = value.t_event if isinstance(value, Label) else value.ts_event
             self._ticks[topic].check(value.symbol, t, value.epoch, where, report)
         elif isinstance(value, Prediction):

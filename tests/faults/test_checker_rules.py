@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 from quotewatch.core.records import BookLevel, BookTop, FeatureVector, Label, ModelRole, Prediction, RawFrame, Record
@@ -149,6 +150,24 @@ def test_a_clean_stream_passes() -> None:
     report = run(clean_stream())
     assert report.ok, report.violations
     assert report.gaps == report.duplicates == report.out_of_order == 0
+
+
+def test_a_label_flagged_unsynced_is_an_extra_not_a_gap() -> None:
+    """The labeler publishes the label of a tick whose t + Δ is in a newer epoch, flagged
+    synced_over_horizon=false: ticks 0..4 of epoch A have synced labels, tick 7's t + Δ lands in
+    a newer epoch (ticks 5 and 6 land in the unsynced stretch and get none)."""
+    stream = clean_stream()
+    labels = [index for index, (topic, _) in enumerate(stream) if topic == f"{PREFIX}.labels"]
+    last_a = labels[4]
+    _, delivered = stream[last_a]
+    extra = msgspec.structs.replace(_label(T0 + 7 * TICK_MS * MS, T0), synced_over_horizon=False)
+    stream.insert(last_a + 1, (f"{PREFIX}.labels", Delivered(0, delivered.offset + 1, SYMBOL, b"", extra)))
+    report = run(stream)
+    assert report.ok, report.violations
+    assert report.gaps == report.duplicates == report.out_of_order == 0
+    synced = msgspec.structs.replace(extra, synced_over_horizon=True)
+    stream[last_a + 1] = (f"{PREFIX}.labels", Delivered(0, delivered.offset + 1, SYMBOL, b"", synced))
+    assert run(stream).gaps == 2, "the same label flagged synced leaves ticks 5 and 6 missing"
 
 
 FAULTS: dict[str, tuple[Callable[[Stream], Stream], dict[str, int]]] = {

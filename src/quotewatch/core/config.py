@@ -438,6 +438,14 @@ class InferenceSettings(CommonSettings):
     """
     snapshot_interval_ms: int = Field(default=0, ge=0)
     """SNAPSHOT_INTERVAL_MS (default 0 = every tick): least event time between two snapshots of a symbol."""
+    lift_every_ms: int = Field(default=10_000, gt=0)
+    """LIFT_EVERY_MS (default 10000): least label event time between two computations of the champion's live lift
+    over the rolling-frequency baseline (a block bootstrap of the live-metrics window)."""
+    lift_alarm_ms: int = Field(default=1_800_000, gt=0)
+    """LIFT_ALARM_MS (default 1800000 = 30 min): the champion is flagged (dashboard, /metrics) once its live lift has
+    stayed below zero for this long in label event time."""
+    lift_resamples: int = Field(default=200, gt=0)
+    """LIFT_RESAMPLES (default 200): bootstrap resamples of each live lift computation."""
 
     @field_validator("webhook_host")
     @classmethod

@@ -64,6 +64,17 @@ MODEL_VERSION = Gauge(
     "Registry version of the model being served, per role.",
     ["service", "role", "model_name"],
 )
+CHAMPION_LIVE_LIFT = Gauge(
+    "quotewatch_champion_live_lift",
+    "Champion's live AUC minus the rolling change frequency baseline's, on the live-metrics window: the point "
+    "estimate and the 95 % block-bootstrap bounds (NaN when undefined).",
+    ["service", "statistic"],
+)
+CHAMPION_LIFT_BELOW_ZERO = Gauge(
+    "quotewatch_champion_lift_below_zero",
+    "1 when the champion's live lift has been below zero for LIFT_ALARM_MS of label event time, else 0.",
+    ["service"],
+)
 MODEL_RELOADS = Counter(
     "quotewatch_model_reloads_total",
     "Model reload attempts by outcome (success, failure).",

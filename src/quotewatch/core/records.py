@@ -230,6 +230,12 @@ class Label(msgspec.Struct, frozen=True, kw_only=True):
     future_best_ask_e8: int
     """Best ask price at t + delta x 1e8."""
 
+    synced_over_horizon: bool = True
+    """True iff the book was synced over the whole [t, t + delta]: t and t + delta are in the same sync epoch (no GAP or
+    resync inside). A false label is published so consumers can count it, never evaluated or learnt from. Records
+    written before this field were all synced (the labeler labelled nothing else).
+    """
+
 
 class LiveMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """Rolling metrics of one model version on predictions joined with their labels."""
@@ -249,6 +255,28 @@ class LiveMetrics(msgspec.Struct, frozen=True, kw_only=True):
     balanced_accuracy: float | None = None
 
     base_rate: float | None = None
+
+    lift: float | None = None
+    """Champion only: AUC minus the AUC of the rolling change frequency baseline on the same rows of the window
+    (quotewatch.domain.ml.live_lift); null when undefined or not computed yet.
+    """
+
+    lift_low: float | None = None
+    """Lower bound of the 95 % moving-block bootstrap interval of lift (null: too few blocks or positives)."""
+
+    lift_high: float | None = None
+    """Upper bound of the same interval."""
+
+    lift_rows: int = 0
+    """Joined rows the lift was computed on."""
+
+    lift_below_zero_since_ns: int | None = None
+    """Label event time since which every computed lift has been below zero (null: it is not)."""
+
+    lift_flagged: bool = False
+    """The lift has been below zero for LIFT_ALARM_MS of label event time: the champion deserves a human look (demotion
+    is done in the MLflow UI).
+    """
 
 
 class Trade(msgspec.Struct, frozen=True, kw_only=True):

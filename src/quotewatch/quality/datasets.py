@@ -11,8 +11,8 @@ listed as present and not evaluated. Each capture's entry in the venue's ``SOURC
 features and labeler), and the feature vectors are joined with their labels by the trainer's
 :func:`quotewatch.services.trainer.training.build_training_set`.
 
-**The synced-only rule.** A tick is evaluated only if it has a label, and the labeler labels t only
-when t and t + Δ are both emitted in the same sync epoch with both sides of the book: the book
+**The synced-only rule.** A tick is evaluated only if it has a label flagged
+``synced_over_horizon``: t and t + Δ are both emitted in the same sync epoch with both sides of the book: the book
 was synced over the whole horizon (a GAP unsyncs the symbol and emits nothing until the next
 snapshot, which starts a new epoch). :class:`Exclusions` counts every feature tick left out, by
 reason, from the BookTop epochs and the GAP events of the run.
@@ -263,7 +263,7 @@ def load(source: Source, *, tick_ms: int, delta_ms: int, symbols: tuple[str, ...
         names = symbols
     engine = _LedgerEngine(tick_ms, delta_ms)
     engine.run_raw(raws)
-    features, labels = engine.feature_table(), engine.label_table()
+    features, labels = engine.feature_table(), engine.label_table().synced_only()
     labelled = set(zip(labels.symbol.tolist(), labels.t_event.tolist(), strict=True))
     excluded = exclusions(engine, labelled, delta_ms)
     span = (int(features.t.max()) - int(features.t.min())) / 1e9 if features.t.size else 0.0

@@ -116,7 +116,7 @@ def _method(options: TrainingOptions, settings: QualitySettings) -> list[str]:
         "- **Pipeline.** Each capture (and the synthetic market) runs through the services' own code "
         "(`BacktestEngine`: normaliser, book, features, labeler); feature vectors are joined with their labels "
         "by the trainer's `build_training_set`.",
-        "- **Synced-only rule.** A tick counts only if it has a label: the labeler labels t only when t and "
+        "- **Synced-only rule.** A tick counts only if it has a label with `synced_over_horizon`: t and "
         "t + Δ are emitted in the same sync epoch with both sides of the book, so the book was synced over the "
         "whole horizon [t, t + Δ]. Each section gives the share of two-sided ticks left out, and why.",
         f"- **Walk-forward.** {settings.folds} consecutive test windows over the last "

@@ -70,7 +70,7 @@ def test_a_reconnect_is_a_gap_and_the_ticks_whose_horizon_crosses_it_are_left_ou
     second = list(synthetic_raw_frames(FEED_ADVANCED, later, 20 * SECOND, connection_id="two"))
     engine = datasets._LedgerEngine(100, 500)
     engine.run_raw([*first, dropped, *second])
-    labels = engine.label_table()
+    labels = engine.label_table().synced_only()
     labelled = set(zip(labels.symbol.tolist(), labels.t_event.tolist(), strict=True))
     excluded = datasets.exclusions(engine, labelled, 500)
     assert excluded.gaps["RECONNECT"] == 3, "each connection's start, and the drop"

@@ -235,7 +235,7 @@ class SymbolPipeline:
             # Replaying from an in-order snapshot rebuilds everything; from an out-of-order one,
             # the watermark before it must be rebuilt too (see restart_position).
             self._book_position = position if in_order else self._book_position_before(position)
-            self.features.reset(watermark)
+            self.features.reset(watermark, [level.price_e8 for level in (*snapshot.bids, *snapshot.asks)])
             self._top = self.book.top()
             if self.book.is_crossed():
                 self._unsync("crossed snapshot")

@@ -8,8 +8,13 @@ The live labeler service and the backtest call exactly this code.
 Rules:
 
 - Δ (``DELTA_MS``) must be a positive multiple of ``TICK_MS``: labels compare two grid ticks.
-- t and t + Δ must share a sync ``epoch``: no label spans an unsynced stretch (the book service
-  emits no tick while unsynced, and a new snapshot starts a new epoch).
+- ``synced_over_horizon`` is true iff t and t + Δ share a sync ``epoch``: the book was synced
+  over the whole horizon (the book service emits no tick while unsynced, and a new snapshot
+  starts a new epoch, so a GAP or a resync inside [t, t + Δ] means two epochs). A label across
+  epochs is still published, flagged false, so consumers can count the ticks the synced-only
+  rule excludes; its ``epoch`` is the one of t. Metrics, training and the fallback use only
+  synced labels (:func:`is_synced`). When t + Δ is not emitted at all (unsynced then), t gets no
+  label.
 - Both ticks must have been emitted and have both sides; otherwise t gets no label (the first
   ticks of a stream, ticks skipped over a long time jump, one-sided books).
 - A tick not newer than the symbol's last tick is rejected (:class:`LabelInputError`) and leaves
@@ -43,6 +48,11 @@ def check_horizon(delta_ms: int, tick_ms: int) -> None:
             f"DELTA_MS={delta_ms} is not a positive multiple of TICK_MS={tick_ms}: "
             "labels compare two grid ticks, so the horizon must fall on the grid"
         )
+
+
+def is_synced(label: Label) -> bool:
+    """Whether a label counts: its book was synced over the whole [t, t + Δ] (the synced-only rule)."""
+    return label.synced_over_horizon
 
 
 def label_value(bid_then: int, ask_then: int, bid_later: int, ask_later: int) -> int:
@@ -104,13 +114,7 @@ class SymbolLabeler:
         label = None
         if window and window[0][0] == target:
             then, then_epoch, then_bid, then_ask, _ = window.popleft()
-            if (
-                then_epoch == epoch
-                and then_bid is not None
-                and then_ask is not None
-                and bid is not None
-                and ask is not None
-            ):
+            if then_bid is not None and then_ask is not None and bid is not None and ask is not None:
                 label = Label(
                     ts_event=t,
                     ts_init=top.ts_init,
@@ -118,12 +122,13 @@ class SymbolLabeler:
                     symbol=self.symbol,
                     t_event=then,
                     delta_ms=self.delta_ms,
-                    epoch=epoch,
+                    epoch=then_epoch,
                     label=1 if then_bid != bid or then_ask != ask else 0,  # label_value, inlined
                     best_bid_e8=then_bid,
                     best_ask_e8=then_ask,
                     future_best_bid_e8=bid,
                     future_best_ask_e8=ask,
+                    synced_over_horizon=then_epoch == epoch,
                 )
         window.append((t, epoch, bid, ask, position))
         self.last_tick_ns = t

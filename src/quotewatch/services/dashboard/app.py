@@ -59,6 +59,8 @@ body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-se
 .card .label { font-size: 11px; text-transform: uppercase; letter-spacing: .06em; color: #7b8794; }
 .card .value { font-size: 22px; font-weight: 600; margin-top: 4px; font-variant-numeric: tabular-nums; }
 .card .sub { font-size: 12px; color: #7b8794; margin-top: 2px; min-height: 14px; }
+.card.flagged { box-shadow: 0 0 0 2px #c92a2a; }
+.card.flagged .sub { color: #c92a2a; font-weight: 600; }
 #card-p-change .label, #card-p-change .sub { color: inherit; opacity: .85; }
 .role { font-size: 12px; font-weight: 700; }
 .role.champion { color: #2f9e44; } .role.challenger { color: #1971c2; } .role.fallback { color: #f08c00; }
@@ -146,6 +148,7 @@ def layout(settings: DashboardSettings) -> html.Div:
                             _card("p_change", "kpi-p-change", "kpi-challenger", card_id="card-p-change"),
                             _card("Model", "kpi-model", "kpi-model-role"),
                             _card("Live AUC", "kpi-auc", "kpi-n-labels"),
+                            _card("Live lift", "kpi-lift", "kpi-lift-note"),
                             _card("Brier", "kpi-brier"),
                             _card("Balanced accuracy", "kpi-balanced-accuracy"),
                             _card("Updates", "kpi-updates"),

@@ -87,6 +87,21 @@ def format_number(value: object, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if is_finite(value) else NA
 
 
+def format_lift(metrics: LiveMetrics | None) -> tuple[str, str]:
+    """The champion's live lift over the rolling-frequency baseline as ``+0.042 [-0.010, +0.090]``, and its
+    alarm line (empty unless flagged). NA when not computed yet (not the champion, or too few labels)."""
+    if metrics is None or not is_finite(metrics.lift):
+        return NA, ""
+    text = f"{metrics.lift:+.3f}"
+    if is_finite(metrics.lift_low) and is_finite(metrics.lift_high):
+        text += f" [{metrics.lift_low:+.3f}, {metrics.lift_high:+.3f}]"
+    else:
+        text += " (no interval: too few labels)"
+    if metrics.lift_flagged:
+        return text, "below zero for LIFT_ALARM_MS: review the champion (demote in the MLflow UI)"
+    return text, f"over the rolling change frequency, {format_count(metrics.lift_rows)} labels"
+
+
 def format_rate(updates_per_second: object) -> str:
     """Snapshots per second as ``12.5/s``."""
     return f"{updates_per_second:.1f}/s" if is_finite(updates_per_second) else NA
@@ -324,6 +339,9 @@ KPI_OUTPUTS: tuple[tuple[str, str], ...] = (
     ("kpi-brier", "children"),
     ("kpi-balanced-accuracy", "children"),
     ("kpi-n-labels", "children"),
+    ("kpi-lift", "children"),
+    ("kpi-lift-note", "children"),
+    ("card-lift", "className"),
     ("kpi-updates", "children"),
     ("kpi-feed-state", "children"),
     ("kpi-feed-state", "className"),
@@ -367,6 +385,8 @@ def render_kpis(latest: Latest | None, feed: FeedView, stale_after_ns: int) -> d
                 ("main-panel", "className"): "main",
                 ("card-p-change", "style"): {},
                 ("kpi-model-role", "className"): "role",
+                ("card-lift", "className"): "card",
+                ("kpi-lift-note", "children"): "",
                 ("kpi-feed-state", "className"): "badge unknown",
                 ("ladder-body", "children"): [],
                 ("kpi-challenger", "children"): "",
@@ -381,6 +401,7 @@ def render_kpis(latest: Latest | None, feed: FeedView, stale_after_ns: int) -> d
     background, text_colour = p_change_colour(snapshot.p_change)
     model, role = model_text(snapshot)
     metrics = live_metrics_of(snapshot)
+    lift, lift_note = format_lift(metrics)
     challenger = snapshot.challenger_p_change
     feed_state = snapshot.feed_state or "UNKNOWN"
     out.update(
@@ -416,6 +437,9 @@ def render_kpis(latest: Latest | None, feed: FeedView, stale_after_ns: int) -> d
             ("kpi-brier", "children"): format_number(metrics.brier if metrics else None),
             ("kpi-balanced-accuracy", "children"): format_number(metrics.balanced_accuracy if metrics else None),
             ("kpi-n-labels", "children"): (f"{format_count(metrics.n_labels)} labels" if metrics else "no labels yet"),
+            ("kpi-lift", "children"): lift,
+            ("kpi-lift-note", "children"): lift_note,
+            ("card-lift", "className"): "card flagged" if metrics is not None and metrics.lift_flagged else "card",
             ("kpi-updates", "children"): format_rate(snapshot.updates_per_second),
             ("kpi-feed-state", "children"): feed_state,
             ("kpi-feed-state", "className"): f"badge {feed_state_class(feed_state)}",

@@ -105,6 +105,12 @@ def command() -> None:
             live_metrics_window=settings.live_metrics_window,
             join_buffer_max=settings.join_buffer_max,
             snapshot_interval_ms=settings.snapshot_interval_ms,
+            delta_ms=settings.delta_ms,
+            tick_ms=settings.tick_ms,
+            lift_every_ms=settings.lift_every_ms,
+            lift_alarm_ms=settings.lift_alarm_ms,
+            lift_resamples=settings.lift_resamples,
+            service=SERVICE,
             consumer_lag=lambda: int(context.liveness.status().detail["lag"]),
         )
         try:

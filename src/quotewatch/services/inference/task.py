@@ -48,14 +48,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 
+from quotewatch.core import metrics
 from quotewatch.core.clock import Clock
 from quotewatch.core.errors import RetriableError
-from quotewatch.core.records import FeatureVector, Label, ModelRole, Prediction, Snapshot
+from quotewatch.core.records import FeatureVector, Label, LiveMetrics, ModelRole, Prediction, Snapshot
 from quotewatch.core.runtime import InRecord, OutRecord
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market import features
+from quotewatch.domain.ml.live_lift import LiftMonitor, live_lift
 from quotewatch.domain.ml.live_metrics import LiveMetricsTracker, ModelKey
 from quotewatch.domain.ml.models import (
     CHALLENGER_ROLE,
@@ -110,6 +113,12 @@ class InferenceTask:
         join_buffer_max: int = 100_000,
         snapshot_interval_ms: int = 0,
         consumer_lag: Callable[[], int] | None = None,
+        delta_ms: int = 500,
+        tick_ms: int = 100,
+        lift_every_ms: int = 10_000,
+        lift_alarm_ms: int = 1_800_000,
+        lift_resamples: int = 200,
+        service: str = "inference",
     ) -> None:
         self._topics = topics
         self._manager = manager
@@ -117,6 +126,10 @@ class InferenceTask:
         self._clock = clock
         self._tracker = LiveMetricsTracker(window=live_metrics_window, buffer_max=join_buffer_max)
         self._fallback = OnlineFallback()
+        self._delta_ms, self._tick_ms, self._lift_resamples = delta_ms, tick_ms, lift_resamples
+        self._lift = LiftMonitor(lift_every_ms, lift_alarm_ms)
+        self._lift_model: ModelKey | None = None
+        self._service = service
         self._pending_vectors: OrderedDict[tuple[str, int], tuple[float, ...]] = OrderedDict()
         # A vector waits ~Δ for its label; ticks that never get one (an epoch's last Δ) age out.
         # ~1 kB each as a list of floats: bounded well below the join buffer.
@@ -347,7 +360,7 @@ class InferenceTask:
             model_version=version,
             model_role=role,
             challenger_p_change=challenger_p,
-            live_metrics=self._tracker.summary(),
+            live_metrics=self._live_metrics(),
             feed_state=value.feed_state,
             updates_per_second=updates if math.isfinite(updates) else 0.0,
             consumer_lag=self._read_lag(),
@@ -368,7 +381,57 @@ class InferenceTask:
         symbol, t, label = value.symbol, value.t_event, value.label
         if label not in (0, 1):
             raise ValueError(f"label {label} of {symbol} at t={t} is not 0 or 1")
-        self._tracker.add_label(symbol, t, label)
+        synced = value.synced_over_horizon
+        self._tracker.add_label(symbol, t, label, synced)
         vector = self._pending_vectors.pop((symbol, t), None)
-        if vector is not None:
+        if vector is not None and synced:  # the synced-only rule: the fallback learns only from synced labels
             self._fallback.learn(vector, label)
+        if synced:
+            self._update_lift(value.ts_event)
+
+    def _update_lift(self, now_ns: int) -> None:
+        """Recompute the champion's live lift when due (at most once per LIFT_EVERY_MS of label event time)."""
+        champion = self._tracker.champion()
+        if champion is None:
+            return
+        if champion != self._lift_model:
+            self._lift.reset()
+            self._lift_model = champion
+        if not self._lift.due(now_ns):
+            return
+        symbols, t, y, p = self._tracker.window_rows(champion)
+        lift = live_lift(
+            symbols, t, y, p, delta_ms=self._delta_ms, tick_ms=self._tick_ms, resamples=self._lift_resamples
+        )
+        self._lift.record(now_ns, lift)
+        for statistic, number in (("estimate", lift.lift.estimate), ("low", lift.lift.low), ("high", lift.lift.high)):
+            metrics.CHAMPION_LIVE_LIFT.labels(self._service, statistic).set(math.nan if number is None else number)
+        metrics.CHAMPION_LIFT_BELOW_ZERO.labels(self._service).set(int(self._lift.flagged))
+
+    @property
+    def lift(self) -> LiftMonitor:
+        """The champion's live lift and its alarm."""
+        return self._lift
+
+    def _live_metrics(self) -> tuple[LiveMetrics, ...]:
+        """The tracker's summary, the champion's entry carrying the live lift and its alarm."""
+        summary = self._tracker.summary()
+        last = self._lift.last
+        if last is None or self._lift_model is None:
+            return summary
+        key = self._lift_model
+        return tuple(
+            msgspec.structs.replace(
+                entry,
+                lift=last.lift.estimate,
+                lift_low=last.lift.low,
+                lift_high=last.lift.high,
+                lift_rows=last.rows,
+                lift_below_zero_since_ns=self._lift.negative_since_ns,
+                lift_flagged=self._lift.flagged,
+            )
+            if (entry.model_name, entry.model_version, entry.model_role)
+            == (key.model_name, key.model_version, key.model_role)
+            else entry
+            for entry in summary
+        )

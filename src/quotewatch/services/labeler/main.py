@@ -1,7 +1,8 @@
 """``quotewatch run labeler``: <prefix>.book.top3 -> <prefix>.labels, exactly-once.
 
 A thin shell around :class:`quotewatch.domain.market.labels.Labeler` (the same code the backtest runs):
-each BookTop at tick t + Δ yields the Label of tick t when both ticks share a sync epoch.
+each BookTop at tick t + Δ yields the Label of tick t, flagged `synced_over_horizon` when both ticks share
+a sync epoch.
 
 **Delivery.** Exactly-once (see :class:`quotewatch.core.runtime.StreamProcessor`): each consumed
 batch is one Kafka transaction holding its labels, its dead letters and its input offsets.

@@ -217,7 +217,7 @@ def run_backtest(
     ]
     scoring_seconds = time.perf_counter() - began
     evaluation: report.Evaluation | None = None
-    labels = engine.label_table()
+    labels = engine.label_table().synced_only()  # the synced-only rule
     try:
         evaluation = report.evaluate(
             features,

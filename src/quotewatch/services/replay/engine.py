@@ -97,6 +97,13 @@ class LabelTable:
     t_event: NDArray[np.int64]
     symbol: NDArray[np.str_]
     label: NDArray[np.int64]
+    synced: NDArray[np.bool_]
+    """``Label.synced_over_horizon``: only these rows are evaluated (the synced-only rule)."""
+
+    def synced_only(self) -> LabelTable:
+        """The rows whose book was synced over the whole horizon: the labels metrics count."""
+        keep = self.synced
+        return LabelTable(self.t_event[keep], self.symbol[keep], self.label[keep], keep[keep])
 
 
 @dataclass
@@ -167,6 +174,7 @@ class BacktestEngine:
         self._label_t = array("q")
         self._label_symbol: array[int] = array("i")
         self._label_y = array("b")
+        self._label_synced = array("b")
 
     # -- feeding -------------------------------------------------------------------------------
 
@@ -230,6 +238,7 @@ class BacktestEngine:
                 self._label_t.append(label.t_event)
                 self._label_symbol.append(symbol_id(label.symbol))
                 self._label_y.append(label.label)
+                self._label_synced.append(label.synced_over_horizon)
                 if keep:
                     self.label_records.append(label)
             vector = tick.features
@@ -277,6 +286,7 @@ class BacktestEngine:
             t_event=np.frombuffer(self._label_t, dtype=np.int64).copy(),
             symbol=names[np.frombuffer(self._label_symbol, dtype=np.int32)] if len(self._label_t) else names[:0],
             label=np.frombuffer(self._label_y, dtype=np.int8).astype(np.int64),
+            synced=np.frombuffer(self._label_synced, dtype=np.int8).astype(np.bool_),
         )
 
 

@@ -494,6 +494,7 @@ def merge(results: Sequence[PartitionResult]) -> ParallelRun:
         t_event=_concat([r.labels.t_event for r in results], np.int64)[label_order],
         symbol=_concat([r.labels.symbol for r in results], np.str_)[label_order],
         label=_concat([r.labels.label for r in results], np.int64)[label_order],
+        synced=_concat([r.labels.synced for r in results], np.bool_)[label_order],
     )
     return ParallelRun(
         counts=counts,

@@ -78,7 +78,7 @@ def load_lake_frames(settings: TrainerSettings, start_ns: int | None, end_ns: in
         symbols=settings.symbols,
         start_ns=start_ns,
         end_ns=None if end_ns is None else end_ns + settings.delta_ms * 1_000_000,
-        columns=["symbol", "t_event", "label"],
+        columns=["symbol", "t_event", "label", "synced_over_horizon"],
     )
     return features, labels
 

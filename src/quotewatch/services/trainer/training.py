@@ -188,7 +188,9 @@ def build_training_set(features: pd.DataFrame, labels: pd.DataFrame, feature_spe
 
     ``features.ts_event`` is the tick t; ``labels.t_event`` is the tick it labels. Duplicated
     rows (the same (symbol, t) twice) are kept once. Feature vectors of a spec other than
-    ``feature_spec_id`` are dropped and counted.
+    ``feature_spec_id`` are dropped and counted. Labels whose ``synced_over_horizon`` is false are
+    dropped (the synced-only rule); a missing or null flag (rows written before the field
+    existed, when every label was synced) counts as true.
 
     The default ``feature_spec_id`` is :func:`current_feature_spec`, the spec of the newest vector:
     the one the stream carries now, which the model will be asked to score. (The most frequent spec
@@ -207,6 +209,8 @@ def build_training_set(features: pd.DataFrame, labels: pd.DataFrame, feature_spe
             raise TrainingDataError(f"{name} rows lack column(s) {missing}")
     if features.empty or labels.empty:
         raise TrainingDataError(f"nothing to train on: {len(features)} feature rows, {len(labels)} label rows")
+    if "synced_over_horizon" in labels.columns:
+        labels = labels[labels["synced_over_horizon"].fillna(True).astype(bool)]
     current = current_feature_spec(features)
     spec = feature_spec_id or current
     same_spec = features[features["feature_spec_id"] == spec]

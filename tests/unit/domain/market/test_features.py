@@ -18,7 +18,12 @@ from quotewatch.domain.market.features import (
     FEATURES,
     FeatureState,
     book_features,
+    multilevel_ofi_contribution,
     ofi_contribution,
+    price_tick,
+    queue_depletion,
+    spread_in_ticks,
+    trade_flow_imbalance,
 )
 from tests.unit.services.book.market_events import E8, MS, T0, clock, snapshot, synthetic_feed, trade, update
 
@@ -64,6 +69,42 @@ def test_order_flow_imbalance_follows_cont_kukanov_stoikov() -> None:
     assert ofi_contribution((100, 5), (101, 5), (100, 5), (102, 4)) == 5, "ask price up: its size leaves"
 
 
+def test_multilevel_order_flow_imbalance_sums_the_best_three_levels() -> None:
+    bids = ((100, 5), (99, 4), (98, 3))
+    asks = ((101, 5), (102, 4))
+    # level 2 bid size 4 -> 6: +2; a third ask level appears with size 7: -7 (new ask liquidity).
+    assert multilevel_ofi_contribution((bids, asks), (((100, 5), (99, 6), (98, 3)), (*asks, (103, 7)))) == -5
+    # the third bid level disappears: its size 3 leaves; the best ask level is taken: +5, and the
+    # second becomes the best (level 2 now the missing one: its size 4 leaves the level, +4).
+    assert multilevel_ofi_contribution((bids, asks), (bids[:2], asks[1:])) == -3 + 5 + 4
+    assert multilevel_ofi_contribution((bids, asks), (bids, asks)) == 0
+    assert multilevel_ofi_contribution((bids, asks), (bids, asks), levels=1) == ofi_contribution(
+        bids[0], asks[0], bids[0], asks[0]
+    )
+
+
+def test_queue_depletion_counts_what_leaves_the_best_queue() -> None:
+    assert queue_depletion((100, 5), (100, 3), "BID") == 2, "size decrease at the same price"
+    assert queue_depletion((100, 5), (100, 7), "BID") == 0, "the queue grew"
+    assert queue_depletion((100, 5), (99, 2), "BID") == 5, "the best bid was consumed: its whole queue"
+    assert queue_depletion((100, 5), (101, 2), "BID") == 0, "a better bid arrived"
+    assert queue_depletion((101, 5), (102, 1), "ASK") == 5, "the best ask was consumed"
+    assert queue_depletion((101, 5), (100, 1), "ASK") == 0, "a better ask arrived"
+    assert queue_depletion((101, 5), None, "ASK") == 5, "the side emptied"
+    assert queue_depletion(None, (101, 5), "ASK") == 0
+
+
+def test_trade_flow_imbalance_price_tick_and_spread_in_ticks() -> None:
+    assert trade_flow_imbalance(3, 1) == 0.5
+    assert trade_flow_imbalance(0, 2) == -1.0
+    assert trade_flow_imbalance(0, 0) == 0.0
+    assert price_tick([100 * E8 + E8 // 2, 101 * E8, 99 * E8 + 3 * E8 // 4]) == E8 // 4
+    assert price_tick([], E8) == E8
+    assert price_tick([]) == 0
+    assert spread_in_ticks(100 * E8, 100 * E8 + E8 // 2, E8 // 4) == 2.0
+    assert spread_in_ticks(100 * E8, 101 * E8, 0) == 0.0, "unknown tick"
+
+
 def values_by_tick(outputs: list[TickOutput]) -> dict[int, dict[str, float]]:
     return {
         (o.book_top.ts_event - T0) // MS: dict(zip(FEATURE_NAMES, o.features.values, strict=True))
@@ -101,6 +142,36 @@ def test_windows_count_updates_trades_and_quote_changes_in_event_time() -> None:
     assert v[300]["mid_rv_1s_bps"] == pytest.approx(abs(mid_after - mid_before) / mid_after * 1e4)
     assert v[1300]["mid_rv_1s_bps"] == 0.0, "the mid change left the 1 s window"
     assert v[1300]["mid_rv_5s_bps"] == v[300]["mid_rv_5s_bps"]
+
+
+def test_the_issue_18_features_by_hand_in_event_time() -> None:
+    pipeline = SymbolPipeline("BTC-USD", 100)
+    events = [
+        snapshot(T0 + 10 * MS, [(100 * E8, 2 * E8), (99 * E8, E8)], [(101 * E8, 2 * E8), (102 * E8, E8)]),
+        update(T0 + 50 * MS, ("BID", 100 * E8, E8 // 2)),  # best bid queue 2 -> 0.5: depletion 1.5, OFI -1.5
+        trade(T0 + 60 * MS, "BUY", size=E8),
+        trade(T0 + 70 * MS, "SELL", size=E8 // 2),
+        update(T0 + 150 * MS, ("ASK", 101 * E8, 0)),  # best ask taken: depletion 2; OFI l1 +2, l2 +1
+        update(T0 + 250 * MS, ("BID", 100 * E8 + E8 // 2, E8)),  # better bid: OFI l1 +1, l2 +0.5, l3 +1
+        clock(T0 + 1_300 * MS),
+    ]
+    out = []
+    for position, record in enumerate(events):
+        out.extend(pipeline.process(record, position))
+    v = values_by_tick(out)
+    assert (v[100]["ofi_l3_100ms"], v[200]["ofi_l3_100ms"], v[300]["ofi_l3_100ms"]) == (-1.5, 3.0, 2.5)
+    assert (v[200]["ofi_l3_500ms"], v[300]["ofi_l3_1000ms"]) == (1.5, 4.0)
+    assert (v[100]["bid_depletion_1s"], v[100]["ask_depletion_1s"], v[200]["ask_depletion_1s"]) == (1.5, 0.0, 2.0)
+    assert (v[1000]["bid_depletion_1s"], v[1100]["bid_depletion_1s"]) == (1.5, 0.0), "left the 1 s window"
+    assert v[100]["trade_imbalance_1s"] == pytest.approx(1 / 3)
+    assert v[1100]["trade_imbalance_1s"] == 0.0, "the trades left the 1 s window"
+    assert v[1100]["trade_imbalance_5s"] == pytest.approx(1 / 3)
+    assert (v[100]["trade_rate_5s"], v[100]["trade_volume_5s"]) == (0.4, 0.3)
+    assert (v[100]["ms_since_bid_change"], v[100]["ms_since_ask_change"]) == (90.0, 90.0), "snapshot at 10 ms"
+    assert (v[200]["ms_since_bid_change"], v[200]["ms_since_ask_change"]) == (190.0, 50.0)
+    assert (v[300]["ms_since_bid_change"], v[300]["ms_since_ask_change"]) == (50.0, 150.0)
+    # price tick 1 from the snapshot, then 0.5 once 100.5 is the best bid; spreads 1, 2, 1.5 quote.
+    assert (v[100]["spread_ticks"], v[200]["spread_ticks"], v[300]["spread_ticks"]) == (1.0, 2.0, 3.0)
 
 
 def test_values_are_always_finite_on_a_synthetic_feed() -> None:

@@ -10,7 +10,7 @@ from msgspec.structs import replace
 from quotewatch.core.config import CommonSettings
 from quotewatch.core.records import BookLevel, BookTop, Label
 from quotewatch.domain.market.book_pipeline import BookPipeline
-from quotewatch.domain.market.labels import Labeler, LabelInputError, SymbolLabeler, check_horizon
+from quotewatch.domain.market.labels import Labeler, LabelInputError, SymbolLabeler, check_horizon, is_synced
 from tests.unit.services.book.market_events import MS, T0, synthetic_feed
 
 
@@ -59,7 +59,7 @@ def test_the_first_ticks_wait_and_an_ask_change_alone_counts() -> None:
     assert label.label == 1
 
 
-def test_no_label_across_epochs_or_missing_ticks() -> None:
+def test_no_label_for_missing_ticks_and_an_unsynced_flag_across_epochs() -> None:
     tops = [
         top(100, 10, 20, epoch=1),
         top(200, 10, 20, epoch=1),
@@ -70,9 +70,11 @@ def test_no_label_across_epochs_or_missing_ticks() -> None:
         top(1400, 10, 20, epoch=2),  # a skipped stretch within the epoch
     ]
     labels = labels_of(SymbolLabeler("BTC-USD", 200, 100), tops)
-    assert [(label.t_event - T0) // MS for label in labels] == [700]
-    tops = [top(100, 10, 20, epoch=1), top(200, 10, 20, epoch=2), top(300, 10, 20, epoch=2)]
-    assert labels_of(SymbolLabeler("BTC-USD", 200, 100), tops) == [], "t=100 and t=300 are in different epochs"
+    assert [((label.t_event - T0) // MS, label.synced_over_horizon) for label in labels] == [(700, True)]
+    tops = [top(100, 10, 20, epoch=1), top(200, 10, 20, epoch=2), top(300, 11, 20, epoch=2)]
+    labels = labels_of(SymbolLabeler("BTC-USD", 200, 100), tops)
+    assert [((label.t_event - T0) // MS, label.label, label.epoch) for label in labels] == [(100, 1, 1)]
+    assert not is_synced(labels[0]), "t=100 and t=300 are in different epochs: a resync inside [t, t + Δ]"
 
 
 def test_one_sided_ticks_get_no_label() -> None:
@@ -154,12 +156,15 @@ def test_labels_of_a_synthetic_feed_match_a_brute_force_definition() -> None:
     expected = []
     for record in tops:
         later = by_key.get((record.symbol, record.ts_event + 500 * MS))
-        if later is None or later.epoch != record.epoch:
+        if later is None:
             continue
         if not (record.bids and record.asks and later.bids and later.asks):
             continue
         changed = record.bids[0].price_e8 != later.bids[0].price_e8 or record.asks[0].price_e8 != later.asks[0].price_e8
-        expected.append((record.symbol, record.ts_event, int(changed)))
+        expected.append((record.symbol, record.ts_event, int(changed), later.epoch == record.epoch))
     assert len(expected) > 100
-    assert sorted((label.symbol, label.t_event, label.label) for label in labels) == sorted(expected)
+    assert sorted((label.symbol, label.t_event, label.label, label.synced_over_horizon) for label in labels) == sorted(
+        expected
+    )
+    assert {label.synced_over_horizon for label in labels} == {True, False}, "the feed's gaps resync inside Δ"
     assert {label.label for label in labels} == {0, 1}

@@ -73,6 +73,20 @@ def test_a_label_joins_every_model_of_its_tick_and_champion_comes_first() -> Non
     assert tracker.joined == 4
 
 
+def test_only_labels_synced_over_the_horizon_count() -> None:
+    tracker = LiveMetricsTracker()
+    tracker.add_predictions("A", 1, [(CHAMPION, 0.9), (CHALLENGER, 0.2)])
+    assert tracker.add_label("A", 1, 1, synced=False) == 0, "a resync inside [t, t + Δ]: nothing joins"
+    assert tracker.excluded_unsynced == 2
+    assert tracker.add_label("A", 2, 0, synced=False) == 0, "the unsynced label arrives first"
+    tracker.add_predictions("A", 2, [(CHAMPION, 0.4)])
+    assert tracker.excluded_unsynced == 3
+    tracker.add_predictions("A", 3, [(CHAMPION, 0.7)])
+    assert tracker.add_label("A", 3, 1) == 1
+    assert tracker.joined == 1
+    assert [(r.model_role, r.n_labels) for r in tracker.summary()] == [("CHAMPION", 1)]
+
+
 def test_buffers_are_bounded_and_drops_are_counted() -> None:
     tracker = LiveMetricsTracker(buffer_max=3)
     for t in range(5):

@@ -223,6 +223,36 @@ def test_champion_and_the_metrics_of_the_serving_version() -> None:
     assert (shown["kpi-auc"], shown["kpi-n-labels"]) == ("0.700", "5,000 labels")
 
 
+def test_the_champion_live_lift_with_its_interval_and_the_below_zero_flag() -> None:
+    champion = {
+        "model_name": "xgb",
+        "model_version": "3",
+        "model_role": "CHAMPION",
+        "n_labels": 5000,
+        "auc": 0.7,
+        "lift": 0.042,
+        "lift_low": -0.01,
+        "lift_high": 0.09,
+        "lift_rows": 1000,
+    }
+    snapshot = make_snapshot(model=("xgb", "3", "CHAMPION"), live_metrics=[champion])
+    values = render_kpis(Latest("BTC-USD", snapshot, 0, 1), FEED, STALE_NS)
+    assert values[("kpi-lift", "children")] == "+0.042 [-0.010, +0.090]"
+    assert values[("kpi-lift-note", "children")] == "over the rolling change frequency, 1,000 labels"
+    assert values[("card-lift", "className")] == "card"
+    flagged = champion | {"lift": -0.03, "lift_low": -0.08, "lift_high": 0.01, "lift_flagged": True}
+    snapshot = make_snapshot(model=("xgb", "3", "CHAMPION"), live_metrics=[flagged])
+    values = render_kpis(Latest("BTC-USD", snapshot, 0, 1), FEED, STALE_NS)
+    assert values[("kpi-lift", "children")] == "-0.030 [-0.080, +0.010]"
+    assert "below zero" in values[("kpi-lift-note", "children")]
+    assert values[("card-lift", "className")] == "card flagged"
+    no_interval = champion | {"lift_low": None, "lift_high": None}
+    shown = kpis(make_snapshot(model=("xgb", "3", "CHAMPION"), live_metrics=[no_interval]))
+    assert shown["kpi-lift"] == "+0.042 (no interval: too few labels)"
+    not_yet = {key: value for key, value in champion.items() if not key.startswith("lift")}
+    assert kpis(make_snapshot(model=("xgb", "3", "CHAMPION"), live_metrics=[not_yet]))["kpi-lift"] == NA
+
+
 def test_nan_and_null_metrics() -> None:
     metrics = {
         "model_name": "lr",

@@ -12,6 +12,7 @@ import msgspec
 import numpy as np
 import pytest
 from msgspec.structs import replace
+from prometheus_client import REGISTRY
 
 from quotewatch.core.clock import FakeClock
 from quotewatch.core.records import FeatureVector, Label, Prediction, Snapshot
@@ -19,6 +20,7 @@ from quotewatch.core.runtime import InRecord, OutRecord
 from quotewatch.core.topics import TopicNames
 from quotewatch.domain.market import features as spec
 from quotewatch.domain.ml import evaluation as ev
+from quotewatch.domain.ml.live_lift import live_lift
 from quotewatch.domain.ml.models import FALLBACK_MODEL_NAME, positive_probability
 from quotewatch.services.inference.models import FeatureSample, ModelManager
 from quotewatch.services.inference.task import InferenceTask
@@ -83,6 +85,24 @@ def test_without_a_champion_the_fallback_serves_and_learns_from_labels(
     assert task.fallback.learned == len(labelled)
     later = predictions(feed(task, NAMES.features, features[100:101]))
     assert later[0].model_version == f"online-{len(labelled)}"
+
+
+def test_labels_not_synced_over_the_horizon_are_neither_learnt_nor_counted(
+    make_manager: Callable[..., Any], ticks: Any
+) -> None:
+    features, labels = ticks
+    manager, _, sample = make_manager()
+    task = task_for(manager, sample)
+    feed(task, NAMES.features, features[:100])
+    keys = {(f.symbol, f.ts_event) for f in features[:100]}
+    labelled = [label for label in labels if (label.symbol, label.t_event) in keys]
+    unsynced = {id(label) for label in labelled[::3]}
+    flagged = [msgspec.structs.replace(label, synced_over_horizon=id(label) not in unsynced) for label in labelled]
+    feed(task, NAMES.labels, flagged)
+    synced = len(labelled) - len(unsynced)
+    assert task.fallback.learned == synced
+    assert task.tracker.excluded_unsynced == len(unsynced)
+    assert [(m.model_role, m.n_labels) for m in task.tracker.summary()] == [("FALLBACK", synced)]
 
 
 def test_the_champion_scores_each_vector_and_the_challenger_in_shadow(
@@ -165,7 +185,7 @@ def test_snapshots_carry_features_book_metrics_rate_and_lag(
     registry.aliases["champion"] = "1"
     manager, _, sample = make_manager()
     manager.check_now()
-    task = task_for(manager, sample, consumer_lag=lambda: 42)
+    task = task_for(manager, sample, consumer_lag=lambda: 42, lift_every_ms=1, lift_resamples=50)
     btc = [f for f in features if f.symbol == "BTC-USD"]
     outputs = feed(task, NAMES.features, btc[:200])
     btc_labels = [label for label in labels if label.symbol == "BTC-USD"][:150]
@@ -190,6 +210,21 @@ def test_snapshots_carry_features_book_metrics_rate_and_lag(
     assert metrics.brier == pytest.approx(expected.brier)
     assert metrics.balanced_accuracy == pytest.approx(expected.balanced_accuracy)
     assert metrics.base_rate == pytest.approx(expected.base_rate)
+    # The champion's live lift over the rolling frequency, recomputed at the last label (LIFT_EVERY_MS=1 ms).
+    rows = [(lb.symbol, lb.t_event, lb.label, preds[(lb.symbol, lb.t_event)]) for lb in btc_labels]
+    lift = live_lift(*map(list, zip(*rows, strict=True)), delta_ms=500, tick_ms=100, resamples=50)
+    assert lift.rows == len(joined)
+    assert (metrics.lift, metrics.lift_low, metrics.lift_high) == (lift.lift.estimate, lift.lift.low, lift.lift.high)
+    assert metrics.lift is not None
+    assert metrics.lift_rows == len(joined)
+    assert metrics.lift_flagged == task.lift.flagged
+    assert (metrics.lift_below_zero_since_ns is not None) == (metrics.lift < 0)
+    gauge = REGISTRY.get_sample_value(
+        "quotewatch_champion_live_lift", {"service": "inference", "statistic": "estimate"}
+    )
+    assert gauge == metrics.lift
+    flag = REGISTRY.get_sample_value("quotewatch_champion_lift_below_zero", {"service": "inference"})
+    assert flag == float(metrics.lift_flagged)
 
 
 def test_snapshot_interval_is_in_event_time(make_manager: Callable[..., Any], ticks: Any) -> None:

@@ -84,9 +84,11 @@ def test_the_engine_gives_the_records_of_the_services_stream_tasks(source: str) 
     assert table.t.tolist() == [r.ts_event for r in engine.feature_records]
     assert table.symbol.tolist() == [r.symbol for r in engine.feature_records]
     labels = engine.label_table()
-    assert list(zip(labels.symbol.tolist(), labels.t_event.tolist(), labels.label.tolist(), strict=True)) == [
-        (r.symbol, r.t_event, r.label) for r in engine.label_records
-    ]
+    assert list(
+        zip(labels.symbol.tolist(), labels.t_event.tolist(), labels.label.tolist(), labels.synced.tolist(), strict=True)
+    ) == [(r.symbol, r.t_event, r.label, r.synced_over_horizon) for r in engine.label_records]
+    synced = labels.synced_only()
+    assert synced.t_event.tolist() == [r.t_event for r in engine.label_records if r.synced_over_horizon]
 
 
 class _Ramp:

@@ -63,6 +63,14 @@ def test_join_on_symbol_and_t_keeps_each_tick_once_and_one_spec() -> None:
     np.testing.assert_array_equal(data.x[4], features.iloc[4]["values"])
 
 
+def test_only_labels_synced_over_the_horizon_are_learnt() -> None:
+    features, labels = small_frames(10)
+    flags = [True, False, None, True, False, True, True, True, True, True]  # None: a row from before the flag
+    data = build_training_set(features, labels.assign(synced_over_horizon=pd.array(flags, dtype="boolean")))
+    assert data.t.tolist() == [k * 100 * MS for k in (0, 2, 3, 5, 6, 7, 8, 9)]
+    assert len(build_training_set(features, labels).y) == 10, "no flag column: every label counts"
+
+
 def test_real_feature_vectors_get_the_spec_names() -> None:
     features, labels = frames(30)
     data = build_training_set(features, labels)
