@@ -434,8 +434,7 @@ class InferenceSettings(CommonSettings):
     """LIVE_METRICS_WINDOW (default 1000): joined labels per model the rolling live metrics cover."""
     join_buffer_max: int = Field(default=100_000, gt=0)
     """JOIN_BUFFER_MAX (default 100000): predictions (and early labels) waiting for their match; the oldest is
-    dropped (and counted) beyond it.
-    """
+    dropped (and counted) beyond it."""
     snapshot_interval_ms: int = Field(default=0, ge=0)
     """SNAPSHOT_INTERVAL_MS (default 0 = every tick): least event time between two snapshots of a symbol."""
     lift_every_ms: int = Field(default=10_000, gt=0)
