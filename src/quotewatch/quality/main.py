@@ -13,6 +13,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -86,17 +87,9 @@ def command(
     load_before = os.getloadavg()[0]
     say = _say(quiet, began)
     settings = load_settings(TrainerSettings)
-    options = TrainingOptions(
-        delta_ms=settings.delta_ms,
+    options = replace(
+        TrainingOptions.from_settings(settings),
         tick_ms=settings.tick_ms,
-        gap_ms=settings.split_gap_ms,
-        baseline_window_ms=settings.baseline_window_ms,
-        min_train_rows=settings.min_train_rows,
-        min_test_rows=settings.min_test_rows,
-        lr_c=settings.lr_c,
-        xgb_max_depth=settings.xgb_max_depth,
-        xgb_n_estimators=settings.xgb_n_estimators,
-        xgb_learning_rate=settings.xgb_learning_rate,
         xgb_threads=xgb_threads,
         bootstrap_resamples=resamples,
     )

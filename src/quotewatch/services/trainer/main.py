@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, cast
 
@@ -127,19 +128,7 @@ def command(
     step(f"reading {names.features} and {names.labels} from the lake at {settings.lake_uri}")
     features, labels = load_lake_frames(settings, start_ns, end_ns)
     step(f"read {len(features)} feature vectors and {len(labels)} labels")
-    options = TrainingOptions(
-        delta_ms=settings.delta_ms,
-        test_fraction=settings.test_fraction,
-        gap_ms=settings.split_gap_ms,
-        baseline_window_ms=settings.baseline_window_ms,
-        min_train_rows=settings.min_train_rows,
-        min_test_rows=settings.min_test_rows,
-        lr_c=settings.lr_c,
-        xgb_max_depth=settings.xgb_max_depth,
-        xgb_n_estimators=settings.xgb_n_estimators,
-        xgb_learning_rate=settings.xgb_learning_rate,
-        xgb_threads=settings.xgb_threads,
-    )
+    options = replace(TrainingOptions.from_settings(settings), test_fraction=settings.test_fraction)
     thresholds = GateThresholds(
         min_auc=settings.gate_min_auc,
         min_auc_lift=settings.gate_min_auc_lift,

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
+from quotewatch.core.config import TrainerSettings
 from quotewatch.core.records import FeatureVector, Label
 from quotewatch.domain.ml import evaluation, statistics
 from quotewatch.domain.ml.calibration import Calibrator
@@ -74,6 +75,23 @@ class TrainingOptions:
     calibrate: bool = True
     """Choose and fit a calibrator on the training window (:mod:`quotewatch.services.trainer.calibration`)."""
     bootstrap_resamples: int = statistics.DEFAULT_RESAMPLES
+
+    @classmethod
+    def from_settings(cls, settings: TrainerSettings) -> TrainingOptions:
+        """The split and fit settings the trainer and the quality report both take from TrainerSettings;
+        each caller sets what it chooses differently with :func:`dataclasses.replace`."""
+        return cls(
+            delta_ms=settings.delta_ms,
+            gap_ms=settings.split_gap_ms,
+            baseline_window_ms=settings.baseline_window_ms,
+            min_train_rows=settings.min_train_rows,
+            min_test_rows=settings.min_test_rows,
+            lr_c=settings.lr_c,
+            xgb_max_depth=settings.xgb_max_depth,
+            xgb_n_estimators=settings.xgb_n_estimators,
+            xgb_learning_rate=settings.xgb_learning_rate,
+            xgb_threads=settings.xgb_threads,
+        )
 
 
 @dataclass(frozen=True)
